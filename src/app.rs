@@ -1,0 +1,251 @@
+//! Wiring: builds every stage from validated settings, serves until told to stop, then shuts
+//! down in a fixed order and reports whether that was graceful.
+//!
+//! Start-up: rules (a broken rule file stops start-up) → the emulator when no Lytics integration
+//! is configured → queue → ingest → delivery → gRPC and HTTP servers. Shutdown: health goes
+//! NOT_SERVING → ingest refuses new events → the servers stop accepting and finish their calls →
+//! delivery drains the queue within the grace period → spans are flushed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::config::{self, Settings};
+use crate::delivery::Delivery;
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::ingest::Ingest;
+use crate::ingress::grpc::IngestGrpc;
+use crate::ingress::http::{self, HttpState};
+use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use crate::proto::v1::ingest_service_server::IngestServiceServer;
+use crate::queue::{MemoryQueue, Queue};
+use crate::rules::{LiveRules, RuleSet};
+use crate::telemetry::Telemetry;
+
+/// The largest gRPC message accepted (a batch of events).
+pub const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
+/// The id of the integration built from settings (flags, environment, config file).
+pub const DEFAULT_INTEGRATION: &str = "lytics";
+
+/// The sockets the relay serves on, bound before start-up so tests can use port 0.
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// HTTP.
+    pub http: TcpListener,
+    /// The built-in emulator, when no Lytics integration is configured.
+    pub emulator: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses of `settings`.
+    pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for {what} on {addr}"))
+        };
+        Ok(Listeners {
+            grpc: bind(settings.grpc_addr, "gRPC").await?,
+            http: bind(settings.http_addr, "HTTP").await?,
+            emulator: match settings.lytics {
+                None => Some(bind(settings.emulator_addr, "the Lytics emulator").await?),
+                Some(_) => None,
+            },
+        })
+    }
+}
+
+/// How the relay stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Every call in flight finished and the queue drained within the grace period.
+    pub graceful: bool,
+}
+
+/// Loads the rules `settings` name: the given path, else `./rules`, else the built-in set.
+pub fn load_rules(path: Option<&Path>) -> anyhow::Result<RuleSet> {
+    match path {
+        Some(p) => Ok(RuleSet::load(p)?),
+        None if Path::new("rules").is_dir() => Ok(RuleSet::load(Path::new("rules"))?),
+        None => Ok(RuleSet::embedded()?),
+    }
+}
+
+/// Runs the relay until `shutdown` resolves.
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    telemetry: Telemetry,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<Report> {
+    let rules = load_rules(settings.rules.as_deref())?;
+    tracing::info!(version = %rules.version(), files = rules.files().len(), "rules loaded");
+    let live_rules = LiveRules::new(rules);
+
+    let stop_emulator = CancellationToken::new();
+    let mut emulator_task = None;
+    let integration = match (&settings.lytics, listeners.emulator) {
+        (Some(l), _) => Integration {
+            id: IntegrationId::new(DEFAULT_INTEGRATION)?,
+            name: "Lytics".into(),
+            account_id: l.account_id.clone(),
+            stream_name: l.stream.clone(),
+            api_token: l.api_token.clone(),
+            base_url: l.url.clone(),
+            enabled: true,
+        },
+        (None, Some(listener)) => {
+            let addr = listener.local_addr()?;
+            let emulator = Emulator::new(EmulatorConfig {
+                api_token: config::EMULATOR_TOKEN.into(),
+                account_id: config::EMULATOR_ACCOUNT.into(),
+                streams: vec![config::EMULATOR_STREAM.into(), "customerio_events".into()],
+            });
+            let stop = stop_emulator.clone();
+            emulator_task = Some(tokio::spawn(
+                emulator.serve(listener, async move { stop.cancelled().await }),
+            ));
+            tracing::info!(
+                emulator = %format!("http://{addr}"),
+                "no Lytics integration configured: delivering to the built-in Lytics emulator (account {}, stream {}); \
+                 set --lytics-api-token, --lytics-account-id and --lytics-stream (or LYTICS_RELAY_LYTICS_*) to deliver to Lytics",
+                config::EMULATOR_ACCOUNT,
+                config::EMULATOR_STREAM
+            );
+            Integration {
+                id: IntegrationId::new(DEFAULT_INTEGRATION)?,
+                name: "Lytics (built-in emulator)".into(),
+                account_id: AccountId::new(config::EMULATOR_ACCOUNT)?,
+                stream_name: StreamName::new(config::EMULATOR_STREAM)?,
+                api_token: Secret::new(config::EMULATOR_TOKEN),
+                base_url: format!("http://{addr}"),
+                enabled: true,
+            }
+        }
+        (None, None) => anyhow::bail!("no Lytics integration configured and no emulator listener"),
+    };
+    let integrations = Integrations::new(vec![integration]);
+
+    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(settings.queue_capacity));
+    let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone());
+    let delivery = Delivery::new(
+        queue.clone(),
+        integrations.clone(),
+        telemetry.clone(),
+        settings.delivery.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let delivery_state = delivery.state();
+    let stop_delivery = CancellationToken::new();
+    let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone(), settings.shutdown_grace));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ingest_service = IngestServiceServer::new(IngestGrpc::new(
+        ingest.clone(),
+        settings.max_event_bytes,
+        settings.max_batch_events,
+    ))
+    .max_decoding_message_size(MAX_GRPC_MESSAGE);
+
+    let stop_servers = CancellationToken::new();
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let grpc_task = {
+        let stop = stop_servers.clone();
+        let incoming = TcpListenerStream::new(listeners.grpc);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(ingest_service)
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        )
+    };
+    let serving = Arc::new(AtomicBool::new(true));
+    let http_addr = listeners.http.local_addr()?;
+    let http_task = {
+        let stop = stop_servers.clone();
+        let app = http::router(HttpState {
+            ingest: ingest.clone(),
+            delivery: delivery_state.clone(),
+            queue: queue.clone(),
+            serving: serving.clone(),
+        });
+        let listener = listeners.http;
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, "lytics-relay serving");
+
+    shutdown.await;
+    let started = Instant::now();
+    tracing::info!("shutting down: health NOT_SERVING, refusing new events");
+    serving.store(false, Ordering::SeqCst);
+    health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    ingest.close();
+    stop_servers.cancel();
+    let servers_done = tokio::time::timeout(settings.shutdown_grace, async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    })
+    .await
+    .is_ok();
+
+    // The in-memory queue loses what it holds at exit, so delivery gets the rest of the grace
+    // period to empty it.
+    // A paused integration cannot drain, so shutdown does not wait for it.
+    let deadline = started + settings.shutdown_grace;
+    while queue.depth() > 0 && Instant::now() < deadline && delivery_state.paused().is_empty() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = queue.depth();
+    stop_delivery.cancel();
+    let delivery_done = delivery_task.await.unwrap_or(false);
+    stop_emulator.cancel();
+    if let Some(t) = emulator_task {
+        let _ = t.await;
+    }
+    // Flushing blocks on the exporters, which need the runtime: run it off the async threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    let graceful = servers_done && delivery_done && left == 0;
+    if graceful {
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shutdown complete: graceful"
+        );
+    } else {
+        tracing::warn!(
+            records_left = left,
+            servers_done,
+            delivery_done,
+            "shutdown complete: not graceful; records left in the in-memory queue are lost"
+        );
+    }
+    Ok(Report { graceful })
+}

@@ -1,0 +1,105 @@
+//! The command line: subcommands and flags, each flag also settable by a `LYTICS_RELAY_*`
+//! environment variable. Parsing only; [`crate::config`] validates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A gRPC/HTTP relay that maps Signal events and Customer.io webhooks to Lytics with YAML rules.
+#[derive(Debug, Parser)]
+#[command(name = "lytics-relay", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (gRPC and HTTP); without a Lytics integration it starts the built-in
+    /// emulator and delivers there.
+    Serve(Box<ServeArgs>),
+    /// Run the Lytics emulator alone.
+    Emulator(EmulatorArgs),
+    /// Work with rule files.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+/// Flags of `serve`. Unset flags fall back to the config file, then to defaults.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "LYTICS_RELAY_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// HTTP listen address [default: 127.0.0.1:8084].
+    #[arg(long, env = "LYTICS_RELAY_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Directory for the relay's state [default: ./data].
+    #[arg(long, env = "LYTICS_RELAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Rule file or directory [default: ./rules, else the rules built into the binary].
+    #[arg(long, env = "LYTICS_RELAY_RULES")]
+    pub rules: Option<PathBuf>,
+    /// A YAML config file (see README); flags and environment variables override it.
+    #[arg(long, env = "LYTICS_RELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Lytics API token (with data write permission).
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_API_TOKEN", hide_env_values = true)]
+    pub lytics_api_token: Option<String>,
+    /// Lytics account id (Account > Account Settings).
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_ACCOUNT_ID")]
+    pub lytics_account_id: Option<String>,
+    /// Lytics data stream name, exactly as shown in Data > Data Streams (case-sensitive).
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_STREAM")]
+    pub lytics_stream: Option<String>,
+    /// Lytics API base URL [default: https://api.lytics.io].
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_URL")]
+    pub lytics_url: Option<String>,
+    /// Address of the built-in emulator started when no Lytics integration is configured
+    /// [default: 127.0.0.1:8085].
+    #[arg(long, env = "LYTICS_RELAY_EMULATOR_ADDR")]
+    pub emulator_addr: Option<SocketAddr>,
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long, env = "LYTICS_RELAY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// Flags of `emulator`.
+#[derive(Debug, Args)]
+pub struct EmulatorArgs {
+    /// Listen address.
+    #[arg(long, env = "LYTICS_RELAY_EMULATOR_ADDR", default_value = "127.0.0.1:8085")]
+    pub addr: SocketAddr,
+    /// The API token the emulator accepts.
+    #[arg(
+        long,
+        env = "LYTICS_RELAY_EMULATOR_API_TOKEN",
+        default_value = "emulator-token",
+        hide_env_values = true
+    )]
+    pub api_token: String,
+    /// The account id the emulator accepts.
+    #[arg(long, default_value = "1234")]
+    pub account_id: String,
+    /// A stream the emulator knows (repeatable; case-sensitive).
+    #[arg(long = "stream", default_values_t = vec!["datafly_events".to_string(), "customerio_events".to_string()])]
+    pub streams: Vec<String>,
+}
+
+/// `rules` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Compile rule files and report every problem; exits 1 when there is any.
+    Check {
+        /// Rule file or directory [default: ./rules].
+        path: Option<PathBuf>,
+    },
+    /// Run the test cases kept beside the rules; exits 1 when one fails.
+    Test {
+        /// Rule file or directory [default: ./rules].
+        path: Option<PathBuf>,
+    },
+}

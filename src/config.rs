@@ -1,0 +1,555 @@
+//! Configuration in two layers: a serde mirror of the YAML file ([`FileConfig`], unknown keys
+//! refused), then a pure validation step ([`Settings::build`]) that merges flags, environment
+//! and file, and reports every problem with its key and a fix hint before anything starts.
+//! This module does no I/O except reading the config file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::ServeArgs;
+use crate::integration::{AccountId, Secret, StreamName};
+
+/// The Lytics API.
+pub const LYTICS_URL: &str = "https://api.lytics.io";
+/// The emulator's default token, account and stream (seed 000's example values).
+pub const EMULATOR_TOKEN: &str = "emulator-token";
+/// The emulator's default account.
+pub const EMULATOR_ACCOUNT: &str = "1234";
+/// The emulator's default stream.
+pub const EMULATOR_STREAM: &str = "datafly_events";
+
+/// The config file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// gRPC listen address.
+    pub grpc_addr: Option<String>,
+    /// HTTP listen address.
+    pub http_addr: Option<String>,
+    /// State directory.
+    pub data_dir: Option<PathBuf>,
+    /// Rule file or directory.
+    pub rules: Option<PathBuf>,
+    /// Log format.
+    pub log_format: Option<String>,
+    /// Seconds shutdown waits for calls in flight and the queue to drain.
+    pub shutdown_grace_secs: Option<u64>,
+    /// The Lytics integration.
+    #[serde(default)]
+    pub lytics: FileLytics,
+    /// The built-in emulator.
+    #[serde(default)]
+    pub emulator: FileEmulator,
+    /// Delivery tuning.
+    #[serde(default)]
+    pub delivery: FileDelivery,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: FileLimits,
+    /// Queue settings.
+    #[serde(default)]
+    pub queue: FileQueue,
+    /// Trace export tuning.
+    #[serde(default)]
+    pub telemetry: FileTelemetry,
+}
+
+/// `lytics:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLytics {
+    /// API token.
+    pub api_token: Option<String>,
+    /// Account id.
+    pub account_id: Option<String>,
+    /// Stream name.
+    pub stream: Option<String>,
+    /// API base URL.
+    pub url: Option<String>,
+}
+
+/// `emulator:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEmulator {
+    /// Listen address of the zero-setup emulator.
+    pub addr: Option<String>,
+}
+
+/// `delivery:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDelivery {
+    /// Records per collect call.
+    pub batch_max_records: Option<usize>,
+    /// Bytes per collect call.
+    pub batch_max_bytes: Option<usize>,
+    /// How long a partial batch waits for more records.
+    pub linger_ms: Option<u64>,
+    /// Attempts before a record is dead-lettered.
+    pub max_attempts: Option<u32>,
+    /// Age after which a failing record is dead-lettered.
+    pub max_retry_age_secs: Option<u64>,
+    /// First backoff step.
+    pub backoff_base_ms: Option<u64>,
+    /// Largest backoff step.
+    pub backoff_max_ms: Option<u64>,
+    /// Timeout of one collect call.
+    pub request_timeout_ms: Option<u64>,
+    /// Collect calls in flight per integration.
+    pub max_in_flight: Option<usize>,
+    /// How often a paused integration is probed with a `dryrun` call.
+    pub probe_interval_secs: Option<u64>,
+}
+
+/// `limits:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Largest accepted event, in bytes of JSON.
+    pub max_event_bytes: Option<usize>,
+    /// Most events in one batch request.
+    pub max_batch_events: Option<usize>,
+}
+
+/// `queue:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileQueue {
+    /// Records the queue holds before ingest answers RESOURCE_EXHAUSTED / 429.
+    pub capacity: Option<usize>,
+}
+
+/// `telemetry:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTelemetry {
+    /// Span queue size of the Lytics-call span exporter.
+    pub call_span_queue: Option<usize>,
+    /// Share of ingest spans exported (0.0–1.0) when the caller sent no sampled traceparent.
+    pub ingest_sample_ratio: Option<f64>,
+}
+
+/// The Lytics integration given by flags, environment or file.
+#[derive(Debug, Clone)]
+pub struct LyticsSettings {
+    /// The token.
+    pub api_token: Secret,
+    /// The account.
+    pub account_id: AccountId,
+    /// The stream.
+    pub stream: StreamName,
+    /// The API base URL.
+    pub url: String,
+}
+
+/// Delivery tuning.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// Records per collect call.
+    pub batch_max_records: usize,
+    /// Bytes per collect call.
+    pub batch_max_bytes: usize,
+    /// How long a partial batch waits for more records.
+    pub linger: Duration,
+    /// Attempts before a record is dead-lettered.
+    pub max_attempts: u32,
+    /// Age after which a failing record is dead-lettered.
+    pub max_retry_age: Duration,
+    /// First backoff step.
+    pub backoff_base: Duration,
+    /// Largest backoff step.
+    pub backoff_max: Duration,
+    /// Timeout of one collect call.
+    pub request_timeout: Duration,
+    /// Collect calls in flight per integration.
+    pub max_in_flight: usize,
+    /// How often a paused integration is probed.
+    pub probe_interval: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            batch_max_records: 500,
+            batch_max_bytes: 5 * 1024 * 1024,
+            linger: Duration::from_millis(100),
+            max_attempts: 5,
+            max_retry_age: Duration::from_secs(24 * 3600),
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(6 * 3600),
+            request_timeout: Duration::from_secs(30),
+            max_in_flight: 4,
+            probe_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Rule file or directory; `None` means the built-in rules.
+    pub rules: Option<PathBuf>,
+    /// Log format is JSON.
+    pub log_json: bool,
+    /// The Lytics integration; `None` starts the emulator.
+    pub lytics: Option<LyticsSettings>,
+    /// Where the zero-setup emulator listens.
+    pub emulator_addr: SocketAddr,
+    /// Delivery tuning.
+    pub delivery: DeliverySettings,
+    /// Largest accepted event (bytes of JSON).
+    pub max_event_bytes: usize,
+    /// Most events in one batch request.
+    pub max_batch_events: usize,
+    /// Queue capacity in records.
+    pub queue_capacity: usize,
+    /// Span queue of the Lytics-call exporter.
+    pub call_span_queue: usize,
+    /// Ingest span sampling ratio.
+    pub ingest_sample_ratio: f64,
+    /// How long shutdown waits for calls in flight and for the queue to drain.
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Defaults for tests: loopback port 0 everywhere, built-in rules.
+    pub fn for_tests(data_dir: &Path) -> Settings {
+        let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Settings {
+            grpc_addr: any,
+            http_addr: any,
+            data_dir: data_dir.to_path_buf(),
+            rules: None,
+            log_json: false,
+            lytics: None,
+            emulator_addr: any,
+            delivery: DeliverySettings::default(),
+            max_event_bytes: 32 * 1024,
+            max_batch_events: 1000,
+            queue_capacity: 1_000_000,
+            call_span_queue: 65_536,
+            ingest_sample_ratio: 0.01,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key: a flag / variable / file key.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// Merges flags/environment over the file over defaults and validates the result.
+    pub fn build(args: &ServeArgs, file: FileConfig) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            problems.push(ConfigProblem {
+                key: key.to_string(),
+                message,
+            })
+        };
+        let mut addr = |key: &str, flag: Option<SocketAddr>, file: Option<String>, default: &str| {
+            if let Some(a) = flag {
+                return a;
+            }
+            let text = file.unwrap_or_else(|| default.to_string());
+            match text.parse() {
+                Ok(a) => a,
+                Err(_) => {
+                    bad(
+                        key,
+                        format!(
+                            "`{text}` is not a socket address; write host:port, for example 127.0.0.1:8084"
+                        ),
+                    );
+                    SocketAddr::from(([127, 0, 0, 1], 0))
+                }
+            }
+        };
+        let grpc_addr = addr(
+            "grpc_addr (--grpc-addr)",
+            args.grpc_addr,
+            file.grpc_addr,
+            "127.0.0.1:50051",
+        );
+        let http_addr = addr(
+            "http_addr (--http-addr)",
+            args.http_addr,
+            file.http_addr,
+            "127.0.0.1:8084",
+        );
+        let emulator_addr = addr(
+            "emulator.addr (--emulator-addr)",
+            args.emulator_addr,
+            file.emulator.addr,
+            "127.0.0.1:8085",
+        );
+
+        let log_format = args
+            .log_format
+            .clone()
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        let log_json = match log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                bad(
+                    "log_format (--log-format)",
+                    format!("unknown format `{other}`; use `text` or `json`"),
+                );
+                false
+            }
+        };
+
+        let token = args.lytics_api_token.clone().or(file.lytics.api_token);
+        let account = args.lytics_account_id.clone().or(file.lytics.account_id);
+        let stream = args.lytics_stream.clone().or(file.lytics.stream);
+        let url = args
+            .lytics_url
+            .clone()
+            .or(file.lytics.url)
+            .unwrap_or_else(|| LYTICS_URL.to_string());
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bad(
+                "lytics.url (--lytics-url)",
+                format!("`{url}` must start with http:// or https://"),
+            );
+        }
+        let lytics = match (token, account, stream) {
+            (None, None, None) => None,
+            (token, account, stream) => {
+                let mut missing = Vec::new();
+                if token.as_deref().is_none_or(str::is_empty) {
+                    missing.push("lytics.api_token (--lytics-api-token / LYTICS_RELAY_LYTICS_API_TOKEN)");
+                }
+                if account.is_none() {
+                    missing.push("lytics.account_id (--lytics-account-id / LYTICS_RELAY_LYTICS_ACCOUNT_ID)");
+                }
+                if stream.is_none() {
+                    missing.push("lytics.stream (--lytics-stream / LYTICS_RELAY_LYTICS_STREAM)");
+                }
+                for m in &missing {
+                    bad(m, "is required when any Lytics setting is given; set all three or none (none starts the built-in emulator)".into());
+                }
+                let account = account.map(|a| AccountId::new(&a));
+                let stream = stream.map(|s| StreamName::new(&s));
+                if let Some(Err(e)) = &account {
+                    bad("lytics.account_id", e.to_string());
+                }
+                if let Some(Err(e)) = &stream {
+                    bad("lytics.stream", e.to_string());
+                }
+                match (token, account, stream) {
+                    (Some(t), Some(Ok(a)), Some(Ok(s))) if !t.is_empty() => Some(LyticsSettings {
+                        api_token: Secret::new(t),
+                        account_id: a,
+                        stream: s,
+                        url: url.trim_end_matches('/').to_string(),
+                    }),
+                    _ => None,
+                }
+            }
+        };
+
+        let d = DeliverySettings::default();
+        let fd = &file.delivery;
+        let ms = Duration::from_millis;
+        let delivery = DeliverySettings {
+            batch_max_records: fd.batch_max_records.unwrap_or(d.batch_max_records),
+            batch_max_bytes: fd.batch_max_bytes.unwrap_or(d.batch_max_bytes),
+            linger: fd.linger_ms.map(ms).unwrap_or(d.linger),
+            max_attempts: fd.max_attempts.unwrap_or(d.max_attempts),
+            max_retry_age: fd
+                .max_retry_age_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.max_retry_age),
+            backoff_base: fd.backoff_base_ms.map(ms).unwrap_or(d.backoff_base),
+            backoff_max: fd.backoff_max_ms.map(ms).unwrap_or(d.backoff_max),
+            request_timeout: fd.request_timeout_ms.map(ms).unwrap_or(d.request_timeout),
+            max_in_flight: fd.max_in_flight.unwrap_or(d.max_in_flight),
+            probe_interval: fd
+                .probe_interval_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.probe_interval),
+        };
+        if !(1..=10_000).contains(&delivery.batch_max_records) {
+            bad("delivery.batch_max_records", "must be between 1 and 10000".into());
+        }
+        if !(16 * 1024..=10 * 1024 * 1024).contains(&delivery.batch_max_bytes) {
+            bad(
+                "delivery.batch_max_bytes",
+                "must be between 16384 and 10485760 (Lytics caps a request at 10 MB)".into(),
+            );
+        }
+        if delivery.max_attempts == 0 {
+            bad("delivery.max_attempts", "must be at least 1".into());
+        }
+        if delivery.max_in_flight == 0 {
+            bad("delivery.max_in_flight", "must be at least 1".into());
+        }
+        if delivery.backoff_base.is_zero() || delivery.backoff_max < delivery.backoff_base {
+            bad(
+                "delivery.backoff_base_ms",
+                "must be positive and not above backoff_max_ms".into(),
+            );
+        }
+        if delivery.request_timeout.is_zero() {
+            bad("delivery.request_timeout_ms", "must be positive".into());
+        }
+        let max_event_bytes = file.limits.max_event_bytes.unwrap_or(32 * 1024);
+        if !(1024..=4 * 1024 * 1024).contains(&max_event_bytes) {
+            bad(
+                "limits.max_event_bytes",
+                "must be between 1024 and 4194304".into(),
+            );
+        }
+        let max_batch_events = file.limits.max_batch_events.unwrap_or(1000);
+        if !(1..=100_000).contains(&max_batch_events) {
+            bad("limits.max_batch_events", "must be between 1 and 100000".into());
+        }
+        let queue_capacity = file.queue.capacity.unwrap_or(1_000_000);
+        if queue_capacity == 0 {
+            bad("queue.capacity", "must be at least 1".into());
+        }
+        let call_span_queue = file.telemetry.call_span_queue.unwrap_or(65_536);
+        if call_span_queue < 64 {
+            bad("telemetry.call_span_queue", "must be at least 64".into());
+        }
+        let ingest_sample_ratio = file.telemetry.ingest_sample_ratio.unwrap_or(0.01);
+        if !(0.0..=1.0).contains(&ingest_sample_ratio) {
+            bad(
+                "telemetry.ingest_sample_ratio",
+                "must be between 0.0 and 1.0".into(),
+            );
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
+        Ok(Settings {
+            grpc_addr,
+            http_addr,
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("data")),
+            rules: args.rules.clone().or(file.rules),
+            log_json,
+            lytics,
+            emulator_addr,
+            delivery,
+            max_event_bytes,
+            max_batch_events,
+            queue_capacity,
+            call_span_queue,
+            ingest_sample_ratio,
+            shutdown_grace: Duration::from_secs(file.shutdown_grace_secs.unwrap_or(10)),
+        })
+    }
+
+    /// Reads the config file named by `--config`, if any.
+    pub fn load(args: &ServeArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let problem = |message: String| {
+                    ConfigError(vec![ConfigProblem {
+                        key: format!("--config {}", path.display()),
+                        message,
+                    }])
+                };
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| problem(format!("cannot read the file: {e}")))?;
+                serde_yaml::from_str(&text).map_err(|e| problem(format!("invalid config: {e}")))?
+            }
+        };
+        Self::build(args, file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_start_the_emulator() {
+        let s = Settings::build(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(s.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8084");
+        assert_eq!(s.emulator_addr.to_string(), "127.0.0.1:8085");
+        assert!(s.lytics.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let args = ServeArgs {
+            lytics_account_id: Some("1234".into()),
+            lytics_url: Some("ftp://x".into()),
+            ..ServeArgs::default()
+        };
+        let file: FileConfig =
+            serde_yaml::from_str("http_addr: nope\ndelivery: { batch_max_records: 0, max_attempts: 0 }\n")
+                .unwrap();
+        let err = Settings::build(&args, file).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.iter().any(|k| k.starts_with("http_addr")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("lytics.url")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("lytics.api_token")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("lytics.stream")), "{keys:?}");
+        assert!(keys.contains(&"delivery.batch_max_records"), "{keys:?}");
+        assert!(keys.contains(&"delivery.max_attempts"), "{keys:?}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        assert!(serde_yaml::from_str::<FileConfig>("grpc_adr: x").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let args = ServeArgs {
+            lytics_api_token: Some("t".into()),
+            lytics_account_id: Some("99".into()),
+            lytics_stream: Some("Events".into()),
+            ..ServeArgs::default()
+        };
+        let file: FileConfig = serde_yaml::from_str("lytics: { account_id: '1', url: 'http://x/' }").unwrap();
+        let s = Settings::build(&args, file).unwrap();
+        let l = s.lytics.unwrap();
+        assert_eq!(l.account_id.as_str(), "99");
+        assert_eq!(l.url, "http://x");
+        assert_eq!(format!("{:?}", l.api_token), "***");
+    }
+}

@@ -1,0 +1,532 @@
+//! The delivery stage: lease records from the queue, batch them per (integration, stream),
+//! post them to Lytics, and settle each record as delivered, retry-later, paused or dead letter.
+//!
+//! Input: the queue. Output: collect calls, one OpenTelemetry span per call, and record states
+//! written back to the queue. Policy:
+//! - 2xx: delivered; a `rejected_count` above zero is logged and counted as a partial failure.
+//! - 408, 429, 5xx, timeouts, connection errors: retried with full-jitter exponential backoff,
+//!   until `max_attempts` or `max_retry_age`, then dead-lettered.
+//! - 401, 403, 404, 400 naming the account: a setup error. The integration pauses with the
+//!   seed's troubleshooting text; its records stay queued without spending attempts; a periodic
+//!   `dryrun` probe (or a config change) resumes it.
+//! - Other 400s: the batch is split to isolate the bad records; only they are dead-lettered.
+//!
+//! Never maps events and never holds records outside the queue's lease.
+
+pub mod backoff;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::Span as _;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DeliverySettings;
+use crate::integration::{Integration, Integrations};
+use crate::lytics::{self, CollectTarget, LyticsClient, Outcome};
+use crate::queue::{Attempt, Queue, QueuedRecord};
+use crate::telemetry::{Telemetry, fail_span, names};
+use crate::timefmt::now_ms;
+use backoff::Backoff;
+
+/// The longest the dispatcher sleeps without news from the queue.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// Records batch together when they share integration, stream and timestamp field.
+type BatchKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// Why an integration is paused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// The status Lytics answered.
+    pub status: u16,
+    /// The seed's troubleshooting text.
+    pub hint: String,
+    /// Lytics' message.
+    pub message: String,
+    /// Since when (unix ms).
+    pub since_ms: i64,
+}
+
+/// Counters of the delivery stage.
+#[derive(Debug, Default)]
+pub struct DeliveryCounters {
+    /// Collect calls made.
+    pub calls: AtomicU64,
+    /// Records Lytics took.
+    pub delivered: AtomicU64,
+    /// Records Lytics refused inside a 200 (`rejected_count`).
+    pub rejected_in_200: AtomicU64,
+    /// Records scheduled for retry.
+    pub retried: AtomicU64,
+    /// Records dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Calls that found a setup error.
+    pub setup_errors: AtomicU64,
+}
+
+/// What delivery reports about itself.
+#[derive(Debug, Default)]
+pub struct DeliveryState {
+    paused: Mutex<HashMap<String, Pause>>,
+    /// The counters.
+    pub counters: DeliveryCounters,
+}
+
+impl DeliveryState {
+    /// Paused integrations and why.
+    pub fn paused(&self) -> HashMap<String, Pause> {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn pause(&self, id: &str, pause: Pause) -> bool {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !p.contains_key(id);
+        p.entry(id.to_string()).or_insert(pause);
+        first
+    }
+
+    /// Resumes an integration (its config changed, or a probe succeeded).
+    pub fn resume(&self, id: &str) -> bool {
+        self.paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .is_some()
+    }
+}
+
+/// The delivery stage.
+#[derive(Clone)]
+pub struct Delivery {
+    queue: Arc<dyn Queue>,
+    integrations: Integrations,
+    client: LyticsClient,
+    telemetry: Telemetry,
+    settings: DeliverySettings,
+    backoff: Backoff,
+    state: Arc<DeliveryState>,
+}
+
+impl Delivery {
+    /// Wires the stage.
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        integrations: Integrations,
+        telemetry: Telemetry,
+        settings: DeliverySettings,
+    ) -> Result<Self, String> {
+        let client = LyticsClient::new(settings.request_timeout)?;
+        let backoff =
+            Backoff::try_new(settings.backoff_base, settings.backoff_max).map_err(|e| e.to_string())?;
+        Ok(Delivery {
+            queue,
+            integrations,
+            client,
+            telemetry,
+            settings,
+            backoff,
+            state: Arc::new(DeliveryState::default()),
+        })
+    }
+
+    /// The stage's state (pauses, counters).
+    pub fn state(&self) -> Arc<DeliveryState> {
+        self.state.clone()
+    }
+
+    /// Runs until `shutdown`; then lets calls in flight finish within `grace` and returns
+    /// whether they all did.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> bool {
+        let slots = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        let mut tasks = JoinSet::new();
+        let prober = {
+            let d = self.clone();
+            let s = shutdown.clone();
+            tokio::spawn(async move { d.probe_paused(s).await })
+        };
+        'outer: loop {
+            // Sleep until new work arrives or the next retry falls due.
+            let paused: HashSet<String> = self.state.paused().into_keys().collect();
+            let wait = match self.queue.next_due(&paused).await {
+                Ok(Some(due)) => {
+                    Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_WAIT)
+                }
+                _ => IDLE_WAIT,
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.queue.wait_for_work(wait) => {}
+                }
+            }
+            if !self.settings.linger.is_zero() && self.queue.depth() < self.settings.batch_max_records {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(self.settings.linger) => {}
+                }
+            }
+            loop {
+                while tasks.try_join_next().is_some() {}
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
+                };
+                let paused: HashSet<String> = self.state.paused().into_keys().collect();
+                let leased = match self.queue.lease(self.settings.batch_max_records, &paused).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot lease records");
+                        break;
+                    }
+                };
+                if leased.is_empty() {
+                    break;
+                }
+                let d = self.clone();
+                tasks.spawn(async move {
+                    d.deliver(leased).await;
+                    drop(permit);
+                });
+            }
+        }
+        prober.abort();
+        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok();
+        if !drained {
+            tasks.abort_all();
+        }
+        drained
+    }
+
+    /// Groups leased records per (integration, stream, timestamp field) and delivers each group
+    /// in batches within the count and byte limits.
+    async fn deliver(&self, leased: Vec<QueuedRecord>) {
+        let mut groups: HashMap<BatchKey, Vec<QueuedRecord>> = HashMap::new();
+        for r in leased {
+            let key = (
+                r.record.integration.clone(),
+                r.record.stream.clone(),
+                r.record.timestamp_field.clone(),
+            );
+            groups.entry(key).or_default().push(r);
+        }
+        for ((integration_id, _, _), records) in groups {
+            let Some(integration) = self.integrations.get(&integration_id) else {
+                let reason = format!("integration `{integration_id}` no longer exists");
+                self.dead_letter(records, reason).await;
+                continue;
+            };
+            let mut batch = Vec::new();
+            let mut bytes = 2;
+            for r in records {
+                let size = r.record.body.len() + 1;
+                if !batch.is_empty()
+                    && (batch.len() >= self.settings.batch_max_records
+                        || bytes + size > self.settings.batch_max_bytes)
+                {
+                    self.send(&integration, std::mem::take(&mut batch)).await;
+                    bytes = 2;
+                }
+                bytes += size;
+                batch.push(r);
+            }
+            if !batch.is_empty() {
+                self.send(&integration, batch).await;
+            }
+        }
+    }
+
+    /// Sends one batch and settles its records. A 400 about the payload splits the batch and
+    /// sends the halves, so only the bad records end in the dead-letter queue.
+    async fn send(&self, integration: &Integration, batch: Vec<QueuedRecord>) {
+        let mut pending = vec![batch];
+        while let Some(batch) = pending.pop() {
+            if let Some(halves) = self.send_one(integration, batch).await {
+                pending.extend(halves);
+            }
+        }
+    }
+
+    async fn send_one(
+        &self,
+        integration: &Integration,
+        batch: Vec<QueuedRecord>,
+    ) -> Option<[Vec<QueuedRecord>; 2]> {
+        let first = batch.first()?;
+        let stream = first.record.stream.clone();
+        let ts_field = first.record.timestamp_field.clone();
+        let target = CollectTarget {
+            base_url: &integration.base_url,
+            stream: &stream,
+            account_id: integration.account_id.as_str(),
+            timestamp_field: &ts_field,
+            dryrun: false,
+        };
+        let url = match lytics::collect_url(&target) {
+            Ok(u) => u,
+            Err(e) => {
+                self.pause(integration, 0, "fix the Lytics URL of the integration", e);
+                self.hold(batch).await;
+                return None;
+            }
+        };
+        let body = lytics::batch_body(batch.iter().map(|r| &r.record.body));
+        let attempt = batch.iter().map(|r| r.attempts).max().unwrap_or(0);
+        let mut span = self.telemetry.start_call(
+            batch.iter().filter_map(|r| r.record.traceparent.as_deref()),
+            vec![
+                KeyValue::new(names::HTTP_REQUEST_METHOD, "POST"),
+                KeyValue::new(names::SERVER_ADDRESS, url.host_str().unwrap_or("").to_string()),
+                KeyValue::new(
+                    names::SERVER_PORT,
+                    i64::from(url.port_or_known_default().unwrap_or(0)),
+                ),
+                KeyValue::new(names::URL_FULL, url.to_string()),
+                KeyValue::new(names::LYTICS_STREAM, stream.to_string()),
+                KeyValue::new(names::LYTICS_INTEGRATION, integration.id.to_string()),
+                KeyValue::new(names::LYTICS_BATCH_SIZE, batch.len() as i64),
+                KeyValue::new(names::LYTICS_ATTEMPT, i64::from(attempt) + 1),
+                KeyValue::new(names::HTTP_REQUEST_RESEND_COUNT, i64::from(attempt)),
+                KeyValue::new(
+                    names::LYTICS_RULES_VERSION,
+                    first.record.rules_version.to_string(),
+                ),
+            ],
+        );
+        self.state.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let result = self.client.post(url, &integration.api_token, body).await;
+        let outcome = lytics::classify(&result);
+        if let Some(s) = span.as_mut() {
+            match &result {
+                Ok(reply) => {
+                    s.set_attribute(KeyValue::new(
+                        names::HTTP_RESPONSE_STATUS_CODE,
+                        i64::from(reply.status),
+                    ));
+                    if reply.status >= 400 {
+                        fail_span(
+                            s,
+                            &reply.status.to_string(),
+                            format!("Lytics answered {}", reply.status),
+                        );
+                    }
+                }
+                Err(e) => fail_span(s, e.kind(), e.to_string()),
+            }
+            if let Outcome::Delivered {
+                message_count,
+                rejected_count,
+            } = &outcome
+            {
+                if let Some(m) = message_count {
+                    s.set_attribute(KeyValue::new(names::LYTICS_MESSAGE_COUNT, *m as i64));
+                }
+                s.set_attribute(KeyValue::new(
+                    names::LYTICS_REJECTED_COUNT,
+                    *rejected_count as i64,
+                ));
+            }
+        }
+        let status = result.as_ref().ok().map(|r| r.status);
+        let split = self.settle(integration, batch, outcome, status).await;
+        if let Some(mut s) = span {
+            s.end();
+        }
+        split
+    }
+
+    async fn settle(
+        &self,
+        integration: &Integration,
+        batch: Vec<QueuedRecord>,
+        outcome: Outcome,
+        status: Option<u16>,
+    ) -> Option<[Vec<QueuedRecord>; 2]> {
+        let c = &self.state.counters;
+        match outcome {
+            Outcome::Delivered {
+                rejected_count,
+                message_count,
+            } => {
+                let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
+                if let Err(e) = self.queue.ack(&ids).await {
+                    tracing::error!(error = %e, "cannot mark records delivered; they may be sent again");
+                }
+                c.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                if rejected_count > 0 {
+                    c.rejected_in_200.fetch_add(rejected_count, Ordering::Relaxed);
+                    tracing::warn!(
+                        integration = %integration.id,
+                        stream = %batch[0].record.stream,
+                        records = ids.len(),
+                        message_count = message_count.unwrap_or(0),
+                        rejected_count,
+                        "partial failure: Lytics accepted the call but rejected some records"
+                    );
+                }
+                None
+            }
+            Outcome::Retry { reason, status } => {
+                self.retry(batch, status, reason).await;
+                None
+            }
+            Outcome::Setup {
+                status,
+                hint,
+                message,
+            } => {
+                c.setup_errors.fetch_add(1, Ordering::Relaxed);
+                self.pause(integration, status, hint, message);
+                self.hold(batch).await;
+                None
+            }
+            Outcome::BadPayload { status: s, message } if batch.len() > 1 => {
+                tracing::info!(status = s, records = batch.len(), %message, "Lytics refused the batch; splitting it to find the bad records");
+                let mut batch = batch;
+                let second = batch.split_off(batch.len() / 2);
+                Some([batch, second])
+            }
+            Outcome::BadPayload { status: s, message } => {
+                let reason = format!("Lytics refused the record ({s}): {message}");
+                let _ = status;
+                self.dead_letter(batch, reason).await;
+                None
+            }
+        }
+    }
+
+    async fn retry(&self, batch: Vec<QueuedRecord>, status: Option<u16>, reason: String) {
+        let now = now_ms();
+        let max_age = i64::try_from(self.settings.max_retry_age.as_millis()).unwrap_or(i64::MAX);
+        let (give_up, again): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
+            r.attempts + 1 >= self.settings.max_attempts || now - r.record.accepted_ms >= max_age
+        });
+        if !give_up.is_empty() {
+            let n = give_up.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
+            self.dead_letter(give_up, format!("gave up after {n} attempt(s): {reason}"))
+                .await;
+        }
+        if again.is_empty() {
+            return;
+        }
+        // Records retried together share one draw, so the batch stays together.
+        let attempts = again.iter().map(|r| r.attempts).max().unwrap_or(0);
+        let delay = self.backoff.delay(attempts, &mut rand::rng());
+        let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+        self.state
+            .counters
+            .retried
+            .fetch_add(again.len() as u64, Ordering::Relaxed);
+        tracing::info!(records = again.len(), attempt = attempts + 1, delay_ms = delay.as_millis() as u64, %reason, "retrying later");
+        let attempt = Attempt {
+            at_ms: now,
+            status,
+            detail: reason,
+        };
+        if let Err(e) = self.queue.retry(again, due, attempt, true).await {
+            tracing::error!(error = %e, "cannot reschedule records");
+        }
+    }
+
+    /// Puts records back without spending an attempt (their integration is paused).
+    async fn hold(&self, batch: Vec<QueuedRecord>) {
+        let attempt = Attempt {
+            at_ms: now_ms(),
+            status: None,
+            detail: "held: integration paused".into(),
+        };
+        if let Err(e) = self.queue.retry(batch, now_ms(), attempt, false).await {
+            tracing::error!(error = %e, "cannot hold records");
+        }
+    }
+
+    async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) {
+        self.state
+            .counters
+            .dead_lettered
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        tracing::warn!(records = records.len(), %reason, "dead-lettering records");
+        if let Err(e) = self.queue.dead_letter(records, reason).await {
+            tracing::error!(error = %e, "cannot dead-letter records");
+        }
+    }
+
+    fn pause(&self, integration: &Integration, status: u16, hint: &str, message: String) {
+        let first = self.state.pause(
+            integration.id.as_str(),
+            Pause {
+                status,
+                hint: hint.to_string(),
+                message: message.clone(),
+                since_ms: now_ms(),
+            },
+        );
+        if first {
+            tracing::error!(
+                integration = %integration.id,
+                status,
+                lytics_message = %message,
+                "delivery paused: {hint}; events stay queued and delivery resumes when the config changes or a probe succeeds"
+            );
+        }
+    }
+
+    /// Resumes a paused integration (called when its config changes).
+    pub fn resume(&self, id: &str) {
+        if self.state.resume(id) {
+            tracing::info!(integration = id, "delivery resumed");
+        }
+    }
+
+    /// Probes paused integrations with a `dryrun` call and resumes those that answer 2xx.
+    async fn probe_paused(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.probe_interval) => {}
+            }
+            for id in self.state.paused().into_keys() {
+                let Some(integration) = self.integrations.get(&id) else {
+                    self.state.resume(&id);
+                    continue;
+                };
+                if probe(&self.client, &integration, &integration.stream_name.to_string())
+                    .await
+                    .is_ok()
+                {
+                    tracing::info!(integration = %id, "probe succeeded; delivery resumed");
+                    self.state.resume(&id);
+                }
+            }
+        }
+    }
+}
+
+/// A `dryrun` collect call with no records: checks token, stream and account without storing
+/// anything. `Err` carries the setup hint or the failure.
+pub async fn probe(client: &LyticsClient, integration: &Integration, stream: &str) -> Result<(), String> {
+    let target = CollectTarget {
+        base_url: &integration.base_url,
+        stream,
+        account_id: integration.account_id.as_str(),
+        timestamp_field: crate::rules::DEFAULT_TIMESTAMP_FIELD,
+        dryrun: true,
+    };
+    let url = lytics::collect_url(&target)?;
+    let result = client
+        .post(url, &integration.api_token, bytes::Bytes::from_static(b"[]"))
+        .await;
+    match lytics::classify(&result) {
+        Outcome::Delivered { .. } => Ok(()),
+        Outcome::Setup { status, hint, .. } => Err(format!("{status}: {hint}")),
+        Outcome::Retry { reason, .. } => Err(reason),
+        Outcome::BadPayload { status, message } => Err(format!("{status}: {message}")),
+    }
+}

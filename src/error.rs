@@ -1,0 +1,225 @@
+//! One small error-code type for every API boundary, so gRPC and HTTP always agree.
+//!
+//! Input: a failure an API reports to its caller. Output: a gRPC `Status` (with
+//! `google.rpc.BadRequest` field violations that grpcurl decodes) or an HTTP JSON error body
+//! `{"error":{"code":"…","message":"…","violations":[…]}}` (REFERENCE §2).
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::Serialize;
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The error codes the relay answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or fails validation.
+    InvalidArgument,
+    /// Credentials are missing or wrong.
+    Unauthenticated,
+    /// The thing asked for does not exist.
+    NotFound,
+    /// The thing to create exists already.
+    AlreadyExists,
+    /// The request body is too large.
+    PayloadTooLarge,
+    /// The queue is full; retry later.
+    ResourceExhausted,
+    /// The relay cannot accept work right now (shutting down, store unavailable).
+    Unavailable,
+    /// The request conflicts with the current state.
+    FailedPrecondition,
+    /// A bug or an unexpected failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The gRPC code.
+    pub fn grpc(self) -> tonic::Code {
+        match self {
+            ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorCode::NotFound => tonic::Code::NotFound,
+            ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
+            ErrorCode::PayloadTooLarge => tonic::Code::InvalidArgument,
+            ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorCode::Unavailable => tonic::Code::Unavailable,
+            ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorCode::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// The HTTP status.
+    pub fn http(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::AlreadyExists => StatusCode::CONFLICT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable text form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::FailedPrecondition => "failed_precondition",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldViolation {
+    /// The field's path, for example `event.type`.
+    pub field: String,
+    /// What is wrong with it.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// An error answered to an API caller.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The code.
+    pub code: ErrorCode,
+    /// A readable message.
+    pub message: String,
+    /// The invalid fields, for validation errors.
+    pub violations: Vec<FieldViolation>,
+    /// Seconds after which a retry may succeed (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            violations: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    /// A validation error listing the invalid fields.
+    pub fn invalid(message: impl Into<String>, violations: Vec<FieldViolation>) -> Self {
+        ApiError {
+            violations,
+            ..ApiError::new(ErrorCode::InvalidArgument, message)
+        }
+    }
+
+    /// A validation error about a single field.
+    pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let v = FieldViolation::new(field, description);
+        let message = format!("invalid `{}`: {}", v.field, v.description);
+        ApiError::invalid(message, vec![v])
+    }
+
+    /// An internal failure; the message is logged, the caller sees a generic text.
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(ErrorCode::Internal, message)
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let mut details = ErrorDetails::new();
+        let any = !e.violations.is_empty() || e.retry_after.is_some();
+        for v in &e.violations {
+            details.add_bad_request_violation(v.field.clone(), v.description.clone());
+        }
+        if let Some(secs) = e.retry_after {
+            details.set_retry_info(Some(std::time::Duration::from_secs(secs)));
+        }
+        if !any {
+            tonic::Status::new(e.code.grpc(), e.message)
+        } else {
+            tonic::Status::with_error_details(e.code.grpc(), e.message, details)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorInner<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorInner<'a> {
+    code: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    violations: &'a [FieldViolation],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorInner {
+                code: self.code.as_str(),
+                message: &self.message,
+                violations: &self.violations,
+            },
+        };
+        let mut response = (self.code.http(), Json(body)).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = http::HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_and_http_agree_on_every_code() {
+        let pairs = [
+            (ErrorCode::InvalidArgument, tonic::Code::InvalidArgument, 400),
+            (ErrorCode::Unauthenticated, tonic::Code::Unauthenticated, 401),
+            (ErrorCode::ResourceExhausted, tonic::Code::ResourceExhausted, 429),
+            (ErrorCode::Unavailable, tonic::Code::Unavailable, 503),
+        ];
+        for (code, grpc, http) in pairs {
+            assert_eq!(code.grpc(), grpc);
+            assert_eq!(code.http().as_u16(), http);
+        }
+    }
+
+    #[test]
+    fn violations_travel_as_bad_request_details() {
+        let status: tonic::Status = ApiError::field("event.type", "is required").into();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let details = status.get_error_details();
+        let bad = details.bad_request().expect("bad request details");
+        assert_eq!(bad.field_violations[0].field, "event.type");
+    }
+}

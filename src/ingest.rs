@@ -1,0 +1,238 @@
+//! The ingest stage shared by every door (gRPC, HTTP): map validated events with the rules in
+//! force and queue the records, answering only once they are queued.
+//!
+//! Input: [`InboundEvent`]s from normalize. Output: one [`Accepted`] per event (records queued,
+//! rules matched, records refused with their reason) or an [`ApiError`] for the whole call when
+//! the queue refuses (full, closed). The records of one call are enqueued together, so a call is
+//! accepted whole or not at all. Never talks to Lytics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::Span as _;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::integration::Integrations;
+use crate::lytics::MAX_BATCH_RECORD_BYTES;
+use crate::normalize::InboundEvent;
+use crate::queue::{NewRecord, Queue, QueueError};
+use crate::rules::{DroppedRecord, LiveRules};
+use crate::telemetry::{Telemetry, names};
+use crate::timefmt::now_ms;
+
+/// What became of an accepted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Records are queued.
+    Queued,
+    /// Seen before within the dedup window; nothing queued.
+    Duplicate,
+    /// No rule produced a record.
+    Ignored,
+}
+
+/// The answer for one accepted event.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The event id.
+    pub id: Arc<str>,
+    /// What became of it.
+    pub disposition: Disposition,
+    /// Records queued.
+    pub records: u32,
+    /// Rules that produced a record.
+    pub rules: Vec<Arc<str>>,
+    /// Records refused, with the reason.
+    pub dropped: Vec<DroppedRecord>,
+    /// The rule-set version used.
+    pub rules_version: Arc<str>,
+}
+
+/// Counters of the ingest stage.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    /// Events accepted.
+    pub events: AtomicU64,
+    /// Records queued.
+    pub records: AtomicU64,
+    /// Records refused by rules (missing identifiers, required fields, size).
+    pub dropped: AtomicU64,
+    /// Events no rule mapped.
+    pub ignored: AtomicU64,
+}
+
+/// The shared ingest core.
+#[derive(Clone)]
+pub struct Ingest {
+    rules: LiveRules,
+    integrations: Integrations,
+    queue: Arc<dyn Queue>,
+    telemetry: Telemetry,
+    accepting: Arc<AtomicBool>,
+    counters: Arc<IngestCounters>,
+}
+
+impl Ingest {
+    /// Wires the stage.
+    pub fn new(
+        rules: LiveRules,
+        integrations: Integrations,
+        queue: Arc<dyn Queue>,
+        telemetry: Telemetry,
+    ) -> Self {
+        Ingest {
+            rules,
+            integrations,
+            queue,
+            telemetry,
+            accepting: Arc::new(AtomicBool::new(true)),
+            counters: Arc::new(IngestCounters::default()),
+        }
+    }
+
+    /// Stops accepting: later calls answer UNAVAILABLE / 503.
+    pub fn close(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &IngestCounters {
+        &self.counters
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> &LiveRules {
+        &self.rules
+    }
+
+    /// Maps and queues `events`; `traceparent` is the caller's W3C trace context, if any.
+    pub async fn accept(
+        &self,
+        events: Vec<InboundEvent>,
+        traceparent: Option<&str>,
+    ) -> Result<Vec<Accepted>, ApiError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the relay is shutting down; retry against another instance",
+            ));
+        }
+        let source = events.first().map(|e| e.source.as_str()).unwrap_or("none");
+        let (mut span, tp) = self.telemetry.start_ingest(
+            traceparent,
+            vec![
+                KeyValue::new(names::INGEST_SOURCE, source),
+                KeyValue::new(names::INGEST_EVENTS, events.len() as i64),
+            ],
+        );
+        let tp: Option<Arc<str>> = tp.map(Arc::from);
+        let rules = self.rules.current();
+        let integrations = self.integrations.snapshot();
+        let accepted_ms = now_ms();
+        let mut records = Vec::new();
+        let mut answers = Vec::with_capacity(events.len());
+        for event in events {
+            let mut answer = Accepted {
+                id: event.id.clone(),
+                disposition: Disposition::Ignored,
+                records: 0,
+                rules: Vec::new(),
+                dropped: Vec::new(),
+                rules_version: rules.version().clone(),
+            };
+            for integration in integrations.iter().filter(|i| i.enabled) {
+                let mapping = rules.evaluate(event.source, &event.doc, &integration.context());
+                answer.dropped.extend(mapping.dropped);
+                for record in mapping.records {
+                    let body = match serde_json::to_vec(&record.fields) {
+                        Ok(b) => Bytes::from(b),
+                        Err(e) => {
+                            answer.dropped.push(DroppedRecord {
+                                rule: record.rule.clone(),
+                                reason: format!("cannot serialise the record: {e}"),
+                            });
+                            continue;
+                        }
+                    };
+                    if body.len() > MAX_BATCH_RECORD_BYTES {
+                        answer.dropped.push(DroppedRecord {
+                            rule: record.rule.clone(),
+                            reason: format!(
+                                "the record is {} bytes, over Lytics' {MAX_BATCH_RECORD_BYTES}-byte record limit; map fewer fields",
+                                body.len()
+                            ),
+                        });
+                        continue;
+                    }
+                    answer.rules.push(record.rule.clone());
+                    answer.records += 1;
+                    records.push(NewRecord {
+                        integration: integration.id.as_arc(),
+                        stream: record.stream,
+                        timestamp_field: record.timestamp_field,
+                        rule: record.rule,
+                        rules_version: rules.version().clone(),
+                        source: event.source,
+                        event_id: event.id.clone(),
+                        event_type: event.event_type.clone(),
+                        body,
+                        input: event.input.clone(),
+                        traceparent: tp.clone(),
+                        accepted_ms,
+                    });
+                }
+            }
+            if answer.records > 0 {
+                answer.disposition = Disposition::Queued;
+            }
+            for d in &answer.dropped {
+                tracing::warn!(event_id = %answer.id, rule = %d.rule, reason = %d.reason, "record not sent");
+            }
+            answers.push(answer);
+        }
+        let queued = records.len();
+        if let Err(e) = self.queue.enqueue(records).await {
+            if let Some(s) = span.as_mut() {
+                crate::telemetry::fail_span(s, "queue", e.to_string());
+            }
+            return Err(queue_error(e));
+        }
+        let c = &self.counters;
+        c.events.fetch_add(answers.len() as u64, Ordering::Relaxed);
+        c.records.fetch_add(queued as u64, Ordering::Relaxed);
+        for a in &answers {
+            c.dropped.fetch_add(a.dropped.len() as u64, Ordering::Relaxed);
+            if a.disposition == Disposition::Ignored {
+                c.ignored.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(mut s) = span {
+            s.set_attribute(KeyValue::new(names::INGEST_RECORDS, queued as i64));
+            s.end();
+        }
+        Ok(answers)
+    }
+}
+
+/// The answer for a queue refusal.
+pub fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::Full { .. } => ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                ErrorCode::ResourceExhausted,
+                format!("{e}: Lytics delivery is behind"),
+            )
+        },
+        QueueError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+        QueueError::Store(_) => {
+            tracing::error!(error = %e, "queue store failed");
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "the event store is unavailable; retry later",
+            )
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The `lytics-relay` binary: parse the command line, set up logging and tracing, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lytics_relay::cli::{Cli, Command, RulesCommand};
+use lytics_relay::config::Settings;
+use lytics_relay::emulator::{Emulator, EmulatorConfig};
+use lytics_relay::{app, rules, telemetry};
+
+/// Exit code for a configuration problem (EX_CONFIG is 78; linkerd and sysexits use 64 for usage).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(*args).await,
+            Command::Emulator(args) => emulator(args).await,
+            Command::Rules(cmd) => rules_command(cmd),
+        }
+    })
+}
+
+async fn serve(args: lytics_relay::cli::ServeArgs) -> ExitCode {
+    let settings = match Settings::load(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init_logging(settings.log_json);
+    let result = async {
+        let telemetry =
+            telemetry::Telemetry::from_env(settings.call_span_queue, settings.ingest_sample_ratio)?;
+        let listeners = app::Listeners::bind(&settings).await?;
+        app::run(settings, listeners, telemetry, shutdown_signal()).await
+    }
+    .await;
+    match result {
+        Ok(report) if report.graceful => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(2),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn emulator(args: lytics_relay::cli::EmulatorArgs) -> ExitCode {
+    telemetry::init_logging(false);
+    let listener = match tokio::net::TcpListener::bind(args.addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(addr = %args.addr, account = %args.account_id, streams = ?args.streams, "Lytics emulator serving");
+    let emulator = Emulator::new(EmulatorConfig {
+        api_token: args.api_token,
+        account_id: args.account_id,
+        streams: args.streams,
+    });
+    match emulator.serve(listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rules_command(cmd: RulesCommand) -> ExitCode {
+    match cmd {
+        RulesCommand::Check { path } => {
+            let path = path.unwrap_or_else(|| "rules".into());
+            match rules::RuleSet::load(&path) {
+                Ok(set) => {
+                    let n: usize = set.files().iter().map(|f| f.rules.len()).sum();
+                    println!(
+                        "ok: {} rule(s) in {} file(s), version {}",
+                        n,
+                        set.files().len(),
+                        set.version()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        RulesCommand::Test { path } => {
+            let path = path.unwrap_or_else(|| "rules".into());
+            match rules::RuleSet::load(&path) {
+                Ok(set) => {
+                    let report = rules::cases::run_all(&set);
+                    print!("{}", report.render());
+                    if report.failed() == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,12 @@
+//! Code generated from `proto/` (package `lytics_relay.v1`) and the descriptor set that gRPC
+//! reflection serves.
+
+/// Package `lytics_relay.v1`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("lytics_relay.v1");
+}
+
+/// The encoded descriptor set of every `.proto` file, well-known types included.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lytics_relay_descriptor.bin"));

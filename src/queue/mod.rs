@@ -1,0 +1,143 @@
+//! The queue between ingest and delivery.
+//!
+//! Input: mapped records from ingest ([`NewRecord`]). Output: leased batches of
+//! [`QueuedRecord`]s for delivery, and their final states (delivered, retry later, dead letter).
+//! An ingest call is answered OK only after [`Queue::enqueue`] returns, so whatever backs the
+//! queue decides what "accepted" survives. The trait is the seam: the in-memory backend here,
+//! durable backends beside it. This module never talks to Lytics and never maps events.
+
+mod memory;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use memory::MemoryQueue;
+
+use crate::rules::Source;
+
+/// A queue-assigned record id.
+pub type RecordId = u64;
+
+/// A record ready to be queued.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// The integration that delivers it.
+    pub integration: Arc<str>,
+    /// The Lytics stream.
+    pub stream: Arc<str>,
+    /// The record's event-time field, sent as `timestamp_field`.
+    pub timestamp_field: Arc<str>,
+    /// The rule that built it.
+    pub rule: Arc<str>,
+    /// The rule-set version that built it.
+    pub rules_version: Arc<str>,
+    /// Where the event came from.
+    pub source: Source,
+    /// The event's id (message id or Customer.io event id).
+    pub event_id: Arc<str>,
+    /// The event type (`track`, `page`, `email_opened`, …), for the live view and metrics.
+    pub event_type: Arc<str>,
+    /// The record, serialised as one JSON object.
+    pub body: Bytes,
+    /// The original input event (JSON), shared by the records of one event.
+    pub input: Bytes,
+    /// The W3C `traceparent` of the ingest span, so the delivery span can link to it.
+    pub traceparent: Option<Arc<str>>,
+    /// When the relay accepted the event (unix ms).
+    pub accepted_ms: i64,
+}
+
+/// A queued record with its delivery state.
+#[derive(Debug, Clone)]
+pub struct QueuedRecord {
+    /// The queue's id.
+    pub id: RecordId,
+    /// The record as enqueued.
+    pub record: NewRecord,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The outcome of each attempt so far, oldest first.
+    pub history: Vec<Attempt>,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// When (unix ms).
+    pub at_ms: i64,
+    /// The HTTP status, when Lytics answered.
+    pub status: Option<u16>,
+    /// What happened.
+    pub detail: String,
+}
+
+/// A record given up on.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The record and its attempts.
+    pub queued: QueuedRecord,
+    /// Why it was given up on.
+    pub reason: String,
+    /// When (unix ms).
+    pub at_ms: i64,
+}
+
+/// Queue failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueError {
+    /// The queue holds its configured maximum.
+    #[error("the delivery queue is full ({capacity} records); retry later")]
+    Full {
+        /// The configured capacity.
+        capacity: usize,
+    },
+    /// The queue is closed for shutdown.
+    #[error("the relay is shutting down")]
+    Closed,
+    /// The backing store failed.
+    #[error("queue store failed: {0}")]
+    Store(String),
+}
+
+/// The queue seam between ingest and delivery.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Stores records; returns only once they are as safe as the backend makes them.
+    async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), QueueError>;
+
+    /// Takes up to `max` records that are due, skipping integrations `skip` names. Leased
+    /// records are invisible to other leases until acked, retried or dead-lettered.
+    async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError>;
+
+    /// Records were delivered: forget them.
+    async fn ack(&self, ids: &[RecordId]) -> Result<(), QueueError>;
+
+    /// Records go back to the queue, due at `due_ms`, with the attempt appended to their
+    /// history. `count_attempt` false returns them without spending an attempt (a paused
+    /// integration).
+    async fn retry(
+        &self,
+        records: Vec<QueuedRecord>,
+        due_ms: i64,
+        attempt: Attempt,
+        count_attempt: bool,
+    ) -> Result<(), QueueError>;
+
+    /// Records are given up on, with the reason.
+    async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) -> Result<(), QueueError>;
+
+    /// Dead letters, newest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
+
+    /// When the next record not of a `skip` integration falls due (unix ms), if any waits.
+    async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError>;
+
+    /// Records waiting or in flight.
+    fn depth(&self) -> usize;
+
+    /// Resolves when records may have become due (an enqueue or a retry).
+    async fn wait_for_work(&self, timeout: std::time::Duration);
+}

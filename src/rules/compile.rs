@@ -1,0 +1,912 @@
+//! Turns rule-file YAML into compiled rules, reporting every problem at once.
+//!
+//! Input: a file name and its text. Output: compiled [`Rule`]s, or a list of [`RuleProblem`]s,
+//! each with file, line and column, rule name, the offending text and a fix hint. Every JSONPath
+//! is parsed here, once. This module never evaluates a rule.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use regex::Regex;
+use serde_json::Value;
+use serde_yaml::Value as Yaml;
+
+use super::model::{
+    Condition, ConfigKey, FieldKind, FieldRule, MergeOp, RecordKind, Rule, Source, Spread, Subject,
+    TemplatePart, Test, ValueSource,
+};
+use super::path::Selector;
+use super::spec::{RuleFileSpec, RuleSpec};
+use super::transform::Transform;
+
+/// The event-time field when a file names none.
+pub const DEFAULT_TIMESTAMP_FIELD: &str = "_ts";
+
+/// One problem in a rule file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleProblem {
+    /// The file.
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// The rule, when the problem is inside one.
+    pub rule: Option<String>,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for RuleProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": ")?;
+        if let Some(rule) = &self.rule {
+            write!(f, "rule `{rule}`: ")?;
+        }
+        write!(f, "{}", self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A compiled rule file.
+#[derive(Debug, Clone)]
+pub struct CompiledFile {
+    /// The file name.
+    pub file: Arc<str>,
+    /// The input its rules read.
+    pub source: Source,
+    /// The LQL alias for its user fields.
+    pub alias: Option<String>,
+    /// Its fixed stream, if any.
+    pub stream: Option<String>,
+    /// Its rules, in order.
+    pub rules: Vec<Rule>,
+}
+
+/// Compiles one file's text. `file` names it in problems.
+pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpec), Vec<RuleProblem>> {
+    let spec: RuleFileSpec = serde_yaml::from_str(text).map_err(|e| vec![yaml_problem(file, &e)])?;
+    let mut c = Compiler {
+        file: Arc::from(file),
+        text,
+        problems: Vec::new(),
+    };
+    let source = match Source::parse(&spec.source) {
+        Some(s) => Some(s),
+        None => {
+            c.problem(
+                None,
+                &spec.source,
+                format!("unknown source `{}`", spec.source),
+                Some("use `signal` or `customerio`".to_string()),
+            );
+            None
+        }
+    };
+    let ts_field: Arc<str> = Arc::from(spec.timestamp_field.as_deref().unwrap_or(DEFAULT_TIMESTAMP_FIELD));
+    let file_identity = spec.identity.clone().unwrap_or_default();
+    let mut names = HashSet::new();
+    let mut rules = Vec::new();
+    for rule in &spec.rules {
+        if !names.insert(rule.name.clone()) {
+            c.problem(
+                Some(&rule.name),
+                &format!("name: {}", rule.name),
+                format!("two rules are named `{}`", rule.name),
+                Some("give every rule a unique name".to_string()),
+            );
+        }
+        if let Some(r) = c.rule(rule, spec.stream.as_deref(), &ts_field, &file_identity) {
+            rules.push(r);
+        }
+    }
+    match (c.problems.is_empty(), source) {
+        (true, Some(source)) => Ok((
+            CompiledFile {
+                file: c.file.clone(),
+                source,
+                alias: spec.alias.clone(),
+                stream: spec.stream.clone(),
+                rules,
+            },
+            spec,
+        )),
+        _ => Err(c.problems),
+    }
+}
+
+fn yaml_problem(file: &str, e: &serde_yaml::Error) -> RuleProblem {
+    let (line, column) = e
+        .location()
+        .map(|l| (Some(l.line()), Some(l.column())))
+        .unwrap_or((None, None));
+    let raw = e.to_string();
+    // serde_yaml appends " at line L column C"; the position is reported separately.
+    let message = match raw.find(" at line ") {
+        Some(i) => raw[..i].to_string(),
+        None => raw,
+    };
+    let hint = if message.contains("unknown field") {
+        Some("check the key's spelling against docs/rules.md".to_string())
+    } else if message.contains("missing field") {
+        Some("add the missing key".to_string())
+    } else {
+        Some("fix the YAML syntax: indentation, colons and quotes".to_string())
+    };
+    RuleProblem {
+        file: file.to_string(),
+        line,
+        column,
+        rule: None,
+        message: format!("invalid rule file: {message}"),
+        hint,
+    }
+}
+
+struct Compiler<'a> {
+    file: Arc<str>,
+    text: &'a str,
+    problems: Vec<RuleProblem>,
+}
+
+const FIELD_KEYS: &[&str] = &[
+    "from",
+    "path",
+    "value",
+    "config",
+    "template",
+    "default",
+    "required",
+    "transform",
+    "when",
+    "merge",
+    "kind",
+    "description",
+];
+
+const TEST_KEYS: &[&str] = &["exists", "equals", "not_equals", "in", "not_in", "matches"];
+
+impl Compiler<'_> {
+    fn problem(&mut self, rule: Option<&str>, needle: &str, message: String, hint: Option<String>) {
+        let (line, column) = locate(self.text, rule, needle);
+        self.problems.push(RuleProblem {
+            file: self.file.to_string(),
+            line,
+            column,
+            rule: rule.map(str::to_string),
+            message,
+            hint,
+        });
+    }
+
+    fn rule(
+        &mut self,
+        spec: &RuleSpec,
+        file_stream: Option<&str>,
+        ts_field: &Arc<str>,
+        file_identity: &[String],
+    ) -> Option<Rule> {
+        let before = self.problems.len();
+        let name = spec.name.as_str();
+        let kind = match spec.kind.as_deref() {
+            None | Some("event") => RecordKind::Event,
+            Some("profile") => RecordKind::Profile,
+            Some(other) => {
+                self.problem(
+                    Some(name),
+                    &format!("kind: {other}"),
+                    format!("unknown kind `{other}`"),
+                    Some("use `event` (a stream event) or `profile` (a user-profile update)".into()),
+                );
+                RecordKind::Event
+            }
+        };
+        let when = spec.when.as_ref().and_then(|w| self.condition(name, w, None));
+        let mut fields = Vec::new();
+        let mut seen: Vec<Arc<str>> = Vec::new();
+        for (field_name, body) in &spec.fields {
+            if let Some(f) = self.field(name, field_name, body, &seen) {
+                fields.push(f);
+            }
+            seen.push(Arc::from(field_name.as_str()));
+        }
+        let mut flatten = Vec::new();
+        for entry in &spec.flatten {
+            if let Some(s) = self.spread(name, entry) {
+                flatten.push(s);
+            }
+        }
+        if !spec.fields.contains_key(&**ts_field) {
+            self.problem(
+                Some(name),
+                &format!("name: {name}"),
+                format!("the rule has no field `{ts_field}`, the file's timestamp_field"),
+                Some(format!(
+                    "add `{ts_field}: {{ from: $.timestamp, transform: epoch_ms }}` so Lytics uses \
+                     the event time, not its receive time"
+                )),
+            );
+        }
+        let identity: Vec<Arc<str>> = spec
+            .identity
+            .as_deref()
+            .unwrap_or(file_identity)
+            .iter()
+            .map(|s| Arc::from(s.as_str()))
+            .collect();
+        for id in &identity {
+            if !spec.fields.contains_key(&**id) {
+                self.problem(
+                    Some(name),
+                    &format!("name: {name}"),
+                    format!("identity field `{id}` is not a field of the rule"),
+                    Some("list only output fields under `identity`".to_string()),
+                );
+            }
+        }
+        if kind == RecordKind::Profile && identity.is_empty() {
+            self.problem(
+                Some(name),
+                &format!("name: {name}"),
+                "a profile rule needs identity fields".to_string(),
+                Some("set `identity: [user_id, email]` on the rule or the file".to_string()),
+            );
+        }
+        (self.problems.len() == before).then(|| Rule {
+            name: Arc::from(name),
+            file: self.file.clone(),
+            description: spec.description.clone(),
+            kind,
+            when,
+            stream: spec.stream.as_deref().or(file_stream).map(Arc::from),
+            timestamp_field: ts_field.clone(),
+            identity: identity.into(),
+            flatten,
+            fields,
+        })
+    }
+
+    fn selector(&mut self, rule: &str, text: &str) -> Option<Selector> {
+        match Selector::parse(text) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let hint = if !text.starts_with('$') {
+                    "a JSONPath starts with `$`, for example `$.context.page.url`".to_string()
+                } else {
+                    "write paths as `$.a.b`, `$['a b']`, `$.items[0]` or RFC 9535 queries".to_string()
+                };
+                let (line, column) = locate(self.text, Some(rule), text);
+                self.problems.push(RuleProblem {
+                    file: self.file.to_string(),
+                    line,
+                    column: column.map(|c| c + e.column.unwrap_or(1) - 1),
+                    rule: Some(rule.to_string()),
+                    message: e.to_string(),
+                    hint: Some(hint),
+                });
+                None
+            }
+        }
+    }
+
+    fn spread(&mut self, rule: &str, entry: &Yaml) -> Option<Spread> {
+        match entry {
+            Yaml::String(path) => self.selector(rule, path).map(|from| Spread {
+                from,
+                prefix: String::new(),
+            }),
+            Yaml::Mapping(m) => {
+                let mut from = None;
+                let mut prefix = String::new();
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        (Some("from"), Yaml::String(p)) => from = self.selector(rule, p),
+                        (Some("prefix"), Yaml::String(p)) => prefix = p.clone(),
+                        (k, _) => {
+                            let key = k.unwrap_or("?");
+                            self.problem(
+                                Some(rule),
+                                key,
+                                format!("unknown `flatten` key `{key}`"),
+                                Some("a flatten entry is a path or `{ from: $.path, prefix: text }`".into()),
+                            );
+                        }
+                    }
+                }
+                from.map(|from| Spread { from, prefix })
+            }
+            _ => {
+                self.problem(
+                    Some(rule),
+                    "flatten",
+                    "a `flatten` entry must be a path or a mapping".to_string(),
+                    Some("write `- $.properties`".to_string()),
+                );
+                None
+            }
+        }
+    }
+
+    fn field(&mut self, rule: &str, name: &str, body: &Yaml, earlier: &[Arc<str>]) -> Option<FieldRule> {
+        let before = self.problems.len();
+        let mut field = FieldRule {
+            name: Arc::from(name),
+            sources: Vec::new(),
+            default: None,
+            required: false,
+            transforms: Vec::new(),
+            when: None,
+            merge: None,
+            kind: None,
+            description: None,
+        };
+        match body {
+            Yaml::String(s) if s.starts_with('$') => {
+                if let Some(p) = self.selector(rule, s) {
+                    field.sources.push(ValueSource::Path(p));
+                }
+            }
+            Yaml::String(_) | Yaml::Number(_) | Yaml::Bool(_) => {
+                field.sources.push(ValueSource::Const(to_json(body)));
+            }
+            Yaml::Mapping(m) => {
+                for (k, v) in m {
+                    let Some(key) = k.as_str() else {
+                        self.problem(
+                            Some(rule),
+                            name,
+                            format!("field `{name}` has a non-text key"),
+                            None,
+                        );
+                        continue;
+                    };
+                    match key {
+                        "from" | "path" => self.alternatives(rule, name, v, earlier, &mut field.sources),
+                        "value" => field.sources.push(ValueSource::Const(to_json(v))),
+                        "config" => {
+                            if let Some(c) = self.config_key(rule, v) {
+                                field.sources.push(ValueSource::Config(c));
+                            }
+                        }
+                        "template" => {
+                            if let Some(t) = self.template(rule, v, earlier) {
+                                field.sources.push(ValueSource::Template(t));
+                            }
+                        }
+                        "default" => field.default = Some(to_json(v)),
+                        "required" => match v {
+                            Yaml::Bool(b) => field.required = *b,
+                            _ => self.problem(
+                                Some(rule),
+                                "required",
+                                format!("field `{name}`: `required` must be true or false"),
+                                None,
+                            ),
+                        },
+                        "transform" => field.transforms = self.transforms(rule, name, v),
+                        "when" => field.when = self.condition(rule, v, Some(earlier)),
+                        "merge" => field.merge = self.merge_op(rule, name, v),
+                        "kind" => field.kind = self.kind(rule, name, v),
+                        "description" => field.description = v.as_str().map(str::to_string),
+                        other => self.problem(
+                            Some(rule),
+                            other,
+                            format!("field `{name}` has unknown key `{other}`"),
+                            Some(suggest(other, FIELD_KEYS)),
+                        ),
+                    }
+                }
+            }
+            _ => self.problem(
+                Some(rule),
+                name,
+                format!("field `{name}` must be a path, a constant or a mapping"),
+                Some("write `field: $.path`, `field: text` or `field: { from: [$.a, $.b] }`".into()),
+            ),
+        }
+        if field.sources.is_empty() && field.default.is_none() && self.problems.len() == before {
+            self.problem(
+                Some(rule),
+                name,
+                format!("field `{name}` has no source"),
+                Some("give it `from`, `value`, `config`, `template` or `default`".to_string()),
+            );
+        }
+        self.check_merge(rule, &mut field);
+        (self.problems.len() == before).then_some(field)
+    }
+
+    fn check_merge(&mut self, rule: &str, field: &mut FieldRule) {
+        let Some(op) = field.merge else { return };
+        let (default_kind, allowed): (FieldKind, &[FieldKind]) = match op {
+            MergeOp::Set => (FieldKind::StringSet, &[FieldKind::StringSet]),
+            MergeOp::Count => (FieldKind::CountMap, &[FieldKind::CountMap]),
+            MergeOp::Latest | MergeOp::Oldest => (
+                FieldKind::String,
+                &[
+                    FieldKind::String,
+                    FieldKind::Int,
+                    FieldKind::Number,
+                    FieldKind::Date,
+                    FieldKind::Bool,
+                ],
+            ),
+            MergeOp::Max | MergeOp::Min => (
+                FieldKind::Number,
+                &[FieldKind::Int, FieldKind::Number, FieldKind::Date],
+            ),
+            MergeOp::Sum => (FieldKind::Number, &[FieldKind::Int, FieldKind::Number]),
+        };
+        match field.kind {
+            None => field.kind = Some(default_kind),
+            Some(kind) if allowed.contains(&kind) => {}
+            Some(kind) => {
+                let names: Vec<&str> = allowed.iter().map(|k| k.name()).collect();
+                self.problem(
+                    Some(rule),
+                    &format!("merge: {}", op.name()),
+                    format!(
+                        "field `{}`: merge `{}` does not fit kind `{}`",
+                        field.name,
+                        op.name(),
+                        kind.name()
+                    ),
+                    Some(format!("with `{}` use kind {}", op.name(), names.join(" or "))),
+                );
+            }
+        }
+    }
+
+    fn alternatives(
+        &mut self,
+        rule: &str,
+        field: &str,
+        v: &Yaml,
+        earlier: &[Arc<str>],
+        out: &mut Vec<ValueSource>,
+    ) {
+        let items: Vec<&Yaml> = match v {
+            Yaml::Sequence(items) => items.iter().collect(),
+            single => vec![single],
+        };
+        for item in items {
+            match item {
+                Yaml::String(p) if p.starts_with('$') => {
+                    if let Some(s) = self.selector(rule, p) {
+                        out.push(ValueSource::Path(s));
+                    }
+                }
+                Yaml::Mapping(m) if m.len() == 1 => {
+                    let Some((k, v)) = m.iter().next() else { continue };
+                    match k.as_str() {
+                        Some("path") => match v.as_str() {
+                            Some(p) => {
+                                if let Some(s) = self.selector(rule, p) {
+                                    out.push(ValueSource::Path(s));
+                                }
+                            }
+                            None => self.problem(
+                                Some(rule),
+                                "path",
+                                format!("field `{field}`: `path` must be text"),
+                                None,
+                            ),
+                        },
+                        Some("value") => out.push(ValueSource::Const(to_json(v))),
+                        Some("config") => {
+                            if let Some(c) = self.config_key(rule, v) {
+                                out.push(ValueSource::Config(c));
+                            }
+                        }
+                        Some("template") => {
+                            if let Some(t) = self.template(rule, v, earlier) {
+                                out.push(ValueSource::Template(t));
+                            }
+                        }
+                        other => {
+                            let key = other.unwrap_or("?");
+                            self.problem(
+                                Some(rule),
+                                key,
+                                format!("field `{field}`: unknown alternative `{key}`"),
+                                Some(
+                                    "an alternative is a path, `path:`, `value:`, `config:` or `template:`"
+                                        .into(),
+                                ),
+                            )
+                        }
+                    }
+                }
+                Yaml::String(text) => self.problem(
+                    Some(rule),
+                    text,
+                    format!("field `{field}`: `{text}` in `from` is not a JSONPath"),
+                    Some("paths start with `$`; for fixed text use `value:` or `template:`".into()),
+                ),
+                _ => self.problem(
+                    Some(rule),
+                    field,
+                    format!("field `{field}`: each `from` entry must be a path or a one-key mapping"),
+                    None,
+                ),
+            }
+        }
+    }
+
+    fn config_key(&mut self, rule: &str, v: &Yaml) -> Option<ConfigKey> {
+        let name = v.as_str().unwrap_or("");
+        if name == "api_token" {
+            self.problem(
+                Some(rule),
+                "api_token",
+                "`api_token` is a secret and is not available to rules".to_string(),
+                Some("rules may read stream_name, account_id, integration_id, integration_name".into()),
+            );
+            return None;
+        }
+        let found = ConfigKey::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k);
+        if found.is_none() {
+            let names: Vec<&str> = ConfigKey::ALL.iter().map(|(n, _)| *n).collect();
+            self.problem(
+                Some(rule),
+                name,
+                format!("unknown config key `{name}`"),
+                Some(suggest(name, &names)),
+            );
+        }
+        found
+    }
+
+    fn template(&mut self, rule: &str, v: &Yaml, earlier: &[Arc<str>]) -> Option<Vec<TemplatePart>> {
+        let Some(text) = v.as_str() else {
+            self.problem(
+                Some(rule),
+                "template",
+                "`template` must be text".to_string(),
+                None,
+            );
+            return None;
+        };
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(ch) = chars.next() {
+            match ch {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let reference: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    if !literal.is_empty() {
+                        parts.push(TemplatePart::Text(std::mem::take(&mut literal)));
+                    }
+                    let reference = reference.trim();
+                    if reference.starts_with('$') {
+                        parts.push(TemplatePart::Path(self.selector(rule, reference)?));
+                    } else if earlier.iter().any(|f| &**f == reference) {
+                        parts.push(TemplatePart::Field(Arc::from(reference)));
+                    } else {
+                        self.problem(
+                            Some(rule),
+                            text,
+                            format!("template `{text}` refers to `{reference}`, which is neither a path nor an earlier field"),
+                            Some("write `{$.path}` or `{field}` for a field defined above".into()),
+                        );
+                        return None;
+                    }
+                }
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(TemplatePart::Text(literal));
+        }
+        Some(parts)
+    }
+
+    fn transforms(&mut self, rule: &str, field: &str, v: &Yaml) -> Vec<Transform> {
+        let names: Vec<&Yaml> = match v {
+            Yaml::Sequence(items) => items.iter().collect(),
+            single => vec![single],
+        };
+        let all: Vec<&str> = Transform::ALL.iter().map(|(n, _)| *n).collect();
+        let mut out = Vec::new();
+        for n in names {
+            let name = n.as_str().unwrap_or("");
+            match Transform::from_name(name) {
+                Some(t) => out.push(t),
+                None => self.problem(
+                    Some(rule),
+                    name,
+                    format!("field `{field}`: unknown transform `{name}`"),
+                    Some(suggest(name, &all)),
+                ),
+            }
+        }
+        out
+    }
+
+    fn merge_op(&mut self, rule: &str, field: &str, v: &Yaml) -> Option<MergeOp> {
+        let name = v.as_str().unwrap_or("");
+        let found = MergeOp::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m);
+        if found.is_none() {
+            let names: Vec<&str> = MergeOp::ALL.iter().map(|(n, _)| *n).collect();
+            self.problem(
+                Some(rule),
+                name,
+                format!("field `{field}`: unknown merge op `{name}`"),
+                Some(suggest(name, &names)),
+            );
+        }
+        found
+    }
+
+    fn kind(&mut self, rule: &str, field: &str, v: &Yaml) -> Option<FieldKind> {
+        let name = v.as_str().unwrap_or("");
+        let found = FieldKind::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k);
+        if found.is_none() {
+            let names: Vec<&str> = FieldKind::ALL.iter().map(|(n, _)| *n).collect();
+            self.problem(
+                Some(rule),
+                name,
+                format!("field `{field}`: unknown kind `{name}`"),
+                Some(suggest(name, &names)),
+            );
+        }
+        found
+    }
+
+    /// `earlier` is `None` for a rule-level `when`, which can only test the input.
+    fn condition(&mut self, rule: &str, v: &Yaml, earlier: Option<&[Arc<str>]>) -> Option<Condition> {
+        match v {
+            Yaml::Sequence(items) => {
+                let cs: Option<Vec<Condition>> =
+                    items.iter().map(|i| self.condition(rule, i, earlier)).collect();
+                cs.map(Condition::All)
+            }
+            Yaml::Mapping(m) => {
+                let mut all = Vec::new();
+                let mut ok = true;
+                for (k, test) in m {
+                    let key = k.as_str().unwrap_or("");
+                    let c = match key {
+                        "all" | "any" => match test {
+                            Yaml::Sequence(items) => {
+                                let cs: Option<Vec<Condition>> =
+                                    items.iter().map(|i| self.condition(rule, i, earlier)).collect();
+                                cs.map(|cs| {
+                                    if key == "all" {
+                                        Condition::All(cs)
+                                    } else {
+                                        Condition::Any(cs)
+                                    }
+                                })
+                            }
+                            _ => {
+                                self.problem(
+                                    Some(rule),
+                                    key,
+                                    format!("`{key}` takes a list of conditions"),
+                                    None,
+                                );
+                                None
+                            }
+                        },
+                        "not" => self
+                            .condition(rule, test, earlier)
+                            .map(|c| Condition::Not(Box::new(c))),
+                        key => {
+                            let subject = if key.starts_with('$') {
+                                self.selector(rule, key).map(Subject::Input)
+                            } else {
+                                match earlier {
+                                    Some(fields) if fields.iter().any(|f| &**f == key) => {
+                                        Some(Subject::Field(Arc::from(key)))
+                                    }
+                                    Some(_) => {
+                                        self.problem(
+                                            Some(rule),
+                                            key,
+                                            format!("condition tests `{key}`, which is not a field defined above it"),
+                                            Some("test an input path (`$.…`) or a field defined earlier in the rule".into()),
+                                        );
+                                        None
+                                    }
+                                    None => {
+                                        self.problem(
+                                            Some(rule),
+                                            key,
+                                            format!("a rule's `when` tests `{key}`, which is not a path"),
+                                            Some("a rule's `when` tests input paths such as `$.type`".into()),
+                                        );
+                                        None
+                                    }
+                                }
+                            };
+                            let t = self.test(rule, key, test);
+                            match (subject, t) {
+                                (Some(s), Some((t, negate))) => {
+                                    let c = Condition::Check(s, t);
+                                    Some(if negate { Condition::Not(Box::new(c)) } else { c })
+                                }
+                                _ => None,
+                            }
+                        }
+                    };
+                    match c {
+                        Some(c) => all.push(c),
+                        None => ok = false,
+                    }
+                }
+                if !ok {
+                    return None;
+                }
+                Some(if all.len() == 1 {
+                    all.remove(0)
+                } else {
+                    Condition::All(all)
+                })
+            }
+            _ => {
+                self.problem(
+                    Some(rule),
+                    "when",
+                    "a condition must be a mapping such as `$.type: track`".to_string(),
+                    None,
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads a test; the flag says whether it is negated.
+    fn test(&mut self, rule: &str, subject: &str, v: &Yaml) -> Option<(Test, bool)> {
+        match v {
+            Yaml::Sequence(items) => Some((Test::In(items.iter().map(to_json).collect()), false)),
+            Yaml::Mapping(m) if m.len() == 1 => {
+                let (k, arg) = m.iter().next()?;
+                let key = k.as_str().unwrap_or("");
+                match key {
+                    "exists" => match arg {
+                        Yaml::Bool(b) => Some((Test::Exists(*b), false)),
+                        _ => {
+                            self.problem(
+                                Some(rule),
+                                "exists",
+                                "`exists` must be true or false".to_string(),
+                                None,
+                            );
+                            None
+                        }
+                    },
+                    "equals" => Some((Test::Equals(to_json(arg)), false)),
+                    "not_equals" => Some((Test::Equals(to_json(arg)), true)),
+                    "in" | "not_in" => match arg {
+                        Yaml::Sequence(items) => {
+                            Some((Test::In(items.iter().map(to_json).collect()), key == "not_in"))
+                        }
+                        _ => {
+                            self.problem(Some(rule), key, format!("`{key}` takes a list"), None);
+                            None
+                        }
+                    },
+                    "matches" => {
+                        let pattern = arg.as_str().unwrap_or("");
+                        match Regex::new(pattern) {
+                            Ok(re) => Some((Test::Matches(re), false)),
+                            Err(e) => {
+                                self.problem(
+                                    Some(rule),
+                                    pattern,
+                                    format!("invalid regular expression `{pattern}`: {e}"),
+                                    None,
+                                );
+                                None
+                            }
+                        }
+                    }
+                    other => {
+                        self.problem(
+                            Some(rule),
+                            other,
+                            format!("unknown test `{other}` on `{subject}`"),
+                            Some(suggest(other, TEST_KEYS)),
+                        );
+                        None
+                    }
+                }
+            }
+            Yaml::Mapping(_) => {
+                self.problem(
+                    Some(rule),
+                    subject,
+                    format!("the test on `{subject}` must have exactly one key"),
+                    Some("write `{ exists: true }`, `{ in: [a, b] }`, … or a plain value".into()),
+                );
+                None
+            }
+            Yaml::Null => {
+                self.problem(
+                    Some(rule),
+                    subject,
+                    format!("the test on `{subject}` is empty"),
+                    Some("write the value it must equal, or `{ exists: true }`".into()),
+                );
+                None
+            }
+            scalar => Some((Test::Equals(to_json(scalar)), false)),
+        }
+    }
+}
+
+fn to_json(v: &Yaml) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// A "did you mean" hint: the closest known name by edit distance, or the full list.
+pub fn suggest(unknown: &str, known: &[&str]) -> String {
+    let best = known
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, k)) if d <= 2 || (d <= 3 && unknown.len() > 6) => format!("did you mean `{k}`?"),
+        _ => format!("use one of: {}", known.join(", ")),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Finds `needle` in the file, searching from the line that names `rule` when given, and
+/// returns its 1-based line and column.
+pub fn locate(text: &str, rule: Option<&str>, needle: &str) -> (Option<usize>, Option<usize>) {
+    let start_line = rule
+        .and_then(|r| {
+            text.lines().position(|l| {
+                let t = l.trim_start().trim_start_matches("- ").trim_start();
+                t.strip_prefix("name:")
+                    .map(|rest| rest.trim().trim_matches(|c| c == '"' || c == '\'') == r)
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(0);
+    if needle.is_empty() {
+        return (rule.map(|_| start_line + 1), None);
+    }
+    for (i, line) in text.lines().enumerate().skip(start_line) {
+        if let Some(col) = line.find(needle) {
+            return (Some(i + 1), Some(line[..col].chars().count() + 1));
+        }
+    }
+    (rule.map(|_| start_line + 1), None)
+}

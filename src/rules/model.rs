@@ -1,0 +1,651 @@
+//! Compiled rules and their evaluation.
+//!
+//! Input: an event document (JSON), the integration's non-secret values, and compiled rules.
+//! Output: the Lytics records the rules build, and the records they refused with the reason.
+//! Evaluation is a pure function: it does no I/O, reads no clock and never parses a path.
+
+use std::sync::Arc;
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use super::flatten::flatten_into;
+use super::path::Selector;
+use super::transform::Transform;
+
+/// Which input a rule reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Signal canonical events (page, track, identify, …).
+    Signal,
+    /// Customer.io reporting webhooks.
+    CustomerIo,
+}
+
+impl Source {
+    /// The name used in rule files and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Signal => "signal",
+            Source::CustomerIo => "customerio",
+        }
+    }
+
+    /// Reads a source name.
+    pub fn parse(name: &str) -> Option<Source> {
+        match name {
+            "signal" => Some(Source::Signal),
+            "customerio" => Some(Source::CustomerIo),
+            _ => None,
+        }
+    }
+}
+
+/// What a record means to Lytics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A data-stream event (page views, tracked actions).
+    Event,
+    /// A user-profile update (identify traits, user fields).
+    Profile,
+}
+
+impl RecordKind {
+    /// The name used in rule files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Event => "event",
+            RecordKind::Profile => "profile",
+        }
+    }
+}
+
+/// How Lytics merges a user field across records (LQL functions and merge ops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOp {
+    /// The distinct values (`set`).
+    Set,
+    /// A count per distinct value (`valuect`).
+    Count,
+    /// The value of the newest record.
+    Latest,
+    /// The value of the oldest record.
+    Oldest,
+    /// The largest value.
+    Max,
+    /// The smallest value.
+    Min,
+    /// The sum of the values.
+    Sum,
+}
+
+impl MergeOp {
+    /// Every merge op with its rule-file name.
+    pub const ALL: &'static [(&'static str, MergeOp)] = &[
+        ("set", MergeOp::Set),
+        ("count", MergeOp::Count),
+        ("latest", MergeOp::Latest),
+        ("oldest", MergeOp::Oldest),
+        ("max", MergeOp::Max),
+        ("min", MergeOp::Min),
+        ("sum", MergeOp::Sum),
+    ];
+
+    /// The rule-file name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("latest")
+    }
+}
+
+/// The Lytics kind of a user field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// Text.
+    String,
+    /// A whole number.
+    Int,
+    /// A number.
+    Number,
+    /// A date (the record carries epoch milliseconds or RFC 3339).
+    Date,
+    /// A boolean.
+    Bool,
+    /// A set of text values (`[]string`).
+    StringSet,
+    /// A count per text value (`map[string]intsum`).
+    CountMap,
+}
+
+impl FieldKind {
+    /// Every kind with its name in rule files and LQL.
+    pub const ALL: &'static [(&'static str, FieldKind)] = &[
+        ("string", FieldKind::String),
+        ("int", FieldKind::Int),
+        ("number", FieldKind::Number),
+        ("date", FieldKind::Date),
+        ("bool", FieldKind::Bool),
+        ("[]string", FieldKind::StringSet),
+        ("map[string]intsum", FieldKind::CountMap),
+    ];
+
+    /// The LQL name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("string")
+    }
+}
+
+/// The integration values a rule may read with `config:`. The API token is deliberately not
+/// here: rules never see secrets.
+#[derive(Debug, Clone, Default)]
+pub struct IntegrationContext {
+    /// The integration's id.
+    pub integration_id: String,
+    /// The integration's display name.
+    pub integration_name: String,
+    /// The Lytics account id.
+    pub account_id: String,
+    /// The Lytics stream the integration delivers to.
+    pub stream_name: String,
+}
+
+impl IntegrationContext {
+    /// The value of a `config:` key.
+    pub fn get(&self, key: ConfigKey) -> &str {
+        match key {
+            ConfigKey::IntegrationId => &self.integration_id,
+            ConfigKey::IntegrationName => &self.integration_name,
+            ConfigKey::AccountId => &self.account_id,
+            ConfigKey::StreamName => &self.stream_name,
+        }
+    }
+}
+
+/// A key a field can read from the integration's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKey {
+    /// The integration's id.
+    IntegrationId,
+    /// The integration's name.
+    IntegrationName,
+    /// The Lytics account id.
+    AccountId,
+    /// The Lytics stream name.
+    StreamName,
+}
+
+impl ConfigKey {
+    /// Every key with its rule-file name.
+    pub const ALL: &'static [(&'static str, ConfigKey)] = &[
+        ("integration_id", ConfigKey::IntegrationId),
+        ("integration_name", ConfigKey::IntegrationName),
+        ("account_id", ConfigKey::AccountId),
+        ("stream_name", ConfigKey::StreamName),
+    ];
+}
+
+/// One piece of a template: literal text or a value reference.
+#[derive(Debug, Clone)]
+pub enum TemplatePart {
+    /// Literal text.
+    Text(String),
+    /// A path into the input.
+    Path(Selector),
+    /// An output field computed earlier in the rule.
+    Field(Arc<str>),
+}
+
+/// Where a field's value comes from.
+#[derive(Debug, Clone)]
+pub enum ValueSource {
+    /// A JSONPath into the input.
+    Path(Selector),
+    /// A constant.
+    Const(Value),
+    /// A value of the integration's config.
+    Config(ConfigKey),
+    /// Text with `{…}` references; yields nothing if any reference is missing.
+    Template(Vec<TemplatePart>),
+}
+
+/// A condition's subject.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// A JSONPath into the input.
+    Input(Selector),
+    /// An output field computed earlier in the rule.
+    Field(Arc<str>),
+}
+
+/// A test on one value.
+#[derive(Debug, Clone)]
+pub enum Test {
+    /// Equal to this value (scalars compare by their text, so `123` equals `"123"`).
+    Equals(Value),
+    /// Equal to one of these.
+    In(Vec<Value>),
+    /// Present (`true`) or absent (`false`).
+    Exists(bool),
+    /// Text matching a regular expression.
+    Matches(Regex),
+}
+
+/// A compiled condition.
+#[derive(Debug, Clone)]
+pub enum Condition {
+    /// Every condition holds.
+    All(Vec<Condition>),
+    /// At least one holds.
+    Any(Vec<Condition>),
+    /// The condition does not hold.
+    Not(Box<Condition>),
+    /// A test on a subject.
+    Check(Subject, Test),
+}
+
+/// One output field of a rule.
+#[derive(Debug, Clone)]
+pub struct FieldRule {
+    /// The output key.
+    pub name: Arc<str>,
+    /// The alternatives, tried in order; the first that yields a value wins.
+    pub sources: Vec<ValueSource>,
+    /// Used when no source yields a value.
+    pub default: Option<Value>,
+    /// Without a value the record is not sent.
+    pub required: bool,
+    /// Applied in order to the value.
+    pub transforms: Vec<Transform>,
+    /// The field is set only when this holds.
+    pub when: Option<Condition>,
+    /// How Lytics merges the field into the user profile.
+    pub merge: Option<MergeOp>,
+    /// The Lytics kind of the user field.
+    pub kind: Option<FieldKind>,
+    /// What the field means.
+    pub description: Option<String>,
+}
+
+/// An object whose members are copied into the record.
+#[derive(Debug, Clone)]
+pub struct Spread {
+    /// Where the object is.
+    pub from: Selector,
+    /// Put before each copied key.
+    pub prefix: String,
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// The rule's name.
+    pub name: Arc<str>,
+    /// The file it came from.
+    pub file: Arc<str>,
+    /// What it does.
+    pub description: Option<String>,
+    /// What the record means.
+    pub kind: RecordKind,
+    /// When the rule applies.
+    pub when: Option<Condition>,
+    /// A fixed stream, or the integration's when `None`.
+    pub stream: Option<Arc<str>>,
+    /// The output field holding the event time.
+    pub timestamp_field: Arc<str>,
+    /// The output fields that identify a user.
+    pub identity: Arc<[Arc<str>]>,
+    /// Objects copied into the record before the fields; explicit fields win on a clash.
+    pub flatten: Vec<Spread>,
+    /// The fields, evaluated in order.
+    pub fields: Vec<FieldRule>,
+}
+
+/// A record a rule built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedRecord {
+    /// The rule that built it.
+    pub rule: Arc<str>,
+    /// What it means to Lytics.
+    pub kind: RecordKind,
+    /// The Lytics stream it goes to.
+    pub stream: Arc<str>,
+    /// The field holding its event time (the collect call's `timestamp_field`).
+    pub timestamp_field: Arc<str>,
+    /// The flat record.
+    pub fields: Map<String, Value>,
+}
+
+/// A record a rule built but refused to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DroppedRecord {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// Why, with a hint.
+    pub reason: String,
+}
+
+/// How one output field got its value, for dry runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldExplanation {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// The output field.
+    pub field: String,
+    /// What produced the value: a path, `value`, `config: key`, a template, `default`, or
+    /// `flatten $.path`.
+    pub source: String,
+    /// The transforms applied.
+    pub transforms: Vec<&'static str>,
+}
+
+/// A path that selected nothing, for dry runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unmatched {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// The output field (empty for `flatten` and `when` paths).
+    pub field: String,
+    /// The path.
+    pub path: String,
+}
+
+/// Collects explanations while evaluating; only dry runs pay for it.
+#[derive(Debug, Default)]
+pub struct Explain {
+    /// Where each output field came from.
+    pub fields: Vec<FieldExplanation>,
+    /// Paths that matched nothing.
+    pub unmatched: Vec<Unmatched>,
+    /// Rules whose `when` did not hold.
+    pub skipped_rules: Vec<Arc<str>>,
+}
+
+impl Rule {
+    /// Builds this rule's record from `doc`, or `None` when the rule does not apply.
+    pub fn apply(
+        &self,
+        doc: &Value,
+        ctx: &IntegrationContext,
+        mut explain: Option<&mut Explain>,
+    ) -> Option<Result<MappedRecord, DroppedRecord>> {
+        let empty = Map::new();
+        if let Some(when) = &self.when
+            && !when.holds(doc, &empty)
+        {
+            if let Some(e) = explain.as_deref_mut() {
+                e.skipped_rules.push(self.name.clone());
+            }
+            return None;
+        }
+        let mut out = Map::with_capacity(self.fields.len() + 16);
+        for field in &self.fields {
+            if let Some(w) = &field.when
+                && !w.holds(doc, &out)
+            {
+                continue;
+            }
+            match self.field_value(field, doc, ctx, &out, explain.as_deref_mut()) {
+                Ok(Some(value)) => flatten_into(&field.name, value, &mut out, true),
+                Ok(None) if field.required => {
+                    return Some(Err(self.drop(format!(
+                        "required field `{}` has no value ({})",
+                        field.name,
+                        describe_sources(&field.sources)
+                    ))));
+                }
+                Ok(None) => {}
+                Err(problem) if field.required => {
+                    return Some(Err(
+                        self.drop(format!("required field `{}`: {problem}", field.name))
+                    ));
+                }
+                // An optional field whose transform cannot read the input is left out.
+                Err(_) => {}
+            }
+        }
+        for spread in &self.flatten {
+            match spread.from.value(doc) {
+                Some(v) => {
+                    if let Some(e) = explain.as_deref_mut() {
+                        e.fields.push(FieldExplanation {
+                            rule: self.name.clone(),
+                            field: format!("{}*", spread.prefix),
+                            source: format!("flatten {}", spread.from.text()),
+                            transforms: Vec::new(),
+                        });
+                    }
+                    spread_into(&spread.prefix, v, &mut out);
+                }
+                None => {
+                    if let Some(e) = explain.as_deref_mut() {
+                        e.unmatched.push(Unmatched {
+                            rule: self.name.clone(),
+                            field: String::new(),
+                            path: spread.from.text().to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        let identified = self.identity.is_empty()
+            || self
+                .identity
+                .iter()
+                .any(|id| out.get(&**id).is_some_and(has_content));
+        if !identified {
+            let ids: Vec<String> = self.identity.iter().map(|i| format!("`{i}`")).collect();
+            return Some(Err(self.drop(format!(
+                "missing identifiers: the record has none of {}, so Lytics cannot stitch it to a \
+                 user (events received but user not created); include at least one identifier \
+                 such as an email or user id",
+                ids.join(", ")
+            ))));
+        }
+        let stream = self
+            .stream
+            .clone()
+            .unwrap_or_else(|| Arc::from(ctx.stream_name.as_str()));
+        Some(Ok(MappedRecord {
+            rule: self.name.clone(),
+            kind: self.kind,
+            stream,
+            timestamp_field: self.timestamp_field.clone(),
+            fields: out,
+        }))
+    }
+
+    fn drop(&self, reason: String) -> DroppedRecord {
+        DroppedRecord {
+            rule: self.name.clone(),
+            reason,
+        }
+    }
+
+    fn field_value(
+        &self,
+        field: &FieldRule,
+        doc: &Value,
+        ctx: &IntegrationContext,
+        out: &Map<String, Value>,
+        mut explain: Option<&mut Explain>,
+    ) -> Result<Option<Value>, String> {
+        let mut found = None;
+        for source in &field.sources {
+            let value = match source {
+                ValueSource::Path(p) => {
+                    let v = p.value(doc);
+                    if v.is_none()
+                        && let Some(e) = explain.as_deref_mut()
+                    {
+                        e.unmatched.push(Unmatched {
+                            rule: self.name.clone(),
+                            field: field.name.to_string(),
+                            path: p.text().to_string(),
+                        });
+                    }
+                    v
+                }
+                ValueSource::Const(v) => Some(v.clone()),
+                ValueSource::Config(k) => Some(ctx.get(*k)).filter(|s| !s.is_empty()).map(Value::from),
+                ValueSource::Template(parts) => render(parts, doc, out).map(Value::String),
+            };
+            if let Some(v) = value {
+                found = Some((v, source_label(source)));
+                break;
+            }
+        }
+        let (value, label) = match (found, &field.default) {
+            (Some(found), _) => found,
+            (None, Some(d)) => (d.clone(), "default".to_string()),
+            (None, None) => return Ok(None),
+        };
+        let value = field.transforms.iter().try_fold(value, |v, t| t.apply(v))?;
+        if let Some(e) = explain {
+            e.fields.push(FieldExplanation {
+                rule: self.name.clone(),
+                field: field.name.to_string(),
+                source: label,
+                transforms: field.transforms.iter().map(|t| t.name()).collect(),
+            });
+        }
+        Ok(Some(value))
+    }
+}
+
+/// Copies an object's members into the record as `<prefix><key>`, flattened; keys already in
+/// the record win. A non-object lands under the prefix itself.
+fn spread_into(prefix: &str, value: Value, out: &mut Map<String, Value>) {
+    match value {
+        Value::Object(members) => {
+            for (k, v) in members {
+                flatten_into(&format!("{prefix}{k}"), v, out, false);
+            }
+        }
+        other => flatten_into(prefix, other, out, false),
+    }
+}
+
+fn source_label(source: &ValueSource) -> String {
+    match source {
+        ValueSource::Path(p) => p.text().to_string(),
+        ValueSource::Const(v) => format!("value {v}"),
+        ValueSource::Config(k) => {
+            let name = ConfigKey::ALL
+                .iter()
+                .find(|(_, c)| c == k)
+                .map(|(n, _)| *n)
+                .unwrap_or("?");
+            format!("config {name}")
+        }
+        ValueSource::Template(parts) => {
+            let text: String = parts
+                .iter()
+                .map(|p| match p {
+                    TemplatePart::Text(t) => t.replace('{', "{{").replace('}', "}}"),
+                    TemplatePart::Path(s) => format!("{{{}}}", s.text()),
+                    TemplatePart::Field(f) => format!("{{{f}}}"),
+                })
+                .collect();
+            format!("template \"{text}\"")
+        }
+    }
+}
+
+fn describe_sources(sources: &[ValueSource]) -> String {
+    let labels: Vec<String> = sources.iter().map(source_label).collect();
+    if labels.is_empty() {
+        "no source".to_string()
+    } else {
+        format!("tried {}", labels.join(", "))
+    }
+}
+
+fn render(parts: &[TemplatePart], doc: &Value, out: &Map<String, Value>) -> Option<String> {
+    let mut text = String::new();
+    for part in parts {
+        let value = match part {
+            TemplatePart::Text(t) => {
+                text.push_str(t);
+                continue;
+            }
+            TemplatePart::Path(p) => p.get(doc)?,
+            TemplatePart::Field(f) => out.get(&**f)?,
+        };
+        match value {
+            Value::String(s) => text.push_str(s),
+            Value::Null => return None,
+            other => text.push_str(&other.to_string()),
+        }
+    }
+    Some(text)
+}
+
+/// True when a value carries something: not null, not empty text, not an empty array.
+fn has_content(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::String(s) => !s.trim().is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        _ => true,
+    }
+}
+
+impl Condition {
+    /// Evaluates the condition over the input and the fields computed so far.
+    pub fn holds(&self, doc: &Value, out: &Map<String, Value>) -> bool {
+        match self {
+            Condition::All(cs) => cs.iter().all(|c| c.holds(doc, out)),
+            Condition::Any(cs) => cs.iter().any(|c| c.holds(doc, out)),
+            Condition::Not(c) => !c.holds(doc, out),
+            Condition::Check(subject, test) => {
+                let value = match subject {
+                    Subject::Input(p) => p.get(doc),
+                    Subject::Field(f) => out.get(&**f).filter(|v| !v.is_null()),
+                };
+                test.holds(value)
+            }
+        }
+    }
+}
+
+impl Test {
+    fn holds(&self, value: Option<&Value>) -> bool {
+        match (self, value) {
+            (Test::Exists(want), v) => v.is_some_and(has_content) == *want,
+            (_, None) => false,
+            (Test::Equals(expected), Some(v)) => loose_eq(expected, v),
+            (Test::In(options), Some(v)) => options.iter().any(|o| loose_eq(o, v)),
+            (Test::Matches(re), Some(Value::String(s))) => re.is_match(s),
+            (Test::Matches(re), Some(v @ (Value::Number(_) | Value::Bool(_)))) => re.is_match(&v.to_string()),
+            (Test::Matches(_), Some(_)) => false,
+        }
+    }
+}
+
+/// Scalars compare by their text so that YAML's `123` matches JSON's `"123"`; other values
+/// compare structurally.
+fn loose_eq(expected: &Value, actual: &Value) -> bool {
+    match (expected, actual) {
+        (Value::String(a), Value::String(b)) => a == b,
+        (a @ (Value::String(_) | Value::Number(_) | Value::Bool(_)), b)
+            if matches!(b, Value::String(_) | Value::Number(_) | Value::Bool(_)) =>
+        {
+            scalar_text(a) == scalar_text(b)
+        }
+        (a, b) => a == b,
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,256 @@
+//! Compiled JSONPath selectors.
+//!
+//! Input: a JSONPath text from a rule file. Output: a [`Selector`] parsed once, at load time, that
+//! selects values from an event document. Plain singular paths (`$.a.b`, `$['a'][0]`) are walked
+//! directly over pre-split keys; anything else (wildcards, filters, slices, `..`) is handed to
+//! jsonpath-rust. This module never parses a path while an event is being evaluated.
+
+use std::sync::Arc;
+
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector as JpSelector};
+use jsonpath_rust::parser::parse_json_path;
+use jsonpath_rust::query::js_path_process;
+use serde_json::Value;
+
+/// A JSONPath that failed to parse, with the 1-based column inside the path when known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid JSONPath `{path}`{}: {reason}", column.map(|c| format!(" at column {c}")).unwrap_or_default())]
+pub struct PathError {
+    /// The path as written.
+    pub path: String,
+    /// The 1-based column of the problem inside the path, when the parser names one.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// One step of a plain singular path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// An object member.
+    Key(Box<str>),
+    /// An array element; negative counts from the end, as in RFC 9535.
+    Index(i64),
+}
+
+#[derive(Debug, Clone)]
+enum Plan {
+    /// `$` itself.
+    Root,
+    /// A chain of member and index selectors: at most one value.
+    Plain(Box<[Step]>),
+    /// A general query: any number of values.
+    Query(Box<JpQuery>),
+}
+
+/// What a selector found in a document.
+#[derive(Debug, PartialEq)]
+pub enum Selected<'a> {
+    /// Nothing matched.
+    Nothing,
+    /// A singular path matched one value.
+    One(&'a Value),
+    /// A general query matched these values (possibly none).
+    Many(Vec<&'a Value>),
+}
+
+/// A JSONPath compiled once, when rules load.
+#[derive(Debug, Clone)]
+pub struct Selector {
+    text: Arc<str>,
+    plan: Plan,
+}
+
+impl Selector {
+    /// Parses `text` as an RFC 9535 JSONPath.
+    pub fn parse(text: &str) -> Result<Self, PathError> {
+        let query = parse_json_path(text).map_err(|e| path_error(text, &e))?;
+        let plan = plan_for(query);
+        Ok(Selector {
+            text: Arc::from(text),
+            plan,
+        })
+    }
+
+    /// The path as written in the rule file.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// True when the path can select at most one value.
+    pub fn is_singular(&self) -> bool {
+        !matches!(self.plan, Plan::Query(_))
+    }
+
+    /// True when the path is evaluated by the direct key walk rather than by jsonpath-rust.
+    pub fn is_fast_path(&self) -> bool {
+        self.is_singular()
+    }
+
+    /// Selects from `doc`.
+    pub fn select<'a>(&self, doc: &'a Value) -> Selected<'a> {
+        match &self.plan {
+            Plan::Root => Selected::One(doc),
+            Plan::Plain(steps) => match walk(doc, steps) {
+                Some(v) => Selected::One(v),
+                None => Selected::Nothing,
+            },
+            Plan::Query(q) => match js_path_process(q, doc) {
+                Ok(found) => Selected::Many(found.into_iter().map(|r| r.val).collect()),
+                Err(_) => Selected::Many(Vec::new()),
+            },
+        }
+    }
+
+    /// The selected value as rule fields see it: a singular path gives its value, a query gives
+    /// an array of its matches; `null` and empty results count as missing.
+    pub fn value(&self, doc: &Value) -> Option<Value> {
+        match self.select(doc) {
+            Selected::Nothing => None,
+            Selected::One(Value::Null) => None,
+            Selected::One(v) => Some(v.clone()),
+            Selected::Many(vs) => {
+                let vs: Vec<Value> = vs.into_iter().filter(|v| !v.is_null()).cloned().collect();
+                (!vs.is_empty()).then_some(Value::Array(vs))
+            }
+        }
+    }
+
+    /// Borrows the selected value when the path is singular; `None` for missing or `null`.
+    pub fn get<'a>(&self, doc: &'a Value) -> Option<&'a Value> {
+        match self.select(doc) {
+            Selected::One(Value::Null) | Selected::Nothing => None,
+            Selected::One(v) => Some(v),
+            Selected::Many(vs) => vs.into_iter().find(|v| !v.is_null()),
+        }
+    }
+}
+
+fn walk<'a>(doc: &'a Value, steps: &[Step]) -> Option<&'a Value> {
+    steps.iter().try_fold(doc, |v, step| match step {
+        Step::Key(k) => v.as_object()?.get(&**k),
+        Step::Index(i) => {
+            let arr = v.as_array()?;
+            let idx = if *i < 0 {
+                arr.len().checked_sub(usize::try_from(i.unsigned_abs()).ok()?)?
+            } else {
+                usize::try_from(*i).ok()?
+            };
+            arr.get(idx)
+        }
+    })
+}
+
+fn plan_for(query: JpQuery) -> Plan {
+    if query.segments.is_empty() {
+        return Plan::Root;
+    }
+    let steps: Option<Vec<Step>> = query
+        .segments
+        .iter()
+        .map(|segment| match segment {
+            Segment::Selector(JpSelector::Name(name)) => Some(Step::Key(unquote(name).into())),
+            Segment::Selector(JpSelector::Index(i)) => Some(Step::Index(*i)),
+            _ => None,
+        })
+        .collect();
+    match steps {
+        Some(steps) => Plan::Plain(steps.into_boxed_slice()),
+        None => Plan::Query(Box::new(query)),
+    }
+}
+
+/// jsonpath-rust keeps the quotes of bracketed names (`$['a']` gives `'a'`); the key is inside.
+fn unquote(name: &str) -> String {
+    let bytes = name.as_bytes();
+    if bytes.len() >= 2 && (bytes[0] == b'\'' || bytes[0] == b'"') && bytes[bytes.len() - 1] == bytes[0] {
+        name[1..name.len() - 1].to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+fn path_error(text: &str, err: &jsonpath_rust::parser::errors::JsonPathError) -> PathError {
+    use jsonpath_rust::parser::errors::JsonPathError as E;
+    match err {
+        E::PestError(pest) => {
+            let column = match pest.line_col {
+                pest::error::LineColLocation::Pos((_, c)) => c,
+                pest::error::LineColLocation::Span((_, c), _) => c,
+            };
+            let reason = match &pest.variant {
+                pest::error::ErrorVariant::ParsingError { .. } => {
+                    let rest: String = text.chars().skip(column.saturating_sub(1)).collect();
+                    if rest.is_empty() {
+                        "the path ends too early".to_string()
+                    } else {
+                        format!("unexpected `{rest}`")
+                    }
+                }
+                pest::error::ErrorVariant::CustomError { message } => message.clone(),
+            };
+            PathError {
+                path: text.to_string(),
+                column: Some(column),
+                reason,
+            }
+        }
+        other => PathError {
+            path: text.to_string(),
+            column: None,
+            reason: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn doc() -> Value {
+        json!({"a": {"b": [1, 2, {"c": "x"}]}, "k y": 5, "n": null})
+    }
+
+    #[test]
+    fn plain_paths_take_the_fast_path() {
+        for p in ["$.a.b", "$['a']['b'][0]", "$.a.b[-1].c", "$"] {
+            assert!(Selector::parse(p).unwrap().is_fast_path(), "{p}");
+        }
+        for p in ["$.a.*", "$..c", "$.a.b[?@ > 1]", "$.a.b[0:2]", "$.a['b','c']"] {
+            assert!(!Selector::parse(p).unwrap().is_fast_path(), "{p}");
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_with_jsonpath_rust() {
+        let d = doc();
+        for p in ["$.a.b[1]", "$.a.b[-1].c", "$['k y']", "$.a.b[7]", "$.a.x", "$.n"] {
+            let fast = Selector::parse(p).unwrap();
+            let slow: Vec<&Value> = jsonpath_rust::query::js_path_vals(p, &d).unwrap();
+            match fast.select(&d) {
+                Selected::One(v) => assert_eq!(vec![v], slow, "{p}"),
+                Selected::Nothing => assert!(slow.is_empty(), "{p}"),
+                Selected::Many(_) => panic!("{p} should be singular"),
+            }
+        }
+    }
+
+    #[test]
+    fn queries_return_arrays_and_null_is_missing() {
+        let d = doc();
+        let q = Selector::parse("$.a.b[0:2]").unwrap();
+        assert_eq!(q.value(&d), Some(json!([1, 2])));
+        assert_eq!(Selector::parse("$.n").unwrap().value(&d), None);
+        assert_eq!(Selector::parse("$.zz[*]").unwrap().value(&d), None);
+    }
+
+    #[test]
+    fn invalid_paths_name_the_column() {
+        let err = Selector::parse("$.a[?").unwrap_err();
+        assert_eq!(err.path, "$.a[?");
+        assert!(err.column.is_some());
+        let err = Selector::parse("a.b").unwrap_err();
+        assert_eq!(err.column, Some(1));
+    }
+}

@@ -1,0 +1,154 @@
+//! Unit tests of compiling and evaluating rules.
+
+use super::*;
+use serde_json::json;
+
+fn compile(text: &str) -> Result<RuleSet, Vec<RuleProblem>> {
+    RuleSet::compile(vec![(
+        "test.yaml".into(),
+        PathBuf::from("test.yaml"),
+        text.to_string(),
+    )])
+    .map_err(|e| match e {
+        RulesError::Invalid(p) => p,
+        other => panic!("{other}"),
+    })
+}
+
+fn ctx() -> IntegrationContext {
+    IntegrationContext {
+        stream_name: "datafly_events".into(),
+        account_id: "1234".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn shipped_rules_compile_and_their_cases_pass() {
+    let set = RuleSet::load(Path::new("rules")).unwrap();
+    let report = cases::run_all(&set);
+    assert!(report.results.len() >= 4);
+    assert_eq!(report.failed(), 0, "{}", report.render());
+    let embedded = RuleSet::embedded().unwrap();
+    assert_eq!(
+        embedded.rules(Source::Signal).len(),
+        set.rules(Source::Signal).len()
+    );
+}
+
+#[test]
+fn maps_with_paths_alternatives_templates_config_and_flatten() {
+    let set = compile(
+        r#"
+source: signal
+identity: [user_id]
+rules:
+  - name: r
+    when: { $.type: track }
+    fields:
+      user_id: $.userId
+      kind: { template: "{$.type}_{$.event}" }
+      title: { from: [$.properties.title, $.context.page.title], default: untitled }
+      stream: { config: stream_name }
+      email: { from: $.traits.email, transform: [trim, lowercase] }
+      _ts: { from: $.timestamp, transform: epoch_ms }
+      first_sku: { from: "$.properties.items[0].sku", when: { kind: track_buy } }
+      skus: "$.properties.items[*].sku"
+    flatten: [{ from: $.properties, prefix: "p." }]
+"#,
+    )
+    .unwrap();
+    let doc = json!({"type": "track", "event": "buy", "userId": "u1", "timestamp": "2021-02-11T17:04:49Z",
+        "traits": {"email": " A@B.COM "}, "properties": {"items": [{"sku": "S1"}, {"sku": "S2"}], "n": 1}});
+    let m = set.evaluate(Source::Signal, &doc, &ctx());
+    assert_eq!(m.dropped, vec![]);
+    assert_eq!(
+        Value::Object(m.records[0].fields.clone()),
+        json!({"user_id": "u1", "kind": "track_buy", "title": "untitled", "stream": "datafly_events",
+               "email": "a@b.com", "_ts": 1613063089000i64, "first_sku": "S1", "skus": ["S1", "S2"],
+               "p.items[0].sku": "S1", "p.items[1].sku": "S2", "p.n": 1})
+    );
+    assert_eq!(&*m.records[0].stream, "datafly_events");
+}
+
+#[test]
+fn records_without_identifiers_are_refused_with_the_seed_hint() {
+    let set = compile("source: signal\nidentity: [user_id]\nrules:\n  - name: r\n    fields:\n      user_id: $.userId\n      _ts: { value: 1 }\n").unwrap();
+    let m = set.evaluate(Source::Signal, &json!({"type": "page"}), &ctx());
+    assert!(m.records.is_empty());
+    assert!(
+        m.dropped[0].reason.contains("user not created"),
+        "{}",
+        m.dropped[0].reason
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_position_and_hint() {
+    let text = r#"source: signal
+rules:
+  - name: a
+    fields:
+      x: { from: "$.a[?", transform: lowercas }
+      y: { config: api_token }
+      z: { merge: count, kind: date, from: $.z }
+      _ts: { from: $.t, transfrom: epoch_ms }
+  - name: b
+    when: { $.type: { equal: x } }
+    fields:
+      q: $.q
+"#;
+    let problems = compile(text).unwrap_err();
+    let msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    let all = msgs.join("\n");
+    assert!(
+        all.contains("test.yaml:5:") && all.contains("invalid JSONPath `$.a[?`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("unknown transform `lowercas`") && all.contains("did you mean `lowercase`?"),
+        "{all}"
+    );
+    assert!(all.contains("`api_token` is a secret"), "{all}");
+    assert!(all.contains("merge `count` does not fit kind `date`"), "{all}");
+    assert!(
+        all.contains("unknown key `transfrom`") && all.contains("did you mean `transform`?"),
+        "{all}"
+    );
+    assert!(all.contains("unknown test `equal`"), "{all}");
+    assert!(all.contains("rule `b`: the rule has no field `_ts`"), "{all}");
+    assert!(problems.iter().all(|p| p.line.is_some()), "{all}");
+}
+
+#[test]
+fn bad_yaml_names_line_and_column() {
+    let problems = compile("source: signal\nrules:\n  - name: a\n    felds: {}\n").unwrap_err();
+    assert_eq!(problems[0].line, Some(4));
+    assert!(problems[0].message.contains("unknown field `felds`"));
+}
+
+#[test]
+fn two_rules_merging_one_field_differently_are_refused() {
+    let text = "source: customerio
+rules:
+  - name: a
+    fields: { f: { from: $.x, merge: set }, _ts: { value: 1 } }
+  - name: b
+    fields: { f: { from: $.x, merge: latest }, _ts: { value: 1 } }
+";
+    let problems = compile(text).unwrap_err();
+    assert!(
+        problems[0].message.contains("field `f` is merged as `latest`"),
+        "{:?}",
+        problems
+    );
+}
+
+#[test]
+fn versions_follow_content() {
+    let a = compile("source: signal\nrules: []\n").unwrap();
+    let b = compile("source: signal\nrules: []\n").unwrap();
+    let c = compile("source: signal\nrules: []\n# changed\n").unwrap();
+    assert_eq!(a.version(), b.version());
+    assert_ne!(a.version(), c.version());
+}

@@ -1,0 +1,102 @@
+//! Event-time parsing and formatting shared by normalisation and rule transforms.
+//!
+//! Input: the time shapes senders use (RFC 3339 / ISO-8601 strings, unix seconds or
+//! milliseconds). Output: unix milliseconds, or RFC 3339 text. Pure functions, no clock reads
+//! except [`now_ms`].
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Timelike, Utc};
+use serde_json::Value;
+
+/// Numbers below this are unix seconds, at or above it unix milliseconds (1e11 s is the year
+/// 5138, 1e11 ms is 1973), so both shapes that senders use are read correctly.
+const SECONDS_CUTOFF: f64 = 1e11;
+
+/// The current time in unix milliseconds.
+pub fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// Parses an ISO-8601 / RFC 3339 time; a time without an offset is taken as UTC.
+pub fn parse_iso_ms(text: &str) -> Option<i64> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.timestamp_millis());
+    }
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f%z",
+        "%Y-%m-%d %H:%M:%S%.f%z",
+    ] {
+        if let Ok(t) = DateTime::parse_from_str(text, fmt) {
+            return Some(t.timestamp_millis());
+        }
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, fmt) {
+            return Some(Utc.from_utc_datetime(&t).timestamp_millis());
+        }
+    }
+    None
+}
+
+/// Reads a time value: an ISO-8601 string, a numeric string, or a number of unix seconds or
+/// milliseconds.
+pub fn value_to_ms(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_f64().and_then(number_to_ms),
+        Value::String(s) => match s.trim().parse::<f64>() {
+            Ok(n) => number_to_ms(n),
+            Err(_) => parse_iso_ms(s),
+        },
+        _ => None,
+    }
+}
+
+fn number_to_ms(n: f64) -> Option<i64> {
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let ms = if n < SECONDS_CUTOFF { n * 1000.0 } else { n };
+    // Float to int: the value is finite, non-negative and far below i64::MAX here.
+    (ms < 9.0e15).then_some(ms.round() as i64)
+}
+
+/// Formats unix milliseconds as RFC 3339 UTC with millisecond precision.
+pub fn ms_to_rfc3339(ms: i64) -> Option<String> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// The UTC hour of day (0–23) of unix milliseconds.
+pub fn hour_of_day(ms: i64) -> Option<u32> {
+    Utc.timestamp_millis_opt(ms).single().map(|t| t.hour())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_every_time_shape_senders_use() {
+        let want = 1_772_029_800_000; // 2026-02-25T14:30:00Z
+        assert_eq!(value_to_ms(&json!("2026-02-25T14:30:00.000Z")), Some(want));
+        assert_eq!(value_to_ms(&json!("2026-02-25T15:30:00+01:00")), Some(want));
+        assert_eq!(value_to_ms(&json!("2026-02-25T14:30:00")), Some(want));
+        assert_eq!(value_to_ms(&json!("2026-02-25 14:30:00")), Some(want));
+        assert_eq!(value_to_ms(&json!(1_772_029_800)), Some(want));
+        assert_eq!(value_to_ms(&json!(want)), Some(want));
+        assert_eq!(value_to_ms(&json!("1772029800")), Some(want));
+        assert_eq!(value_to_ms(&json!("yesterday")), None);
+        assert_eq!(value_to_ms(&json!(-5)), None);
+    }
+
+    #[test]
+    fn formats_and_reads_hours_in_utc() {
+        assert_eq!(
+            ms_to_rfc3339(1_613_063_089_000).as_deref(),
+            Some("2021-02-11T17:04:49.000Z")
+        );
+        assert_eq!(hour_of_day(1_613_063_089_000), Some(17));
+    }
+}

@@ -1,0 +1,195 @@
+//! A port-0 harness: starts the emulator and the whole relay in-process on loopback, and stops
+//! both when dropped or told to.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lytics_relay::app::{self, Listeners, Report};
+use lytics_relay::config::{LyticsSettings, Settings};
+use lytics_relay::emulator::{Emulator, EmulatorConfig};
+use lytics_relay::integration::{AccountId, Secret, StreamName};
+use lytics_relay::proto::v1::ingest_service_client::IngestServiceClient;
+use lytics_relay::telemetry::Telemetry;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const TOKEN: &str = "test-token";
+pub const ACCOUNT: &str = "1234";
+pub const STREAM: &str = "datafly_events";
+
+/// A running emulator on a port-0 loopback socket.
+pub struct EmulatorHandle {
+    pub emulator: Emulator,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl EmulatorHandle {
+    pub async fn start() -> Self {
+        let emulator = Emulator::new(EmulatorConfig {
+            api_token: TOKEN.into(),
+            account_id: ACCOUNT.into(),
+            streams: vec![STREAM.into(), "customerio_events".into()],
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(emulator.clone().serve(listener, async move {
+            let _ = rx.await;
+        }));
+        EmulatorHandle {
+            emulator,
+            addr,
+            stop: Some(tx),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until `stream` holds at least `n` records, and returns them (oldest first).
+    pub async fn wait_for_records(&self, stream: &str, n: usize) -> Vec<serde_json::Map<String, Value>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let events = self.emulator.stream_events(stream);
+            if events.len() >= n {
+                return events.into_iter().map(|e| e.record).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} records in `{stream}`, have {}",
+                events.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<Report>>>,
+}
+
+/// Test settings delivering to `emulator_url`, with fast batching and retries.
+pub fn settings(emulator_url: &str, token: &str) -> (Settings, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::for_tests(dir.path());
+    s.rules = Some("rules".into());
+    s.lytics = Some(LyticsSettings {
+        api_token: Secret::new(token),
+        account_id: AccountId::new(ACCOUNT).unwrap(),
+        stream: StreamName::new(STREAM).unwrap(),
+        url: emulator_url.to_string(),
+    });
+    s.delivery.linger = Duration::from_millis(10);
+    s.delivery.backoff_base = Duration::from_millis(20);
+    s.delivery.backoff_max = Duration::from_millis(200);
+    s.delivery.request_timeout = Duration::from_secs(5);
+    s.delivery.probe_interval = Duration::from_millis(200);
+    s.shutdown_grace = Duration::from_secs(3);
+    (s, dir)
+}
+
+impl RelayHandle {
+    pub async fn start(settings: Settings, telemetry: Telemetry) -> Self {
+        let listeners = Listeners {
+            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            emulator: None,
+        };
+        let grpc = listeners.grpc.local_addr().unwrap();
+        let http = listeners.http.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app::run(settings, listeners, telemetry, async move {
+            let _ = rx.await;
+        }));
+        RelayHandle {
+            grpc,
+            http,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn client(&self) -> IngestServiceClient<Channel> {
+        IngestServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// Stops the relay and returns its report.
+    pub async fn stop(mut self) -> Report {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap().await.unwrap().unwrap()
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Reads a JSON fixture from `tests/fixtures`.
+pub fn fixture(name: &str) -> Value {
+    let text = std::fs::read_to_string(format!("tests/fixtures/{name}")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Builds a gRPC `Event` from canonical JSON, the way a proto3 JSON client would.
+pub fn event(json: Value) -> lytics_relay::proto::v1::Event {
+    use lytics_relay::normalize::json_to_struct;
+    let s = |k: &str| {
+        json.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let st = |k: &str| json.get(k).and_then(json_to_struct);
+    lytics_relay::proto::v1::Event {
+        r#type: s("type"),
+        event: s("event"),
+        name: s("name"),
+        category: s("category"),
+        properties: st("properties"),
+        traits: st("traits"),
+        user_id: s("userId"),
+        anonymous_id: s("anonymousId"),
+        group_id: s("groupId"),
+        previous_id: s("previousId"),
+        context: st("context"),
+        integrations: st("integrations"),
+        timestamp: s("timestamp"),
+        sent_at: s("sentAt"),
+        received_at: s("receivedAt"),
+        original_timestamp: s("originalTimestamp"),
+        message_id: s("messageId"),
+        channel: s("channel"),
+        version: None,
+    }
+}

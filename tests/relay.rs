@@ -1,0 +1,304 @@
+//! The whole relay on loopback: gRPC ingest → rules → delivery → the emulator.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lytics_relay::emulator::Faults;
+use lytics_relay::proto::v1 as pb;
+use lytics_relay::telemetry::Telemetry;
+use serde_json::{Value, json};
+use tonic_types::StatusExt;
+
+fn page() -> Value {
+    json!({
+        "type": "page", "name": "Pricing", "userId": "user_98765", "anonymousId": "anon_a1b2c3d4",
+        "properties": {"title": "Pricing | Shop"},
+        "context": {"page": {"url": "https://shop.example.com/pricing", "referrer": "https://google.com/"}},
+        "timestamp": "2026-02-25T14:29:00.000Z", "messageId": "m-page"
+    })
+}
+
+fn identify() -> Value {
+    json!({
+        "type": "identify", "userId": "user_98765",
+        "traits": {"email": "Ada@Example.com", "plan": "pro"},
+        "timestamp": "2026-02-25T14:31:00.000Z", "messageId": "m-identify"
+    })
+}
+
+#[tokio::test]
+async fn page_track_and_identify_reach_lytics_and_merge_into_one_profile() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    for e in [page(), fixture("signal_canonical_track.json"), identify()] {
+        let r = client
+            .send(pb::SendRequest {
+                event: Some(event(e)),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let result = r.result.unwrap();
+        assert_eq!(result.status(), pb::IngestStatus::Accepted);
+        assert_eq!(result.records, 1);
+    }
+    let records = emu.wait_for_records(STREAM, 3).await;
+    let by_rule = |key: &str, val: &str| {
+        records
+            .iter()
+            .find(|r| r.get(key).and_then(Value::as_str) == Some(val))
+            .cloned()
+            .unwrap()
+    };
+    let pv = by_rule("_e", "pv");
+    assert_eq!(pv["url"], json!("https://shop.example.com/pricing"));
+    assert_eq!(pv["title"], json!("Pricing | Shop"));
+    assert_eq!(pv["referrer"], json!("https://google.com/"));
+    let track = by_rule("_e", "Order Completed");
+    assert_eq!(track["products[0].price"], json!(79.99));
+    assert_eq!(track["_ts"], json!(1_772_029_800_000i64));
+    let ident = by_rule("message_id", "m-identify");
+    assert_eq!(ident["email"], json!("ada@example.com"));
+    assert_eq!(ident["plan"], json!("pro"));
+
+    // The emulator stitches the three records into one profile by user_id.
+    let profile = emu.emulator.profile("user_id", "user_98765").unwrap();
+    assert_eq!(profile["email"], json!("ada@example.com"));
+    assert_eq!(profile["plan"], json!("pro"));
+    assert_eq!(profile["anonymous_id"], json!("anon_a1b2c3d4"));
+    assert!(emu.emulator.profile("email", "ada@example.com").is_some());
+
+    let report = relay.stop().await;
+    assert!(report.graceful);
+}
+
+#[tokio::test]
+async fn invalid_events_get_field_violations_and_nothing_is_queued() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+
+    let violations = |status: tonic::Status| -> Vec<String> {
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.clone())
+            .collect()
+    };
+    let missing = client.send(pb::SendRequest { event: None }).await.unwrap_err();
+    assert_eq!(violations(missing), vec!["event"]);
+    let unknown = client
+        .send(pb::SendRequest {
+            event: Some(event(json!({"type": "click", "userId": "u"}))),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        unknown.message().contains("unknown event type `click`"),
+        "{}",
+        unknown.message()
+    );
+    assert_eq!(violations(unknown), vec!["event.type"]);
+    let required = client
+        .send(pb::SendRequest {
+            event: Some(event(json!({"type": "track"}))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(required), vec!["event.userId", "event.event"]);
+    let bad_time = client
+        .send(pb::SendRequest {
+            event: Some(event(
+                json!({"type": "page", "userId": "u", "timestamp": "yesterday"}),
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violations(bad_time), vec!["event.timestamp"]);
+    let big = json!({"type": "page", "userId": "u", "properties": {"blob": "x".repeat(40_000)}});
+    let too_big = client
+        .send(pb::SendRequest {
+            event: Some(event(big)),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        too_big.message().contains("over the 32768-byte limit"),
+        "{}",
+        too_big.message()
+    );
+    assert_eq!(violations(too_big), vec!["event"]);
+
+    // A valid event after the bad ones is the only thing delivered.
+    client
+        .send(pb::SendRequest {
+            event: Some(event(page())),
+        })
+        .await
+        .unwrap();
+    emu.wait_for_records(STREAM, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(emu.emulator.stream_events(STREAM).len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn send_batch_answers_per_event_and_queues_the_valid_ones() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    let events = vec![
+        event(page()),
+        event(json!({"type": "nope", "userId": "u"})),
+        event(json!({"type": "group", "userId": "u", "groupId": "g"})),
+        event(identify()),
+    ];
+    let r = client
+        .send_batch(pb::SendBatchRequest { events })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.rejected), (3, 1));
+    assert_eq!(r.outcomes.len(), 4);
+    assert_eq!(
+        r.outcomes[0].result.as_ref().unwrap().status(),
+        pb::IngestStatus::Accepted
+    );
+    let err = r.outcomes[1].error.as_ref().unwrap();
+    assert_eq!(err.code, "invalid_argument");
+    assert_eq!(err.violations[0].field, "events[1].type");
+    assert_eq!(
+        r.outcomes[2].result.as_ref().unwrap().status(),
+        pb::IngestStatus::Ignored
+    );
+    assert_eq!(r.outcomes[3].index, 3);
+    emu.wait_for_records(STREAM, 2).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn client_streams_are_accepted_in_chunks_and_batched_to_lytics() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    let n = 1200;
+    let requests: Vec<pb::StreamRequest> = (0..n)
+        .map(|i| {
+            let e = if i == 7 {
+                json!({"type": "track", "userId": "u"})
+            } else {
+                json!({"type": "track", "event": "Clicked", "userId": format!("u{i}"), "messageId": format!("s-{i}")})
+            };
+            pb::StreamRequest { event: Some(event(e)) }
+        })
+        .collect();
+    let r = client
+        .stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.rejected), (n - 1, 1));
+    assert_eq!(r.errors[0].index, 7);
+    emu.wait_for_records(STREAM, (n - 1) as usize).await;
+    let calls = emu.emulator.stats().collect_requests;
+    assert!(
+        calls < 50,
+        "{calls} collect calls for {} records: batching does not work",
+        n - 1
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn retries_on_temporary_errors_until_lytics_recovers() {
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.delivery.max_attempts = 1000;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    client
+        .send(pb::SendRequest {
+            event: Some(event(page())),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(emu.emulator.stats().faulted >= 2, "the relay retried");
+    assert!(emu.emulator.stream_events(STREAM).is_empty());
+    emu.emulator.set_faults(Faults {
+        throttle_rate: 0.5,
+        drop_rate: 0.3,
+        ..Faults::default()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    emu.emulator.set_faults(Faults::default());
+    let records = emu.wait_for_records(STREAM, 1).await;
+    assert_eq!(records[0]["message_id"], json!("m-page"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_pauses_delivery_with_the_seed_hint_and_holds_events() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), "wrong-token");
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    client
+        .send(pb::SendRequest {
+            event: Some(event(page())),
+        })
+        .await
+        .unwrap();
+    let health = loop {
+        let h: Value = reqwest::get(relay.http_url("/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !h["paused_integrations"].as_array().unwrap().is_empty() {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pause = &health["paused_integrations"][0];
+    assert_eq!(pause["status"], json!(401));
+    assert!(
+        pause["hint"]
+            .as_str()
+            .unwrap()
+            .contains("Regenerate the token in Lytics Account > API Tokens")
+            || pause["hint"]
+                .as_str()
+                .unwrap()
+                .contains("regenerate the token in Lytics Account > API Tokens")
+    );
+    assert_eq!(health["queue_depth"], json!(1), "the event stays queued");
+    let health_text = health.to_string();
+    assert!(
+        !health_text.contains("wrong-token"),
+        "the token never appears in a response"
+    );
+    relay.stop().await;
+}

@@ -1,0 +1,169 @@
+//! One span per Lytics call, received by a real OTLP/gRPC receiver on loopback.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly"
+)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lytics_relay::proto::v1 as pb;
+use lytics_relay::telemetry::{Telemetry, names};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a AnyValue> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn text(span: &Span, key: &str) -> String {
+    match attr(span, key) {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        other => panic!("attribute {key} is {other:?}"),
+    }
+}
+
+fn int(span: &Span, key: &str) -> i64 {
+    match attr(span, key) {
+        Some(AnyValue::IntValue(i)) => *i,
+        other => panic!("attribute {key} is {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_lytics_call_has_a_span_linked_to_the_ingest_that_caused_it() {
+    let receiver = Receiver::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop_rx.await;
+            }),
+    );
+
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let telemetry = Telemetry::with_endpoint(&format!("http://{otlp}"), 4096, 0.0).unwrap();
+    let relay = RelayHandle::start(settings, telemetry).await;
+    let mut client = relay.client().await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(pb::SendRequest {
+        event: Some(event(
+            json!({"type": "page", "userId": "u1", "timestamp": "2026-02-25T14:30:00Z"}),
+        )),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_span}-01").parse().unwrap(),
+    );
+    client.send(request).await.unwrap();
+    emu.wait_for_records(STREAM, 1).await;
+    relay.stop().await; // flushes the exporters
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let have_call = spans.iter().any(|s| s.name == names::SPAN_LYTICS_COLLECT);
+        let have_ingest = spans.iter().any(|s| s.name == names::SPAN_INGEST);
+        if have_call && have_ingest {
+            break spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans not received: {:?}",
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = stop_tx.send(());
+
+    // The ingest span continues the caller's trace: sampled by the caller even at ratio 0.
+    let ingest = spans.iter().find(|s| s.name == names::SPAN_INGEST).unwrap();
+    assert_eq!(hex(&ingest.trace_id), trace_id);
+    assert_eq!(hex(&ingest.parent_span_id), parent_span);
+
+    let call = spans
+        .iter()
+        .find(|s| s.name == names::SPAN_LYTICS_COLLECT)
+        .unwrap();
+    assert_eq!(text(call, names::HTTP_REQUEST_METHOD), "POST");
+    assert_eq!(text(call, names::SERVER_ADDRESS), "127.0.0.1");
+    assert_eq!(int(call, names::SERVER_PORT), i64::from(emu.addr.port()));
+    let url = text(call, names::URL_FULL);
+    assert_eq!(
+        url,
+        format!(
+            "{}/collect/json/{STREAM}?timestamp_field=_ts&account_id={ACCOUNT}",
+            emu.url()
+        )
+    );
+    assert!(!url.contains(TOKEN));
+    assert_eq!(int(call, names::HTTP_RESPONSE_STATUS_CODE), 200);
+    assert_eq!(text(call, names::LYTICS_STREAM), STREAM);
+    assert_eq!(int(call, names::LYTICS_BATCH_SIZE), 1);
+    assert_eq!(int(call, names::LYTICS_MESSAGE_COUNT), 1);
+    assert_eq!(int(call, names::LYTICS_REJECTED_COUNT), 0);
+    assert_eq!(int(call, names::LYTICS_ATTEMPT), 1);
+    assert_eq!(call.kind, 3, "a client span");
+    assert_eq!(call.links.len(), 1);
+    assert_eq!(call.links[0].trace_id, ingest.trace_id);
+    assert_eq!(call.links[0].span_id, ingest.span_id);
+    for s in &spans {
+        for kv in &s.attributes {
+            assert!(
+                !format!("{:?}", kv.value).contains(TOKEN),
+                "a span attribute carries the token"
+            );
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
