@@ -155,6 +155,73 @@ fn hand_written(doc: &Value) -> Map<String, Value> {
     out
 }
 
+/// The shipped customerio.yaml, written by hand.
+fn hand_written_customerio(doc: &Value) -> Option<Map<String, Value>> {
+    let data = doc.get("data")?;
+    let event = match doc.get("event_type").and_then(Value::as_str) {
+        Some(t) => t.to_string(),
+        None => format!(
+            "{}_{}",
+            doc.get("object_type")?.as_str()?,
+            doc.get("metric")?.as_str()?
+        ),
+    };
+    let email = ["recipient", "email_address", "email"]
+        .iter()
+        .find_map(|k| data.get(*k).and_then(Value::as_str))
+        .or_else(|| {
+            data.get("identifiers")
+                .and_then(|i| i.get("email"))
+                .and_then(Value::as_str)
+        })
+        .map(|e| e.trim().to_lowercase())?;
+    let as_text = |v: &Value| match v {
+        Value::String(s) => Some(Value::from(s.clone())),
+        Value::Number(n) => Some(Value::from(n.to_string())),
+        _ => None,
+    };
+    let ts = timefmt::value_to_ms(doc.get("timestamp")?)?;
+    let mut out = Map::new();
+    out.insert("event".into(), Value::from(event.clone()));
+    out.insert("email".into(), Value::from(email));
+    if let Some(id) = data
+        .get("customer_id")
+        .or_else(|| data.get("identifiers").and_then(|i| i.get("id")))
+        .and_then(as_text)
+    {
+        out.insert("customer_id".into(), id);
+    }
+    if let Some(id) = doc.get("event_id").and_then(as_text) {
+        out.insert("event_id".into(), id);
+    }
+    out.insert("_ts".into(), Value::from(ts));
+    if let Some(c) = ["campaign_id", "broadcast_id", "newsletter_id"]
+        .iter()
+        .find_map(|k| data.get(*k))
+        .and_then(as_text)
+    {
+        out.insert("cio_campaign_ids".into(), c);
+    }
+    if let Some(n) = data.get("campaign_name").filter(|v| !v.is_null()) {
+        out.insert("cio_campaign_names".into(), n.clone());
+    }
+    out.insert("cio_events".into(), Value::from(event.clone()));
+    if event == "email_opened" {
+        out.insert(
+            "cio_hourlyopens".into(),
+            Value::from(timefmt::hour_of_day(ts)?.to_string()),
+        );
+        out.insert("cio_last_open_ts".into(), Value::from(ts));
+    }
+    if let Some(s) = data.get("subject").filter(|v| !v.is_null()) {
+        out.insert("cio_subjects".into(), s.clone());
+    }
+    if event == "email_opened" || event == "email_clicked" {
+        out.insert("last_active_ts".into(), Value::from(ts));
+    }
+    Some(out)
+}
+
 fn bench(c: &mut Criterion) {
     let rules = RuleSet::load(Path::new("rules")).unwrap();
     let ctx = IntegrationContext {
@@ -175,6 +242,28 @@ fn bench(c: &mut Criterion) {
             b.iter(|| rules.evaluate(Source::Signal, black_box(&doc), &ctx))
         });
         group.bench_function("hand_written", |b| b.iter(|| hand_written(black_box(&doc))));
+        group.finish();
+    }
+    for name in [
+        "customerio_email_opened.json",
+        "customerio_legacy_email_sent.json",
+    ] {
+        let doc: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("tests/fixtures/{name}")).unwrap())
+                .unwrap();
+        let by_rules = rules.evaluate(Source::CustomerIo, &doc, &ctx);
+        assert_eq!(
+            Some(&by_rules.records[0].fields),
+            hand_written_customerio(&doc).as_ref(),
+            "{name}"
+        );
+        let mut group = c.benchmark_group(name.trim_end_matches(".json"));
+        group.bench_function("rules", |b| {
+            b.iter(|| rules.evaluate(Source::CustomerIo, black_box(&doc), &ctx))
+        });
+        group.bench_function("hand_written", |b| {
+            b.iter(|| hand_written_customerio(black_box(&doc)))
+        });
         group.finish();
     }
 }

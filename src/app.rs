@@ -81,6 +81,24 @@ pub fn load_rules(path: Option<&Path>) -> anyhow::Result<RuleSet> {
     }
 }
 
+/// Registers the rules' LQL in the built-in emulator, so its profiles merge user fields exactly
+/// as the rules declare (as `rules lql --push` does for a real account).
+async fn push_lql_to_emulator(files: &[crate::rules::CompiledFile], url: &str) {
+    let Ok(client) = crate::lytics::LyticsClient::new(Duration::from_secs(5)) else {
+        return;
+    };
+    let token = Secret::new(config::EMULATOR_TOKEN);
+    for q in crate::rules::lql::queries(files) {
+        match client
+            .push_query(url, &token, config::EMULATOR_ACCOUNT, &q.text)
+            .await
+        {
+            Ok(()) => tracing::info!(alias = %q.alias, "registered the rules' LQL in the emulator"),
+            Err(e) => tracing::warn!(error = %e, "cannot register the rules' LQL in the emulator"),
+        }
+    }
+}
+
 /// Runs the relay until `shutdown` resolves.
 pub async fn run(
     settings: Settings,
@@ -122,6 +140,7 @@ pub async fn run(
                 config::EMULATOR_ACCOUNT,
                 config::EMULATOR_STREAM
             );
+            push_lql_to_emulator(live_rules.current().files(), &format!("http://{addr}")).await;
             Integration {
                 id: IntegrationId::new(DEFAULT_INTEGRATION)?,
                 name: "Lytics (built-in emulator)".into(),
@@ -136,7 +155,7 @@ pub async fn run(
     };
     let integrations = Integrations::new(vec![integration]);
 
-    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(settings.queue_capacity));
+    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window));
     let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone());
     let delivery = Delivery::new(
         queue.clone(),
@@ -192,6 +211,12 @@ pub async fn run(
             delivery: delivery_state.clone(),
             queue: queue.clone(),
             serving: serving.clone(),
+            signal_secret: settings.signal_secret.clone(),
+            signal_tolerance: settings.signal_tolerance,
+            customerio_key: settings.customerio_signing_key.clone(),
+            customerio_tolerance: settings.customerio_tolerance,
+            max_event_bytes: settings.max_event_bytes,
+            max_batch_events: settings.max_batch_events,
         });
         let listener = listeners.http;
         tokio::spawn(async move {

@@ -62,6 +62,14 @@ pub struct ServeArgs {
     /// [default: 127.0.0.1:8085].
     #[arg(long, env = "LYTICS_RELAY_EMULATOR_ADDR")]
     pub emulator_addr: Option<SocketAddr>,
+    /// Secret of Signal HTTP ingestion signatures (`X-Signature`); `/v1/events` and
+    /// `/v1/batch` refuse requests until it is set.
+    #[arg(long, env = "LYTICS_RELAY_SIGNAL_SECRET", hide_env_values = true)]
+    pub signal_secret: Option<String>,
+    /// Customer.io reporting-webhook signing key; `/v1/webhooks/customerio` refuses requests
+    /// until it is set.
+    #[arg(long, env = "LYTICS_RELAY_CUSTOMERIO_SIGNING_KEY", hide_env_values = true)]
+    pub customerio_signing_key: Option<String>,
     /// Log format: `text` or `json` [default: text].
     #[arg(long, env = "LYTICS_RELAY_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -102,4 +110,30 @@ pub enum RulesCommand {
         /// Rule file or directory [default: ./rules].
         path: Option<PathBuf>,
     },
+    /// Print the LQL query that makes Lytics merge the rules' user fields as they declare;
+    /// with `--push`, register it in a Lytics account (`POST /api/query`).
+    Lql(LqlArgs),
+}
+
+/// Flags of `rules lql`.
+#[derive(Debug, Args)]
+pub struct LqlArgs {
+    /// Rule file or directory [default: ./rules].
+    pub path: Option<PathBuf>,
+    /// Post the queries to Lytics instead of only printing them.
+    #[arg(long)]
+    pub push: bool,
+    /// Lytics API base URL.
+    #[arg(
+        long,
+        env = "LYTICS_RELAY_LYTICS_URL",
+        default_value = "https://api.lytics.io"
+    )]
+    pub lytics_url: String,
+    /// Lytics API token (needed with --push).
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_API_TOKEN", hide_env_values = true)]
+    pub lytics_api_token: Option<String>,
+    /// Lytics account id (needed with --push).
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_ACCOUNT_ID")]
+    pub lytics_account_id: Option<String>,
 }

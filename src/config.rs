@@ -56,6 +56,32 @@ pub struct FileConfig {
     /// Trace export tuning.
     #[serde(default)]
     pub telemetry: FileTelemetry,
+    /// Signal HTTP ingestion.
+    #[serde(default)]
+    pub signal: FileSignal,
+    /// Customer.io webhooks.
+    #[serde(default)]
+    pub customerio: FileCustomerIo,
+}
+
+/// `signal:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSignal {
+    /// The HMAC secret of `X-Signature`.
+    pub secret: Option<String>,
+    /// How far `X-Timestamp` may be from now.
+    pub tolerance_secs: Option<u64>,
+}
+
+/// `customerio:` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCustomerIo {
+    /// The webhook signing key.
+    pub signing_key: Option<String>,
+    /// How far `X-CIO-Timestamp` may be from now.
+    pub tolerance_secs: Option<u64>,
 }
 
 /// `lytics:` in the config file.
@@ -122,6 +148,8 @@ pub struct FileLimits {
 pub struct FileQueue {
     /// Records the queue holds before ingest answers RESOURCE_EXHAUSTED / 429.
     pub capacity: Option<usize>,
+    /// How long an event id is remembered to drop duplicates.
+    pub dedup_window_secs: Option<u64>,
 }
 
 /// `telemetry:` in the config file.
@@ -220,6 +248,16 @@ pub struct Settings {
     pub ingest_sample_ratio: f64,
     /// How long shutdown waits for calls in flight and for the queue to drain.
     pub shutdown_grace: Duration,
+    /// How long event ids are remembered to drop duplicates.
+    pub dedup_window: Duration,
+    /// The Signal HTTP ingestion secret; without it `/v1/events` and `/v1/batch` refuse.
+    pub signal_secret: Option<Secret>,
+    /// How far a Signal `X-Timestamp` may be from now.
+    pub signal_tolerance: Duration,
+    /// The Customer.io signing key; without it the webhook endpoint refuses.
+    pub customerio_signing_key: Option<Secret>,
+    /// How far a Customer.io `X-CIO-Timestamp` may be from now.
+    pub customerio_tolerance: Duration,
 }
 
 impl Settings {
@@ -241,6 +279,11 @@ impl Settings {
             call_span_queue: 65_536,
             ingest_sample_ratio: 0.01,
             shutdown_grace: Duration::from_secs(10),
+            dedup_window: Duration::from_secs(7 * 24 * 3600),
+            signal_secret: None,
+            signal_tolerance: Duration::from_secs(300),
+            customerio_signing_key: None,
+            customerio_tolerance: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -476,6 +519,23 @@ impl Settings {
             call_span_queue,
             ingest_sample_ratio,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_secs.unwrap_or(10)),
+            dedup_window: Duration::from_secs(file.queue.dedup_window_secs.unwrap_or(7 * 24 * 3600)),
+            signal_secret: args
+                .signal_secret
+                .clone()
+                .or(file.signal.secret)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
+            signal_tolerance: Duration::from_secs(file.signal.tolerance_secs.unwrap_or(300)),
+            customerio_signing_key: args
+                .customerio_signing_key
+                .clone()
+                .or(file.customerio.signing_key)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
+            customerio_tolerance: Duration::from_secs(
+                file.customerio.tolerance_secs.unwrap_or(7 * 24 * 3600),
+            ),
         })
     }
 

@@ -17,7 +17,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::integration::Integrations;
 use crate::lytics::MAX_BATCH_RECORD_BYTES;
 use crate::normalize::InboundEvent;
-use crate::queue::{NewRecord, Queue, QueueError};
+use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
 use crate::rules::{DroppedRecord, LiveRules};
 use crate::telemetry::{Telemetry, names};
 use crate::timefmt::now_ms;
@@ -61,6 +61,8 @@ pub struct IngestCounters {
     pub dropped: AtomicU64,
     /// Events no rule mapped.
     pub ignored: AtomicU64,
+    /// Events seen before within the dedup window.
+    pub duplicates: AtomicU64,
 }
 
 /// The shared ingest core.
@@ -131,9 +133,10 @@ impl Ingest {
         let rules = self.rules.current();
         let integrations = self.integrations.snapshot();
         let accepted_ms = now_ms();
-        let mut records = Vec::new();
+        let mut batches = Vec::with_capacity(events.len());
         let mut answers = Vec::with_capacity(events.len());
         for event in events {
+            let mut records = Vec::new();
             let mut answer = Accepted {
                 id: event.id.clone(),
                 disposition: Disposition::Ignored,
@@ -187,26 +190,45 @@ impl Ingest {
             if answer.records > 0 {
                 answer.disposition = Disposition::Queued;
             }
+            batches.push(EventRecords {
+                dedup_key: Arc::from(format!("{}:{}", event.source.as_str(), event.id)),
+                records,
+            });
+            answers.push(answer);
+        }
+        let duplicates = match self.queue.enqueue(batches).await {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some(s) = span.as_mut() {
+                    crate::telemetry::fail_span(s, "queue", e.to_string());
+                }
+                return Err(queue_error(e));
+            }
+        };
+        let mut queued = 0usize;
+        for (answer, dup) in answers.iter_mut().zip(duplicates) {
+            if dup {
+                answer.disposition = Disposition::Duplicate;
+                answer.records = 0;
+                answer.rules.clear();
+                answer.dropped.clear();
+                continue;
+            }
+            queued += answer.records as usize;
             for d in &answer.dropped {
                 tracing::warn!(event_id = %answer.id, rule = %d.rule, reason = %d.reason, "record not sent");
             }
-            answers.push(answer);
-        }
-        let queued = records.len();
-        if let Err(e) = self.queue.enqueue(records).await {
-            if let Some(s) = span.as_mut() {
-                crate::telemetry::fail_span(s, "queue", e.to_string());
-            }
-            return Err(queue_error(e));
         }
         let c = &self.counters;
         c.events.fetch_add(answers.len() as u64, Ordering::Relaxed);
         c.records.fetch_add(queued as u64, Ordering::Relaxed);
         for a in &answers {
             c.dropped.fetch_add(a.dropped.len() as u64, Ordering::Relaxed);
-            if a.disposition == Disposition::Ignored {
-                c.ignored.fetch_add(1, Ordering::Relaxed);
-            }
+            match a.disposition {
+                Disposition::Ignored => c.ignored.fetch_add(1, Ordering::Relaxed),
+                Disposition::Duplicate => c.duplicates.fetch_add(1, Ordering::Relaxed),
+                Disposition::Queued => 0,
+            };
         }
         if let Some(mut s) = span {
             s.set_attribute(KeyValue::new(names::INGEST_RECORDS, queued as i64));

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Emulator(args) => emulator(args).await,
+            Command::Rules(RulesCommand::Lql(args)) => lql_command(args).await,
             Command::Rules(cmd) => rules_command(cmd),
         }
     })
@@ -101,6 +102,7 @@ fn rules_command(cmd: RulesCommand) -> ExitCode {
                 }
             }
         }
+        RulesCommand::Lql(_) => ExitCode::FAILURE,
         RulesCommand::Test { path } => {
             let path = path.unwrap_or_else(|| "rules".into());
             match rules::RuleSet::load(&path) {
@@ -120,6 +122,58 @@ fn rules_command(cmd: RulesCommand) -> ExitCode {
             }
         }
     }
+}
+
+async fn lql_command(args: lytics_relay::cli::LqlArgs) -> ExitCode {
+    let path = args.path.clone().unwrap_or_else(|| "rules".into());
+    let set = match rules::RuleSet::load(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let queries = rules::lql::queries(set.files());
+    if queries.is_empty() {
+        eprintln!(
+            "no rule in `{}` declares a merged user field (`merge:`)",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    if !args.push {
+        for q in &queries {
+            println!("-- from {}\n{}", q.file, q.text);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let (Some(token), Some(account)) = (args.lytics_api_token, args.lytics_account_id) else {
+        eprintln!(
+            "error: --push needs --lytics-api-token and --lytics-account-id (or their LYTICS_RELAY_* variables)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let client = match lytics_relay::lytics::LyticsClient::new(std::time::Duration::from_secs(30)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = lytics_relay::integration::Secret::new(token);
+    for q in &queries {
+        match client
+            .push_query(&args.lytics_url, &token, &account, &q.text)
+            .await
+        {
+            Ok(()) => println!("pushed query `{}` from {}", q.alias, q.file),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGINT or SIGTERM.

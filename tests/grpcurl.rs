@@ -186,7 +186,6 @@ fn grpcurl_lists_describes_sends_and_reads_violations() {
     let profile = loop {
         let v: Value = http
             .get(format!("{}/api/entity/user/user_id/user_98765", relay.emulator))
-            .header("Authorization", "emulator-token")
             .send()
             .unwrap()
             .json()

@@ -118,6 +118,27 @@ fn authorized_params(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Result<HashMap<String, String>, ApiError> {
+    checked_params(emulator, uri, headers, false)
+}
+
+/// Like [`authorized_params`] for the read-only inspection paths (profiles, stream events):
+/// a request without any token is let through, so that `curl localhost:8085/api/entity/…`
+/// works against the local emulator; a wrong token is still refused. Real Lytics always
+/// requires the token.
+fn readable_params(
+    emulator: &Emulator,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<HashMap<String, String>, ApiError> {
+    checked_params(emulator, uri, headers, true)
+}
+
+fn checked_params(
+    emulator: &Emulator,
+    uri: &Uri,
+    headers: &HeaderMap,
+    anonymous_reads: bool,
+) -> Result<HashMap<String, String>, ApiError> {
     let params = query_params(uri)?;
     let from_header = headers
         .get(header::AUTHORIZATION)
@@ -134,6 +155,7 @@ fn authorized_params(
         .or_else(|| params.get("access_token").map(String::as_str))
         .or_else(|| params.get("key").map(String::as_str));
     match token {
+        None if anonymous_reads => Ok(params),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing api token: send it in the `Authorization` header",
@@ -251,7 +273,7 @@ async fn entity(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorized_params(&emulator, &uri, &headers)?;
+    readable_params(&emulator, &uri, &headers)?;
     Ok(match emulator.profile(&field, &value) {
         Some(profile) => success(Value::Object(profile)),
         // Lytics answers an unknown user with 200 and this message, not with 404.
@@ -265,7 +287,7 @@ async fn stream_events(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let params = authorized_params(&emulator, &uri, &headers)?;
+    let params = readable_params(&emulator, &uri, &headers)?;
     let limit = match params.get("limit") {
         None => DEFAULT_EVENTS_LIMIT,
         Some(limit) => limit
@@ -657,6 +679,15 @@ mod tests {
         let (status, _) = server
             .send(server.client.get(server.url("/v2/stream/default/events")))
             .await;
+        assert_eq!(status, 200, "local inspection needs no token");
+        let (status, _) = server
+            .send(
+                server
+                    .client
+                    .get(server.url("/v2/stream/default/events"))
+                    .header("Authorization", "wrong"),
+            )
+            .await;
         assert_eq!(status, 401);
         server.stop().await;
     }
@@ -694,6 +725,15 @@ mod tests {
         );
         let (status, _) = server
             .send(server.client.get(server.url("/api/entity/user/user_id/u1")))
+            .await;
+        assert_eq!(status, 200, "local inspection needs no token");
+        let (status, _) = server
+            .send(
+                server
+                    .client
+                    .get(server.url("/api/entity/user/user_id/u1"))
+                    .header("Authorization", "wrong"),
+            )
             .await;
         assert_eq!(status, 401);
         server.stop().await;

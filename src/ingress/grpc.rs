@@ -168,6 +168,28 @@ impl IngestService for IngestGrpc {
         }))
     }
 
+    async fn send_customer_io_event(
+        &self,
+        request: Request<pb::SendCustomerIoEventRequest>,
+    ) -> Result<Response<pb::SendCustomerIoEventResponse>, Status> {
+        let tp = traceparent(&request);
+        let webhook = request.into_inner().webhook.ok_or_else(|| {
+            ApiError::field(
+                "webhook",
+                "is required: send {\"webhook\": <the Customer.io JSON>}",
+            )
+        })?;
+        let event = normalize::customerio_event(
+            normalize::struct_to_json(&webhook),
+            "webhook",
+            self.max_event_bytes,
+        )?;
+        let accepted = self.ingest.accept(vec![event], tp.as_deref()).await?;
+        Ok(Response::new(pb::SendCustomerIoEventResponse {
+            result: accepted.first().map(result_pb),
+        }))
+    }
+
     async fn stream(
         &self,
         request: Request<Streaming<pb::StreamRequest>>,

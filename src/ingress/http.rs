@@ -1,20 +1,38 @@
-//! The HTTP door: health and status for operators and load balancers.
+//! The HTTP door: Signal-compatible ingestion, Customer.io reporting webhooks, and health.
 //!
-//! Input: HTTP requests on the relay's HTTP port. Output: JSON answers; errors use the one JSON
-//! error shape of [`crate::error::ApiError`].
+//! Input: HTTP requests on the relay's HTTP port. Output: JSON answers; every error uses the one
+//! JSON shape of [`crate::error::ApiError`]. Signatures are verified over the raw body before it
+//! is parsed; a request with a bad or missing signature, or over its size limit, never reaches
+//! the queue.
+//!
+//! - `POST /v1/events`: one Signal canonical event → `{"success":true,…}`.
+//! - `POST /v1/batch`: a JSON array of events, or `{"batch": […]}` → a result per event.
+//! - `POST /v1/webhooks/customerio`: a Customer.io reporting webhook → 200 as soon as it is
+//!   queued, also when the rules ignore it (any other answer stalls Customer.io's feed).
+//! - `GET /healthz`: serving state, queue depth, paused integrations with their hints.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::routing::get;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use crate::delivery::DeliveryState;
-use crate::ingest::Ingest;
+use crate::error::{ApiError, ErrorCode};
+use crate::ingest::{Accepted, Disposition, Ingest};
+use crate::ingress::signature;
+use crate::integration::Secret;
+use crate::normalize::{self, InboundEvent};
 use crate::queue::Queue;
+use crate::timefmt::now_ms;
+
+/// The largest Customer.io webhook accepted.
+pub const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -27,11 +45,197 @@ pub struct HttpState {
     pub queue: Arc<dyn Queue>,
     /// False once shutdown has begun.
     pub serving: Arc<AtomicBool>,
+    /// Signal signature secret.
+    pub signal_secret: Option<Secret>,
+    /// Signal timestamp tolerance.
+    pub signal_tolerance: Duration,
+    /// Customer.io signing key.
+    pub customerio_key: Option<Secret>,
+    /// Customer.io timestamp tolerance.
+    pub customerio_tolerance: Duration,
+    /// Largest event accepted.
+    pub max_event_bytes: usize,
+    /// Most events per batch.
+    pub max_batch_events: usize,
 }
 
 /// The HTTP routes.
 pub fn router(state: HttpState) -> Router {
-    Router::new().route("/healthz", get(health)).with_state(state)
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/v1/events", post(signal_event))
+        .route("/v1/batch", post(signal_batch))
+        .route("/v1/webhooks/customerio", post(customerio_webhook))
+        // Limits are enforced per route while reading, so that oversized bodies get a JSON 413.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError {
+        violations: Vec::new(),
+        retry_after: None,
+        ..ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is over the {limit}-byte limit"),
+        )
+    })
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn unauthenticated(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Unauthenticated, format!("invalid signature: {e}"))
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::field("body", format!("is not valid JSON: {e}")))
+}
+
+fn verify_signal(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let secret = s.signal_secret.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unauthenticated,
+            "Signal HTTP ingestion is not configured: set --signal-secret (LYTICS_RELAY_SIGNAL_SECRET)",
+        )
+    })?;
+    signature::verify_signal(
+        secret.expose(),
+        header(headers, "x-timestamp"),
+        header(headers, "x-signature"),
+        body,
+        now_ms(),
+        i64::try_from(s.signal_tolerance.as_secs()).unwrap_or(i64::MAX),
+    )
+    .map_err(unauthenticated)
+}
+
+/// The JSON form of an accepted event.
+pub fn accepted_json(a: &Accepted) -> Value {
+    json!({
+        "message_id": &*a.id,
+        "status": match a.disposition {
+            Disposition::Queued => "accepted",
+            Disposition::Duplicate => "duplicate",
+            Disposition::Ignored => "ignored",
+        },
+        "records": a.records,
+        "rules": a.rules.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        "dropped": a.dropped.iter().map(|d| json!({"rule": &*d.rule, "reason": d.reason})).collect::<Vec<_>>(),
+        "rules_version": &*a.rules_version,
+    })
+}
+
+fn error_json(e: &ApiError) -> Value {
+    json!({"code": e.code.as_str(), "message": e.message, "violations": e.violations})
+}
+
+async fn signal_event(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = read_body(body, s.max_event_bytes).await?;
+    verify_signal(&s, &headers, &body)?;
+    let event = normalize::signal_event(parse_json(&body)?, "", s.max_event_bytes, now_ms())?;
+    let accepted = s
+        .ingest
+        .accept(vec![event], header(&headers, "traceparent"))
+        .await?;
+    let mut answer = accepted.first().map(accepted_json).unwrap_or_else(|| json!({}));
+    answer["success"] = json!(true);
+    Ok(Json(answer))
+}
+
+async fn signal_batch(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let limit = s
+        .max_event_bytes
+        .saturating_mul(s.max_batch_events)
+        .min(crate::app::MAX_GRPC_MESSAGE);
+    let body = read_body(body, limit).await?;
+    verify_signal(&s, &headers, &body)?;
+    let events = match parse_json(&body)? {
+        Value::Array(items) => items,
+        Value::Object(mut m) => match m.remove("batch") {
+            Some(Value::Array(items)) => items,
+            _ => return Err(ApiError::field("batch", "must be an array of events")),
+        },
+        _ => {
+            return Err(ApiError::field(
+                "body",
+                "must be an array of events or {\"batch\": [...]}",
+            ));
+        }
+    };
+    if events.is_empty() || events.len() > s.max_batch_events {
+        return Err(ApiError::field(
+            "batch",
+            format!("must hold 1 to {} events", s.max_batch_events),
+        ));
+    }
+    let now = now_ms();
+    let mut results: Vec<Value> = Vec::with_capacity(events.len());
+    let mut valid: Vec<InboundEvent> = Vec::new();
+    let mut slots = Vec::new();
+    for (i, e) in events.into_iter().enumerate() {
+        match normalize::signal_event(e, &format!("batch[{i}]"), s.max_event_bytes, now) {
+            Ok(ev) => {
+                slots.push(results.len());
+                results.push(json!({"index": i}));
+                valid.push(ev);
+            }
+            Err(err) => results.push(json!({"index": i, "error": error_json(&err)})),
+        }
+    }
+    let accepted = if valid.is_empty() {
+        Vec::new()
+    } else {
+        s.ingest.accept(valid, header(&headers, "traceparent")).await?
+    };
+    for (slot, a) in slots.into_iter().zip(accepted.iter()) {
+        results[slot]["result"] = accepted_json(a);
+    }
+    let rejected = results.len() - accepted.len();
+    Ok(Json(
+        json!({"success": rejected == 0, "accepted": accepted.len(), "rejected": rejected, "results": results}),
+    ))
+}
+
+async fn customerio_webhook(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = read_body(body, MAX_WEBHOOK_BYTES).await?;
+    let key = s.customerio_key.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unauthenticated,
+            "Customer.io webhooks are not configured: set --customerio-signing-key (LYTICS_RELAY_CUSTOMERIO_SIGNING_KEY)",
+        )
+    })?;
+    signature::verify_customerio(
+        key.expose(),
+        header(&headers, "x-cio-timestamp"),
+        header(&headers, "x-cio-signature"),
+        &body,
+        now_ms() / 1000,
+        i64::try_from(s.customerio_tolerance.as_secs()).unwrap_or(i64::MAX),
+    )
+    .map_err(unauthenticated)?;
+    let event = normalize::customerio_event(parse_json(&body)?, "", MAX_WEBHOOK_BYTES)?;
+    let accepted = s
+        .ingest
+        .accept(vec![event], header(&headers, "traceparent"))
+        .await?;
+    let mut answer = accepted.first().map(accepted_json).unwrap_or_else(|| json!({}));
+    answer["success"] = json!(true);
+    Ok(Json(answer))
 }
 
 /// `GET /healthz`: 200 while serving (with paused integrations and their troubleshooting text),

@@ -156,6 +156,40 @@ impl LyticsClient {
         })
     }
 
+    /// Registers an LQL query: `POST {base}/api/query` with the query as `text/plain`.
+    pub async fn push_query(
+        &self,
+        base_url: &str,
+        token: &Secret,
+        account_id: &str,
+        lql: &str,
+    ) -> Result<(), String> {
+        let mut url = Url::parse(base_url).map_err(|e| format!("invalid Lytics URL `{base_url}`: {e}"))?;
+        url.path_segments_mut()
+            .map_err(|_| format!("invalid Lytics URL `{base_url}`"))?
+            .pop_if_empty()
+            .extend(["api", "query"]);
+        url.query_pairs_mut().append_pair("account_id", account_id);
+        let response = self
+            .http
+            .post(url.clone())
+            .header(http::header::AUTHORIZATION, token.expose())
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .body(lql.to_string())
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {}", self.transport(e)))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(format!(
+            "POST {url} answered {status}: {}",
+            body.chars().take(500).collect::<String>()
+        ))
+    }
+
     fn transport(&self, e: reqwest::Error) -> TransportError {
         if e.is_timeout() {
             TransportError::Timeout(self.timeout)

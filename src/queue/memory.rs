@@ -4,14 +4,14 @@
 //! records of one integration and stream leave in the order they arrived unless retried.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Attempt, DeadLetter, NewRecord, Queue, QueueError, QueuedRecord, RecordId};
+use super::{Attempt, DEDUP_CAP, DeadLetter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
 use crate::timefmt::now_ms;
 
 /// Dead letters kept in memory; older ones are forgotten first.
@@ -24,21 +24,27 @@ struct State {
     waiting: BTreeMap<(i64, RecordId), QueuedRecord>,
     leased: HashMap<RecordId, ()>,
     dead: VecDeque<DeadLetter>,
+    /// Dedup keys and when they were stored, oldest first.
+    seen: HashMap<Arc<str>, i64>,
+    seen_order: VecDeque<(i64, Arc<str>)>,
 }
 
 /// A bounded in-memory queue.
 pub struct MemoryQueue {
     capacity: usize,
+    dedup_window_ms: i64,
     state: Mutex<State>,
     depth: AtomicUsize,
     work: Notify,
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` records.
-    pub fn new(capacity: usize) -> Self {
+    /// A queue holding at most `capacity` records and remembering event ids for
+    /// `dedup_window`.
+    pub fn new(capacity: usize, dedup_window: Duration) -> Self {
         MemoryQueue {
             capacity,
+            dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
             state: Mutex::new(State::default()),
             depth: AtomicUsize::new(0),
             work: Notify::new(),
@@ -52,37 +58,62 @@ impl MemoryQueue {
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), QueueError> {
-        if records.is_empty() {
-            return Ok(());
-        }
+    async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
+        let mut duplicates = Vec::with_capacity(events.len());
         {
             let mut s = self.state();
+            let now = now_ms();
+            // Forget keys older than the window, and the oldest beyond the cap.
+            while let Some((at, _)) = s.seen_order.front() {
+                if now - *at <= self.dedup_window_ms && s.seen_order.len() <= DEDUP_CAP {
+                    break;
+                }
+                if let Some((at, key)) = s.seen_order.pop_front()
+                    && s.seen.get(&key) == Some(&at)
+                {
+                    s.seen.remove(&key);
+                }
+            }
+            let mut fresh = 0;
+            let mut in_call = HashSet::new();
+            for e in &events {
+                let dup = s.seen.contains_key(&e.dedup_key) || !in_call.insert(e.dedup_key.clone());
+                if !dup {
+                    fresh += e.records.len();
+                }
+                duplicates.push(dup);
+            }
             let depth = s.waiting.len() + s.leased.len();
-            if depth + records.len() > self.capacity {
+            if fresh > 0 && depth + fresh > self.capacity {
                 return Err(QueueError::Full {
                     capacity: self.capacity,
                 });
             }
-            let now = now_ms();
-            for record in records {
-                s.next_id += 1;
-                let id = s.next_id;
-                s.waiting.insert(
-                    (now, id),
-                    QueuedRecord {
-                        id,
-                        record,
-                        attempts: 0,
-                        history: Vec::new(),
-                    },
-                );
+            for (e, dup) in events.into_iter().zip(&duplicates) {
+                if *dup || e.records.is_empty() {
+                    continue;
+                }
+                s.seen.insert(e.dedup_key.clone(), now);
+                s.seen_order.push_back((now, e.dedup_key));
+                for record in e.records {
+                    s.next_id += 1;
+                    let id = s.next_id;
+                    s.waiting.insert(
+                        (now, id),
+                        QueuedRecord {
+                            id,
+                            record,
+                            attempts: 0,
+                            history: Vec::new(),
+                        },
+                    );
+                }
             }
             self.depth
                 .store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
         }
         self.work.notify_one();
-        Ok(())
+        Ok(duplicates)
     }
 
     async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError> {
@@ -181,9 +212,20 @@ impl Queue for MemoryQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::NewRecord;
     use crate::rules::Source;
     use bytes::Bytes;
-    use std::sync::Arc;
+
+    fn event(key: &str, records: Vec<NewRecord>) -> EventRecords {
+        EventRecords {
+            dedup_key: Arc::from(key),
+            records,
+        }
+    }
+
+    fn q(capacity: usize) -> MemoryQueue {
+        MemoryQueue::new(capacity, Duration::from_secs(60))
+    }
 
     fn rec(integration: &str) -> NewRecord {
         NewRecord {
@@ -204,22 +246,26 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_records_beyond_capacity_and_recovers() {
-        let q = MemoryQueue::new(2);
-        q.enqueue(vec![rec("a"), rec("a")]).await.unwrap();
+        let q = q(2);
+        q.enqueue(vec![event("1", vec![rec("a"), rec("a")])])
+            .await
+            .unwrap();
         assert!(matches!(
-            q.enqueue(vec![rec("a")]).await,
+            q.enqueue(vec![event("2", vec![rec("a")])]).await,
             Err(QueueError::Full { .. })
         ));
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
         q.ack(&[leased[0].id]).await.unwrap();
-        q.enqueue(vec![rec("a")]).await.unwrap();
+        q.enqueue(vec![event("2", vec![rec("a")])]).await.unwrap();
         assert_eq!(q.depth(), 2);
     }
 
     #[tokio::test]
     async fn leases_skip_paused_integrations_and_respect_due_time() {
-        let q = MemoryQueue::new(10);
-        q.enqueue(vec![rec("a"), rec("b")]).await.unwrap();
+        let q = q(10);
+        q.enqueue(vec![event("1", vec![rec("a"), rec("b")])])
+            .await
+            .unwrap();
         let leased = q.lease(10, &HashSet::from(["a".to_string()])).await.unwrap();
         assert_eq!(leased.len(), 1);
         assert_eq!(&*leased[0].record.integration, "b");
@@ -240,12 +286,38 @@ mod tests {
 
     #[tokio::test]
     async fn dead_letters_keep_the_reason_and_history() {
-        let q = MemoryQueue::new(10);
-        q.enqueue(vec![rec("a")]).await.unwrap();
+        let q = q(10);
+        q.enqueue(vec![event("1", vec![rec("a")])]).await.unwrap();
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
         q.dead_letter(leased, "bad record".into()).await.unwrap();
         let dead = q.dead_letters(10).await.unwrap();
         assert_eq!(dead[0].reason, "bad record");
         assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn duplicates_within_the_window_are_not_stored_twice() {
+        let q = q(10);
+        let dups = q
+            .enqueue(vec![
+                event("e1", vec![rec("a"), rec("b")]),
+                event("e1", vec![rec("a")]),
+                event("e2", vec![rec("a")]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(dups, vec![false, true, false]);
+        assert_eq!(
+            q.enqueue(vec![event("e1", vec![rec("a")])]).await.unwrap(),
+            vec![true]
+        );
+        assert_eq!(q.depth(), 3);
+        let short = MemoryQueue::new(10, Duration::ZERO);
+        short.enqueue(vec![event("e1", vec![rec("a")])]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            short.enqueue(vec![event("e1", vec![rec("a")])]).await.unwrap(),
+            vec![false]
+        );
     }
 }

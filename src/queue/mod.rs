@@ -16,6 +16,9 @@ use bytes::Bytes;
 
 pub use memory::MemoryQueue;
 
+/// The most dedup keys a backend keeps; past it the oldest are forgotten first.
+pub const DEDUP_CAP: usize = 2_000_000;
+
 use crate::rules::Source;
 
 /// A queue-assigned record id.
@@ -48,6 +51,16 @@ pub struct NewRecord {
     pub traceparent: Option<Arc<str>>,
     /// When the relay accepted the event (unix ms).
     pub accepted_ms: i64,
+}
+
+/// The records of one event, stored together or not at all.
+#[derive(Debug, Clone)]
+pub struct EventRecords {
+    /// The event's dedup key (`<source>:<event id>`): an event whose key was stored within the
+    /// dedup window is a duplicate and its records are not stored again.
+    pub dedup_key: Arc<str>,
+    /// The records.
+    pub records: Vec<NewRecord>,
 }
 
 /// A queued record with its delivery state.
@@ -105,8 +118,10 @@ pub enum QueueError {
 /// The queue seam between ingest and delivery.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
-    /// Stores records; returns only once they are as safe as the backend makes them.
-    async fn enqueue(&self, records: Vec<NewRecord>) -> Result<(), QueueError>;
+    /// Stores the records of each event unless the event is a duplicate; returns, per event,
+    /// whether it was a duplicate. Returns only once the records are as safe as the backend
+    /// makes them; on error nothing of the call is stored.
+    async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError>;
 
     /// Takes up to `max` records that are due, skipping integrations `skip` names. Leased
     /// records are invisible to other leases until acked, retried or dead-lettered.

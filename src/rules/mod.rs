@@ -11,6 +11,7 @@
 pub mod cases;
 mod compile;
 mod flatten;
+pub mod lql;
 pub mod model;
 pub mod path;
 mod spec;

@@ -1,0 +1,143 @@
+//! Signal-compatible HTTP ingestion: signed like Signal's own API, validated like the gRPC door.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use common::*;
+use hmac::{Hmac, Mac};
+use lytics_relay::telemetry::Telemetry;
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+const SECRET: &str = "signal-secret";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn signature(body: &str, ts: i64) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn post(relay: &RelayHandle, path: &str, body: String, signed: bool) -> (u16, Value) {
+    let ts = now_ms();
+    let mut req = reqwest::Client::new()
+        .post(relay.http_url(path))
+        .header("content-type", "application/json");
+    if signed {
+        req = req
+            .header("X-Timestamp", ts.to_string())
+            .header("X-Signature", signature(&body, ts));
+    }
+    let r = req.body(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn relay(emu: &EmulatorHandle) -> (RelayHandle, tempfile::TempDir) {
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.signal_secret = Some(lytics_relay::integration::Secret::new(SECRET));
+    (RelayHandle::start(settings, Telemetry::disabled()).await, dir)
+}
+
+#[tokio::test]
+async fn signed_events_and_batches_are_accepted_like_grpc() {
+    let emu = EmulatorHandle::start().await;
+    let (relay, _dir) = relay(&emu).await;
+    let track = fixture("signal_canonical_track.json");
+    let (status, body) = post(&relay, "/v1/events", track.to_string(), true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], json!(true));
+    assert_eq!(body["status"], json!("accepted"));
+    assert_eq!(body["rules"], json!(["track_event"]));
+
+    let batch = json!({"batch": [
+        {"type": "page", "userId": "u1", "messageId": "b-1"},
+        {"type": "page"},
+        {"type": "identify", "userId": "u1", "traits": {"plan": "pro"}, "messageId": "b-2"}
+    ]});
+    let (status, body) = post(&relay, "/v1/batch", batch.to_string(), true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(2), Some(1)),
+        "{body}"
+    );
+    assert_eq!(
+        body["results"][1]["error"]["violations"][0]["field"],
+        json!("batch[1].userId")
+    );
+    // The same event again is a duplicate by its messageId.
+    let (_, body) = post(&relay, "/v1/events", track.to_string(), true).await;
+    assert_eq!(body["status"], json!("duplicate"), "{body}");
+    emu.wait_for_records(STREAM, 3).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_same_codes_as_grpc_as_json_errors() {
+    let emu = EmulatorHandle::start().await;
+    let (relay, _dir) = relay(&emu).await;
+    let (status, body) = post(&relay, "/v1/events", r#"{"type": "page"}"#.into(), false).await;
+    assert_eq!(status, 401, "unsigned: {body}");
+    assert_eq!(body["error"]["code"], json!("unauthenticated"));
+    let (status, body) = post(&relay, "/v1/events", "{not json".into(), true).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{body}"
+    );
+    let (status, body) = post(
+        &relay,
+        "/v1/events",
+        json!({"type": "click", "userId": "u"}).to_string(),
+        true,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], json!("invalid_argument"));
+    assert_eq!(body["error"]["violations"][0]["field"], json!("type"));
+    let big = json!({"type": "page", "userId": "u", "properties": {"blob": "x".repeat(40_000)}}).to_string();
+    let (status, body) = post(&relay, "/v1/events", big, true).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], json!("payload_too_large"));
+    let big_webhook = json!({"event_id": "x", "data": {"blob": "x".repeat(300_000)}}).to_string();
+    let r = reqwest::Client::new()
+        .post(relay.http_url("/v1/webhooks/customerio"))
+        .body(big_webhook)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // Customer.io webhooks without a configured key are refused, with the fix in the message.
+    let r = reqwest::Client::new()
+        .post(relay.http_url("/v1/webhooks/customerio"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--customerio-signing-key"),
+        "{body}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        emu.emulator.stream_events(STREAM).is_empty(),
+        "nothing refused was delivered"
+    );
+    relay.stop().await;
+}
