@@ -19,7 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::config::{self, Settings};
+use crate::config::{self, QueueBackend, Settings};
 use crate::delivery::Delivery;
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::ingest::Ingest;
@@ -27,7 +27,7 @@ use crate::ingress::grpc::IngestGrpc;
 use crate::ingress::http::{self, HttpState};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
-use crate::queue::{MemoryQueue, Queue};
+use crate::queue::{MemoryQueue, Queue, SqliteQueue};
 use crate::rules::{LiveRules, RuleSet};
 use crate::telemetry::Telemetry;
 
@@ -155,7 +155,15 @@ pub async fn run(
     };
     let integrations = Integrations::new(vec![integration]);
 
-    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window));
+    let queue: Arc<dyn Queue> = match settings.queue_backend {
+        QueueBackend::Embedded => {
+            let path = settings.data_dir.join("queue.sqlite3");
+            let q = SqliteQueue::open(&path, settings.queue_capacity, settings.dedup_window)?;
+            tracing::info!(path = %path.display(), records = q.depth(), "durable queue opened; undelivered records resume");
+            Arc::new(q)
+        }
+        QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window)),
+    };
     let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone());
     let delivery = Delivery::new(
         queue.clone(),
@@ -244,12 +252,13 @@ pub async fn run(
 
     // The in-memory queue loses what it holds at exit, so delivery gets the rest of the grace
     // period to empty it.
-    // A paused integration cannot drain, so shutdown does not wait for it.
+    // A durable queue keeps what is left for the next start; the in-memory one loses it, so
+    // delivery gets the rest of the grace period to empty it (a paused integration cannot).
     let deadline = started + settings.shutdown_grace;
-    while queue.depth() > 0 && Instant::now() < deadline && delivery_state.paused().is_empty() {
+    while !queue.durable() && queue.depth() > 0 && Instant::now() < deadline && delivery_state.paused().is_empty() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = queue.depth();
+    let left = if queue.durable() { 0 } else { queue.depth() };
     stop_delivery.cancel();
     let delivery_done = delivery_task.await.unwrap_or(false);
     stop_emulator.cancel();
@@ -266,10 +275,10 @@ pub async fn run(
         );
     } else {
         tracing::warn!(
-            records_left = left,
+            records_lost = left,
             servers_done,
             delivery_done,
-            "shutdown complete: not graceful; records left in the in-memory queue are lost"
+            "shutdown complete: not graceful (calls cut off keep their records queued when the queue is durable)"
         );
     }
     Ok(Report { graceful })

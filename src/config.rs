@@ -148,6 +148,8 @@ pub struct FileLimits {
 pub struct FileQueue {
     /// Records the queue holds before ingest answers RESOURCE_EXHAUSTED / 429.
     pub capacity: Option<usize>,
+    /// `embedded` (SQLite under the data dir, durable) or `memory` (not durable).
+    pub backend: Option<String>,
     /// How long an event id is remembered to drop duplicates.
     pub dedup_window_secs: Option<u64>,
 }
@@ -160,6 +162,15 @@ pub struct FileTelemetry {
     pub call_span_queue: Option<usize>,
     /// Share of ingest spans exported (0.0–1.0) when the caller sent no sampled traceparent.
     pub ingest_sample_ratio: Option<f64>,
+}
+
+/// Where queued records live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// SQLite under the data directory: an acknowledged event survives crashes.
+    Embedded,
+    /// In memory: fast, but a restart loses what is queued.
+    Memory,
 }
 
 /// The Lytics integration given by flags, environment or file.
@@ -242,6 +253,8 @@ pub struct Settings {
     pub max_batch_events: usize,
     /// Queue capacity in records.
     pub queue_capacity: usize,
+    /// The queue backend.
+    pub queue_backend: QueueBackend,
     /// Span queue of the Lytics-call exporter.
     pub call_span_queue: usize,
     /// Ingest span sampling ratio.
@@ -276,6 +289,7 @@ impl Settings {
             max_event_bytes: 32 * 1024,
             max_batch_events: 1000,
             queue_capacity: 1_000_000,
+            queue_backend: QueueBackend::Embedded,
             call_span_queue: 65_536,
             ingest_sample_ratio: 0.01,
             shutdown_grace: Duration::from_secs(10),
@@ -485,6 +499,14 @@ impl Settings {
         if queue_capacity == 0 {
             bad("queue.capacity", "must be at least 1".into());
         }
+        let queue_backend = match file.queue.backend.as_deref().unwrap_or("embedded") {
+            "embedded" => QueueBackend::Embedded,
+            "memory" => QueueBackend::Memory,
+            other => {
+                bad("queue.backend", format!("unknown backend `{other}`; use `embedded` or `memory`"));
+                QueueBackend::Embedded
+            }
+        };
         let call_span_queue = file.telemetry.call_span_queue.unwrap_or(65_536);
         if call_span_queue < 64 {
             bad("telemetry.call_span_queue", "must be at least 64".into());
@@ -516,6 +538,7 @@ impl Settings {
             max_event_bytes,
             max_batch_events,
             queue_capacity,
+            queue_backend,
             call_span_queue,
             ingest_sample_ratio,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_secs.unwrap_or(10)),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Attempt, DEDUP_CAP, DeadLetter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
+use super::{Attempt, DEDUP_CAP, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
 use crate::timefmt::now_ms;
 
 /// Dead letters kept in memory; older ones are forgotten first.
@@ -20,6 +20,7 @@ const DEAD_LETTER_CAP: usize = 10_000;
 #[derive(Default)]
 struct State {
     next_id: RecordId,
+    next_dead: i64,
     /// Keyed by (due time, id): the first entries are the next due.
     waiting: BTreeMap<(i64, RecordId), QueuedRecord>,
     leased: HashMap<RecordId, ()>,
@@ -177,7 +178,10 @@ impl Queue for MemoryQueue {
             if s.dead.len() >= DEAD_LETTER_CAP {
                 s.dead.pop_back();
             }
+            s.next_dead += 1;
+            let id = s.next_dead;
             s.dead.push_front(DeadLetter {
+                id,
                 queued: r,
                 reason: reason.clone(),
                 at_ms: now,
@@ -188,8 +192,30 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        Ok(self.state().dead.iter().take(limit).cloned().collect())
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(self.state().dead.iter().filter(|d| filter.matches(d)).take(filter.limit).cloned().collect())
+    }
+
+    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
+        let n = {
+            let mut s = self.state();
+            let now = now_ms();
+            let (replay, keep): (Vec<DeadLetter>, Vec<DeadLetter>) = s.dead.drain(..).partition(|d| ids.contains(&d.id));
+            s.dead = keep.into();
+            for d in &replay {
+                s.next_id += 1;
+                let id = s.next_id;
+                s.waiting.insert((now, id), QueuedRecord { id, record: d.queued.record.clone(), attempts: 0, history: Vec::new() });
+            }
+            self.depth.store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
+            replay.len()
+        };
+        self.work.notify_one();
+        Ok(n)
+    }
+
+    fn durable(&self) -> bool {
+        false
     }
 
     async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
@@ -290,7 +316,7 @@ mod tests {
         q.enqueue(vec![event("1", vec![rec("a")])]).await.unwrap();
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
         q.dead_letter(leased, "bad record".into()).await.unwrap();
-        let dead = q.dead_letters(10).await.unwrap();
+        let dead = q.dead_letters(DeadLetterFilter { limit: 10, ..Default::default() }).await.unwrap();
         assert_eq!(dead[0].reason, "bad record");
         assert_eq!(q.depth(), 0);
     }

@@ -7,6 +7,7 @@
 //! durable backends beside it. This module never talks to Lytics and never maps events.
 
 mod memory;
+mod sqlite;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::MemoryQueue;
+pub use sqlite::SqliteQueue;
 
 /// The most dedup keys a backend keeps; past it the oldest are forgotten first.
 pub const DEDUP_CAP: usize = 2_000_000;
@@ -77,7 +79,7 @@ pub struct QueuedRecord {
 }
 
 /// One delivery attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attempt {
     /// When (unix ms).
     pub at_ms: i64,
@@ -90,12 +92,46 @@ pub struct Attempt {
 /// A record given up on.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The dead letter's id (for replay).
+    pub id: i64,
     /// The record and its attempts.
     pub queued: QueuedRecord,
     /// Why it was given up on.
     pub reason: String,
     /// When (unix ms).
     pub at_ms: i64,
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only this integration.
+    pub integration: Option<String>,
+    /// Only this stream.
+    pub stream: Option<String>,
+    /// Only reasons containing this text.
+    pub reason: Option<String>,
+    /// Only dead-lettered at or after (unix ms).
+    pub since_ms: Option<i64>,
+    /// Only dead-lettered before (unix ms).
+    pub until_ms: Option<i64>,
+    /// Only ids below this (the page cursor).
+    pub before_id: Option<i64>,
+    /// At most this many (newest first).
+    pub limit: usize,
+}
+
+impl DeadLetterFilter {
+    /// Whether `d` passes the filter.
+    pub fn matches(&self, d: &DeadLetter) -> bool {
+        let r = &d.queued.record;
+        self.integration.as_deref().is_none_or(|i| i == &*r.integration)
+            && self.stream.as_deref().is_none_or(|s| s == &*r.stream)
+            && self.reason.as_deref().is_none_or(|t| d.reason.contains(t))
+            && self.since_ms.is_none_or(|t| d.at_ms >= t)
+            && self.until_ms.is_none_or(|t| d.at_ms < t)
+            && self.before_id.is_none_or(|b| d.id < b)
+    }
 }
 
 /// Queue failures.
@@ -145,7 +181,14 @@ pub trait Queue: Send + Sync + 'static {
     async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) -> Result<(), QueueError>;
 
     /// Dead letters, newest first.
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
+
+    /// Puts dead letters back in the queue as new records (attempts reset, due now); returns
+    /// how many were found.
+    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError>;
+
+    /// True when an accepted record survives a crash of the process.
+    fn durable(&self) -> bool;
 
     /// When the next record not of a `skip` integration falls due (unix ms), if any waits.
     async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError>;

@@ -476,7 +476,7 @@ impl Rule {
         out: &Map<String, Value>,
         mut explain: Option<&mut Explain>,
     ) -> Result<Option<Value>, String> {
-        let mut found = None;
+        let mut found: Option<(Value, Option<&ValueSource>)> = None;
         for source in &field.sources {
             let value = match source {
                 ValueSource::Path(p) => {
@@ -497,13 +497,13 @@ impl Rule {
                 ValueSource::Template(parts) => render(parts, doc, out).map(Value::String),
             };
             if let Some(v) = value {
-                found = Some((v, source_label(source)));
+                found = Some((v, Some(source)));
                 break;
             }
         }
-        let (value, label) = match (found, &field.default) {
+        let (value, source) = match (found, &field.default) {
             (Some(found), _) => found,
-            (None, Some(d)) => (d.clone(), "default".to_string()),
+            (None, Some(d)) => (d.clone(), None),
             (None, None) => return Ok(None),
         };
         let value = field.transforms.iter().try_fold(value, |v, t| t.apply(v))?;
@@ -511,7 +511,8 @@ impl Rule {
             e.fields.push(FieldExplanation {
                 rule: self.name.clone(),
                 field: field.name.to_string(),
-                source: label,
+                // Labels are built only for dry runs: live evaluation never pays for them.
+                source: source.map(source_label).unwrap_or_else(|| "default".to_string()),
                 transforms: field.transforms.iter().map(|t| t.name()).collect(),
             });
         }

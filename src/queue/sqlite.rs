@@ -1,0 +1,661 @@
+//! The embedded durable queue, on SQLite (rusqlite, bundled) in WAL mode with
+//! `synchronous=FULL`: an enqueue returns only after its records are fsynced.
+//!
+//! Input: queue operations from ingest and delivery. Output: their results, after commit. One
+//! writer thread owns the connection and group-commits: it takes whatever operations queued up
+//! while the previous transaction committed, runs them in one transaction, and answers all of
+//! them together, so durability costs one fsync per group rather than per event. Leases are a
+//! column reset at start-up, so records leased by a process that died are delivered again
+//! (at-least-once). Never delivers and never maps.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::{Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId};
+use crate::rules::Source;
+use crate::timefmt::now_ms;
+
+/// Operations one transaction takes at most.
+const GROUP_MAX: usize = 4096;
+/// Operations waiting for the writer; callers wait for room beyond this.
+const PENDING_MAX: usize = 65_536;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    integration TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    timestamp_field TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    rules_version TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    input BLOB NOT NULL,
+    traceparent TEXT,
+    accepted_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    history TEXT NOT NULL DEFAULT '[]',
+    due_ms INTEGER NOT NULL,
+    leased INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS records_due ON records (leased, due_ms, id);
+CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_at ON dedup (at_ms);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    integration TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    timestamp_field TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    rules_version TEXT NOT NULL,
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    input BLOB NOT NULL,
+    traceparent TEXT,
+    accepted_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    history TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
+";
+
+const RECORD_COLUMNS: &str = "id, integration, stream, timestamp_field, rule, rules_version, source, event_id, \
+     event_type, body, input, traceparent, accepted_ms, attempts, history";
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+enum Op {
+    Enqueue(Vec<EventRecords>, Reply<Vec<bool>>),
+    Lease(usize, HashSet<String>, Reply<Vec<QueuedRecord>>),
+    Ack(Vec<RecordId>, Reply<()>),
+    Retry(Vec<QueuedRecord>, i64, Reply<()>),
+    DeadLetter(Vec<QueuedRecord>, String, Reply<()>),
+    DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
+    Replay(Vec<i64>, Reply<usize>),
+    NextDue(HashSet<String>, Reply<Option<i64>>),
+}
+
+/// The SQLite-backed queue.
+pub struct SqliteQueue {
+    ops: mpsc::Sender<Op>,
+    depth: Arc<AtomicUsize>,
+    work: Arc<Notify>,
+}
+
+impl SqliteQueue {
+    /// Opens (or creates) the queue at `path`, releasing leases a previous process held.
+    pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| QueueError::Store(format!("cannot create `{}`: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;",
+        )
+        .map_err(|e| store("cannot configure the store", e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| store("cannot create the schema", e))?;
+        conn.execute("UPDATE records SET leased = 0 WHERE leased = 1", []).map_err(|e| store("cannot release leases", e))?;
+        let depth: i64 = conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0)).map_err(|e| store("cannot count records", e))?;
+        let depth = Arc::new(AtomicUsize::new(usize::try_from(depth).unwrap_or(0)));
+        let work = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel(PENDING_MAX);
+        let writer = Writer {
+            conn,
+            capacity,
+            dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
+            depth: depth.clone(),
+            work: work.clone(),
+            last_expiry_ms: 0,
+        };
+        std::thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| QueueError::Store(format!("cannot start the queue writer: {e}")))?;
+        Ok(SqliteQueue { ops: tx, depth, work })
+    }
+
+    async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(op(tx)).await.map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+}
+
+fn store(what: impl std::fmt::Display, e: rusqlite::Error) -> QueueError {
+    QueueError::Store(format!("{what}: {e}"))
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
+        self.call(|r| Op::Enqueue(events, r)).await
+    }
+
+    async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError> {
+        self.call(|r| Op::Lease(max, skip.clone(), r)).await
+    }
+
+    async fn ack(&self, ids: &[RecordId]) -> Result<(), QueueError> {
+        self.call(|r| Op::Ack(ids.to_vec(), r)).await
+    }
+
+    async fn retry(&self, records: Vec<QueuedRecord>, due_ms: i64, attempt: Attempt, count_attempt: bool) -> Result<(), QueueError> {
+        let records = records
+            .into_iter()
+            .map(|mut q| {
+                if count_attempt {
+                    q.attempts += 1;
+                }
+                q.history.push(attempt.clone());
+                q
+            })
+            .collect();
+        self.call(|r| Op::Retry(records, due_ms, r)).await
+    }
+
+    async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) -> Result<(), QueueError> {
+        self.call(|r| Op::DeadLetter(records, reason, r)).await
+    }
+
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+        self.call(|r| Op::DeadLetters(filter, r)).await
+    }
+
+    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
+        self.call(|r| Op::Replay(ids.to_vec(), r)).await
+    }
+
+    async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
+        self.call(|r| Op::NextDue(skip.clone(), r)).await
+    }
+
+    fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.work.notified()).await;
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    capacity: usize,
+    dedup_window_ms: i64,
+    depth: Arc<AtomicUsize>,
+    work: Arc<Notify>,
+    last_expiry_ms: i64,
+}
+
+/// An answer to send once the transaction's fate is known.
+type Pending = Box<dyn FnOnce(Option<&QueueError>) + Send>;
+
+fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, QueueError>) -> Pending {
+    Box::new(move |commit_error: Option<&QueueError>| {
+        let _ = reply.send(match commit_error {
+            Some(e) => Err(e.clone()),
+            None => result,
+        });
+    })
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut ops = vec![first];
+            while ops.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.group(ops);
+        }
+    }
+
+    /// Runs a group of operations in one transaction and answers them after the commit.
+    fn group(&mut self, ops: Vec<Op>) {
+        let depth_before = self.depth.load(Ordering::Relaxed);
+        let mut depth = depth_before;
+        let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
+        let mut woke = false;
+        let now = now_ms();
+        let result = (|| -> Result<(), rusqlite::Error> {
+            let txn = self.conn.transaction()?;
+            for op in ops {
+                match op {
+                    Op::Enqueue(events, reply) => {
+                        let r = enqueue(&txn, events, now, self.capacity, self.dedup_window_ms, &mut depth);
+                        woke |= r.as_ref().is_ok_and(|d| d.iter().any(|dup| !dup));
+                        answers.push(pending(reply, r));
+                    }
+                    Op::Lease(max, skip, reply) => answers.push(pending(reply, lease(&txn, max, &skip, now))),
+                    Op::Ack(ids, reply) => {
+                        let r = ack(&txn, &ids, &mut depth);
+                        answers.push(pending(reply, r));
+                    }
+                    Op::Retry(records, due, reply) => {
+                        woke = true;
+                        answers.push(pending(reply, retry(&txn, &records, due)));
+                    }
+                    Op::DeadLetter(records, reason, reply) => {
+                        let r = dead_letter(&txn, &records, &reason, now, &mut depth);
+                        answers.push(pending(reply, r));
+                    }
+                    Op::DeadLetters(filter, reply) => answers.push(pending(reply, dead_letters(&txn, &filter))),
+                    Op::Replay(ids, reply) => {
+                        woke = true;
+                        let r = replay(&txn, &ids, now, &mut depth);
+                        answers.push(pending(reply, r));
+                    }
+                    Op::NextDue(skip, reply) => answers.push(pending(reply, next_due(&txn, &skip))),
+                }
+            }
+            if now - self.last_expiry_ms > 1000 {
+                self.last_expiry_ms = now;
+                txn.execute("DELETE FROM dedup WHERE at_ms < ?1", params![now.saturating_sub(self.dedup_window_ms)])?;
+            }
+            txn.commit()
+        })();
+        let commit_error = result.err().map(|e| store("commit failed", e));
+        match &commit_error {
+            None => self.depth.store(depth, Ordering::Relaxed),
+            Some(e) => tracing::error!(error = %e, "queue transaction failed; its operations were refused"),
+        }
+        for answer in answers {
+            answer(commit_error.as_ref());
+        }
+        if woke && commit_error.is_none() {
+            self.work.notify_one();
+        }
+    }
+}
+
+fn sql(e: rusqlite::Error) -> QueueError {
+    store("queue operation failed", e)
+}
+
+fn enqueue(
+    txn: &Transaction<'_>,
+    events: Vec<EventRecords>,
+    now: i64,
+    capacity: usize,
+    window_ms: i64,
+    depth: &mut usize,
+) -> Result<Vec<bool>, QueueError> {
+    let mut seen = txn.prepare_cached("SELECT at_ms FROM dedup WHERE key = ?1").map_err(sql)?;
+    let mut in_call = HashSet::new();
+    let mut duplicates = Vec::with_capacity(events.len());
+    let mut fresh = 0;
+    for e in &events {
+        let stored: Option<i64> = seen.query_row(params![&*e.dedup_key], |r| r.get(0)).optional().map_err(sql)?;
+        let dup = stored.is_some_and(|at| now - at <= window_ms) || !in_call.insert(e.dedup_key.clone());
+        if !dup {
+            fresh += e.records.len();
+        }
+        duplicates.push(dup);
+    }
+    if fresh > 0 && *depth + fresh > capacity {
+        return Err(QueueError::Full { capacity });
+    }
+    let mut mark = txn.prepare_cached("INSERT OR REPLACE INTO dedup (key, at_ms) VALUES (?1, ?2)").map_err(sql)?;
+    let mut insert = txn
+        .prepare_cached(
+            "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
+             event_type, body, input, traceparent, accepted_ms, due_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )
+        .map_err(sql)?;
+    for (e, dup) in events.iter().zip(&duplicates) {
+        if *dup || e.records.is_empty() {
+            continue;
+        }
+        mark.execute(params![&*e.dedup_key, now]).map_err(sql)?;
+        for r in &e.records {
+            insert
+                .execute(params![
+                    &*r.integration,
+                    &*r.stream,
+                    &*r.timestamp_field,
+                    &*r.rule,
+                    &*r.rules_version,
+                    r.source.as_str(),
+                    &*r.event_id,
+                    &*r.event_type,
+                    &r.body[..],
+                    &r.input[..],
+                    r.traceparent.as_deref(),
+                    r.accepted_ms,
+                    now,
+                ])
+                .map_err(sql)?;
+        }
+    }
+    *depth += fresh;
+    Ok(duplicates)
+}
+
+fn skip_clause(skip: &HashSet<String>, first_param: usize) -> String {
+    if skip.is_empty() {
+        return String::new();
+    }
+    let marks: Vec<String> = (0..skip.len()).map(|i| format!("?{}", first_param + i)).collect();
+    format!(" AND integration NOT IN ({})", marks.join(", "))
+}
+
+fn lease(txn: &Transaction<'_>, max: usize, skip: &HashSet<String>, now: i64) -> Result<Vec<QueuedRecord>, QueueError> {
+    let query = format!(
+        "UPDATE records SET leased = 1 WHERE id IN (SELECT id FROM records WHERE leased = 0 AND due_ms <= ?1{} \
+         ORDER BY due_ms, id LIMIT ?2) RETURNING {RECORD_COLUMNS}, due_ms",
+        skip_clause(skip, 3)
+    );
+    let mut stmt = txn.prepare_cached(&query).map_err(sql)?;
+    let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(now), Box::new(i64::try_from(max).unwrap_or(i64::MAX))];
+    for s in skip {
+        values.push(Box::new(s.clone()));
+    }
+    let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
+    let mut out: Vec<(i64, QueuedRecord)> = stmt
+        .query_map(refs.as_slice(), |row| Ok((row.get::<_, i64>(15)?, read_record(row)?)))
+        .map_err(sql)?
+        .collect::<Result<_, _>>()
+        .map_err(sql)?;
+    out.sort_by_key(|(due, r)| (*due, r.id));
+    Ok(out.into_iter().map(|(_, r)| r).collect())
+}
+
+fn read_record(row: &rusqlite::Row<'_>) -> Result<QueuedRecord, rusqlite::Error> {
+    let text = |i: usize| -> Result<Arc<str>, rusqlite::Error> { Ok(Arc::from(row.get::<_, String>(i)?)) };
+    let history: String = row.get(14)?;
+    let source: String = row.get(6)?;
+    Ok(QueuedRecord {
+        id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+        record: NewRecord {
+            integration: text(1)?,
+            stream: text(2)?,
+            timestamp_field: text(3)?,
+            rule: text(4)?,
+            rules_version: text(5)?,
+            source: Source::parse(&source).unwrap_or(Source::Signal),
+            event_id: text(7)?,
+            event_type: text(8)?,
+            body: Bytes::from(row.get::<_, Vec<u8>>(9)?),
+            input: Bytes::from(row.get::<_, Vec<u8>>(10)?),
+            traceparent: row.get::<_, Option<String>>(11)?.map(Arc::from),
+            accepted_ms: row.get(12)?,
+        },
+        attempts: u32::try_from(row.get::<_, i64>(13)?).unwrap_or(0),
+        history: serde_json::from_str(&history).unwrap_or_default(),
+    })
+}
+
+fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(), QueueError> {
+    let mut stmt = txn.prepare_cached("DELETE FROM records WHERE id = ?1").map_err(sql)?;
+    for id in ids {
+        let n = stmt.execute(params![i64::try_from(*id).unwrap_or(-1)]).map_err(sql)?;
+        *depth = depth.saturating_sub(n);
+    }
+    Ok(())
+}
+
+fn retry(txn: &Transaction<'_>, records: &[QueuedRecord], due: i64) -> Result<(), QueueError> {
+    let mut stmt = txn
+        .prepare_cached("UPDATE records SET leased = 0, attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1")
+        .map_err(sql)?;
+    for r in records {
+        let history = serde_json::to_string(&r.history).unwrap_or_else(|_| "[]".into());
+        stmt.execute(params![i64::try_from(r.id).unwrap_or(-1), r.attempts, history, due]).map_err(sql)?;
+    }
+    Ok(())
+}
+
+fn dead_letter(txn: &Transaction<'_>, records: &[QueuedRecord], reason: &str, now: i64, depth: &mut usize) -> Result<(), QueueError> {
+    let mut insert = txn
+        .prepare_cached(
+            "INSERT INTO dead_letters (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
+             event_type, body, input, traceparent, accepted_ms, attempts, history, reason, at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )
+        .map_err(sql)?;
+    let mut delete = txn.prepare_cached("DELETE FROM records WHERE id = ?1").map_err(sql)?;
+    for q in records {
+        let r = &q.record;
+        let history = serde_json::to_string(&q.history).unwrap_or_else(|_| "[]".into());
+        insert
+            .execute(params![
+                &*r.integration,
+                &*r.stream,
+                &*r.timestamp_field,
+                &*r.rule,
+                &*r.rules_version,
+                r.source.as_str(),
+                &*r.event_id,
+                &*r.event_type,
+                &r.body[..],
+                &r.input[..],
+                r.traceparent.as_deref(),
+                r.accepted_ms,
+                q.attempts,
+                history,
+                reason,
+                now,
+            ])
+            .map_err(sql)?;
+        let n = delete.execute(params![i64::try_from(q.id).unwrap_or(-1)]).map_err(sql)?;
+        *depth = depth.saturating_sub(n);
+    }
+    Ok(())
+}
+
+fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+    let mut query = format!("SELECT {RECORD_COLUMNS}, reason, at_ms FROM dead_letters WHERE 1 = 1");
+    let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    let mut add = |clause: &str, v: Box<dyn rusqlite::ToSql>, query: &mut String| {
+        values.push(v);
+        query.push_str(&clause.replace('?', &format!("?{}", values.len())));
+    };
+    if let Some(i) = &f.integration {
+        add(" AND integration = ?", Box::new(i.clone()), &mut query);
+    }
+    if let Some(s) = &f.stream {
+        add(" AND stream = ?", Box::new(s.clone()), &mut query);
+    }
+    if let Some(r) = &f.reason {
+        add(" AND instr(reason, ?) > 0", Box::new(r.clone()), &mut query);
+    }
+    if let Some(t) = f.since_ms {
+        add(" AND at_ms >= ?", Box::new(t), &mut query);
+    }
+    if let Some(t) = f.until_ms {
+        add(" AND at_ms < ?", Box::new(t), &mut query);
+    }
+    if let Some(b) = f.before_id {
+        add(" AND id < ?", Box::new(b), &mut query);
+    }
+    add(" ORDER BY id DESC LIMIT ?", Box::new(i64::try_from(f.limit).unwrap_or(i64::MAX)), &mut query);
+    let mut stmt = txn.prepare(&query).map_err(sql)?;
+    let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
+    let rows = stmt
+        .query_map(refs.as_slice(), |row| {
+            let queued = read_record(row)?;
+            Ok(DeadLetter { id: queued.id as i64, queued, reason: row.get(15)?, at_ms: row.get(16)? })
+        })
+        .map_err(sql)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql)?;
+    Ok(rows)
+}
+
+fn replay(txn: &Transaction<'_>, ids: &[i64], now: i64, depth: &mut usize) -> Result<usize, QueueError> {
+    let mut copy = txn
+        .prepare_cached(
+            "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
+             event_type, body, input, traceparent, accepted_ms, due_ms) \
+             SELECT integration, stream, timestamp_field, rule, rules_version, source, event_id, event_type, body, \
+             input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1",
+        )
+        .map_err(sql)?;
+    let mut delete = txn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1").map_err(sql)?;
+    let mut n = 0;
+    for id in ids {
+        let copied = copy.execute(params![id, now]).map_err(sql)?;
+        delete.execute(params![id]).map_err(sql)?;
+        n += copied;
+    }
+    *depth += n;
+    Ok(n)
+}
+
+fn next_due(txn: &Transaction<'_>, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
+    let query = format!("SELECT MIN(due_ms) FROM records WHERE leased = 0{}", skip_clause(skip, 1));
+    let mut stmt = txn.prepare_cached(&query).map_err(sql)?;
+    let values: Vec<&dyn rusqlite::ToSql> = skip.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
+    stmt.query_row(values.as_slice(), |r| r.get::<_, Option<i64>>(0)).map_err(sql)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(integration: &str, id: &str) -> NewRecord {
+        NewRecord {
+            integration: Arc::from(integration),
+            stream: Arc::from("s"),
+            timestamp_field: Arc::from("_ts"),
+            rule: Arc::from("r"),
+            rules_version: Arc::from("v1"),
+            source: Source::CustomerIo,
+            event_id: Arc::from(id),
+            event_type: Arc::from("email_opened"),
+            body: Bytes::from(format!("{{\"id\":\"{id}\"}}")),
+            input: Bytes::from_static(b"{\"in\":1}"),
+            traceparent: Some(Arc::from("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")),
+            accepted_ms: 5,
+        }
+    }
+
+    fn event(key: &str, records: Vec<NewRecord>) -> EventRecords {
+        EventRecords { dedup_key: Arc::from(key), records }
+    }
+
+    fn open(dir: &Path) -> SqliteQueue {
+        SqliteQueue::open(&dir.join("queue.sqlite3"), 100, Duration::from_secs(3600)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_restart_with_their_context_and_leases_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = open(dir.path());
+            q.enqueue(vec![event("e1", vec![rec("a", "e1")]), event("e2", vec![rec("a", "e2")])]).await.unwrap();
+            let leased = q.lease(1, &HashSet::new()).await.unwrap();
+            assert_eq!(leased.len(), 1);
+            let attempt = Attempt { at_ms: 9, status: Some(503), detail: "busy".into() };
+            q.retry(leased, 0, attempt, true).await.unwrap();
+            let leased = q.lease(10, &HashSet::new()).await.unwrap();
+            assert_eq!(leased.len(), 2, "the retried record is due again");
+            // The process "dies" holding both leases.
+        }
+        let q = open(dir.path());
+        assert_eq!(q.depth(), 2);
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        assert_eq!(leased.len(), 2);
+        let first = leased.iter().find(|r| &*r.record.event_id == "e1").unwrap();
+        assert_eq!(first.attempts, 1);
+        assert_eq!(first.history[0].status, Some(503));
+        assert_eq!(&*first.record.rules_version, "v1");
+        assert_eq!(first.record.traceparent.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(first.record.source, Source::CustomerIo);
+        assert_eq!(&first.record.body[..], br#"{"id":"e1"}"#);
+        q.ack(&[first.id]).await.unwrap();
+        assert_eq!(q.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_refused_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = open(dir.path());
+            let d = q.enqueue(vec![event("e1", vec![rec("a", "e1")]), event("e1", vec![rec("a", "e1")])]).await.unwrap();
+            assert_eq!(d, vec![false, true]);
+        }
+        let q = open(dir.path());
+        assert_eq!(q.enqueue(vec![event("e1", vec![rec("a", "e1")])]).await.unwrap(), vec![true]);
+        assert_eq!(q.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_bound_refuses_and_recovers_as_records_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(&dir.path().join("q.sqlite3"), 2, Duration::from_secs(60)).unwrap();
+        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("a", "1")])]).await.unwrap();
+        assert!(matches!(q.enqueue(vec![event("2", vec![rec("a", "2")])]).await, Err(QueueError::Full { capacity: 2 })));
+        let leased = q.lease(1, &HashSet::new()).await.unwrap();
+        q.ack(&[leased[0].id]).await.unwrap();
+        assert_eq!(q.enqueue(vec![event("2", vec![rec("a", "2")])]).await.unwrap(), vec![false]);
+    }
+
+    #[tokio::test]
+    async fn paused_integrations_are_skipped_and_next_due_sees_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("b", "1")])]).await.unwrap();
+        let skip = HashSet::from(["a".to_string()]);
+        let leased = q.lease(10, &skip).await.unwrap();
+        assert_eq!(leased.len(), 1);
+        assert_eq!(&*leased[0].record.integration, "b");
+        let attempt = Attempt { at_ms: 0, status: None, detail: "x".into() };
+        q.retry(leased, now_ms() + 60_000, attempt, true).await.unwrap();
+        let due = q.next_due(&skip).await.unwrap().unwrap();
+        assert!(due > now_ms() + 50_000);
+        assert!(q.next_due(&HashSet::new()).await.unwrap().unwrap() <= now_ms());
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_filtered_and_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![event("1", vec![rec("a", "1")]), event("2", vec![rec("b", "2")])]).await.unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        let (a, b): (Vec<_>, Vec<_>) = leased.into_iter().partition(|r| &*r.record.integration == "a");
+        q.dead_letter(a, "Lytics refused the record (400): bad field".into()).await.unwrap();
+        q.dead_letter(b, "gave up after 5 attempt(s)".into()).await.unwrap();
+        assert_eq!(q.depth(), 0);
+        let all = q.dead_letters(DeadLetterFilter { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(all.len(), 2);
+        let refused = q
+            .dead_letters(DeadLetterFilter { limit: 10, reason: Some("refused".into()), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(&refused[0].queued.record.input[..], b"{\"in\":1}");
+        let only_b = q
+            .dead_letters(DeadLetterFilter { limit: 10, integration: Some("b".into()), ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(only_b.len(), 1);
+        assert_eq!(q.replay(&[refused[0].id]).await.unwrap(), 1);
+        assert_eq!(q.depth(), 1);
+        let again = q.lease(10, &HashSet::new()).await.unwrap();
+        assert_eq!(again[0].attempts, 0);
+        assert_eq!(q.dead_letters(DeadLetterFilter { limit: 10, ..Default::default() }).await.unwrap().len(), 1);
+    }
+}
