@@ -19,6 +19,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+use crate::admin::AdminToken;
+use crate::admin::dead_letters::DeadLetters;
 use crate::config::{self, QueueBackend, Settings};
 use crate::delivery::Delivery;
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -26,6 +28,7 @@ use crate::ingest::Ingest;
 use crate::ingress::grpc::IngestGrpc;
 use crate::ingress::http::{self, HttpState};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
 use crate::queue::{MemoryQueue, Queue, SqliteQueue};
 use crate::rules::{LiveRules, RuleSet};
@@ -176,6 +179,26 @@ pub async fn run(
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone(), settings.shutdown_grace));
 
+    let (admin_token, created) = AdminToken::load_or_create(settings.admin_token.clone(), &settings.data_dir)
+        .with_context(|| {
+            format!(
+                "cannot store the admin token in `{}`",
+                settings.data_dir.display()
+            )
+        })?;
+    if created {
+        // Printed once, on the terminal only: the log never carries secrets.
+        eprintln!(
+            "admin token (stored in {}, shown only now): {}",
+            settings.data_dir.join(crate::admin::TOKEN_FILE).display(),
+            admin_token.secret().expose()
+        );
+    }
+    let dead_letter_service = tonic::service::interceptor::InterceptedService::new(
+        DeadLetterServiceServer::new(DeadLetters::new(queue.clone())),
+        admin_token.interceptor(),
+    );
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -207,6 +230,7 @@ pub async fn run(
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(ingest_service)
+                .add_service(dead_letter_service)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
     };
@@ -255,7 +279,11 @@ pub async fn run(
     // A durable queue keeps what is left for the next start; the in-memory one loses it, so
     // delivery gets the rest of the grace period to empty it (a paused integration cannot).
     let deadline = started + settings.shutdown_grace;
-    while !queue.durable() && queue.depth() > 0 && Instant::now() < deadline && delivery_state.paused().is_empty() {
+    while !queue.durable()
+        && queue.depth() > 0
+        && Instant::now() < deadline
+        && delivery_state.paused().is_empty()
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = if queue.durable() { 0 } else { queue.depth() };

@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// until it is set.
     #[arg(long, env = "LYTICS_RELAY_CUSTOMERIO_SIGNING_KEY", hide_env_values = true)]
     pub customerio_signing_key: Option<String>,
+    /// The admin API's bearer token [default: generated at first start, stored in the data
+    /// directory and printed once].
+    #[arg(long, env = "LYTICS_RELAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Log format: `text` or `json` [default: text].
     #[arg(long, env = "LYTICS_RELAY_LOG_FORMAT")]
     pub log_format: Option<String>,

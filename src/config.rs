@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Seconds shutdown waits for calls in flight and the queue to drain.
     pub shutdown_grace_secs: Option<u64>,
+    /// The admin bearer token.
+    pub admin_token: Option<String>,
     /// The Lytics integration.
     #[serde(default)]
     pub lytics: FileLytics,
@@ -271,6 +273,8 @@ pub struct Settings {
     pub customerio_signing_key: Option<Secret>,
     /// How far a Customer.io `X-CIO-Timestamp` may be from now.
     pub customerio_tolerance: Duration,
+    /// The admin bearer token; generated and stored in the data directory when absent.
+    pub admin_token: Option<Secret>,
 }
 
 impl Settings {
@@ -298,6 +302,7 @@ impl Settings {
             signal_tolerance: Duration::from_secs(300),
             customerio_signing_key: None,
             customerio_tolerance: Duration::from_secs(7 * 24 * 3600),
+            admin_token: None,
         }
     }
 }
@@ -503,7 +508,10 @@ impl Settings {
             "embedded" => QueueBackend::Embedded,
             "memory" => QueueBackend::Memory,
             other => {
-                bad("queue.backend", format!("unknown backend `{other}`; use `embedded` or `memory`"));
+                bad(
+                    "queue.backend",
+                    format!("unknown backend `{other}`; use `embedded` or `memory`"),
+                );
                 QueueBackend::Embedded
             }
         };
@@ -559,6 +567,12 @@ impl Settings {
             customerio_tolerance: Duration::from_secs(
                 file.customerio.tolerance_secs.unwrap_or(7 * 24 * 3600),
             ),
+            admin_token: args
+                .admin_token
+                .clone()
+                .or(file.admin_token)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new),
         })
     }
 

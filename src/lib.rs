@@ -14,11 +14,14 @@
 //! - [`lytics`]: the collect API client: request building, sending, answer classification.
 //! - [`emulator`]: a Lytics-compatible server for tests and the zero-setup default.
 //!
+//! - [`admin`]: operator APIs behind the admin token (dead letters).
+//!
 //! Beside the pipeline: [`app`] wires it all and shuts it down in order, [`config`] and [`cli`]
 //! read and validate settings, [`telemetry`] holds span names and exporters, [`integration`] the
 //! validated integration types, [`error`] the one error type of every API, [`timefmt`] time
 //! parsing, [`proto`] the generated gRPC code.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;

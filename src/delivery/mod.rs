@@ -395,7 +395,14 @@ impl Delivery {
             }
             Outcome::BadPayload { status: s, message } => {
                 let reason = format!("Lytics refused the record ({s}): {message}");
-                let _ = status;
+                let batch = with_attempt(
+                    batch,
+                    Attempt {
+                        at_ms: now_ms(),
+                        status,
+                        detail: reason.clone(),
+                    },
+                );
                 self.dead_letter(batch, reason).await;
                 None
             }
@@ -410,6 +417,14 @@ impl Delivery {
         });
         if !give_up.is_empty() {
             let n = give_up.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
+            let give_up = with_attempt(
+                give_up,
+                Attempt {
+                    at_ms: now,
+                    status,
+                    detail: reason.clone(),
+                },
+            );
             self.dead_letter(give_up, format!("gave up after {n} attempt(s): {reason}"))
                 .await;
         }
@@ -507,6 +522,18 @@ impl Delivery {
             }
         }
     }
+}
+
+/// Counts a final attempt into each record's history, so dead letters show every attempt.
+fn with_attempt(records: Vec<QueuedRecord>, attempt: Attempt) -> Vec<QueuedRecord> {
+    records
+        .into_iter()
+        .map(|mut r| {
+            r.attempts += 1;
+            r.history.push(attempt.clone());
+            r
+        })
+        .collect()
 }
 
 /// A `dryrun` collect call with no records: checks token, stream and account without storing

@@ -18,6 +18,9 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Share (0 to 1) of collect requests whose connection is closed without any response.
     pub drop_rate: f64,
+    /// Answer 400 to any collect request holding a record with `"_poison": true`, as Lytics
+    /// answers a payload it cannot take (a poison record).
+    pub reject_poison: bool,
 }
 
 impl Faults {
@@ -45,6 +48,7 @@ impl Faults {
             throttle_rate: clamp(self.throttle_rate),
             latency_ms: self.latency_ms,
             drop_rate: clamp(self.drop_rate),
+            reject_poison: self.reject_poison,
         }
     }
 }
@@ -109,6 +113,7 @@ mod tests {
             throttle_rate: 1.0,
             drop_rate: 1.0,
             latency_ms: 0,
+            reject_poison: false,
         };
         assert!(decide_many(all).iter().all(|a| *a == FaultAction::Drop));
         let errors = decide_many(Faults {

@@ -252,6 +252,16 @@ async fn collect(
     let received_at = Utc::now();
     let parsed = collect::parse_body(&bytes, timestamp_field, received_at.timestamp_millis())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if emulator.faults().reject_poison
+        && parsed
+            .accepted
+            .iter()
+            .any(|a| a.record.get("_poison") == Some(&Value::Bool(true)))
+    {
+        return Err(ApiError::bad_request(
+            "invalid record: field `_poison` cannot be stored".to_string(),
+        ));
+    }
     let (message_count, rejected_count) = (parsed.accepted.len(), parsed.rejected);
     if !dryrun {
         emulator.ingest(&stream, parsed.accepted, rejected_count, received_at);

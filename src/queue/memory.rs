@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Attempt, DEDUP_CAP, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
+use super::{
+    Attempt, DEDUP_CAP, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId,
+};
 use crate::timefmt::now_ms;
 
 /// Dead letters kept in memory; older ones are forgotten first.
@@ -193,21 +195,38 @@ impl Queue for MemoryQueue {
     }
 
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
-        Ok(self.state().dead.iter().filter(|d| filter.matches(d)).take(filter.limit).cloned().collect())
+        Ok(self
+            .state()
+            .dead
+            .iter()
+            .filter(|d| filter.matches(d))
+            .take(filter.limit)
+            .cloned()
+            .collect())
     }
 
     async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
         let n = {
             let mut s = self.state();
             let now = now_ms();
-            let (replay, keep): (Vec<DeadLetter>, Vec<DeadLetter>) = s.dead.drain(..).partition(|d| ids.contains(&d.id));
+            let (replay, keep): (Vec<DeadLetter>, Vec<DeadLetter>) =
+                s.dead.drain(..).partition(|d| ids.contains(&d.id));
             s.dead = keep.into();
             for d in &replay {
                 s.next_id += 1;
                 let id = s.next_id;
-                s.waiting.insert((now, id), QueuedRecord { id, record: d.queued.record.clone(), attempts: 0, history: Vec::new() });
+                s.waiting.insert(
+                    (now, id),
+                    QueuedRecord {
+                        id,
+                        record: d.queued.record.clone(),
+                        attempts: 0,
+                        history: Vec::new(),
+                    },
+                );
             }
-            self.depth.store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
+            self.depth
+                .store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
             replay.len()
         };
         self.work.notify_one();
@@ -316,7 +335,13 @@ mod tests {
         q.enqueue(vec![event("1", vec![rec("a")])]).await.unwrap();
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
         q.dead_letter(leased, "bad record".into()).await.unwrap();
-        let dead = q.dead_letters(DeadLetterFilter { limit: 10, ..Default::default() }).await.unwrap();
+        let dead = q
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(dead[0].reason, "bad record");
         assert_eq!(q.depth(), 0);
     }

@@ -19,7 +19,9 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId};
+use super::{
+    Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
+};
 use crate::rules::Source;
 use crate::timefmt::now_ms;
 
@@ -100,16 +102,22 @@ impl SqliteQueue {
     /// Opens (or creates) the queue at `path`, releasing leases a previous process held.
     pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| QueueError::Store(format!("cannot create `{}`: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| QueueError::Store(format!("cannot create `{}`: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
+        let conn =
+            Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;",
         )
         .map_err(|e| store("cannot configure the store", e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| store("cannot create the schema", e))?;
-        conn.execute("UPDATE records SET leased = 0 WHERE leased = 1", []).map_err(|e| store("cannot release leases", e))?;
-        let depth: i64 = conn.query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0)).map_err(|e| store("cannot count records", e))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| store("cannot create the schema", e))?;
+        conn.execute("UPDATE records SET leased = 0 WHERE leased = 1", [])
+            .map_err(|e| store("cannot release leases", e))?;
+        let depth: i64 = conn
+            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
+            .map_err(|e| store("cannot count records", e))?;
         let depth = Arc::new(AtomicUsize::new(usize::try_from(depth).unwrap_or(0)));
         let work = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(PENDING_MAX);
@@ -153,7 +161,13 @@ impl Queue for SqliteQueue {
         self.call(|r| Op::Ack(ids.to_vec(), r)).await
     }
 
-    async fn retry(&self, records: Vec<QueuedRecord>, due_ms: i64, attempt: Attempt, count_attempt: bool) -> Result<(), QueueError> {
+    async fn retry(
+        &self,
+        records: Vec<QueuedRecord>,
+        due_ms: i64,
+        attempt: Attempt,
+        count_attempt: bool,
+    ) -> Result<(), QueueError> {
         let records = records
             .into_iter()
             .map(|mut q| {
@@ -260,7 +274,9 @@ impl Writer {
                         let r = dead_letter(&txn, &records, &reason, now, &mut depth);
                         answers.push(pending(reply, r));
                     }
-                    Op::DeadLetters(filter, reply) => answers.push(pending(reply, dead_letters(&txn, &filter))),
+                    Op::DeadLetters(filter, reply) => {
+                        answers.push(pending(reply, dead_letters(&txn, &filter)))
+                    }
                     Op::Replay(ids, reply) => {
                         woke = true;
                         let r = replay(&txn, &ids, now, &mut depth);
@@ -271,7 +287,10 @@ impl Writer {
             }
             if now - self.last_expiry_ms > 1000 {
                 self.last_expiry_ms = now;
-                txn.execute("DELETE FROM dedup WHERE at_ms < ?1", params![now.saturating_sub(self.dedup_window_ms)])?;
+                txn.execute(
+                    "DELETE FROM dedup WHERE at_ms < ?1",
+                    params![now.saturating_sub(self.dedup_window_ms)],
+                )?;
             }
             txn.commit()
         })();
@@ -301,12 +320,17 @@ fn enqueue(
     window_ms: i64,
     depth: &mut usize,
 ) -> Result<Vec<bool>, QueueError> {
-    let mut seen = txn.prepare_cached("SELECT at_ms FROM dedup WHERE key = ?1").map_err(sql)?;
+    let mut seen = txn
+        .prepare_cached("SELECT at_ms FROM dedup WHERE key = ?1")
+        .map_err(sql)?;
     let mut in_call = HashSet::new();
     let mut duplicates = Vec::with_capacity(events.len());
     let mut fresh = 0;
     for e in &events {
-        let stored: Option<i64> = seen.query_row(params![&*e.dedup_key], |r| r.get(0)).optional().map_err(sql)?;
+        let stored: Option<i64> = seen
+            .query_row(params![&*e.dedup_key], |r| r.get(0))
+            .optional()
+            .map_err(sql)?;
         let dup = stored.is_some_and(|at| now - at <= window_ms) || !in_call.insert(e.dedup_key.clone());
         if !dup {
             fresh += e.records.len();
@@ -316,7 +340,9 @@ fn enqueue(
     if fresh > 0 && *depth + fresh > capacity {
         return Err(QueueError::Full { capacity });
     }
-    let mut mark = txn.prepare_cached("INSERT OR REPLACE INTO dedup (key, at_ms) VALUES (?1, ?2)").map_err(sql)?;
+    let mut mark = txn
+        .prepare_cached("INSERT OR REPLACE INTO dedup (key, at_ms) VALUES (?1, ?2)")
+        .map_err(sql)?;
     let mut insert = txn
         .prepare_cached(
             "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
@@ -361,20 +387,28 @@ fn skip_clause(skip: &HashSet<String>, first_param: usize) -> String {
     format!(" AND integration NOT IN ({})", marks.join(", "))
 }
 
-fn lease(txn: &Transaction<'_>, max: usize, skip: &HashSet<String>, now: i64) -> Result<Vec<QueuedRecord>, QueueError> {
+fn lease(
+    txn: &Transaction<'_>,
+    max: usize,
+    skip: &HashSet<String>,
+    now: i64,
+) -> Result<Vec<QueuedRecord>, QueueError> {
     let query = format!(
         "UPDATE records SET leased = 1 WHERE id IN (SELECT id FROM records WHERE leased = 0 AND due_ms <= ?1{} \
          ORDER BY due_ms, id LIMIT ?2) RETURNING {RECORD_COLUMNS}, due_ms",
         skip_clause(skip, 3)
     );
     let mut stmt = txn.prepare_cached(&query).map_err(sql)?;
-    let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(now), Box::new(i64::try_from(max).unwrap_or(i64::MAX))];
+    let mut values: Vec<Box<dyn rusqlite::ToSql>> =
+        vec![Box::new(now), Box::new(i64::try_from(max).unwrap_or(i64::MAX))];
     for s in skip {
         values.push(Box::new(s.clone()));
     }
     let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
     let mut out: Vec<(i64, QueuedRecord)> = stmt
-        .query_map(refs.as_slice(), |row| Ok((row.get::<_, i64>(15)?, read_record(row)?)))
+        .query_map(refs.as_slice(), |row| {
+            Ok((row.get::<_, i64>(15)?, read_record(row)?))
+        })
         .map_err(sql)?
         .collect::<Result<_, _>>()
         .map_err(sql)?;
@@ -408,9 +442,13 @@ fn read_record(row: &rusqlite::Row<'_>) -> Result<QueuedRecord, rusqlite::Error>
 }
 
 fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(), QueueError> {
-    let mut stmt = txn.prepare_cached("DELETE FROM records WHERE id = ?1").map_err(sql)?;
+    let mut stmt = txn
+        .prepare_cached("DELETE FROM records WHERE id = ?1")
+        .map_err(sql)?;
     for id in ids {
-        let n = stmt.execute(params![i64::try_from(*id).unwrap_or(-1)]).map_err(sql)?;
+        let n = stmt
+            .execute(params![i64::try_from(*id).unwrap_or(-1)])
+            .map_err(sql)?;
         *depth = depth.saturating_sub(n);
     }
     Ok(())
@@ -418,16 +456,30 @@ fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(),
 
 fn retry(txn: &Transaction<'_>, records: &[QueuedRecord], due: i64) -> Result<(), QueueError> {
     let mut stmt = txn
-        .prepare_cached("UPDATE records SET leased = 0, attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1")
+        .prepare_cached(
+            "UPDATE records SET leased = 0, attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1",
+        )
         .map_err(sql)?;
     for r in records {
         let history = serde_json::to_string(&r.history).unwrap_or_else(|_| "[]".into());
-        stmt.execute(params![i64::try_from(r.id).unwrap_or(-1), r.attempts, history, due]).map_err(sql)?;
+        stmt.execute(params![
+            i64::try_from(r.id).unwrap_or(-1),
+            r.attempts,
+            history,
+            due
+        ])
+        .map_err(sql)?;
     }
     Ok(())
 }
 
-fn dead_letter(txn: &Transaction<'_>, records: &[QueuedRecord], reason: &str, now: i64, depth: &mut usize) -> Result<(), QueueError> {
+fn dead_letter(
+    txn: &Transaction<'_>,
+    records: &[QueuedRecord],
+    reason: &str,
+    now: i64,
+    depth: &mut usize,
+) -> Result<(), QueueError> {
     let mut insert = txn
         .prepare_cached(
             "INSERT INTO dead_letters (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
@@ -435,7 +487,9 @@ fn dead_letter(txn: &Transaction<'_>, records: &[QueuedRecord], reason: &str, no
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )
         .map_err(sql)?;
-    let mut delete = txn.prepare_cached("DELETE FROM records WHERE id = ?1").map_err(sql)?;
+    let mut delete = txn
+        .prepare_cached("DELETE FROM records WHERE id = ?1")
+        .map_err(sql)?;
     for q in records {
         let r = &q.record;
         let history = serde_json::to_string(&q.history).unwrap_or_else(|_| "[]".into());
@@ -459,7 +513,9 @@ fn dead_letter(txn: &Transaction<'_>, records: &[QueuedRecord], reason: &str, no
                 now,
             ])
             .map_err(sql)?;
-        let n = delete.execute(params![i64::try_from(q.id).unwrap_or(-1)]).map_err(sql)?;
+        let n = delete
+            .execute(params![i64::try_from(q.id).unwrap_or(-1)])
+            .map_err(sql)?;
         *depth = depth.saturating_sub(n);
     }
     Ok(())
@@ -490,13 +546,22 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
     if let Some(b) = f.before_id {
         add(" AND id < ?", Box::new(b), &mut query);
     }
-    add(" ORDER BY id DESC LIMIT ?", Box::new(i64::try_from(f.limit).unwrap_or(i64::MAX)), &mut query);
+    add(
+        " ORDER BY id DESC LIMIT ?",
+        Box::new(i64::try_from(f.limit).unwrap_or(i64::MAX)),
+        &mut query,
+    );
     let mut stmt = txn.prepare(&query).map_err(sql)?;
     let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
     let rows = stmt
         .query_map(refs.as_slice(), |row| {
             let queued = read_record(row)?;
-            Ok(DeadLetter { id: queued.id as i64, queued, reason: row.get(15)?, at_ms: row.get(16)? })
+            Ok(DeadLetter {
+                id: queued.id as i64,
+                queued,
+                reason: row.get(15)?,
+                at_ms: row.get(16)?,
+            })
         })
         .map_err(sql)?
         .collect::<Result<Vec<_>, _>>()
@@ -513,7 +578,9 @@ fn replay(txn: &Transaction<'_>, ids: &[i64], now: i64, depth: &mut usize) -> Re
              input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1",
         )
         .map_err(sql)?;
-    let mut delete = txn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1").map_err(sql)?;
+    let mut delete = txn
+        .prepare_cached("DELETE FROM dead_letters WHERE id = ?1")
+        .map_err(sql)?;
     let mut n = 0;
     for id in ids {
         let copied = copy.execute(params![id, now]).map_err(sql)?;
@@ -525,10 +592,14 @@ fn replay(txn: &Transaction<'_>, ids: &[i64], now: i64, depth: &mut usize) -> Re
 }
 
 fn next_due(txn: &Transaction<'_>, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
-    let query = format!("SELECT MIN(due_ms) FROM records WHERE leased = 0{}", skip_clause(skip, 1));
+    let query = format!(
+        "SELECT MIN(due_ms) FROM records WHERE leased = 0{}",
+        skip_clause(skip, 1)
+    );
     let mut stmt = txn.prepare_cached(&query).map_err(sql)?;
     let values: Vec<&dyn rusqlite::ToSql> = skip.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
-    stmt.query_row(values.as_slice(), |r| r.get::<_, Option<i64>>(0)).map_err(sql)
+    stmt.query_row(values.as_slice(), |r| r.get::<_, Option<i64>>(0))
+        .map_err(sql)
 }
 
 #[cfg(test)]
@@ -547,13 +618,18 @@ mod tests {
             event_type: Arc::from("email_opened"),
             body: Bytes::from(format!("{{\"id\":\"{id}\"}}")),
             input: Bytes::from_static(b"{\"in\":1}"),
-            traceparent: Some(Arc::from("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")),
+            traceparent: Some(Arc::from(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )),
             accepted_ms: 5,
         }
     }
 
     fn event(key: &str, records: Vec<NewRecord>) -> EventRecords {
-        EventRecords { dedup_key: Arc::from(key), records }
+        EventRecords {
+            dedup_key: Arc::from(key),
+            records,
+        }
     }
 
     fn open(dir: &Path) -> SqliteQueue {
@@ -565,10 +641,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let q = open(dir.path());
-            q.enqueue(vec![event("e1", vec![rec("a", "e1")]), event("e2", vec![rec("a", "e2")])]).await.unwrap();
+            q.enqueue(vec![
+                event("e1", vec![rec("a", "e1")]),
+                event("e2", vec![rec("a", "e2")]),
+            ])
+            .await
+            .unwrap();
             let leased = q.lease(1, &HashSet::new()).await.unwrap();
             assert_eq!(leased.len(), 1);
-            let attempt = Attempt { at_ms: 9, status: Some(503), detail: "busy".into() };
+            let attempt = Attempt {
+                at_ms: 9,
+                status: Some(503),
+                detail: "busy".into(),
+            };
             q.retry(leased, 0, attempt, true).await.unwrap();
             let leased = q.lease(10, &HashSet::new()).await.unwrap();
             assert_eq!(leased.len(), 2, "the retried record is due again");
@@ -582,7 +667,10 @@ mod tests {
         assert_eq!(first.attempts, 1);
         assert_eq!(first.history[0].status, Some(503));
         assert_eq!(&*first.record.rules_version, "v1");
-        assert_eq!(first.record.traceparent.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(
+            first.record.traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
         assert_eq!(first.record.source, Source::CustomerIo);
         assert_eq!(&first.record.body[..], br#"{"id":"e1"}"#);
         q.ack(&[first.id]).await.unwrap();
@@ -594,11 +682,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let q = open(dir.path());
-            let d = q.enqueue(vec![event("e1", vec![rec("a", "e1")]), event("e1", vec![rec("a", "e1")])]).await.unwrap();
+            let d = q
+                .enqueue(vec![
+                    event("e1", vec![rec("a", "e1")]),
+                    event("e1", vec![rec("a", "e1")]),
+                ])
+                .await
+                .unwrap();
             assert_eq!(d, vec![false, true]);
         }
         let q = open(dir.path());
-        assert_eq!(q.enqueue(vec![event("e1", vec![rec("a", "e1")])]).await.unwrap(), vec![true]);
+        assert_eq!(
+            q.enqueue(vec![event("e1", vec![rec("a", "e1")])]).await.unwrap(),
+            vec![true]
+        );
         assert_eq!(q.depth(), 1);
     }
 
@@ -606,23 +703,37 @@ mod tests {
     async fn the_bound_refuses_and_recovers_as_records_leave() {
         let dir = tempfile::tempdir().unwrap();
         let q = SqliteQueue::open(&dir.path().join("q.sqlite3"), 2, Duration::from_secs(60)).unwrap();
-        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("a", "1")])]).await.unwrap();
-        assert!(matches!(q.enqueue(vec![event("2", vec![rec("a", "2")])]).await, Err(QueueError::Full { capacity: 2 })));
+        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("a", "1")])])
+            .await
+            .unwrap();
+        assert!(matches!(
+            q.enqueue(vec![event("2", vec![rec("a", "2")])]).await,
+            Err(QueueError::Full { capacity: 2 })
+        ));
         let leased = q.lease(1, &HashSet::new()).await.unwrap();
         q.ack(&[leased[0].id]).await.unwrap();
-        assert_eq!(q.enqueue(vec![event("2", vec![rec("a", "2")])]).await.unwrap(), vec![false]);
+        assert_eq!(
+            q.enqueue(vec![event("2", vec![rec("a", "2")])]).await.unwrap(),
+            vec![false]
+        );
     }
 
     #[tokio::test]
     async fn paused_integrations_are_skipped_and_next_due_sees_retries() {
         let dir = tempfile::tempdir().unwrap();
         let q = open(dir.path());
-        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("b", "1")])]).await.unwrap();
+        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("b", "1")])])
+            .await
+            .unwrap();
         let skip = HashSet::from(["a".to_string()]);
         let leased = q.lease(10, &skip).await.unwrap();
         assert_eq!(leased.len(), 1);
         assert_eq!(&*leased[0].record.integration, "b");
-        let attempt = Attempt { at_ms: 0, status: None, detail: "x".into() };
+        let attempt = Attempt {
+            at_ms: 0,
+            status: None,
+            detail: "x".into(),
+        };
         q.retry(leased, now_ms() + 60_000, attempt, true).await.unwrap();
         let due = q.next_due(&skip).await.unwrap().unwrap();
         assert!(due > now_ms() + 50_000);
@@ -633,22 +744,45 @@ mod tests {
     async fn dead_letters_are_listed_filtered_and_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let q = open(dir.path());
-        q.enqueue(vec![event("1", vec![rec("a", "1")]), event("2", vec![rec("b", "2")])]).await.unwrap();
+        q.enqueue(vec![
+            event("1", vec![rec("a", "1")]),
+            event("2", vec![rec("b", "2")]),
+        ])
+        .await
+        .unwrap();
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
         let (a, b): (Vec<_>, Vec<_>) = leased.into_iter().partition(|r| &*r.record.integration == "a");
-        q.dead_letter(a, "Lytics refused the record (400): bad field".into()).await.unwrap();
-        q.dead_letter(b, "gave up after 5 attempt(s)".into()).await.unwrap();
+        q.dead_letter(a, "Lytics refused the record (400): bad field".into())
+            .await
+            .unwrap();
+        q.dead_letter(b, "gave up after 5 attempt(s)".into())
+            .await
+            .unwrap();
         assert_eq!(q.depth(), 0);
-        let all = q.dead_letters(DeadLetterFilter { limit: 10, ..Default::default() }).await.unwrap();
+        let all = q
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(all.len(), 2);
         let refused = q
-            .dead_letters(DeadLetterFilter { limit: 10, reason: Some("refused".into()), ..Default::default() })
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                reason: Some("refused".into()),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(refused.len(), 1);
         assert_eq!(&refused[0].queued.record.input[..], b"{\"in\":1}");
         let only_b = q
-            .dead_letters(DeadLetterFilter { limit: 10, integration: Some("b".into()), ..Default::default() })
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                integration: Some("b".into()),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(only_b.len(), 1);
@@ -656,6 +790,15 @@ mod tests {
         assert_eq!(q.depth(), 1);
         let again = q.lease(10, &HashSet::new()).await.unwrap();
         assert_eq!(again[0].attempts, 0);
-        assert_eq!(q.dead_letters(DeadLetterFilter { limit: 10, ..Default::default() }).await.unwrap().len(), 1);
+        assert_eq!(
+            q.dead_letters(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+            1
+        );
     }
 }

@@ -1,0 +1,158 @@
+//! `lytics_relay.v1.DeadLetterService`: list dead letters with their context, replay them.
+//!
+//! Input: filters and ids from an operator. Output: dead letters with the original input, the
+//! mapped record, the attempt history and the reason; replays put them back in the queue.
+
+use std::sync::Arc;
+
+use crate::error::ApiError;
+use crate::normalize::json_to_struct;
+use crate::proto::v1 as pb;
+use crate::proto::v1::dead_letter_service_server::DeadLetterService;
+use crate::queue::{DeadLetter, DeadLetterFilter, Queue};
+use crate::telemetry::parse_traceparent;
+
+/// Dead letters per page by default, and at most.
+const PAGE: usize = 50;
+const PAGE_MAX: usize = 500;
+
+/// The service.
+#[derive(Clone)]
+pub struct DeadLetters {
+    queue: Arc<dyn Queue>,
+}
+
+impl DeadLetters {
+    /// Wires the service.
+    pub fn new(queue: Arc<dyn Queue>) -> Self {
+        DeadLetters { queue }
+    }
+}
+
+fn filter(f: Option<pb::DeadLetterFilter>) -> DeadLetterFilter {
+    let f = f.unwrap_or_default();
+    let text = |s: String| (!s.is_empty()).then_some(s);
+    DeadLetterFilter {
+        integration: text(f.integration),
+        stream: text(f.stream),
+        reason: text(f.reason),
+        since_ms: (f.since_ms > 0).then_some(f.since_ms),
+        until_ms: (f.until_ms > 0).then_some(f.until_ms),
+        before_id: None,
+        limit: PAGE,
+    }
+}
+
+/// The protobuf form of a dead letter.
+pub fn dead_letter_pb(d: &DeadLetter) -> pb::DeadLetter {
+    let r = &d.queued.record;
+    let json = |b: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(b)
+            .ok()
+            .and_then(|v| json_to_struct(&v))
+    };
+    pb::DeadLetter {
+        id: d.id,
+        integration: r.integration.to_string(),
+        stream: r.stream.to_string(),
+        rule: r.rule.to_string(),
+        rules_version: r.rules_version.to_string(),
+        source: r.source.as_str().to_string(),
+        event_id: r.event_id.to_string(),
+        event_type: r.event_type.to_string(),
+        input: json(&r.input),
+        record: json(&r.body),
+        reason: d.reason.clone(),
+        dead_lettered_ms: d.at_ms,
+        accepted_ms: r.accepted_ms,
+        attempts: d
+            .queued
+            .history
+            .iter()
+            .map(|a| pb::DeliveryAttempt {
+                at_ms: a.at_ms,
+                status: a.status.map(u32::from).unwrap_or(0),
+                detail: a.detail.clone(),
+            })
+            .collect(),
+        trace_id: r
+            .traceparent
+            .as_deref()
+            .and_then(parse_traceparent)
+            .map(|sc| sc.trace_id().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+#[tonic::async_trait]
+impl DeadLetterService for DeadLetters {
+    async fn list_dead_letters(
+        &self,
+        request: tonic::Request<pb::ListDeadLettersRequest>,
+    ) -> Result<tonic::Response<pb::ListDeadLettersResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let mut f = filter(req.filter);
+        f.limit = match usize::try_from(req.page_size) {
+            Ok(0) | Err(_) => PAGE,
+            Ok(n) => n.min(PAGE_MAX),
+        };
+        if !req.page_token.is_empty() {
+            f.before_id = Some(
+                req.page_token
+                    .parse()
+                    .map_err(|_| ApiError::field("page_token", "is not a token this service issued"))?,
+            );
+        }
+        let limit = f.limit;
+        let found = self
+            .queue
+            .dead_letters(f)
+            .await
+            .map_err(crate::ingest::queue_error)?;
+        let next_page_token = if found.len() == limit {
+            found.last().map(|d| d.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(tonic::Response::new(pb::ListDeadLettersResponse {
+            dead_letters: found.iter().map(dead_letter_pb).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        request: tonic::Request<pb::ReplayDeadLettersRequest>,
+    ) -> Result<tonic::Response<pb::ReplayDeadLettersResponse>, tonic::Status> {
+        let req = request.into_inner();
+        let ids = if req.ids.is_empty() {
+            let Some(f) = req.filter else {
+                return Err(ApiError::field(
+                    "ids",
+                    "give dead letter ids, or a filter to replay everything it matches",
+                )
+                .into());
+            };
+            let mut f = filter(Some(f));
+            f.limit = usize::MAX >> 1;
+            self.queue
+                .dead_letters(f)
+                .await
+                .map_err(crate::ingest::queue_error)?
+                .into_iter()
+                .map(|d| d.id)
+                .collect()
+        } else {
+            req.ids
+        };
+        let replayed = self
+            .queue
+            .replay(&ids)
+            .await
+            .map_err(crate::ingest::queue_error)?;
+        tracing::info!(replayed, "dead letters replayed");
+        Ok(tonic::Response::new(pb::ReplayDeadLettersResponse {
+            replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+        }))
+    }
+}

@@ -1,0 +1,309 @@
+//! Durable at-least-once delivery: poison records, setup errors, the queue bound, restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lytics_relay::emulator::Faults;
+use lytics_relay::integration::{AccountId, StreamName};
+use lytics_relay::proto::v1 as pb;
+use lytics_relay::proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+use lytics_relay::telemetry::Telemetry;
+use serde_json::{Value, json};
+
+fn track(id: &str, props: Value) -> pb::Event {
+    event(
+        json!({"type": "track", "event": "Clicked", "userId": format!("u-{id}"), "messageId": id, "properties": props}),
+    )
+}
+
+fn admin_token(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("admin-token")).unwrap()
+}
+
+fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+async fn wait_paused(relay: &RelayHandle) -> Value {
+    for _ in 0..500 {
+        let h: Value = reqwest::get(relay.http_url("/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !h["paused_integrations"].as_array().unwrap().is_empty() {
+            return h["paused_integrations"][0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the integration never paused");
+}
+
+#[tokio::test]
+async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_delivers_it() {
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(Faults {
+        reject_poison: true,
+        ..Faults::default()
+    });
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.delivery.linger = Duration::from_millis(200);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    let events = (0..6)
+        .map(|i| {
+            track(
+                &format!("p{i}"),
+                if i == 3 {
+                    json!({"_poison": true})
+                } else {
+                    json!({"n": i})
+                },
+            )
+        })
+        .collect();
+    let r = client
+        .send_batch(pb::SendBatchRequest { events })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.accepted, 6);
+    let records = emu.wait_for_records(STREAM, 5).await;
+    assert!(records.iter().all(|r| r.get("_poison").is_none()));
+
+    let mut admin = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let unauthenticated = admin
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
+    let token = admin_token(dir.path());
+    let dead = loop {
+        let list = admin
+            .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        if !list.dead_letters.is_empty() {
+            break list.dead_letters;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.event_id, "p3");
+    assert!(
+        d.reason.contains("Lytics refused the record (400)") && d.reason.contains("_poison"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(d.stream, STREAM);
+    assert_eq!(d.rule, "track_event");
+    assert!(!d.rules_version.is_empty());
+    assert!(d.input.as_ref().unwrap().fields.contains_key("properties"));
+    assert!(d.record.as_ref().unwrap().fields.contains_key("_poison"));
+    assert_eq!(d.attempts.len(), 1);
+    assert_eq!(d.attempts[0].status, 400);
+
+    // After the fix, a replay delivers it.
+    emu.emulator.set_faults(Faults::default());
+    let filter = pb::DeadLetterFilter {
+        reason: "_poison".into(),
+        ..Default::default()
+    };
+    let replayed = admin
+        .replay_dead_letters(authed(
+            &token,
+            pb::ReplayDeadLettersRequest {
+                ids: vec![],
+                filter: Some(filter),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, 1);
+    let records = emu.wait_for_records(STREAM, 6).await;
+    assert!(records.iter().any(|r| r.get("_poison") == Some(&json!(true))));
+    let list = admin
+        .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.dead_letters.is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_stream_pauses_with_the_hint_and_resumes_by_itself_once_it_exists() {
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.lytics.as_mut().unwrap().stream = StreamName::new("Datafly_Events").unwrap();
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    for i in 0..3 {
+        client
+            .send(pb::SendRequest {
+                event: Some(track(&format!("s{i}"), json!({}))),
+            })
+            .await
+            .unwrap();
+    }
+    let pause = wait_paused(&relay).await;
+    assert_eq!(pause["status"], json!(404));
+    assert!(
+        pause["hint"].as_str().unwrap().contains("case-sensitive"),
+        "{pause}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(emu.emulator.stream_events("Datafly_Events").is_empty());
+    // The probe finds the stream once it exists, and every held event is delivered.
+    emu.emulator.add_stream("Datafly_Events");
+    emu.wait_for_records("Datafly_Events", 3).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_account_or_token_holds_events_until_the_config_is_fixed() {
+    let emu = EmulatorHandle::start().await;
+    for (fix, status, hint) in [
+        ("account", 400, "Account > Account Settings"),
+        ("token", 401, "API Tokens"),
+    ] {
+        let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+        let good = settings.clone();
+        match fix {
+            "account" => settings.lytics.as_mut().unwrap().account_id = AccountId::new("9999").unwrap(),
+            _ => {
+                settings.lytics.as_mut().unwrap().api_token = lytics_relay::integration::Secret::new("wrong")
+            }
+        }
+        let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+        let mut client = relay.client().await;
+        for i in 0..4 {
+            client
+                .send(pb::SendRequest {
+                    event: Some(track(&format!("{fix}{i}"), json!({}))),
+                })
+                .await
+                .unwrap();
+        }
+        let pause = wait_paused(&relay).await;
+        assert_eq!(pause["status"], json!(status));
+        assert!(pause["hint"].as_str().unwrap().contains(hint), "{pause}");
+        relay.stop().await;
+        // The fixed config, on the same data directory: every held event arrives.
+        let before = emu.emulator.stream_events(STREAM).len();
+        let relay = RelayHandle::start(good, Telemetry::disabled()).await;
+        emu.wait_for_records(STREAM, before + 4).await;
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_resource_exhausted_and_recovers_as_it_drains() {
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.queue_capacity = 5;
+    settings.delivery.max_attempts = 1000;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    for i in 0..5 {
+        client
+            .send(pb::SendRequest {
+                event: Some(track(&format!("f{i}"), json!({}))),
+            })
+            .await
+            .unwrap();
+    }
+    let full = client
+        .send(pb::SendRequest {
+            event: Some(track("f5", json!({}))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+    assert!(full.message().contains("queue is full"), "{}", full.message());
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let http = reqwest::Client::new()
+        .post(relay.http_url("/v1/events"))
+        .header("X-Timestamp", ts)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        http.status().as_u16(),
+        401,
+        "unsigned HTTP is refused before the queue is asked"
+    );
+    emu.emulator.set_faults(Faults::default());
+    emu.wait_for_records(STREAM, 5).await;
+    let mut accepted = false;
+    for _ in 0..200 {
+        if client
+            .send(pb::SendRequest {
+                event: Some(track("f5", json!({}))),
+            })
+            .await
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(accepted, "the queue accepts again once it drains");
+    emu.wait_for_records(STREAM, 6).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn faults_for_a_while_lose_nothing() {
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(Faults {
+        error_rate: 0.3,
+        throttle_rate: 0.3,
+        drop_rate: 0.2,
+        latency_ms: 20,
+        ..Faults::default()
+    });
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.delivery.max_attempts = 1000;
+    settings.delivery.batch_max_records = 50;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    for chunk in 0..10 {
+        let events = (0..100)
+            .map(|i| track(&format!("m{chunk}-{i}"), json!({})))
+            .collect();
+        client.send_batch(pb::SendBatchRequest { events }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    emu.emulator.set_faults(Faults::default());
+    let records = emu.wait_for_records(STREAM, 1000).await;
+    let ids: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1000, "every event arrived");
+    relay.stop().await;
+}
