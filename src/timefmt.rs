@@ -11,9 +11,16 @@ use serde_json::Value;
 /// 5138, 1e11 ms is 1973), so both shapes that senders use are read correctly.
 const SECONDS_CUTOFF: f64 = 1e11;
 
-/// The current time in unix milliseconds.
+/// The wall clock at the first reading, and the monotonic instant it was read at.
+static EPOCH: std::sync::OnceLock<(i64, tokio::time::Instant)> = std::sync::OnceLock::new();
+
+/// The current time in unix milliseconds: the wall clock read once, advanced by Tokio's
+/// monotonic clock. Under `tokio::time::pause` it follows virtual time, so retry schedules
+/// can be tested without waiting.
 pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
+    let (base_ms, base) = EPOCH.get_or_init(|| (Utc::now().timestamp_millis(), tokio::time::Instant::now()));
+    let elapsed = tokio::time::Instant::now().saturating_duration_since(*base);
+    base_ms + i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
 /// Parses an ISO-8601 / RFC 3339 time; a time without an offset is taken as UTC.

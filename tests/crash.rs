@@ -21,9 +21,30 @@ const ROUNDS: usize = 10;
 /// Starts the built binary on port 0 and returns it with its gRPC address.
 fn spawn(data_dir: &std::path::Path, emulator: &str) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--rules", "rules"])
-        .args(["--log-format", "json", "--lytics-url", emulator, "--lytics-api-token", TOKEN])
-        .args(["--lytics-account-id", ACCOUNT, "--lytics-stream", STREAM, "--data-dir"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--rules",
+            "rules",
+        ])
+        .args([
+            "--log-format",
+            "json",
+            "--lytics-url",
+            emulator,
+            "--lytics-api-token",
+            TOKEN,
+        ])
+        .args([
+            "--lytics-account-id",
+            ACCOUNT,
+            "--lytics-stream",
+            STREAM,
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("RUST_LOG", "info")
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -44,7 +65,9 @@ fn spawn(data_dir: &std::path::Path, emulator: &str) -> (Child, String) {
             }
         }
     });
-    let grpc = rx.recv_timeout(Duration::from_secs(30)).expect("the relay did not start");
+    let grpc = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the relay did not start");
     (child, grpc)
 }
 
@@ -56,7 +79,9 @@ async fn acknowledged_events_survive_repeated_kill_9() {
     let mut next = 0u64;
     for round in 0..ROUNDS {
         let (mut child, grpc) = spawn(dir.path(), &emu.url());
-        let client = IngestServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let client = IngestServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
         let run_for = Duration::from_millis(rand::rng().random_range(150..600));
         let deadline = Instant::now() + run_for;
         let mut senders = Vec::new();
@@ -74,7 +99,11 @@ async fn acknowledged_events_survive_repeated_kill_9() {
                         let ids: Vec<String> = (0..10).map(|k| format!("{id}-{k}")).collect();
                         let events = ids
                             .iter()
-                            .map(|m| event(json!({"type": "track", "event": "Load", "userId": "u", "messageId": m})))
+                            .map(|m| {
+                                event(
+                                    json!({"type": "track", "event": "Load", "userId": "u", "messageId": m}),
+                                )
+                            })
                             .collect();
                         match client.send_batch(pb::SendBatchRequest { events }).await {
                             Ok(_) => {
@@ -109,7 +138,11 @@ async fn acknowledged_events_survive_repeated_kill_9() {
         next += 10_000_000;
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 100, "the load generator got {} events acknowledged", acked.len());
+    assert!(
+        acked.len() > 100,
+        "the load generator got {} events acknowledged",
+        acked.len()
+    );
 
     // A last start delivers whatever the killed processes left queued.
     let (mut child, _) = spawn(dir.path(), &emu.url());
@@ -137,5 +170,8 @@ async fn acknowledged_events_survive_repeated_kill_9() {
         delivered.len(),
         duplicates
     );
-    assert!(lost.is_empty(), "acknowledged events lost: {lost:?} (and maybe more)");
+    assert!(
+        lost.is_empty(),
+        "acknowledged events lost: {lost:?} (and maybe more)"
+    );
 }

@@ -14,6 +14,7 @@
 //! Never maps events and never holds records outside the queue's lease.
 
 pub mod backoff;
+pub mod limit;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliverySettings;
 use crate::integration::{Integration, Integrations};
-use crate::lytics::{self, CollectTarget, LyticsClient, Outcome};
+use crate::lytics::{self, CollectSender, CollectTarget, LyticsClient, Outcome};
 use crate::queue::{Attempt, Queue, QueuedRecord};
 use crate::telemetry::{Telemetry, fail_span, names};
 use crate::timefmt::now_ms;
@@ -74,6 +75,7 @@ pub struct DeliveryCounters {
 #[derive(Debug, Default)]
 pub struct DeliveryState {
     paused: Mutex<HashMap<String, Pause>>,
+    limits: Mutex<HashMap<String, limit::Aimd>>,
     /// The counters.
     pub counters: DeliveryCounters,
 }
@@ -91,6 +93,48 @@ impl DeliveryState {
         first
     }
 
+    /// The current limit of calls in flight per integration.
+    pub fn limits(&self) -> HashMap<String, usize> {
+        let limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits.iter().map(|(k, a)| (k.clone(), a.limit())).collect()
+    }
+
+    /// Integrations that are paused or at their limit of calls in flight.
+    fn skipped(&self) -> HashSet<String> {
+        let mut skip: HashSet<String> = self.paused().into_keys().collect();
+        let limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        skip.extend(
+            limits
+                .iter()
+                .filter(|(_, a)| a.saturated())
+                .map(|(k, _)| k.clone()),
+        );
+        skip
+    }
+
+    fn begin_call(&self, id: &str, max: usize) {
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits
+            .entry(id.to_string())
+            .or_insert_with(|| limit::Aimd::new(max))
+            .begin();
+    }
+
+    fn end_call(&self, id: &str, throttled: bool, success: bool) {
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = limits.get_mut(id) {
+            let before = a.limit();
+            a.end(throttled, success);
+            if a.limit() != before {
+                tracing::info!(
+                    integration = id,
+                    limit = a.limit(),
+                    "calls in flight limit changed"
+                );
+            }
+        }
+    }
+
     /// Resumes an integration (its config changed, or a probe succeeded).
     pub fn resume(&self, id: &str) -> bool {
         self.paused
@@ -106,7 +150,7 @@ impl DeliveryState {
 pub struct Delivery {
     queue: Arc<dyn Queue>,
     integrations: Integrations,
-    client: LyticsClient,
+    client: Arc<dyn CollectSender>,
     telemetry: Telemetry,
     settings: DeliverySettings,
     backoff: Backoff,
@@ -121,7 +165,7 @@ impl Delivery {
         telemetry: Telemetry,
         settings: DeliverySettings,
     ) -> Result<Self, String> {
-        let client = LyticsClient::new(settings.request_timeout)?;
+        let client: Arc<dyn CollectSender> = Arc::new(LyticsClient::new(settings.request_timeout)?);
         let backoff =
             Backoff::try_new(settings.backoff_base, settings.backoff_max).map_err(|e| e.to_string())?;
         Ok(Delivery {
@@ -135,6 +179,12 @@ impl Delivery {
         })
     }
 
+    /// Sends through `sender` instead of the HTTP client (tests script Lytics' answers).
+    pub fn with_sender(mut self, sender: Arc<dyn CollectSender>) -> Self {
+        self.client = sender;
+        self
+    }
+
     /// The stage's state (pauses, counters).
     pub fn state(&self) -> Arc<DeliveryState> {
         self.state.clone()
@@ -143,7 +193,9 @@ impl Delivery {
     /// Runs until `shutdown`; then lets calls in flight finish within `grace` and returns
     /// whether they all did.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> bool {
-        let slots = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        // Leases in flight across all integrations; each integration is further held to its own
+        // AIMD limit by being skipped in leases while saturated.
+        let slots = Arc::new(Semaphore::new(self.settings.max_in_flight * 8));
         let mut tasks = JoinSet::new();
         let prober = {
             let d = self.clone();
@@ -152,8 +204,8 @@ impl Delivery {
         };
         'outer: loop {
             // Sleep until new work arrives or the next retry falls due.
-            let paused: HashSet<String> = self.state.paused().into_keys().collect();
-            let wait = match self.queue.next_due(&paused).await {
+            let skip = self.state.skipped();
+            let wait = match self.queue.next_due(&skip).await {
                 Ok(Some(due)) => {
                     Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_WAIT)
                 }
@@ -177,8 +229,8 @@ impl Delivery {
                     _ = shutdown.cancelled() => break 'outer,
                     p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'outer },
                 };
-                let paused: HashSet<String> = self.state.paused().into_keys().collect();
-                let leased = match self.queue.lease(self.settings.batch_max_records, &paused).await {
+                let skip = self.state.skipped();
+                let leased = match self.queue.lease(self.settings.batch_max_records, &skip).await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot lease records");
@@ -301,8 +353,15 @@ impl Delivery {
             ],
         );
         self.state.counters.calls.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .begin_call(integration.id.as_str(), self.settings.max_in_flight);
         let result = self.client.post(url, &integration.api_token, body).await;
         let outcome = lytics::classify(&result);
+        self.state.end_call(
+            integration.id.as_str(),
+            matches!(&result, Ok(r) if r.status == 429),
+            matches!(outcome, Outcome::Delivered { .. }),
+        );
         if let Some(s) = span.as_mut() {
             match &result {
                 Ok(reply) => {
@@ -512,9 +571,13 @@ impl Delivery {
                     self.state.resume(&id);
                     continue;
                 };
-                if probe(&self.client, &integration, &integration.stream_name.to_string())
-                    .await
-                    .is_ok()
+                if probe(
+                    self.client.as_ref(),
+                    &integration,
+                    &integration.stream_name.to_string(),
+                )
+                .await
+                .is_ok()
                 {
                     tracing::info!(integration = %id, "probe succeeded; delivery resumed");
                     self.state.resume(&id);
@@ -538,7 +601,11 @@ fn with_attempt(records: Vec<QueuedRecord>, attempt: Attempt) -> Vec<QueuedRecor
 
 /// A `dryrun` collect call with no records: checks token, stream and account without storing
 /// anything. `Err` carries the setup hint or the failure.
-pub async fn probe(client: &LyticsClient, integration: &Integration, stream: &str) -> Result<(), String> {
+pub async fn probe(
+    client: &dyn CollectSender,
+    integration: &Integration,
+    stream: &str,
+) -> Result<(), String> {
     let target = CollectTarget {
         base_url: &integration.base_url,
         stream,
@@ -557,3 +624,6 @@ pub async fn probe(client: &LyticsClient, integration: &Integration, stream: &st
         Outcome::BadPayload { status, message } => Err(format!("{status}: {message}")),
     }
 }
+
+#[cfg(test)]
+mod tests;

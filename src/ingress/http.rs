@@ -258,6 +258,7 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         "rules_version": s.ingest.rules().current().version().to_string(),
         "queue_depth": s.queue.depth(),
         "paused_integrations": paused,
+        "calls_in_flight_limit": s.delivery.limits(),
     });
     (code, Json(body))
 }

@@ -115,6 +115,20 @@ impl TransportError {
     }
 }
 
+/// What delivery sends collect calls with: the HTTP client, or a scripted one in tests.
+#[async_trait::async_trait]
+pub trait CollectSender: Send + Sync + 'static {
+    /// Posts `body` to `url` with the token.
+    async fn post(&self, url: Url, token: &Secret, body: Bytes) -> Result<Reply, TransportError>;
+}
+
+#[async_trait::async_trait]
+impl CollectSender for LyticsClient {
+    async fn post(&self, url: Url, token: &Secret, body: Bytes) -> Result<Reply, TransportError> {
+        LyticsClient::post(self, url, token, body).await
+    }
+}
+
 /// Sends collect calls.
 #[derive(Debug, Clone)]
 pub struct LyticsClient {

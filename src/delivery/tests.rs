@@ -1,0 +1,223 @@
+//! Delivery policy on virtual time (`tokio::time::pause`), against a scripted Lytics.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use reqwest::Url;
+
+use super::*;
+use crate::integration::{AccountId, IntegrationId, Secret, StreamName};
+use crate::lytics::{Reply, TransportError};
+use crate::queue::{DeadLetterFilter, EventRecords, MemoryQueue, NewRecord};
+use crate::rules::Source;
+
+/// Answers collect calls from a script (then the last answer forever) and records when each
+/// call came, in virtual milliseconds.
+struct Scripted {
+    answers: Mutex<VecDeque<u16>>,
+    last: u16,
+    calls: Mutex<Vec<i64>>,
+}
+
+impl Scripted {
+    fn new(script: &[u16], last: u16) -> Arc<Self> {
+        Arc::new(Scripted {
+            answers: Mutex::new(script.iter().copied().collect()),
+            last,
+            calls: Mutex::default(),
+        })
+    }
+    fn calls(&self) -> Vec<i64> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl CollectSender for Scripted {
+    async fn post(&self, _url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
+        self.calls.lock().unwrap().push(now_ms());
+        let status = self.answers.lock().unwrap().pop_front().unwrap_or(self.last);
+        let body = if status == 200 {
+            r#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#
+        } else {
+            r#"{"status":503,"message":"unavailable"}"#
+        };
+        Ok(Reply {
+            status,
+            body: Bytes::from_static(body.as_bytes()),
+            latency: Duration::ZERO,
+        })
+    }
+}
+
+fn record() -> NewRecord {
+    NewRecord {
+        integration: Arc::from("lytics"),
+        stream: Arc::from("s"),
+        timestamp_field: Arc::from("_ts"),
+        rule: Arc::from("r"),
+        rules_version: Arc::from("v"),
+        source: Source::Signal,
+        event_id: Arc::from("e"),
+        event_type: Arc::from("track"),
+        body: Bytes::from_static(b"{}"),
+        input: Bytes::from_static(b"{}"),
+        traceparent: None,
+        accepted_ms: now_ms(),
+    }
+}
+
+fn integration() -> Integrations {
+    Integrations::new(vec![Integration {
+        id: IntegrationId::new("lytics").unwrap(),
+        name: "Lytics".into(),
+        account_id: AccountId::new("1234").unwrap(),
+        stream_name: StreamName::new("s").unwrap(),
+        api_token: Secret::new("t"),
+        base_url: "http://127.0.0.1:9".into(),
+        enabled: true,
+    }])
+}
+
+fn settings() -> DeliverySettings {
+    DeliverySettings {
+        linger: Duration::ZERO,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+        max_attempts: 5,
+        max_retry_age: Duration::from_secs(24 * 3600),
+        ..DeliverySettings::default()
+    }
+}
+
+async fn run(
+    settings: DeliverySettings,
+    sender: Arc<Scripted>,
+    until: impl Fn(&MemoryQueue) -> bool,
+) -> Arc<MemoryQueue> {
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    let record = record();
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: Arc::from("e"),
+            records: vec![record],
+        }])
+        .await
+        .unwrap();
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings)
+        .unwrap()
+        .with_sender(sender);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    for _ in 0..100_000 {
+        if until(&queue) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    queue
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_on_temporary_errors_with_growing_jittered_backoff() {
+    let lytics = Scripted::new(&[503, 503, 503], 200);
+    let queue = run(settings(), lytics.clone(), |q| q.depth() == 0).await;
+    let calls = lytics.calls();
+    assert_eq!(calls.len(), 4, "three failures then a success: {calls:?}");
+    for (i, pair) in calls.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let ceiling = 1000 * (1 << i) + 600; // the backoff ceiling plus the dispatcher's idle wait
+        assert!(
+            gap <= ceiling,
+            "retry {i} came after {gap} ms, above {ceiling} ms: {calls:?}"
+        );
+    }
+    assert_eq!(queue.depth(), 0, "delivered and acked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fails_on_exhausted_attempts_into_the_dead_letter_queue() {
+    let lytics = Scripted::new(&[], 503);
+    let queue = run(settings(), lytics.clone(), |q| q.depth() == 0).await;
+    assert_eq!(lytics.calls().len(), 5, "max_attempts calls, then no more");
+    let dead = queue
+        .dead_letters(DeadLetterFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.starts_with("gave up after 5 attempt(s)"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].queued.history.len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gives_up_when_the_retry_age_runs_out_even_with_attempts_left() {
+    let lytics = Scripted::new(&[], 503);
+    let s = DeliverySettings {
+        max_attempts: 1_000,
+        max_retry_age: Duration::from_secs(3600),
+        backoff_max: Duration::from_secs(600),
+        ..settings()
+    };
+    let started = now_ms();
+    let queue = run(s, lytics.clone(), |q| q.depth() == 0).await;
+    let elapsed = now_ms() - started;
+    assert!(elapsed >= 3_600_000, "gave up after {elapsed} virtual ms");
+    assert!(
+        elapsed < 3_600_000 + 700_000,
+        "gave up within one backoff step of the age limit: {elapsed} ms"
+    );
+    assert_eq!(
+        queue
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(lytics.calls().len() < 1_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_lowers_the_calls_in_flight_limit() {
+    let lytics = Scripted::new(&[429], 200);
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    let s = settings();
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s.clone())
+        .unwrap()
+        .with_sender(lytics.clone());
+    let state = delivery.state();
+    let record = record();
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: Arc::from("e"),
+            records: vec![record],
+        }])
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(lytics.calls().len(), 2);
+    assert_eq!(
+        state.limits().get("lytics"),
+        Some(&(s.max_in_flight / 2)),
+        "halved by the 429, not yet regrown"
+    );
+}
