@@ -21,6 +21,9 @@ use tonic_health::ServingStatus;
 
 use crate::admin::AdminToken;
 use crate::admin::dead_letters::DeadLetters;
+use crate::admin::grpc::AdminGrpc;
+use crate::admin::integrations::IntegrationAdmin;
+use crate::admin::store::SqliteIntegrationStore;
 use crate::config::{self, QueueBackend, Settings};
 use crate::delivery::Delivery;
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -28,6 +31,7 @@ use crate::ingest::Ingest;
 use crate::ingress::grpc::IngestGrpc;
 use crate::ingress::http::{self, HttpState};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
 use crate::queue::{MemoryQueue, Queue, SqliteQueue};
@@ -115,6 +119,7 @@ pub async fn run(
 
     let stop_emulator = CancellationToken::new();
     let mut emulator_task = None;
+    let mut own_emulator: Option<(Emulator, String)> = None;
     let integration = match (&settings.lytics, listeners.emulator) {
         (Some(l), _) => Integration {
             id: IntegrationId::new(DEFAULT_INTEGRATION)?,
@@ -132,6 +137,7 @@ pub async fn run(
                 account_id: config::EMULATOR_ACCOUNT.into(),
                 streams: vec![config::EMULATOR_STREAM.into(), "customerio_events".into()],
             });
+            own_emulator = Some((emulator.clone(), format!("http://{addr}")));
             let stop = stop_emulator.clone();
             emulator_task = Some(tokio::spawn(
                 emulator.serve(listener, async move { stop.cancelled().await }),
@@ -156,7 +162,7 @@ pub async fn run(
         }
         (None, None) => anyhow::bail!("no Lytics integration configured and no emulator listener"),
     };
-    let integrations = Integrations::new(vec![integration]);
+    let integrations = Integrations::new(vec![integration.clone()]);
 
     let queue: Arc<dyn Queue> = match settings.queue_backend {
         QueueBackend::Embedded => {
@@ -176,6 +182,26 @@ pub async fn run(
     )
     .map_err(anyhow::Error::msg)?;
     let delivery_state = delivery.state();
+
+    // Installed integrations persist beside the queue; the live set is rebuilt from them.
+    let store = SqliteIntegrationStore::open(&settings.data_dir.join("integrations.sqlite3"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let install_url = settings
+        .lytics_url
+        .clone()
+        .or_else(|| own_emulator.as_ref().map(|(_, url)| url.clone()))
+        .unwrap_or_else(|| config::LYTICS_URL.to_string());
+    let integration_admin = IntegrationAdmin::start(
+        Arc::new(store),
+        integrations.clone(),
+        delivery_state.clone(),
+        Some(integration),
+        settings.lytics.is_none(),
+        install_url,
+        own_emulator.map(|(e, _)| e),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot load installed integrations: {}", e.message))?;
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone(), settings.shutdown_grace));
 
@@ -194,6 +220,10 @@ pub async fn run(
             admin_token.secret().expose()
         );
     }
+    let admin_service = tonic::service::interceptor::InterceptedService::new(
+        AdminServiceServer::new(AdminGrpc::new(integration_admin.clone())),
+        admin_token.interceptor(),
+    );
     let dead_letter_service = tonic::service::interceptor::InterceptedService::new(
         DeadLetterServiceServer::new(DeadLetters::new(queue.clone())),
         admin_token.interceptor(),
@@ -231,6 +261,7 @@ pub async fn run(
                 .add_service(reflection_v1alpha)
                 .add_service(ingest_service)
                 .add_service(dead_letter_service)
+                .add_service(admin_service)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
     };
@@ -250,6 +281,7 @@ pub async fn run(
             max_event_bytes: settings.max_event_bytes,
             max_batch_events: settings.max_batch_events,
         });
+        let app = app.merge(crate::admin::http::router(integration_admin, admin_token.clone()));
         let listener = listeners.http;
         tokio::spawn(async move {
             axum::serve(listener, app)

@@ -245,6 +245,9 @@ pub struct Settings {
     pub log_json: bool,
     /// The Lytics integration; `None` starts the emulator.
     pub lytics: Option<LyticsSettings>,
+    /// The Lytics URL when given explicitly; installed integrations deliver there (else to the
+    /// built-in emulator when it runs, else to Lytics).
+    pub lytics_url: Option<String>,
     /// Where the zero-setup emulator listens.
     pub emulator_addr: SocketAddr,
     /// Delivery tuning.
@@ -288,6 +291,7 @@ impl Settings {
             rules: None,
             log_json: false,
             lytics: None,
+            lytics_url: None,
             emulator_addr: any,
             delivery: DeliverySettings::default(),
             max_event_bytes: 32 * 1024,
@@ -397,11 +401,12 @@ impl Settings {
         let token = args.lytics_api_token.clone().or(file.lytics.api_token);
         let account = args.lytics_account_id.clone().or(file.lytics.account_id);
         let stream = args.lytics_stream.clone().or(file.lytics.stream);
-        let url = args
+        let explicit_url = args
             .lytics_url
             .clone()
             .or(file.lytics.url)
-            .unwrap_or_else(|| LYTICS_URL.to_string());
+            .map(|u| u.trim_end_matches('/').to_string());
+        let url = explicit_url.clone().unwrap_or_else(|| LYTICS_URL.to_string());
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bad(
                 "lytics.url (--lytics-url)",
@@ -541,6 +546,7 @@ impl Settings {
             rules: args.rules.clone().or(file.rules),
             log_json,
             lytics,
+            lytics_url: explicit_url,
             emulator_addr,
             delivery,
             max_event_bytes,
