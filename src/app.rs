@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use crate::admin::AdminToken;
 use crate::admin::dead_letters::DeadLetters;
 use crate::admin::grpc::AdminGrpc;
 use crate::admin::integrations::IntegrationAdmin;
+use crate::admin::rules::RulesAdmin;
 use crate::admin::store::SqliteIntegrationStore;
 use crate::config::{self, QueueBackend, Settings};
 use crate::delivery::Delivery;
@@ -34,8 +34,10 @@ use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Se
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
+use crate::proto::v1::rules_service_server::RulesServiceServer;
 use crate::queue::{MemoryQueue, Queue, SqliteQueue};
-use crate::rules::{LiveRules, RuleSet};
+use crate::reload::{self, Reloader, RulesSource};
+use crate::rules::LiveRules;
 use crate::telemetry::Telemetry;
 
 /// The largest gRPC message accepted (a batch of events).
@@ -79,15 +81,6 @@ pub struct Report {
     pub graceful: bool,
 }
 
-/// Loads the rules `settings` name: the given path, else `./rules`, else the built-in set.
-pub fn load_rules(path: Option<&Path>) -> anyhow::Result<RuleSet> {
-    match path {
-        Some(p) => Ok(RuleSet::load(p)?),
-        None if Path::new("rules").is_dir() => Ok(RuleSet::load(Path::new("rules"))?),
-        None => Ok(RuleSet::embedded()?),
-    }
-}
-
 /// Registers the rules' LQL in the built-in emulator, so its profiles merge user fields exactly
 /// as the rules declare (as `rules lql --push` does for a real account).
 async fn push_lql_to_emulator(files: &[crate::rules::CompiledFile], url: &str) {
@@ -113,9 +106,18 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<Report> {
-    let rules = load_rules(settings.rules.as_deref())?;
-    tracing::info!(version = %rules.version(), files = rules.files().len(), "rules loaded");
+    // Start-up loads rules the way a reload does: compiled, test cases run, or refused.
+    let rules_source = RulesSource::resolve(settings.rules.as_deref());
+    let rules = reload::load(&rules_source).map_err(|problems| {
+        anyhow::anyhow!(
+            "the rules cannot be used ({} problem(s)):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        )
+    })?;
+    tracing::info!(version = %rules.version(), files = rules.files().len(), source = ?rules_source, "rules loaded");
     let live_rules = LiveRules::new(rules);
+    let reloader = Reloader::new(live_rules.clone(), rules_source);
 
     let stop_emulator = CancellationToken::new();
     let mut emulator_task = None;
@@ -220,6 +222,13 @@ pub async fn run(
             admin_token.secret().expose()
         );
     }
+    let rules_admin = RulesAdmin::new(reloader.clone(), integrations.clone(), settings.max_event_bytes);
+    let rules_service = tonic::service::interceptor::InterceptedService::new(
+        RulesServiceServer::new(rules_admin.clone()),
+        admin_token.interceptor(),
+    );
+    let stop_reloader = CancellationToken::new();
+    let reloader_task = tokio::spawn(reloader.clone().run(settings.rules_watch, stop_reloader.clone()));
     let admin_service = tonic::service::interceptor::InterceptedService::new(
         AdminServiceServer::new(AdminGrpc::new(integration_admin.clone())),
         admin_token.interceptor(),
@@ -262,6 +271,7 @@ pub async fn run(
                 .add_service(ingest_service)
                 .add_service(dead_letter_service)
                 .add_service(admin_service)
+                .add_service(rules_service)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
     };
@@ -281,7 +291,11 @@ pub async fn run(
             max_event_bytes: settings.max_event_bytes,
             max_batch_events: settings.max_batch_events,
         });
-        let app = app.merge(crate::admin::http::router(integration_admin, admin_token.clone()));
+        let app = app.merge(crate::admin::http::router(
+            integration_admin,
+            rules_admin.clone(),
+            admin_token.clone(),
+        ));
         let listener = listeners.http;
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -319,6 +333,8 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = if queue.durable() { 0 } else { queue.depth() };
+    stop_reloader.cancel();
+    let _ = reloader_task.await;
     stop_delivery.cancel();
     let delivery_done = delivery_task.await.unwrap_or(false);
     stop_emulator.cancel();

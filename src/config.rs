@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Rule file or directory.
     pub rules: Option<PathBuf>,
+    /// Reload the rules when their files change (default true).
+    pub rules_watch: Option<bool>,
     /// Log format.
     pub log_format: Option<String>,
     /// Seconds shutdown waits for calls in flight and the queue to drain.
@@ -241,6 +243,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Rule file or directory; `None` means the built-in rules.
     pub rules: Option<PathBuf>,
+    /// Reload the rules when their files change.
+    pub rules_watch: bool,
     /// Log format is JSON.
     pub log_json: bool,
     /// The Lytics integration; `None` starts the emulator.
@@ -289,6 +293,7 @@ impl Settings {
             http_addr: any,
             data_dir: data_dir.to_path_buf(),
             rules: None,
+            rules_watch: true,
             log_json: false,
             lytics: None,
             lytics_url: None,
@@ -544,6 +549,7 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
             rules: args.rules.clone().or(file.rules),
+            rules_watch: args.rules_watch.or(file.rules_watch).unwrap_or(true),
             log_json,
             lytics,
             lytics_url: explicit_url,

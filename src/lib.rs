@@ -35,6 +35,7 @@ pub mod lytics;
 pub mod normalize;
 pub mod proto;
 pub mod queue;
+pub mod reload;
 pub mod rules;
 pub mod telemetry;
 pub mod timefmt;

@@ -16,15 +16,18 @@ use serde_json::{Value, json};
 use super::AdminToken;
 use super::catalog;
 use super::integrations::{InstallRequest, IntegrationAdmin, UpdateRequest};
+use super::rules::RulesAdmin;
 use crate::error::{ApiError, ErrorCode};
+use crate::rules::Source;
 
 #[derive(Clone)]
 struct AdminState {
     admin: IntegrationAdmin,
+    rules: RulesAdmin,
 }
 
 /// The admin routes, behind the token.
-pub fn router(admin: IntegrationAdmin, token: AdminToken) -> Router {
+pub fn router(admin: IntegrationAdmin, rules: RulesAdmin, token: AdminToken) -> Router {
     Router::new()
         .route("/v1/admin/integration-catalog", get(list_catalog))
         .route("/v1/admin/integration-catalog/{key}", get(get_entry))
@@ -37,8 +40,11 @@ pub fn router(admin: IntegrationAdmin, token: AdminToken) -> Router {
         .route("/v1/admin/integrations/{id}/pause", post(pause))
         .route("/v1/admin/integrations/{id}/resume", post(resume))
         .route("/v1/admin/integrations/{id}/test", post(test))
+        .route("/v1/admin/rules", get(rules_status))
+        .route("/v1/admin/rules/dry-run", post(dry_run))
+        .route("/v1/admin/rules/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(token, authorize))
-        .with_state(AdminState { admin })
+        .with_state(AdminState { admin, rules })
 }
 
 async fn authorize(State(token): State<AdminToken>, request: Request, next: Next) -> Response {
@@ -124,4 +130,51 @@ async fn resume(State(s): State<AdminState>, Path(id): Path<String>) -> Result<J
 
 async fn test(State(s): State<AdminState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(s.admin.test_connection(&id).await?)))
+}
+
+async fn rules_status(State(s): State<AdminState>) -> Json<Value> {
+    Json(json!(s.rules.reloader().status()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunBody {
+    /// `signal` (default) or `customerio`.
+    #[serde(default)]
+    source: Option<String>,
+    /// The event or webhook.
+    event: Value,
+    /// The integration whose settings the rules see.
+    #[serde(default)]
+    integration: Option<String>,
+}
+
+async fn dry_run(State(s): State<AdminState>, bytes: Bytes) -> Result<Json<Value>, ApiError> {
+    let b: DryRunBody = body(&bytes)?;
+    let source = match b.source.as_deref().unwrap_or("signal") {
+        "signal" => Source::Signal,
+        "customerio" => Source::CustomerIo,
+        other => {
+            return Err(ApiError::field(
+                "source",
+                format!("unknown source `{other}`; use `signal` or `customerio`"),
+            ));
+        }
+    };
+    Ok(Json(json!(s.rules.dry_run(
+        source,
+        b.event,
+        b.integration.as_deref()
+    )?)))
+}
+
+async fn reload(State(s): State<AdminState>) -> Json<Value> {
+    let o = s.rules.reload().await;
+    Json(json!({
+        "swapped": o.swapped,
+        "version": o.version,
+        "previous_version": o.previous_version,
+        "problems": o.problems,
+        "test_cases": o.test_cases,
+    }))
 }

@@ -9,6 +9,7 @@ pub mod dead_letters;
 pub mod grpc;
 pub mod http;
 pub mod integrations;
+pub mod rules;
 pub mod store;
 
 use std::path::Path;
