@@ -28,8 +28,12 @@ fn every_example_in_the_rule_reference_compiles_and_passes_its_cases() {
     assert!(blocks.len() >= 6, "found {} examples", blocks.len());
     for (i, text) in blocks.iter().enumerate() {
         let name = format!("docs/rules.md example {}", i + 1);
-        let set = RuleSet::compile(vec![(name.clone(), PathBuf::from("docs/example.yaml"), text.clone())])
-            .unwrap_or_else(|e| panic!("{name} does not compile:\n{e}\n{text}"));
+        let set = RuleSet::compile(vec![(
+            name.clone(),
+            PathBuf::from("docs/example.yaml"),
+            text.clone(),
+        )])
+        .unwrap_or_else(|e| panic!("{name} does not compile:\n{e}\n{text}"));
         let report = cases::run_all(&set);
         assert!(!report.results.is_empty(), "{name} has no test case");
         assert_eq!(report.failed(), 0, "{name}:\n{}", report.render());
@@ -41,7 +45,12 @@ fn the_lql_shown_for_the_merge_example_is_what_rules_lql_prints() {
     let doc = std::fs::read_to_string("docs/rules.md").unwrap();
     let start = doc.find("source: customerio\nstream: user_activity").unwrap();
     let end = start + doc[start..].find("```").unwrap();
-    let set = RuleSet::compile(vec![("x".into(), PathBuf::from("x.yaml"), doc[start..end].to_string())]).unwrap();
+    let set = RuleSet::compile(vec![(
+        "x".into(),
+        PathBuf::from("x.yaml"),
+        doc[start..end].to_string(),
+    )])
+    .unwrap();
     let lql = lytics_relay::rules::lql::queries(set.files());
     let shown_start = doc.find("SELECT\n    email(email)").unwrap();
     let shown_end = shown_start + doc[shown_start..].find("```").unwrap();
