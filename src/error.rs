@@ -133,6 +133,15 @@ impl ApiError {
         }
     }
 
+    /// A validation error whose message lists every violation: "invalid `what`: `f` is …; …".
+    pub fn violations(what: &str, violations: Vec<FieldViolation>) -> Self {
+        let list: Vec<String> = violations
+            .iter()
+            .map(|v| format!("`{}` {}", v.field, v.description))
+            .collect();
+        ApiError::invalid(format!("invalid {what}: {}", list.join("; ")), violations)
+    }
+
     /// A validation error about a single field.
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
         let v = FieldViolation::new(field, description);

@@ -231,15 +231,7 @@ pub fn signal_event(
         ));
     }
     if !violations.is_empty() {
-        let message = format!(
-            "invalid event: {}",
-            violations
-                .iter()
-                .map(|v| format!("`{}` {}", v.field, v.description))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        return Err(ApiError::invalid(message, violations));
+        return Err(ApiError::violations("event", violations));
     }
     let id = match message_id {
         Some(id) => id,
@@ -344,15 +336,7 @@ pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<Inb
         None => violations.push(FieldViolation::new(at("data"), "is required")),
     }
     if !violations.is_empty() {
-        let message = format!(
-            "invalid Customer.io webhook: {}",
-            violations
-                .iter()
-                .map(|v| format!("`{}` {}", v.field, v.description))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        return Err(ApiError::invalid(message, violations));
+        return Err(ApiError::violations("Customer.io webhook", violations));
     }
     let input = Bytes::from(serde_json::to_vec(&doc).map_err(|e| ApiError::internal(e.to_string()))?);
     if input.len() > max_bytes {

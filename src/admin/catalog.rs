@@ -166,13 +166,5 @@ pub fn validate_install(
     if violations.is_empty() {
         return Ok(());
     }
-    let message = format!(
-        "invalid install request: {}",
-        violations
-            .iter()
-            .map(|v| format!("`{}` {}", v.field, v.description))
-            .collect::<Vec<_>>()
-            .join("; ")
-    );
-    Err(ApiError::invalid(message, violations))
+    Err(ApiError::violations("install request", violations))
 }
