@@ -149,7 +149,10 @@ fn plan_for(query: JpQuery) -> Plan {
         .segments
         .iter()
         .map(|segment| match segment {
-            Segment::Selector(JpSelector::Name(name)) => Some(Step::Key(unquote(name).into())),
+            // The parser has already removed the quotes and resolved the escapes (RFC 9535,
+            // 2.3.1.2), so the name is the member name itself: stripping quotes again would turn
+            // `$["'a'"]` into `$.a`.
+            Segment::Selector(JpSelector::Name(name)) => Some(Step::Key(name.as_str().into())),
             Segment::Selector(JpSelector::Index(i)) => Some(Step::Index(*i)),
             _ => None,
         })
@@ -157,16 +160,6 @@ fn plan_for(query: JpQuery) -> Plan {
     match steps {
         Some(steps) => Plan::Plain(steps.into_boxed_slice()),
         None => Plan::Query(Box::new(query)),
-    }
-}
-
-/// jsonpath-rust keeps the quotes of bracketed names (`$['a']` gives `'a'`); the key is inside.
-fn unquote(name: &str) -> String {
-    let bytes = name.as_bytes();
-    if bytes.len() >= 2 && (bytes[0] == b'\'' || bytes[0] == b'"') && bytes[bytes.len() - 1] == bytes[0] {
-        name[1..name.len() - 1].to_string()
-    } else {
-        name.to_string()
     }
 }
 
@@ -233,6 +226,42 @@ mod tests {
                 Selected::Nothing => assert!(slow.is_empty(), "{p}"),
                 Selected::Many(_) => panic!("{p} should be singular"),
             }
+        }
+    }
+
+    #[test]
+    fn names_that_look_quoted_are_member_names() {
+        let d = json!({"'a'": 1, "a": 2, "\"\"": 3, "": 4, "a'b": 5, "\\": 6, "☺": 7});
+        for (p, want) in [
+            (r#"$["'a'"]"#, json!(1)),
+            (r#"$['\'a\'']"#, json!(1)),
+            (r#"$['""']"#, json!(3)),
+            (r#"$['']"#, json!(4)),
+            (r#"$['a\'b']"#, json!(5)),
+            (r#"$['\\']"#, json!(6)),
+            (r#"$["\u263A"]"#, json!(7)),
+            ("$['a']", json!(2)),
+        ] {
+            let selector = Selector::parse(p).unwrap();
+            assert!(selector.is_fast_path(), "{p}");
+            assert_eq!(selector.select(&d), Selected::One(&want), "{p}");
+            let slow: Vec<&Value> = jsonpath_rust::query::js_path_vals(p, &d).unwrap();
+            assert_eq!(slow, vec![&want], "{p}");
+        }
+    }
+
+    #[test]
+    fn paths_outside_rfc_9535_are_rejected() {
+        for p in [
+            "$[-0]",
+            "$[01]",
+            "$.a[-01]",
+            "$[9007199254740992]",
+            "$['a'",
+            "$.a.",
+            "$[\"\\x\"]",
+        ] {
+            assert!(Selector::parse(p).is_err(), "{p}");
         }
     }
 
