@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["lytics_relay/v1/ingest.proto", "lytics_relay/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "lytics_relay/v1/ingest.proto",
+    "lytics_relay/v1/admin.proto",
+    "lytics_relay/v1/live.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut compiler = protox::Compiler::new(["proto"])?;

@@ -28,8 +28,13 @@ use crate::ingest::Ingest;
 use crate::ingress::grpc::IngestGrpc;
 use crate::ingress::http::{self, HttpState};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use crate::live::LiveBus;
+use crate::live::grpc::LiveEventsGrpc;
+use crate::metrics::{Metrics, MetricsState};
+use crate::monitor::Monitor;
 use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
+use crate::proto::v1::live_events_service_server::LiveEventsServiceServer;
 use crate::queue::{MemoryQueue, Queue, SqliteQueue};
 use crate::rules::{LiveRules, RuleSet};
 use crate::telemetry::Telemetry;
@@ -167,14 +172,21 @@ pub async fn run(
         }
         QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window)),
     };
-    let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone());
+    // Ingest and delivery report every event and record here: counted in metrics, and
+    // published to watchers of the live bus (which never slows them).
+    let live = LiveBus::new(settings.live_buffer);
+    let metrics = Arc::new(Metrics::new());
+    let monitor = Monitor::new(live.clone(), metrics.clone());
+    let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone())
+        .with_monitor(monitor.clone());
     let delivery = Delivery::new(
         queue.clone(),
         integrations.clone(),
         telemetry.clone(),
         settings.delivery.clone(),
     )
-    .map_err(anyhow::Error::msg)?;
+    .map_err(anyhow::Error::msg)?
+    .with_monitor(monitor);
     let delivery_state = delivery.state();
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone(), settings.shutdown_grace));
@@ -196,6 +208,10 @@ pub async fn run(
     }
     let dead_letter_service = tonic::service::interceptor::InterceptedService::new(
         DeadLetterServiceServer::new(DeadLetters::new(queue.clone())),
+        admin_token.interceptor(),
+    );
+    let live_service = tonic::service::interceptor::InterceptedService::new(
+        LiveEventsServiceServer::new(LiveEventsGrpc::new(live.clone())),
         admin_token.interceptor(),
     );
 
@@ -231,6 +247,7 @@ pub async fn run(
                 .add_service(reflection_v1alpha)
                 .add_service(ingest_service)
                 .add_service(dead_letter_service)
+                .add_service(live_service)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
     };
@@ -249,7 +266,16 @@ pub async fn run(
             customerio_tolerance: settings.customerio_tolerance,
             max_event_bytes: settings.max_event_bytes,
             max_batch_events: settings.max_batch_events,
-        });
+        })
+        .merge(crate::live::web::router(crate::live::web::LiveWeb {
+            bus: live.clone(),
+            token: admin_token.clone(),
+        }))
+        .merge(crate::metrics::router(MetricsState {
+            metrics,
+            queue: queue.clone(),
+            bus: live.clone(),
+        }));
         let listener = listeners.http;
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -266,6 +292,8 @@ pub async fn run(
     health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_service_status("", ServingStatus::NotServing).await;
     ingest.close();
+    // Open watches would hold the servers open: end them.
+    live.close();
     stop_servers.cancel();
     let servers_done = tokio::time::timeout(settings.shutdown_grace, async {
         let _ = grpc_task.await;
