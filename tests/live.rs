@@ -278,6 +278,14 @@ async fn server_sent_events_carry_the_delivered_event() {
     assert_eq!(e["status"], json!(200));
     assert_eq!(e["input"]["event"], json!("Clicked"));
     assert_eq!(e["records"][0]["record"]["_e"], json!("Clicked"));
+
+    // An open page does not hold up shutdown: its stream ends.
+    assert!(relay.stop().await.graceful);
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = sse.chunk().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the event stream ended at shutdown");
 }
 
 /// Scrapes `/metrics`, checks that every line is in the text format, and returns each sample
