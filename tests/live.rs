@@ -352,19 +352,22 @@ async fn metrics_count_events_records_calls_and_the_queue() {
     emu.wait_for_records(STREAM, 2).await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
-    let m = loop {
+    loop {
         let m = scrape(&relay).await;
         if m.get(r#"lytics_relay_records_delivered_total{integration="lytics",source="signal"}"#)
             == Some(&2.0)
         {
-            break m;
+            break;
         }
         assert!(
             Instant::now() < deadline,
             "records never counted delivered: {m:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+    // Records are counted delivered once the queue let go of them, so from now on the queue
+    // reads empty (a scrape reads the queue before the counters, hence a fresh one).
+    let m = scrape(&relay).await;
     let get = |k: &str| {
         m.get(k)
             .copied()

@@ -435,16 +435,17 @@ impl Delivery {
                 rejected_count,
                 message_count,
             } => {
+                let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
+                if let Err(e) = self.queue.ack(&ids).await {
+                    tracing::error!(error = %e, "cannot mark records delivered; they may be sent again");
+                }
+                // Reported once the queue let go of them, so metrics and the queue agree.
                 let detail = match rejected_count {
                     0 => String::new(),
                     n => format!("partial failure: Lytics rejected {n} record(s) of the call"),
                 };
                 self.monitor
                     .settled(&batch, live::Outcome::Delivered, &call, &detail);
-                let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
-                if let Err(e) = self.queue.ack(&ids).await {
-                    tracing::error!(error = %e, "cannot mark records delivered; they may be sent again");
-                }
                 c.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 if rejected_count > 0 {
                     c.rejected_in_200.fetch_add(rejected_count, Ordering::Relaxed);
