@@ -6,6 +6,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "lytics_relay/v1/ingest.proto",
     "lytics_relay/v1/admin.proto",
+    "lytics_relay/v1/rules.proto",
     "lytics_relay/v1/live.proto",
 ];
 

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use bytes::{Buf as _, BufMut as _, Bytes};
 use clap::Parser;
 use http::uri::PathAndQuery;
-use lytics_relay::proto::v1::{IngestStatus, SendBatchResponse, SendResponse};
+use lytics_relay::proto::v1::{IngestResult, IngestStatus, SendBatchResponse, SendResponse};
 use prost::Message as _;
 use tokio::sync::Mutex;
 use tonic::Status;
@@ -104,6 +104,8 @@ struct Tally {
     duplicate: u64,
     ignored: u64,
     rejected: u64,
+    /// Lytics records queued for the accepted events.
+    records: u64,
     /// Latencies of every call, in microseconds.
     latencies_us: Vec<u64>,
 }
@@ -115,8 +117,9 @@ enum Kind {
     Other,
 }
 
-fn count_status(t: &mut Tally, status: i32) {
-    match IngestStatus::try_from(status) {
+fn count_result(t: &mut Tally, result: &IngestResult) {
+    t.records += u64::from(result.records);
+    match IngestStatus::try_from(result.status) {
         Ok(IngestStatus::Accepted) => t.accepted += 1,
         Ok(IngestStatus::Duplicate) => t.duplicate += 1,
         Ok(IngestStatus::Ignored) => t.ignored += 1,
@@ -128,7 +131,7 @@ fn record_answer(t: &mut Tally, kind: Kind, answer: &Bytes) {
     match kind {
         Kind::Send => match SendResponse::decode(answer.clone()) {
             Ok(r) => match r.result {
-                Some(res) => count_status(t, res.status),
+                Some(res) => count_result(t, &res),
                 None => t.rejected += 1,
             },
             Err(_) => t.rejected += 1,
@@ -137,7 +140,7 @@ fn record_answer(t: &mut Tally, kind: Kind, answer: &Bytes) {
             Ok(r) => {
                 for o in r.outcomes {
                     match o.result {
-                        Some(res) if o.error.is_none() => count_status(t, res.status),
+                        Some(res) if o.error.is_none() => count_result(t, &res),
                         _ => t.rejected += 1,
                     }
                 }
@@ -244,6 +247,7 @@ async fn main() -> anyhow::Result<()> {
             t.duplicate += local.duplicate;
             t.ignored += local.ignored;
             t.rejected += local.rejected;
+            t.records += local.records;
             t.latencies_us.extend(local.latencies_us);
         }));
     }
@@ -265,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
         "events_duplicate": t.duplicate,
         "events_ignored": t.ignored,
         "events_rejected": t.rejected,
+        "records_queued": t.records,
         "events_per_s": (t.accepted + t.duplicate + t.ignored) as f64 / elapsed.max(1e-9),
         "statuses": t.statuses,
         "first_messages": t.messages,

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +20,10 @@ use tonic_health::ServingStatus;
 
 use crate::admin::AdminToken;
 use crate::admin::dead_letters::DeadLetters;
+use crate::admin::grpc::AdminGrpc;
+use crate::admin::integrations::IntegrationAdmin;
+use crate::admin::rules::RulesAdmin;
+use crate::admin::store::SqliteIntegrationStore;
 use crate::config::{self, QueueBackend, Settings};
 use crate::delivery::Delivery;
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -32,11 +35,14 @@ use crate::live::LiveBus;
 use crate::live::grpc::LiveEventsGrpc;
 use crate::metrics::{Metrics, MetricsState};
 use crate::monitor::Monitor;
+use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
 use crate::proto::v1::live_events_service_server::LiveEventsServiceServer;
+use crate::proto::v1::rules_service_server::RulesServiceServer;
 use crate::queue::{MemoryQueue, Queue, SqliteQueue};
-use crate::rules::{LiveRules, RuleSet};
+use crate::reload::{self, Reloader, RulesSource};
+use crate::rules::LiveRules;
 use crate::telemetry::Telemetry;
 
 /// The largest gRPC message accepted (a batch of events).
@@ -80,15 +86,6 @@ pub struct Report {
     pub graceful: bool,
 }
 
-/// Loads the rules `settings` name: the given path, else `./rules`, else the built-in set.
-pub fn load_rules(path: Option<&Path>) -> anyhow::Result<RuleSet> {
-    match path {
-        Some(p) => Ok(RuleSet::load(p)?),
-        None if Path::new("rules").is_dir() => Ok(RuleSet::load(Path::new("rules"))?),
-        None => Ok(RuleSet::embedded()?),
-    }
-}
-
 /// Registers the rules' LQL in the built-in emulator, so its profiles merge user fields exactly
 /// as the rules declare (as `rules lql --push` does for a real account).
 async fn push_lql_to_emulator(files: &[crate::rules::CompiledFile], url: &str) {
@@ -114,12 +111,23 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<Report> {
-    let rules = load_rules(settings.rules.as_deref())?;
-    tracing::info!(version = %rules.version(), files = rules.files().len(), "rules loaded");
+    // Start-up loads rules the way a reload does: compiled, test cases run, or refused.
+    let rules_source = RulesSource::resolve(settings.rules.as_deref());
+    let rules = reload::load(&rules_source).map_err(|problems| {
+        anyhow::anyhow!(
+            "the rules cannot be used ({} problem(s)):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        )
+    })?;
+    tracing::info!(version = %rules.version(), files = rules.files().len(), source = ?rules_source, "rules loaded");
     let live_rules = LiveRules::new(rules);
+    let metrics = Arc::new(Metrics::new());
+    let reloader = Reloader::new(live_rules.clone(), rules_source).with_metrics(metrics.clone());
 
     let stop_emulator = CancellationToken::new();
     let mut emulator_task = None;
+    let mut own_emulator: Option<(Emulator, String)> = None;
     let integration = match (&settings.lytics, listeners.emulator) {
         (Some(l), _) => Integration {
             id: IntegrationId::new(DEFAULT_INTEGRATION)?,
@@ -137,6 +145,7 @@ pub async fn run(
                 account_id: config::EMULATOR_ACCOUNT.into(),
                 streams: vec![config::EMULATOR_STREAM.into(), "customerio_events".into()],
             });
+            own_emulator = Some((emulator.clone(), format!("http://{addr}")));
             let stop = stop_emulator.clone();
             emulator_task = Some(tokio::spawn(
                 emulator.serve(listener, async move { stop.cancelled().await }),
@@ -161,7 +170,7 @@ pub async fn run(
         }
         (None, None) => anyhow::bail!("no Lytics integration configured and no emulator listener"),
     };
-    let integrations = Integrations::new(vec![integration]);
+    let integrations = Integrations::new(vec![integration.clone()]);
 
     let queue: Arc<dyn Queue> = match settings.queue_backend {
         QueueBackend::Embedded => {
@@ -175,7 +184,6 @@ pub async fn run(
     // Ingest and delivery report every event and record here: counted in metrics, and
     // published to watchers of the live bus (which never slows them).
     let live = LiveBus::new(settings.live_buffer);
-    let metrics = Arc::new(Metrics::new());
     let monitor = Monitor::new(live.clone(), metrics.clone());
     let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone())
         .with_monitor(monitor.clone());
@@ -188,6 +196,26 @@ pub async fn run(
     .map_err(anyhow::Error::msg)?
     .with_monitor(monitor);
     let delivery_state = delivery.state();
+
+    // Installed integrations persist beside the queue; the live set is rebuilt from them.
+    let store = SqliteIntegrationStore::open(&settings.data_dir.join("integrations.sqlite3"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let install_url = settings
+        .lytics_url
+        .clone()
+        .or_else(|| own_emulator.as_ref().map(|(_, url)| url.clone()))
+        .unwrap_or_else(|| config::LYTICS_URL.to_string());
+    let integration_admin = IntegrationAdmin::start(
+        Arc::new(store),
+        integrations.clone(),
+        delivery_state.clone(),
+        Some(integration),
+        settings.lytics.is_none(),
+        install_url,
+        own_emulator.map(|(e, _)| e),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot load installed integrations: {}", e.message))?;
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone(), settings.shutdown_grace));
 
@@ -206,6 +234,17 @@ pub async fn run(
             admin_token.secret().expose()
         );
     }
+    let rules_admin = RulesAdmin::new(reloader.clone(), integrations.clone(), settings.max_event_bytes);
+    let rules_service = tonic::service::interceptor::InterceptedService::new(
+        RulesServiceServer::new(rules_admin.clone()),
+        admin_token.interceptor(),
+    );
+    let stop_reloader = CancellationToken::new();
+    let reloader_task = tokio::spawn(reloader.clone().run(settings.rules_watch, stop_reloader.clone()));
+    let admin_service = tonic::service::interceptor::InterceptedService::new(
+        AdminServiceServer::new(AdminGrpc::new(integration_admin.clone())),
+        admin_token.interceptor(),
+    );
     let dead_letter_service = tonic::service::interceptor::InterceptedService::new(
         DeadLetterServiceServer::new(DeadLetters::new(queue.clone())),
         admin_token.interceptor(),
@@ -247,6 +286,8 @@ pub async fn run(
                 .add_service(reflection_v1alpha)
                 .add_service(ingest_service)
                 .add_service(dead_letter_service)
+                .add_service(admin_service)
+                .add_service(rules_service)
                 .add_service(live_service)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
@@ -266,16 +307,22 @@ pub async fn run(
             customerio_tolerance: settings.customerio_tolerance,
             max_event_bytes: settings.max_event_bytes,
             max_batch_events: settings.max_batch_events,
-        })
-        .merge(crate::live::web::router(crate::live::web::LiveWeb {
-            bus: live.clone(),
-            token: admin_token.clone(),
-        }))
-        .merge(crate::metrics::router(MetricsState {
-            metrics,
-            queue: queue.clone(),
-            bus: live.clone(),
-        }));
+        });
+        let app = app.merge(crate::admin::http::router(
+            integration_admin,
+            rules_admin.clone(),
+            admin_token.clone(),
+        ));
+        let app = app
+            .merge(crate::live::web::router(crate::live::web::LiveWeb {
+                bus: live.clone(),
+                token: admin_token.clone(),
+            }))
+            .merge(crate::metrics::router(MetricsState {
+                metrics,
+                queue: queue.clone(),
+                bus: live.clone(),
+            }));
         let listener = listeners.http;
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -315,6 +362,8 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = if queue.durable() { 0 } else { queue.depth() };
+    stop_reloader.cancel();
+    let _ = reloader_task.await;
     stop_delivery.cancel();
     let delivery_done = delivery_task.await.unwrap_or(false);
     stop_emulator.cancel();

@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Rule file or directory [default: ./rules, else the rules built into the binary].
     #[arg(long, env = "LYTICS_RELAY_RULES")]
     pub rules: Option<PathBuf>,
+    /// Reload the rules when their files change [default: true]; SIGHUP and
+    /// `RulesService/Reload` always work.
+    #[arg(long, env = "LYTICS_RELAY_RULES_WATCH")]
+    pub rules_watch: Option<bool>,
     /// A YAML config file (see README); flags and environment variables override it.
     #[arg(long, env = "LYTICS_RELAY_CONFIG")]
     pub config: Option<PathBuf>,

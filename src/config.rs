@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Rule file or directory.
     pub rules: Option<PathBuf>,
+    /// Reload the rules when their files change (default true).
+    pub rules_watch: Option<bool>,
     /// Log format.
     pub log_format: Option<String>,
     /// Seconds shutdown waits for calls in flight and the queue to drain.
@@ -243,10 +245,15 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Rule file or directory; `None` means the built-in rules.
     pub rules: Option<PathBuf>,
+    /// Reload the rules when their files change.
+    pub rules_watch: bool,
     /// Log format is JSON.
     pub log_json: bool,
     /// The Lytics integration; `None` starts the emulator.
     pub lytics: Option<LyticsSettings>,
+    /// The Lytics URL when given explicitly; installed integrations deliver there (else to the
+    /// built-in emulator when it runs, else to Lytics).
+    pub lytics_url: Option<String>,
     /// Where the zero-setup emulator listens.
     pub emulator_addr: SocketAddr,
     /// Delivery tuning.
@@ -290,8 +297,10 @@ impl Settings {
             http_addr: any,
             data_dir: data_dir.to_path_buf(),
             rules: None,
+            rules_watch: true,
             log_json: false,
             lytics: None,
+            lytics_url: None,
             emulator_addr: any,
             delivery: DeliverySettings::default(),
             max_event_bytes: 32 * 1024,
@@ -402,11 +411,12 @@ impl Settings {
         let token = args.lytics_api_token.clone().or(file.lytics.api_token);
         let account = args.lytics_account_id.clone().or(file.lytics.account_id);
         let stream = args.lytics_stream.clone().or(file.lytics.stream);
-        let url = args
+        let explicit_url = args
             .lytics_url
             .clone()
             .or(file.lytics.url)
-            .unwrap_or_else(|| LYTICS_URL.to_string());
+            .map(|u| u.trim_end_matches('/').to_string());
+        let url = explicit_url.clone().unwrap_or_else(|| LYTICS_URL.to_string());
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bad(
                 "lytics.url (--lytics-url)",
@@ -548,8 +558,10 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
             rules: args.rules.clone().or(file.rules),
+            rules_watch: args.rules_watch.or(file.rules_watch).unwrap_or(true),
             log_json,
             lytics,
+            lytics_url: explicit_url,
             emulator_addr,
             delivery,
             max_event_bytes,

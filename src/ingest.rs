@@ -185,7 +185,13 @@ impl Ingest {
                     answer.records += 1;
                     records.push(NewRecord {
                         integration: integration.id.as_arc(),
-                        stream: record.stream,
+                        // Records bound for the integration's own stream follow it: a stream
+                        // fixed while they wait redirects them (resolved at delivery).
+                        stream: if *record.stream == *integration.stream_name.as_str() {
+                            Arc::from(crate::queue::INTEGRATION_STREAM)
+                        } else {
+                            record.stream
+                        },
                         timestamp_field: record.timestamp_field,
                         rule: record.rule,
                         rules_version: rules.version().clone(),
@@ -202,7 +208,7 @@ impl Ingest {
             if answer.records > 0 {
                 answer.disposition = Disposition::Queued;
             }
-            mapped.push(Mapped::new(&event, &records));
+            mapped.push(Mapped::new(&event, &records, &integrations));
             batches.push(EventRecords {
                 dedup_key: Arc::from(format!("{}:{}", event.source.as_str(), event.id)),
                 records,

@@ -40,6 +40,7 @@ pub mod monitor;
 pub mod normalize;
 pub mod proto;
 pub mod queue;
+pub mod reload;
 pub mod rules;
 pub mod telemetry;
 pub mod timefmt;

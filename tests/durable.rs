@@ -20,10 +20,6 @@ fn track(id: &str, props: Value) -> pb::Event {
     )
 }
 
-fn admin_token(dir: &std::path::Path) -> String {
-    std::fs::read_to_string(dir.join("admin-token")).unwrap()
-}
-
 fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut()
@@ -87,7 +83,7 @@ async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_deliv
         .await
         .unwrap_err();
     assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
-    let token = admin_token(dir.path());
+    let token = admin_token(dir.path()).await;
     let dead = loop {
         let list = admin
             .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))

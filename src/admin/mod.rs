@@ -4,7 +4,13 @@
 //! from `--admin-token`, or is generated at first start, stored in the data directory (mode 0600)
 //! and printed once. Every call compares the token in constant time. Never maps or delivers.
 
+pub mod catalog;
 pub mod dead_letters;
+pub mod grpc;
+pub mod http;
+pub mod integrations;
+pub mod rules;
+pub mod store;
 
 use std::path::Path;
 

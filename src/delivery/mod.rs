@@ -54,6 +54,8 @@ pub struct Pause {
     pub message: String,
     /// Since when (unix ms).
     pub since_ms: i64,
+    /// Paused by an operator (not by a Lytics answer): probes do not resume it.
+    pub manual: bool,
 }
 
 /// Counters of the delivery stage.
@@ -135,6 +137,21 @@ impl DeliveryState {
                 );
             }
         }
+    }
+
+    /// Pauses an integration on an operator's request; events stay queued.
+    pub fn pause_manual(&self, id: &str) {
+        let pause = Pause {
+            status: 0,
+            hint: "paused by an operator; resume it to deliver".into(),
+            message: String::new(),
+            since_ms: now_ms(),
+            manual: true,
+        };
+        self.paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), pause);
     }
 
     /// Resumes an integration (its config changed, or a probe succeeded).
@@ -272,7 +289,12 @@ impl Delivery {
     /// in batches within the count and byte limits.
     async fn deliver(&self, leased: Vec<QueuedRecord>) {
         let mut groups: HashMap<BatchKey, Vec<QueuedRecord>> = HashMap::new();
-        for r in leased {
+        for mut r in leased {
+            if &*r.record.stream == crate::queue::INTEGRATION_STREAM
+                && let Some(i) = self.integrations.get(&r.record.integration)
+            {
+                r.record.stream = Arc::from(i.stream_name.as_str());
+            }
             let key = (
                 r.record.integration.clone(),
                 r.record.stream.clone(),
@@ -580,6 +602,7 @@ impl Delivery {
                 hint: hint.to_string(),
                 message: message.clone(),
                 since_ms: now_ms(),
+                manual: false,
             },
         );
         if first {
@@ -606,7 +629,10 @@ impl Delivery {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.settings.probe_interval) => {}
             }
-            for id in self.state.paused().into_keys() {
+            for (id, pause) in self.state.paused() {
+                if pause.manual {
+                    continue;
+                }
                 let Some(integration) = self.integrations.get(&id) else {
                     self.state.resume(&id);
                     continue;

@@ -151,6 +151,8 @@ impl fmt::Debug for Emulator {
 struct Inner {
     api_token: String,
     account_id: String,
+    /// More accepted token → account pairs, added at run time.
+    credentials: Mutex<HashMap<String, String>>,
     /// Events cap per stream; a field rather than the constant so tests can use a small one.
     max_events: usize,
     /// Streams and profiles share one lock so a reset clears both at once.
@@ -209,6 +211,7 @@ impl Emulator {
             inner: Arc::new(Inner {
                 api_token: config.api_token,
                 account_id: config.account_id,
+                credentials: Mutex::new(HashMap::new()),
                 max_events: max_events.max(1),
                 data: Mutex::new(Data {
                     streams,
@@ -395,12 +398,17 @@ impl Emulator {
         }
     }
 
+    /// Accepts another token, for another account (as a Lytics instance serves many).
+    pub fn add_credentials(&self, api_token: &str, account_id: &str) {
+        lock(&self.inner.credentials).insert(api_token.to_string(), account_id.to_string());
+    }
+
     fn token_matches(&self, token: &str) -> bool {
-        token == self.inner.api_token
+        token == self.inner.api_token || lock(&self.inner.credentials).contains_key(token)
     }
 
     fn account_matches(&self, account_id: &str) -> bool {
-        account_id == self.inner.account_id
+        account_id == self.inner.account_id || lock(&self.inner.credentials).values().any(|a| a == account_id)
     }
 
     fn has_stream(&self, stream: &str) -> bool {

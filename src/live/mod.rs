@@ -25,8 +25,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Accepted, Disposition};
+use crate::integration::Integration;
 use crate::normalize::InboundEvent;
-use crate::queue::{NewRecord, QueuedRecord};
+use crate::queue::{INTEGRATION_STREAM, NewRecord, QueuedRecord};
 use crate::rules::{DroppedRecord, Source};
 use crate::telemetry::parse_traceparent;
 
@@ -271,13 +272,26 @@ pub struct Mapped {
 }
 
 impl Mapped {
-    /// What the live view and metrics need of `event` and the records built from it.
-    pub fn new(event: &InboundEvent, records: &[NewRecord]) -> Self {
+    /// What the live view and metrics need of `event` and the records built from it. Records
+    /// bound for their integration's own stream show that stream's name, as it is now.
+    pub fn new(event: &InboundEvent, records: &[NewRecord], integrations: &[Integration]) -> Self {
+        let records = records
+            .iter()
+            .map(|r| {
+                let mut live = LiveRecord::of(r);
+                if &*live.stream == INTEGRATION_STREAM
+                    && let Some(i) = integrations.iter().find(|i| i.id.as_str() == &*r.integration)
+                {
+                    live.stream = Arc::from(i.stream_name.as_str());
+                }
+                live
+            })
+            .collect();
         Mapped {
             source: event.source,
             event_type: event.event_type.clone(),
             input: event.input.clone(),
-            records: records.iter().map(LiveRecord::of).collect(),
+            records,
         }
     }
 }

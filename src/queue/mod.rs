@@ -23,6 +23,10 @@ pub const DEDUP_CAP: usize = 2_000_000;
 
 use crate::rules::Source;
 
+/// The `stream` of a record bound for its integration's configured stream, resolved when it is
+/// delivered, so changing the integration's stream redirects the records still queued.
+pub const INTEGRATION_STREAM: &str = "";
+
 /// A queue-assigned record id.
 pub type RecordId = u64;
 

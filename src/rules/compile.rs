@@ -98,6 +98,14 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
     };
     let ts_field: Arc<str> = Arc::from(spec.timestamp_field.as_deref().unwrap_or(DEFAULT_TIMESTAMP_FIELD));
     let file_identity = spec.identity.clone().unwrap_or_default();
+    for key in spec.unknown.keys() {
+        c.problem(
+            None,
+            &format!("{key}:"),
+            format!("unknown key `{key}` in the file"),
+            Some(suggest(key, super::spec::FILE_KEYS)),
+        );
+    }
     let mut names = HashSet::new();
     let mut rules = Vec::new();
     for rule in &spec.rules {
@@ -214,6 +222,14 @@ impl Compiler<'_> {
                 RecordKind::Event
             }
         };
+        for key in spec.unknown.keys() {
+            self.problem(
+                Some(name),
+                &format!("{key}:"),
+                format!("unknown key `{key}` in the rule"),
+                Some(suggest(key, super::spec::RULE_KEYS)),
+            );
+        }
         let when = spec.when.as_ref().and_then(|w| self.condition(name, w, None));
         let mut fields = Vec::new();
         let mut seen: Vec<Arc<str>> = Vec::new();

@@ -145,6 +145,8 @@ impl RuleSet {
             }
         }
         problems.extend(cross_checks(&compiled, &files));
+        // Reported in reading order: file, then line, then column.
+        problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
         if !problems.is_empty() {
             return Err(RulesError::Invalid(problems));
         }

@@ -11,7 +11,6 @@ use serde_yaml::Value as Yaml;
 
 /// A rule file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RuleFileSpec {
     /// Which input the rules read: `signal` or `customerio`.
     pub source: String,
@@ -35,11 +34,38 @@ pub struct RuleFileSpec {
     /// Test cases: an input and the records it must produce.
     #[serde(default)]
     pub tests: Vec<TestCaseSpec>,
+    /// Keys the language does not know; the compiler reports each, so one run shows every
+    /// mistake instead of stopping at the first.
+    #[serde(flatten)]
+    pub unknown: IndexMap<String, Yaml>,
 }
+
+/// The keys a rule file may have.
+pub const FILE_KEYS: &[&str] = &[
+    "source",
+    "description",
+    "stream",
+    "timestamp_field",
+    "identity",
+    "alias",
+    "rules",
+    "tests",
+];
+
+/// The keys a rule may have.
+pub const RULE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "kind",
+    "when",
+    "stream",
+    "identity",
+    "flatten",
+    "fields",
+];
 
 /// One rule: when it applies and the record it builds.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     /// A unique name, shown in the live view, dead letters and dry runs.
     pub name: String,
@@ -64,6 +90,9 @@ pub struct RuleSpec {
     /// The record's fields, in order.
     #[serde(default)]
     pub fields: IndexMap<String, Yaml>,
+    /// Keys the language does not know (reported by the compiler).
+    #[serde(flatten)]
+    pub unknown: IndexMap<String, Yaml>,
 }
 
 /// A test case kept beside the rules.

@@ -97,6 +97,8 @@ rules:
     when: { $.type: { equal: x } }
     fields:
       q: $.q
+    flaten: [$.x]
+sorce: signal
 "#;
     let problems = compile(text).unwrap_err();
     let msgs: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -117,14 +119,32 @@ rules:
     );
     assert!(all.contains("unknown test `equal`"), "{all}");
     assert!(all.contains("rule `b`: the rule has no field `_ts`"), "{all}");
+    assert!(
+        all.contains(
+            "test.yaml:13:5: rule `b`: unknown key `flaten` in the rule (hint: did you mean `flatten`?)"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("test.yaml:14:1: unknown key `sorce` in the file (hint: did you mean `source`?)"),
+        "{all}"
+    );
+    assert!(problems.len() >= 9, "{all}");
     assert!(problems.iter().all(|p| p.line.is_some()), "{all}");
 }
 
 #[test]
 fn bad_yaml_names_line_and_column() {
     let problems = compile("source: signal\nrules:\n  - name: a\n    felds: {}\n").unwrap_err();
-    assert_eq!(problems[0].line, Some(4));
-    assert!(problems[0].message.contains("unknown field `felds`"));
+    let p = problems
+        .iter()
+        .find(|p| p.message.contains("unknown key `felds`"))
+        .unwrap();
+    assert_eq!((p.line, p.column), (Some(4), Some(5)));
+    assert_eq!(p.hint.as_deref(), Some("did you mean `fields`?"));
+    let problems = compile("source: signal\nrules: [\n").unwrap_err();
+    assert_eq!(problems[0].line, Some(3), "{problems:?}");
+    assert!(problems[0].hint.as_deref().unwrap().contains("YAML syntax"));
 }
 
 #[test]

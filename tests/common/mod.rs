@@ -193,3 +193,16 @@ pub fn event(json: Value) -> lytics_relay::proto::v1::Event {
         version: None,
     }
 }
+
+/// The admin token the relay generated in `dir`, once it has started.
+pub async fn admin_token(dir: &std::path::Path) -> String {
+    for _ in 0..500 {
+        if let Ok(t) = std::fs::read_to_string(dir.join("admin-token"))
+            && !t.is_empty()
+        {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the relay wrote no admin token");
+}

@@ -1,0 +1,468 @@
+//! Installing and managing integrations: the operations behind both the HTTP and the gRPC admin
+//! APIs, so the two always agree.
+//!
+//! Input: validated admin requests. Output: integration views (the token always masked), the
+//! stored list, and the live set of integrations ingest and delivery use, rebuilt after every
+//! change. A config change resumes a delivery paused by a setup error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{self, ConfigInput};
+use super::store::{IntegrationStore, StoreError, StoredIntegration};
+use crate::delivery::{DeliveryState, probe};
+use crate::emulator::Emulator;
+use crate::error::{ApiError, ErrorCode, FieldViolation};
+use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use crate::lytics::LyticsClient;
+use crate::timefmt::now_ms;
+
+/// An install request (the seed's body).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallRequest {
+    /// A display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The variant (`default`).
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// The settings.
+    #[serde(default)]
+    pub config: ConfigInput,
+    /// The delivery mode (`server_side`).
+    #[serde(default)]
+    pub delivery_mode: Option<String>,
+    /// Run a `dryrun` collect call before installing; a failure refuses the install.
+    #[serde(default)]
+    pub test_connection: bool,
+}
+
+/// An update: only the given fields change.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// A new name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New settings (rotate the token, change the stream or account).
+    #[serde(default)]
+    pub config: ConfigInput,
+}
+
+/// The masked config of a view.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConfigView {
+    /// Always `***`.
+    pub api_token: &'static str,
+    /// The account id.
+    pub account_id: String,
+    /// The stream.
+    pub stream_name: String,
+}
+
+/// An integration as answered: never with its token.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IntegrationView {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The catalog entry (`lytics`).
+    pub integration: String,
+    /// The variant.
+    pub variant: String,
+    /// The delivery mode.
+    pub delivery_mode: String,
+    /// The settings, token masked.
+    pub config: ConfigView,
+    /// `active`, `paused` (by an operator) or `setup_error`.
+    pub status: String,
+    /// Why it is not active, with the troubleshooting text.
+    pub status_detail: Option<String>,
+    /// `api` (installed) or `config` (from flags / config file; read-only here).
+    pub managed_by: String,
+    /// When it was installed (unix ms; 0 for config-managed).
+    pub created_ms: i64,
+    /// When it last changed (unix ms).
+    pub updated_ms: i64,
+}
+
+/// One page of integrations.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntegrationPage {
+    /// The integrations.
+    pub integrations: Vec<IntegrationView>,
+    /// Pass as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+    /// Whether more follow.
+    pub has_more: bool,
+}
+
+/// The result of a connection test.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConnectionTest {
+    /// Whether Lytics accepted a `dryrun` call.
+    pub ok: bool,
+    /// The failure, with the seed's troubleshooting text.
+    pub detail: Option<String>,
+}
+
+/// The admin operations on integrations.
+#[derive(Clone)]
+pub struct IntegrationAdmin {
+    store: Arc<dyn IntegrationStore>,
+    live: Integrations,
+    delivery: Arc<DeliveryState>,
+    /// The integration from flags / config file, or the zero-setup emulator default.
+    configured: Option<Integration>,
+    /// True when `configured` is the zero-setup default, which installed ones replace.
+    configured_is_default: bool,
+    /// Where installed integrations deliver: `--lytics-url`, or the built-in emulator.
+    base_url: String,
+    /// The relay's own emulator, which learns installed credentials so the seed's flow works
+    /// end to end without Lytics.
+    emulator: Option<Emulator>,
+    client: LyticsClient,
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "integration store failed");
+    ApiError::new(
+        ErrorCode::Unavailable,
+        "the integration store is unavailable; retry later",
+    )
+}
+
+impl IntegrationAdmin {
+    /// Loads the stored integrations and puts the live set in force.
+    pub async fn start(
+        store: Arc<dyn IntegrationStore>,
+        live: Integrations,
+        delivery: Arc<DeliveryState>,
+        configured: Option<Integration>,
+        configured_is_default: bool,
+        base_url: String,
+        emulator: Option<Emulator>,
+    ) -> Result<Self, ApiError> {
+        let client = LyticsClient::new(Duration::from_secs(10)).map_err(ApiError::internal)?;
+        let admin = IntegrationAdmin {
+            store,
+            live,
+            delivery,
+            configured,
+            configured_is_default,
+            base_url,
+            emulator,
+            client,
+        };
+        let stored = admin.store.list().await.map_err(store_error)?;
+        for s in &stored {
+            if s.paused {
+                admin.delivery.pause_manual(&s.id);
+            }
+            if let Some(e) = &admin.emulator {
+                e.add_credentials(&s.api_token, &s.account_id);
+            }
+        }
+        admin.refresh(&stored);
+        Ok(admin)
+    }
+
+    fn refresh(&self, stored: &[StoredIntegration]) {
+        let mut list = Vec::new();
+        if let Some(c) = &self.configured
+            && (!self.configured_is_default || stored.is_empty())
+        {
+            list.push(c.clone());
+        }
+        list.extend(stored.iter().filter_map(|s| to_integration(s).ok()));
+        self.live.replace(list);
+    }
+
+    async fn reload(&self) -> Result<Vec<StoredIntegration>, ApiError> {
+        let stored = self.store.list().await.map_err(store_error)?;
+        self.refresh(&stored);
+        Ok(stored)
+    }
+
+    fn view_stored(&self, s: &StoredIntegration) -> IntegrationView {
+        let (status, detail) = self.status(&s.id);
+        IntegrationView {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            integration: s.kind.clone(),
+            variant: s.variant.clone(),
+            delivery_mode: s.delivery_mode.clone(),
+            config: ConfigView {
+                api_token: Secret::MASK,
+                account_id: s.account_id.clone(),
+                stream_name: s.stream_name.clone(),
+            },
+            status,
+            status_detail: detail,
+            managed_by: "api".into(),
+            created_ms: s.created_ms,
+            updated_ms: s.updated_ms,
+        }
+    }
+
+    fn view_configured(&self, i: &Integration) -> IntegrationView {
+        let (status, detail) = self.status(i.id.as_str());
+        IntegrationView {
+            id: i.id.to_string(),
+            name: i.name.clone(),
+            integration: catalog::LYTICS.into(),
+            variant: "default".into(),
+            delivery_mode: "server_side".into(),
+            config: ConfigView {
+                api_token: Secret::MASK,
+                account_id: i.account_id.as_str().into(),
+                stream_name: i.stream_name.as_str().into(),
+            },
+            status,
+            status_detail: detail,
+            managed_by: "config".into(),
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    fn status(&self, id: &str) -> (String, Option<String>) {
+        match self.delivery.paused().get(id) {
+            Some(p) if p.manual => ("paused".into(), Some(p.hint.clone())),
+            Some(p) => (
+                "setup_error".into(),
+                Some(format!("Lytics answered {}: {}", p.status, p.hint)),
+            ),
+            None => ("active".into(), None),
+        }
+    }
+
+    /// Every integration in force, then paged by `cursor` (an id) and `limit`.
+    pub async fn list(&self, cursor: Option<&str>, limit: usize) -> Result<IntegrationPage, ApiError> {
+        let stored = self.reload().await?;
+        let live = self.live.snapshot();
+        let mut all: Vec<IntegrationView> = Vec::new();
+        if let Some(c) = &self.configured
+            && live.iter().any(|i| i.id == c.id)
+        {
+            all.push(self.view_configured(c));
+        }
+        all.extend(stored.iter().map(|s| self.view_stored(s)));
+        let start = match cursor {
+            Some(c) => all
+                .iter()
+                .position(|v| v.id == c)
+                .map(|p| p + 1)
+                .ok_or_else(|| ApiError::field("cursor", "is not a cursor this API issued"))?,
+            None => 0,
+        };
+        let limit = limit.clamp(1, 500);
+        let page: Vec<IntegrationView> = all.iter().skip(start).take(limit).cloned().collect();
+        let has_more = start + page.len() < all.len();
+        Ok(IntegrationPage {
+            next_cursor: if has_more {
+                page.last().map(|v| v.id.clone())
+            } else {
+                None
+            },
+            integrations: page,
+            has_more,
+        })
+    }
+
+    /// One integration.
+    pub async fn get(&self, id: &str) -> Result<IntegrationView, ApiError> {
+        if let Some(c) = &self.configured
+            && c.id.as_str() == id
+            && self.live.get(id).is_some()
+        {
+            return Ok(self.view_configured(c));
+        }
+        let s = self
+            .store
+            .get(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found(id))?;
+        Ok(self.view_stored(&s))
+    }
+
+    /// Installs an integration from the catalog entry `key`.
+    pub async fn install(&self, key: &str, req: InstallRequest) -> Result<IntegrationView, ApiError> {
+        let entry = catalog::entry(key).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no catalog entry `{key}`; the catalog has: lytics"),
+            )
+        })?;
+        let variant = req.variant.clone().unwrap_or_else(|| "default".into());
+        let mode = req.delivery_mode.clone().unwrap_or_else(|| "server_side".into());
+        catalog::validate_install(&entry, &req.config, &variant, &mode)?;
+        let now = now_ms();
+        let stored = StoredIntegration {
+            id: format!("{key}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            kind: key.to_string(),
+            name: req
+                .name
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| entry.name.to_string()),
+            variant,
+            delivery_mode: mode,
+            account_id: req.config.account_id.unwrap_or_default().trim().to_string(),
+            stream_name: req.config.stream_name.unwrap_or_default().trim().to_string(),
+            api_token: req.config.api_token.unwrap_or_default().trim().to_string(),
+            base_url: self.base_url.clone(),
+            paused: false,
+            created_ms: now,
+            updated_ms: now,
+        };
+        let integration = to_integration(&stored)?;
+        if let Some(e) = &self.emulator {
+            e.add_credentials(&stored.api_token, &stored.account_id);
+        }
+        if req.test_connection {
+            let t = self.test(&integration).await;
+            if !t.ok {
+                return Err(ApiError::new(
+                    ErrorCode::FailedPrecondition,
+                    format!("connection test failed: {}", t.detail.unwrap_or_default()),
+                ));
+            }
+        }
+        self.store.put(stored.clone()).await.map_err(store_error)?;
+        self.reload().await?;
+        tracing::info!(integration = %stored.id, stream = %stored.stream_name, "integration installed");
+        Ok(self.view_stored(&stored))
+    }
+
+    /// Changes an installed integration; a delivery paused by a setup error resumes.
+    pub async fn update(&self, id: &str, req: UpdateRequest) -> Result<IntegrationView, ApiError> {
+        let mut s = self.stored(id).await?;
+        if let Some(n) = req.name.filter(|n| !n.trim().is_empty()) {
+            s.name = n;
+        }
+        let mut violations = Vec::new();
+        for (key, value, slot) in [
+            ("api_token", req.config.api_token, &mut s.api_token),
+            ("account_id", req.config.account_id, &mut s.account_id),
+            ("stream_name", req.config.stream_name, &mut s.stream_name),
+        ] {
+            match value {
+                Some(v) if v.trim().is_empty() => {
+                    violations.push(FieldViolation::new(format!("config.{key}"), "must not be empty"))
+                }
+                Some(v) => *slot = v.trim().to_string(),
+                None => {}
+            }
+        }
+        if !violations.is_empty() {
+            return Err(ApiError::invalid("invalid update: empty settings", violations));
+        }
+        to_integration(&s)?;
+        s.updated_ms = now_ms();
+        if let Some(e) = &self.emulator {
+            e.add_credentials(&s.api_token, &s.account_id);
+        }
+        self.store.put(s.clone()).await.map_err(store_error)?;
+        self.reload().await?;
+        if !s.paused && self.delivery.resume(&s.id) {
+            tracing::info!(integration = %s.id, "config changed: delivery resumed");
+        }
+        Ok(self.view_stored(&s))
+    }
+
+    /// Pauses (`true`) or resumes delivery of an installed integration; events stay queued.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<IntegrationView, ApiError> {
+        let mut s = self.stored(id).await?;
+        s.paused = paused;
+        s.updated_ms = now_ms();
+        self.store.put(s.clone()).await.map_err(store_error)?;
+        if paused {
+            self.delivery.pause_manual(id);
+        } else {
+            self.delivery.resume(id);
+        }
+        Ok(self.view_stored(&s))
+    }
+
+    /// Removes an installed integration. Its records still queued are dead-lettered by delivery.
+    pub async fn uninstall(&self, id: &str) -> Result<(), ApiError> {
+        self.stored(id).await?;
+        self.store.delete(id).await.map_err(store_error)?;
+        self.delivery.resume(id);
+        self.reload().await?;
+        tracing::info!(integration = id, "integration uninstalled");
+        Ok(())
+    }
+
+    /// A `dryrun` collect call with the integration's settings.
+    pub async fn test_connection(&self, id: &str) -> Result<ConnectionTest, ApiError> {
+        let integration = match self.live.get(id) {
+            Some(i) => i,
+            None => to_integration(&self.stored(id).await?)?,
+        };
+        Ok(self.test(&integration).await)
+    }
+
+    async fn test(&self, integration: &Integration) -> ConnectionTest {
+        match probe(&self.client, integration, integration.stream_name.as_str()).await {
+            Ok(()) => ConnectionTest {
+                ok: true,
+                detail: None,
+            },
+            Err(e) => ConnectionTest {
+                ok: false,
+                detail: Some(e),
+            },
+        }
+    }
+
+    async fn stored(&self, id: &str) -> Result<StoredIntegration, ApiError> {
+        if self.configured.as_ref().is_some_and(|c| c.id.as_str() == id) {
+            return Err(ApiError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "integration `{id}` comes from the relay's configuration (flags, environment, config file); change it there"
+                ),
+            ));
+        }
+        self.store
+            .get(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| not_found(id))
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no integration `{id}`"))
+}
+
+fn to_integration(s: &StoredIntegration) -> Result<Integration, ApiError> {
+    let mut violations = Vec::new();
+    let id = IntegrationId::new(&s.id)
+        .map_err(|e| violations.push(FieldViolation::new("id", e.to_string())))
+        .ok();
+    let account = AccountId::new(&s.account_id)
+        .map_err(|e| violations.push(FieldViolation::new("config.account_id", e.to_string())))
+        .ok();
+    let stream = StreamName::new(&s.stream_name)
+        .map_err(|e| violations.push(FieldViolation::new("config.stream_name", e.to_string())))
+        .ok();
+    match (id, account, stream) {
+        (Some(id), Some(account_id), Some(stream_name)) => Ok(Integration {
+            id,
+            name: s.name.clone(),
+            account_id,
+            stream_name,
+            api_token: Secret::new(s.api_token.clone()),
+            base_url: s.base_url.clone(),
+            enabled: true,
+        }),
+        _ => Err(ApiError::invalid("invalid integration settings", violations)),
+    }
+}

@@ -1,0 +1,215 @@
+//! Installed integrations, persisted so they survive restarts.
+//!
+//! Input: integrations the admin API installs, updates and removes. Output: the stored list. The
+//! [`IntegrationStore`] trait is the seam (a distributed backend can share one list between
+//! replicas); [`SqliteIntegrationStore`] keeps them in `<data-dir>/integrations.sqlite3` (mode
+//! 0600: it holds API tokens). Never delivers.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// An installed integration as stored.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredIntegration {
+    /// Its id.
+    pub id: String,
+    /// The catalog entry it was installed from (`lytics`).
+    pub kind: String,
+    /// A display name.
+    pub name: String,
+    /// The variant (`default`).
+    pub variant: String,
+    /// The delivery mode (`server_side`).
+    pub delivery_mode: String,
+    /// The Lytics account id.
+    pub account_id: String,
+    /// The Lytics stream.
+    pub stream_name: String,
+    /// The Lytics API token.
+    pub api_token: String,
+    /// The collect API base URL.
+    pub base_url: String,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// When it was installed (unix ms).
+    pub created_ms: i64,
+    /// When it last changed (unix ms).
+    pub updated_ms: i64,
+}
+
+impl std::fmt::Debug for StoredIntegration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredIntegration")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("account_id", &self.account_id)
+            .field("stream_name", &self.stream_name)
+            .field("api_token", &"***")
+            .field("paused", &self.paused)
+            .finish()
+    }
+}
+
+/// Store failures.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("integration store failed: {0}")]
+pub struct StoreError(pub String);
+
+/// Where installed integrations live.
+#[async_trait]
+pub trait IntegrationStore: Send + Sync + 'static {
+    /// Every stored integration, by creation time.
+    async fn list(&self) -> Result<Vec<StoredIntegration>, StoreError>;
+    /// Inserts or replaces one.
+    async fn put(&self, integration: StoredIntegration) -> Result<(), StoreError>;
+    /// Removes one; returns whether it existed.
+    async fn delete(&self, id: &str) -> Result<bool, StoreError>;
+    /// One by id.
+    async fn get(&self, id: &str) -> Result<Option<StoredIntegration>, StoreError>;
+}
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteIntegrationStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl SqliteIntegrationStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        restrict(path);
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS integrations (id TEXT PRIMARY KEY, body TEXT NOT NULL, created_ms INTEGER NOT NULL);",
+        )
+        .map_err(err)?;
+        Ok(SqliteIntegrationStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(err)?
+    }
+}
+
+#[cfg(unix)]
+fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn restrict(_path: &Path) {}
+
+#[async_trait]
+impl IntegrationStore for SqliteIntegrationStore {
+    async fn list(&self) -> Result<Vec<StoredIntegration>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c
+                .prepare("SELECT body FROM integrations ORDER BY created_ms, id")
+                .map_err(err)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
+            rows.map(|r| r.map_err(err).and_then(|b| serde_json::from_str(&b).map_err(err)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn put(&self, i: StoredIntegration) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let body = serde_json::to_string(&i).map_err(err)?;
+            c.execute(
+                "INSERT OR REPLACE INTO integrations (id, body, created_ms) VALUES (?1, ?2, ?3)",
+                params![i.id, body, i.created_ms],
+            )
+            .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            Ok(c.execute("DELETE FROM integrations WHERE id = ?1", params![id])
+                .map_err(err)?
+                > 0)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<StoredIntegration>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let body: Option<String> = c
+                .query_row("SELECT body FROM integrations WHERE id = ?1", params![id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(err)?;
+            body.map(|b| serde_json::from_str(&b).map_err(err)).transpose()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: &str) -> StoredIntegration {
+        StoredIntegration {
+            id: id.into(),
+            kind: "lytics".into(),
+            name: "Lytics".into(),
+            variant: "default".into(),
+            delivery_mode: "server_side".into(),
+            account_id: "1234".into(),
+            stream_name: "datafly_events".into(),
+            api_token: "secret-token".into(),
+            base_url: "https://api.lytics.io".into(),
+            paused: false,
+            created_ms: 1,
+            updated_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn integrations_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("integrations.sqlite3");
+        {
+            let s = SqliteIntegrationStore::open(&path).unwrap();
+            s.put(sample("a")).await.unwrap();
+            s.put(sample("b")).await.unwrap();
+            assert!(s.delete("b").await.unwrap());
+        }
+        let s = SqliteIntegrationStore::open(&path).unwrap();
+        let all = s.list().await.unwrap();
+        assert_eq!(all, vec![sample("a")]);
+        assert_eq!(s.get("a").await.unwrap(), Some(sample("a")));
+        assert!(!format!("{:?}", all[0]).contains("secret-token"));
+    }
+}

@@ -1,0 +1,545 @@
+//! The seed's "Signal Setup" and "Testing" steps against the relay binary, in its zero-setup
+//! mode: install over the admin API, send an event, see it delivered; plus auth, validation,
+//! masking, persistence and two integrations side by side.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lytics_relay::telemetry::Telemetry;
+use serde_json::{Value, json};
+
+const LYTICS_TOKEN: &str = "xxxxxxxxxxxxxxxxxxxx-seed-token";
+
+struct Relay {
+    child: Child,
+    http: String,
+    grpc: String,
+    emulator: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &std::path::Path) -> Relay {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--emulator-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--rules", "rules", "--data-dir"])
+        .arg(dir)
+        .env(
+            "RUST_LOG",
+            "debug,h2=info,hyper=info,tower=info,reqwest=info,rustls=info",
+        )
+        .env_remove("LYTICS_RELAY_LYTICS_API_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&line);
+            sink.lock().unwrap().push('\n');
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let (mut grpc, mut http, mut emulator) = (None, None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while grpc.is_none() || emulator.is_none() {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the relay did not start");
+        let f = &line["fields"];
+        if let Some(e) = f["emulator"].as_str() {
+            emulator = Some(e.to_string());
+        }
+        if let (Some(g), Some(h)) = (f["grpc"].as_str(), f["http"].as_str()) {
+            grpc = Some(g.to_string());
+            http = Some(format!("http://{h}"));
+        }
+    }
+    Relay {
+        child,
+        http: http.unwrap(),
+        grpc: grpc.unwrap(),
+        emulator: emulator.unwrap(),
+        log,
+    }
+}
+
+fn admin_token(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("admin-token")).unwrap()
+}
+
+struct Api {
+    base: String,
+    token: String,
+    client: reqwest::blocking::Client,
+    seen: Vec<String>,
+}
+
+impl Api {
+    fn call(&mut self, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "GET" => self.client.get(url),
+            "POST" => self.client.post(url),
+            "PATCH" => self.client.patch(url),
+            _ => self.client.delete(url),
+        };
+        if let Some(t) = token.or(Some(self.token.as_str())).filter(|t| !t.is_empty()) {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            req = req.header("Content-Type", "application/json").body(b.to_string());
+        }
+        let r = req.send().unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        self.seen.push(text.clone());
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+}
+
+fn install_body(stream: &str, account: &str) -> Value {
+    json!({"name": "Lytics", "variant": "default",
+           "config": {"api_token": LYTICS_TOKEN, "account_id": account, "stream_name": stream},
+           "delivery_mode": "server_side"})
+}
+
+fn wait_stream(emulator: &str, stream: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value = reqwest::blocking::get(format!("{emulator}/v2/stream/{stream}/events?limit=0"))
+            .unwrap()
+            .json()
+            .unwrap();
+        let events = v["data"].as_array().cloned().unwrap_or_default();
+        if events.len() >= n {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} events in {stream}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_seed_setup_and_testing_steps_work_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path());
+    let mut api = Api {
+        base: relay.http.clone(),
+        token: admin_token(dir.path()),
+        client: reqwest::blocking::Client::new(),
+        seen: vec![],
+    };
+
+    // Auth: missing or wrong token.
+    let (s, b) = api.call("GET", "/v1/admin/integration-catalog", None, Some(""));
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("unauthenticated")),
+        "{b}"
+    );
+    let (s, _) = api.call("GET", "/v1/admin/integrations", None, Some("wrong"));
+    assert_eq!(s, 401);
+
+    // The integration library.
+    let (s, cat) = api.call("GET", "/v1/admin/integration-catalog", None, None);
+    assert_eq!(s, 200);
+    let lytics = &cat["integrations"][0];
+    assert_eq!(
+        (lytics["key"].as_str(), lytics["category"].as_str()),
+        (Some("lytics"), Some("cdp"))
+    );
+    let fields: Vec<(&str, &str, bool)> = lytics["config_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["key"].as_str().unwrap(),
+                f["type"].as_str().unwrap(),
+                f["required"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            ("api_token", "secret", true),
+            ("account_id", "string", true),
+            ("stream_name", "string", true)
+        ]
+    );
+    assert!(
+        lytics["config_fields"][0]["help_text"]
+            .as_str()
+            .unwrap()
+            .contains("API Tokens")
+    );
+    let (s, entry) = api.call("GET", "/v1/admin/integration-catalog/lytics", None, None);
+    assert_eq!((s, entry["variants"][0]["key"].as_str()), (200, Some("default")));
+    assert_eq!(entry["delivery_modes"], json!(["server_side"]));
+
+    // Validation names every bad field.
+    let (s, b) = api.call(
+        "POST",
+        "/v1/admin/integration-catalog/lytics/install",
+        Some(json!({"config": {"api_token": " "}})),
+        None,
+    );
+    assert_eq!(s, 400);
+    let bad: Vec<&str> = b["error"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bad,
+        vec!["config.api_token", "config.account_id", "config.stream_name"],
+        "{b}"
+    );
+    let mut body = install_body("datafly_events", "1234");
+    body["variant"] = json!("fancy");
+    body["delivery_mode"] = json!("client_side");
+    let (s, b) = api.call(
+        "POST",
+        "/v1/admin/integration-catalog/lytics/install",
+        Some(body),
+        None,
+    );
+    assert_eq!(s, 400);
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("valid variants: default") && msg.contains("valid modes: server_side"),
+        "{b}"
+    );
+
+    // The seed's install call, exactly as written.
+    let (s, installed) = api.call(
+        "POST",
+        "/v1/admin/integration-catalog/lytics/install",
+        Some(install_body("datafly_events", "1234")),
+        None,
+    );
+    assert_eq!(s, 201, "{installed}");
+    let id = installed["id"].as_str().unwrap().to_string();
+    assert_eq!(installed["config"]["api_token"], json!("***"));
+    assert_eq!(installed["config"]["stream_name"], json!("datafly_events"));
+    assert_eq!(installed["status"], json!("active"));
+
+    // Testing step 1–2: an event via the Signal event API arrives in the stream.
+    let grpcurl = std::env::var("GRPCURL")
+        .unwrap_or_else(|_| format!("{}/.tools/venv/bin/grpcurl", env!("CARGO_MANIFEST_DIR")));
+    let ev = json!({"event": {"type": "identify", "userId": "seed-user", "traits": {"email": "Seed@Example.com", "plan": "pro"}}});
+    let out = Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-d",
+            &ev.to_string(),
+            &relay.grpc,
+            "lytics_relay.v1.IngestService/Send",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events = wait_stream(&relay.emulator, "datafly_events", 1);
+    assert_eq!(events[0]["record"]["user_id"], json!("seed-user"));
+    // Step 3: the user's profile.
+    let profile: Value = reqwest::blocking::get(format!(
+        "{}/api/entity/user/email/seed@example.com",
+        relay.emulator
+    ))
+    .unwrap()
+    .json()
+    .unwrap();
+    assert_eq!(profile["data"]["plan"], json!("pro"), "{profile}");
+
+    // A second integration, another account and stream, side by side.
+    let (s, second) = api.call(
+        "POST",
+        "/v1/admin/integration-catalog/lytics/install",
+        Some(install_body("customerio_events", "5678")),
+        None,
+    );
+    assert_eq!(s, 201, "{second}");
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let (_, list) = api.call("GET", "/v1/admin/integrations?limit=1", None, None);
+    assert_eq!(list["integrations"].as_array().unwrap().len(), 1);
+    assert_eq!(list["has_more"], json!(true));
+    let cursor = list["next_cursor"].as_str().unwrap().to_string();
+    let (_, rest) = api.call(
+        "GET",
+        &format!("/v1/admin/integrations?cursor={cursor}"),
+        None,
+        None,
+    );
+    assert_eq!(rest["integrations"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["has_more"], json!(false));
+    let page = json!({"event": {"type": "page", "name": "Two", "userId": "both"}});
+    let out = Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-d",
+            &page.to_string(),
+            &relay.grpc,
+            "lytics_relay.v1.IngestService/Send",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_stream(&relay.emulator, "datafly_events", 2);
+    wait_stream(&relay.emulator, "customerio_events", 1);
+
+    // Update (rotate the token, change the name), pause, resume, test, uninstall.
+    let (s, updated) = api.call(
+        "PATCH",
+        &format!("/v1/admin/integrations/{second_id}"),
+        Some(json!({"name": "Second", "config": {"api_token": format!("{LYTICS_TOKEN}-2")}})),
+        None,
+    );
+    assert_eq!((s, updated["name"].as_str()), (200, Some("Second")), "{updated}");
+    let (s, paused) = api.call(
+        "POST",
+        &format!("/v1/admin/integrations/{second_id}/pause"),
+        None,
+        None,
+    );
+    assert_eq!((s, paused["status"].as_str()), (200, Some("paused")));
+    let (_, resumed) = api.call(
+        "POST",
+        &format!("/v1/admin/integrations/{second_id}/resume"),
+        None,
+        None,
+    );
+    assert_eq!(resumed["status"], json!("active"));
+    let (s, t) = api.call("POST", &format!("/v1/admin/integrations/{id}/test"), None, None);
+    assert_eq!((s, t["ok"].as_bool()), (200, Some(true)), "{t}");
+    let (s, _) = api.call(
+        "DELETE",
+        &format!("/v1/admin/integrations/{second_id}"),
+        None,
+        None,
+    );
+    assert_eq!(s, 204);
+    let (s, b) = api.call("GET", &format!("/v1/admin/integrations/{second_id}"), None, None);
+    assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
+
+    // Persistence: a restart keeps the installed integration.
+    let log = relay.log.lock().unwrap().clone();
+    drop(relay);
+    let relay = start(dir.path());
+    api.base = relay.http.clone();
+    let (_, list) = api.call("GET", "/v1/admin/integrations", None, None);
+    let ids: Vec<&str> = list["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()], "{list}");
+
+    // The token never appears in a response or a log line.
+    let log = log + &relay.log.lock().unwrap();
+    assert!(log.len() > 1000, "the relay logged");
+    assert!(!log.contains(LYTICS_TOKEN), "the API token leaked into the log");
+    for body in &api.seen {
+        assert!(
+            !body.contains(LYTICS_TOKEN),
+            "the API token leaked into a response: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn test_connection_carries_the_seed_troubleshooting_text() {
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.lytics_url = Some(emu.url());
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = common::admin_token(dir.path()).await;
+    let client = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        client
+            .post(relay.http_url(&path))
+            .header("Authorization", format!("Bearer {token}"))
+            .json(&body)
+            .send()
+    };
+    // A wrong token with test_connection refuses the install.
+    let mut body = json!({"config": {"api_token": "wrong", "account_id": ACCOUNT, "stream_name": STREAM}, "test_connection": true});
+    let r = post(
+        "/v1/admin/integration-catalog/lytics/install".into(),
+        body.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let b: Value = r.json().await.unwrap();
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("regenerate the token in Lytics Account > API Tokens"),
+        "{b}"
+    );
+    // A wrong stream installs (no test), then its test names the case-sensitive stream.
+    body["config"]["api_token"] = json!(TOKEN);
+    body["config"]["stream_name"] = json!("DATAFLY_EVENTS");
+    body["test_connection"] = json!(false);
+    let installed: Value = post("/v1/admin/integration-catalog/lytics/install".into(), body)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = installed["id"].as_str().unwrap();
+    let t: Value = post(format!("/v1/admin/integrations/{id}/test"), json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["ok"], json!(false));
+    assert!(t["detail"].as_str().unwrap().contains("case-sensitive"), "{t}");
+    // Events for it are held with a setup error, and fixing the stream delivers them.
+    let mut grpc = relay.client().await;
+    grpc.send(lytics_relay::proto::v1::SendRequest {
+        event: Some(event(
+            json!({"type": "page", "userId": "held", "messageId": "held-1"}),
+        )),
+    })
+    .await
+    .unwrap();
+    let status = loop {
+        let v: Value = client
+            .get(relay.http_url(&format!("/v1/admin/integrations/{id}")))
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == json!("setup_error") {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        status["status_detail"].as_str().unwrap().contains("404"),
+        "{status}"
+    );
+    let r = client
+        .patch(relay.http_url(&format!("/v1/admin/integrations/{id}")))
+        .header("Authorization", format!("Bearer {token}"))
+        .json(&json!({"config": {"stream_name": STREAM}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let records = emu.wait_for_records(STREAM, 2).await;
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["message_id"] == json!("held-1"))
+            .count(),
+        2,
+        "both integrations delivered it"
+    );
+    // The config-managed integration is read-only here.
+    let r = client
+        .delete(relay.http_url("/v1/admin/integrations/lytics"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
+    use lytics_relay::proto::v1 as pb;
+    use lytics_relay::proto::v1::admin_service_client::AdminServiceClient;
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.lytics_url = Some(emu.url());
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = common::admin_token(dir.path()).await;
+    let mut admin = AdminServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let denied = admin.list_catalog(pb::ListCatalogRequest {}).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+    let authed = |msg| {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let install = pb::InstallIntegrationRequest {
+        config: Some(pb::IntegrationConfig {
+            api_token: TOKEN.into(),
+            account_id: ACCOUNT.into(),
+            stream_name: "customerio_events".into(),
+        }),
+        ..Default::default()
+    };
+    let mut req = tonic::Request::new(install);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let installed = admin
+        .install_integration(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .integration
+        .unwrap();
+    assert_eq!(installed.config.unwrap().api_token, "***");
+    let list = admin
+        .list_integrations(authed(pb::ListIntegrationsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.integrations.len(),
+        2,
+        "the config-managed one and the installed one"
+    );
+    let mut bad = tonic::Request::new(pb::InstallIntegrationRequest::default());
+    bad.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let err = admin.install_integration(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    relay.stop().await;
+}

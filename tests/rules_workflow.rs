@@ -1,0 +1,453 @@
+//! Editing rules safely: check, test cases, dry runs with explanations, and hot reloads that
+//! never let a broken set reach traffic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use lytics_relay::proto::v1 as pb;
+use lytics_relay::proto::v1::rules_service_client::RulesServiceClient;
+use lytics_relay::telemetry::Telemetry;
+use serde_json::{Value, json};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
+}
+
+/// A copy of the shipped rules (and the fixtures their cases read) to edit.
+fn rules_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    std::fs::create_dir_all(dir.path().join("tests/fixtures")).unwrap();
+    for f in ["signal.yaml", "customerio.yaml"] {
+        std::fs::copy(format!("rules/{f}"), dir.path().join("rules").join(f)).unwrap();
+    }
+    for e in std::fs::read_dir("tests/fixtures").unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join("tests/fixtures").join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "`{from}` not in {}", path.display());
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn rules_check_reports_every_mistake_with_its_position_and_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(
+        &file,
+        "source: signal
+rules:
+  - name: one
+    when: { $.type: track }
+    fields:
+      a: { from: \"$.x[?\", transform: lowercas }
+      b: { merge: count, kind: date, from: $.b }
+      _ts: { from: $.timestamp, transform: epoch_ms }
+    flaten: [$.properties]
+  - name: one
+    fields: { c: $.c, _ts: { value: 1 } }
+",
+    )
+    .unwrap();
+    let out = bin().args(["rules", "check"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stderr);
+    let name = file.display().to_string();
+    for want in [
+        format!("{name}:6:"),
+        "invalid JSONPath `$.x[?`".to_string(),
+        "unknown transform `lowercas` (hint: did you mean `lowercase`?)".to_string(),
+        format!("{name}:7:"),
+        "merge `count` does not fit kind `date`".to_string(),
+        format!("{name}:9:5: rule `one`: unknown key `flaten` in the rule (hint: did you mean `flatten`?)"),
+        "two rules are named `one`".to_string(),
+    ] {
+        assert!(text.contains(&want), "missing `{want}` in:\n{text}");
+    }
+    let ok = bin().args(["rules", "check", "rules"]).output().unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+#[test]
+fn rules_test_runs_the_cases_and_shows_a_diff_on_failure() {
+    let dir = rules_copy();
+    let out = bin()
+        .args(["rules", "test"])
+        .arg(dir.path().join("rules"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    edit(
+        &dir.path().join("rules/signal.yaml"),
+        "      _e: pv\n",
+        "      _e: page_view\n",
+    );
+    let out = bin()
+        .args(["rules", "test"])
+        .arg(dir.path().join("rules"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAILED") && text.contains("a page view carries url, title and referrer"),
+        "{text}"
+    );
+    assert!(
+        text.contains("~ _e: expected \"pv\", got \"page_view\""),
+        "{text}"
+    );
+    assert!(text.contains("1 failed"), "{text}");
+}
+
+#[tokio::test]
+async fn dry_run_explains_every_field_and_the_paths_that_matched_nothing() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = admin_token(dir.path()).await;
+    let mut rules = RulesServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(pb::DryRunRequest {
+        event: Some(event(fixture("signal_canonical_track.json"))),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let d = rules.dry_run(req).await.unwrap().into_inner();
+    assert_eq!(d.records.len(), 1);
+    assert_eq!(d.records[0].rule, "track_event");
+    assert_eq!(d.records[0].stream, STREAM);
+    let origin = |field: &str| {
+        d.fields
+            .iter()
+            .find(|f| f.field == field)
+            .unwrap_or_else(|| panic!("no origin for {field}"))
+    };
+    assert_eq!(
+        (origin("_e").rule.as_str(), origin("_e").source.as_str()),
+        ("track_event", "$.event")
+    );
+    assert_eq!(origin("url").source, "$.context.page.url");
+    assert_eq!(origin("_ts").transforms, vec!["epoch_ms"]);
+    assert_eq!(origin("*").source, "flatten $.properties");
+    let unmatched: Vec<&str> = d
+        .unmatched
+        .iter()
+        .filter(|u| u.field == "email")
+        .map(|u| u.path.as_str())
+        .collect();
+    assert_eq!(unmatched, vec!["$.properties.email", "$.context.traits.email"]);
+    assert!(d.skipped_rules.contains(&"page_view".to_string()));
+    assert!(
+        emu.emulator.stream_events(STREAM).is_empty(),
+        "a dry run delivers nothing"
+    );
+
+    // The HTTP twin, with a Customer.io webhook.
+    let r: Value = reqwest::Client::new()
+        .post(relay.http_url("/v1/admin/rules/dry-run"))
+        .header("Authorization", format!("Bearer {token}"))
+        .json(&json!({"source": "customerio", "event": fixture("customerio_email_opened.json")}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["records"][0]["record"]["cio_hourlyopens"], json!("17"), "{r}");
+    let hourly = r["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == json!("cio_hourlyopens"))
+        .unwrap();
+    assert_eq!(
+        (hourly["source"].as_str(), hourly["transforms"].clone()),
+        (Some("$.timestamp"), json!(["hour_of_day"]))
+    );
+    let event = r["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == json!("event"))
+        .unwrap();
+    assert_eq!(event["source"], json!("template \"{$.object_type}_{$.metric}\""));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_case_blocks_a_reload_and_the_old_rules_keep_serving() {
+    let emu = EmulatorHandle::start().await;
+    let rules = rules_copy();
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.rules = Some(rules.path().join("rules"));
+    settings.rules_watch = false;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = admin_token(dir.path()).await;
+    let reload = || async {
+        let r: Value = reqwest::Client::new()
+            .post(relay.http_url("/v1/admin/rules/reload"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r
+    };
+    let signal = rules.path().join("rules/signal.yaml");
+    edit(&signal, "      _e: pv\n", "      _e: page_view\n");
+    let r = reload().await;
+    assert_eq!(r["swapped"], json!(false), "{r}");
+    assert!(
+        r["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("test case `a page view carries url, title and referrer` failed"),
+        "{r}"
+    );
+    let mut client = relay.client().await;
+    client
+        .send(pb::SendRequest {
+            event: Some(event(json!({"type": "page", "userId": "u", "messageId": "old"}))),
+        })
+        .await
+        .unwrap();
+    let records = emu.wait_for_records(STREAM, 1).await;
+    assert_eq!(records[0]["_e"], json!("pv"), "the running rules stayed in force");
+    let health: Value = reqwest::get(relay.http_url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["rules_version"], r["version"]);
+
+    // Fixing the case puts the edit in force.
+    edit(
+        &signal,
+        "          _e: pv\n          page_name: Pricing",
+        "          _e: page_view\n          page_name: Pricing",
+    );
+    let r2 = reload().await;
+    assert_eq!(r2["swapped"], json!(true), "{r2}");
+    assert_ne!(r2["version"], r["version"]);
+    client
+        .send(pb::SendRequest {
+            event: Some(event(json!({"type": "page", "userId": "u", "messageId": "new"}))),
+        })
+        .await
+        .unwrap();
+    let records = emu.wait_for_records(STREAM, 2).await;
+    assert_eq!(records[1]["_e"], json!("page_view"));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn edited_files_are_picked_up_within_a_second() {
+    let emu = EmulatorHandle::start().await;
+    let rules = rules_copy();
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.rules = Some(rules.path().join("rules"));
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = admin_token(dir.path()).await;
+    let status = || async {
+        let v: Value = reqwest::Client::new()
+            .get(relay.http_url("/v1/admin/rules"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v
+    };
+    let before = status().await["version"].clone();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    edit(
+        &rules.path().join("rules/signal.yaml"),
+        "      locale: $.context.locale\n",
+        "      locale: $.context.locale\n      lang: $.context.locale\n",
+    );
+    let edited = Instant::now();
+    loop {
+        let s = status().await;
+        if s["version"] != before {
+            assert_eq!(s["reloads"], json!(1));
+            break;
+        }
+        assert!(
+            edited.elapsed() < Duration::from_secs(5),
+            "the edit was not picked up: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    println!("rule edit live after {} ms", edited.elapsed().as_millis());
+    let metrics = reqwest::get(relay.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "lytics_relay_rule_reloads_total 1"),
+        "the swap is counted:\n{metrics}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_lose_and_duplicate_nothing() {
+    let emu = EmulatorHandle::start().await;
+    let rules = rules_copy();
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.rules = Some(rules.path().join("rules"));
+    settings.rules_watch = false;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = admin_token(dir.path()).await;
+    let client = relay.client().await;
+    let sender = tokio::spawn(async move {
+        let mut client = client;
+        let mut sent = Vec::new();
+        for i in 0..1500 {
+            let id = format!("load-{i}");
+            client
+                .send(pb::SendRequest {
+                    event: Some(event(
+                        json!({"type": "track", "event": "E", "userId": "u", "messageId": id}),
+                    )),
+                })
+                .await
+                .unwrap();
+            sent.push(id);
+        }
+        sent
+    });
+    let signal = rules.path().join("rules/signal.yaml");
+    let mut versions = std::collections::HashSet::new();
+    let mut description = "description: Traits merged into the user profile".to_string();
+    for i in 0..6 {
+        // A new description is a new version that maps exactly like the old one.
+        let next = format!("description: Traits merged into the user profile ({i})");
+        edit(&signal, &description, &next);
+        description = next;
+        let r: Value = reqwest::Client::new()
+            .post(relay.http_url("/v1/admin/rules/reload"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["swapped"], json!(true), "{r}");
+        versions.insert(r["version"].as_str().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(versions.len(), 6);
+    let sent = sender.await.unwrap();
+    let records = emu.wait_for_records(STREAM, sent.len()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records_now = emu.emulator.stream_events(STREAM);
+    assert_eq!(records_now.len(), sent.len(), "nothing duplicated");
+    let ids: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap())
+        .collect();
+    assert!(sent.iter().all(|id| ids.contains(id.as_str())), "nothing lost");
+    relay.stop().await;
+}
+
+#[test]
+fn sighup_reloads_the_rules() {
+    let rules = rules_copy();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--emulator-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--rules-watch", "false", "--log-format", "json", "--rules"])
+        .arg(rules.path().join("rules"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let started = loop {
+        let v = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        if v["fields"]["message"] == json!("lytics-relay serving") {
+            break v;
+        }
+    };
+    let http = format!("http://{}/healthz", started["fields"]["http"].as_str().unwrap());
+    let before: Value = reqwest::blocking::get(&http).unwrap().json().unwrap();
+    edit(
+        &rules.path().join("rules/signal.yaml"),
+        "      locale: $.context.locale\n",
+        "      locale: $.context.locale\n      lang: $.context.locale\n",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let still: Value = reqwest::blocking::get(&http).unwrap().json().unwrap();
+    assert_eq!(
+        still["rules_version"], before["rules_version"],
+        "no watch: nothing changes by itself"
+    );
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now: Value = reqwest::blocking::get(&http).unwrap().json().unwrap();
+        if now["rules_version"] != before["rules_version"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
