@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "lytics_relay/v1/ingest.proto",
     "lytics_relay/v1/admin.proto",
     "lytics_relay/v1/rules.proto",
+    "lytics_relay/v1/live.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -31,9 +31,14 @@ use crate::ingest::Ingest;
 use crate::ingress::grpc::IngestGrpc;
 use crate::ingress::http::{self, HttpState};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use crate::live::LiveBus;
+use crate::live::grpc::LiveEventsGrpc;
+use crate::metrics::{Metrics, MetricsState};
+use crate::monitor::Monitor;
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
+use crate::proto::v1::live_events_service_server::LiveEventsServiceServer;
 use crate::proto::v1::rules_service_server::RulesServiceServer;
 use crate::queue::{MemoryQueue, Queue, SqliteQueue};
 use crate::reload::{self, Reloader, RulesSource};
@@ -117,7 +122,8 @@ pub async fn run(
     })?;
     tracing::info!(version = %rules.version(), files = rules.files().len(), source = ?rules_source, "rules loaded");
     let live_rules = LiveRules::new(rules);
-    let reloader = Reloader::new(live_rules.clone(), rules_source);
+    let metrics = Arc::new(Metrics::new());
+    let reloader = Reloader::new(live_rules.clone(), rules_source).with_metrics(metrics.clone());
 
     let stop_emulator = CancellationToken::new();
     let mut emulator_task = None;
@@ -175,14 +181,20 @@ pub async fn run(
         }
         QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window)),
     };
-    let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone());
+    // Ingest and delivery report every event and record here: counted in metrics, and
+    // published to watchers of the live bus (which never slows them).
+    let live = LiveBus::new(settings.live_buffer);
+    let monitor = Monitor::new(live.clone(), metrics.clone());
+    let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone())
+        .with_monitor(monitor.clone());
     let delivery = Delivery::new(
         queue.clone(),
         integrations.clone(),
         telemetry.clone(),
         settings.delivery.clone(),
     )
-    .map_err(anyhow::Error::msg)?;
+    .map_err(anyhow::Error::msg)?
+    .with_monitor(monitor);
     let delivery_state = delivery.state();
 
     // Installed integrations persist beside the queue; the live set is rebuilt from them.
@@ -237,6 +249,10 @@ pub async fn run(
         DeadLetterServiceServer::new(DeadLetters::new(queue.clone())),
         admin_token.interceptor(),
     );
+    let live_service = tonic::service::interceptor::InterceptedService::new(
+        LiveEventsServiceServer::new(LiveEventsGrpc::new(live.clone())),
+        admin_token.interceptor(),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
@@ -272,6 +288,7 @@ pub async fn run(
                 .add_service(dead_letter_service)
                 .add_service(admin_service)
                 .add_service(rules_service)
+                .add_service(live_service)
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
         )
     };
@@ -296,6 +313,16 @@ pub async fn run(
             rules_admin.clone(),
             admin_token.clone(),
         ));
+        let app = app
+            .merge(crate::live::web::router(crate::live::web::LiveWeb {
+                bus: live.clone(),
+                token: admin_token.clone(),
+            }))
+            .merge(crate::metrics::router(MetricsState {
+                metrics,
+                queue: queue.clone(),
+                bus: live.clone(),
+            }));
         let listener = listeners.http;
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -312,6 +339,8 @@ pub async fn run(
     health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_service_status("", ServingStatus::NotServing).await;
     ingest.close();
+    // Open watches would hold the servers open: end them.
+    live.close();
     stop_servers.cancel();
     let servers_done = tokio::time::timeout(settings.shutdown_grace, async {
         let _ = grpc_task.await;

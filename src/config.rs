@@ -166,6 +166,8 @@ pub struct FileTelemetry {
     pub call_span_queue: Option<usize>,
     /// Share of ingest spans exported (0.0–1.0) when the caller sent no sampled traceparent.
     pub ingest_sample_ratio: Option<f64>,
+    /// Live events a watcher may fall behind by before it loses the oldest ones.
+    pub live_buffer: Option<usize>,
 }
 
 /// Where queued records live.
@@ -268,6 +270,8 @@ pub struct Settings {
     pub call_span_queue: usize,
     /// Ingest span sampling ratio.
     pub ingest_sample_ratio: f64,
+    /// Live events a watcher may fall behind by before it loses the oldest ones.
+    pub live_buffer: usize,
     /// How long shutdown waits for calls in flight and for the queue to drain.
     pub shutdown_grace: Duration,
     /// How long event ids are remembered to drop duplicates.
@@ -305,6 +309,7 @@ impl Settings {
             queue_backend: QueueBackend::Embedded,
             call_span_queue: 65_536,
             ingest_sample_ratio: 0.01,
+            live_buffer: crate::live::DEFAULT_BUFFER,
             shutdown_grace: Duration::from_secs(10),
             dedup_window: Duration::from_secs(7 * 24 * 3600),
             signal_secret: None,
@@ -536,6 +541,10 @@ impl Settings {
                 "must be between 0.0 and 1.0".into(),
             );
         }
+        let live_buffer = file.telemetry.live_buffer.unwrap_or(crate::live::DEFAULT_BUFFER);
+        if !(1..=1_000_000).contains(&live_buffer) {
+            bad("telemetry.live_buffer", "must be between 1 and 1000000".into());
+        }
 
         if !problems.is_empty() {
             return Err(ConfigError(problems));
@@ -561,6 +570,7 @@ impl Settings {
             queue_backend,
             call_span_queue,
             ingest_sample_ratio,
+            live_buffer,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_secs.unwrap_or(10)),
             dedup_window: Duration::from_secs(file.queue.dedup_window_secs.unwrap_or(7 * 24 * 3600)),
             signal_secret: args

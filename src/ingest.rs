@@ -15,7 +15,9 @@ use opentelemetry::trace::Span as _;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::integration::Integrations;
+use crate::live::Mapped;
 use crate::lytics::MAX_BATCH_RECORD_BYTES;
+use crate::monitor::Monitor;
 use crate::normalize::InboundEvent;
 use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
 use crate::rules::{DroppedRecord, LiveRules};
@@ -74,6 +76,8 @@ pub struct Ingest {
     telemetry: Telemetry,
     accepting: Arc<AtomicBool>,
     counters: Arc<IngestCounters>,
+    /// Reports each accepted event to metrics and the live bus.
+    monitor: Monitor,
 }
 
 impl Ingest {
@@ -91,7 +95,14 @@ impl Ingest {
             telemetry,
             accepting: Arc::new(AtomicBool::new(true)),
             counters: Arc::new(IngestCounters::default()),
+            monitor: Monitor::detached(),
         }
+    }
+
+    /// Reports accepted events to `monitor` (metrics, live events).
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = monitor;
+        self
     }
 
     /// Stops accepting: later calls answer UNAVAILABLE / 503.
@@ -135,6 +146,7 @@ impl Ingest {
         let accepted_ms = now_ms();
         let mut batches = Vec::with_capacity(events.len());
         let mut answers = Vec::with_capacity(events.len());
+        let mut mapped = Vec::with_capacity(events.len());
         for event in events {
             let mut records = Vec::new();
             let mut answer = Accepted {
@@ -196,6 +208,7 @@ impl Ingest {
             if answer.records > 0 {
                 answer.disposition = Disposition::Queued;
             }
+            mapped.push(Mapped::new(&event, &records, &integrations));
             batches.push(EventRecords {
                 dedup_key: Arc::from(format!("{}:{}", event.source.as_str(), event.id)),
                 records,
@@ -235,6 +248,9 @@ impl Ingest {
                 Disposition::Duplicate => c.duplicates.fetch_add(1, Ordering::Relaxed),
                 Disposition::Queued => 0,
             };
+        }
+        for (answer, mapped) in answers.iter().zip(mapped) {
+            self.monitor.ingested(mapped, answer, accepted_ms, tp.as_ref());
         }
         if let Some(mut s) = span {
             s.set_attribute(KeyValue::new(names::INGEST_RECORDS, queued as i64));

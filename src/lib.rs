@@ -15,6 +15,8 @@
 //! - [`emulator`]: a Lytics-compatible server for tests and the zero-setup default.
 //!
 //! - [`admin`]: operator APIs behind the admin token (dead letters).
+//! - [`live`]: live events: every event and record at each stage, for the Live Events page and
+//!   `LiveEventsService/Watch`; [`monitor`] reports them (and counts them in [`metrics`]).
 //!
 //! Beside the pipeline: [`app`] wires it all and shuts it down in order, [`config`] and [`cli`]
 //! read and validate settings, [`telemetry`] holds span names and exporters, [`integration`] the
@@ -31,7 +33,10 @@ pub mod error;
 pub mod ingest;
 pub mod ingress;
 pub mod integration;
+pub mod live;
 pub mod lytics;
+pub mod metrics;
+pub mod monitor;
 pub mod normalize;
 pub mod proto;
 pub mod queue;

@@ -111,6 +111,8 @@ pub struct Reloader {
     source: RulesSource,
     status: Arc<Mutex<ReloadStatus>>,
     attempts: Arc<AtomicU64>,
+    /// Counts swaps in `rule_reloads_total`, when wired.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Reloader {
@@ -126,7 +128,14 @@ impl Reloader {
             source,
             status: Arc::new(Mutex::new(status)),
             attempts: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts each swap in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The status.
@@ -163,6 +172,9 @@ impl Reloader {
                     status.version = version.clone();
                     status.loaded_ms = now_ms();
                     status.reloads += 1;
+                    if let Some(m) = &self.metrics {
+                        m.rule_reloaded();
+                    }
                     tracing::info!(trigger, version = %version, previous = %previous, "rules reloaded");
                 }
                 status.last_error.clear();

@@ -62,6 +62,13 @@ impl AdminToken {
         else {
             return false;
         };
+        self.check_token(Some(given))
+    }
+
+    /// Checks a bare token (the `/live` page's `?token=`, since browsers cannot set headers on
+    /// server-sent events) in constant time.
+    pub fn check_token(&self, given: Option<&str>) -> bool {
+        let Some(given) = given else { return false };
         given.trim().as_bytes().ct_eq(self.0.expose().as_bytes()).into()
     }
 

@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliverySettings;
 use crate::integration::{Integration, Integrations};
+use crate::live::{self, CallResult};
 use crate::lytics::{self, CollectSender, CollectTarget, LyticsClient, Outcome};
+use crate::monitor::Monitor;
 use crate::queue::{Attempt, Queue, QueuedRecord};
 use crate::telemetry::{Telemetry, fail_span, names};
 use crate::timefmt::now_ms;
@@ -172,6 +174,8 @@ pub struct Delivery {
     settings: DeliverySettings,
     backoff: Backoff,
     state: Arc<DeliveryState>,
+    /// Reports each call and each settled record to metrics and the live bus.
+    monitor: Monitor,
 }
 
 impl Delivery {
@@ -193,7 +197,14 @@ impl Delivery {
             settings,
             backoff,
             state: Arc::new(DeliveryState::default()),
+            monitor: Monitor::detached(),
         })
+    }
+
+    /// Reports calls and settled records to `monitor` (metrics, live events).
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = monitor;
+        self
     }
 
     /// Sends through `sender` instead of the HTTP client (tests script Lytics' answers).
@@ -377,7 +388,14 @@ impl Delivery {
         self.state.counters.calls.fetch_add(1, Ordering::Relaxed);
         self.state
             .begin_call(integration.id.as_str(), self.settings.max_in_flight);
+        let started = tokio::time::Instant::now();
         let result = self.client.post(url, &integration.api_token, body).await;
+        let latency = started.elapsed();
+        self.monitor.called(
+            integration.id.as_str(),
+            result.as_ref().map(|r| r.status).map_err(|e| e.kind()),
+            latency,
+        );
         let outcome = lytics::classify(&result);
         self.state.end_call(
             integration.id.as_str(),
@@ -416,7 +434,9 @@ impl Delivery {
             }
         }
         let status = result.as_ref().ok().map(|r| r.status);
-        let split = self.settle(integration, batch, outcome, status).await;
+        let split = self
+            .settle(integration, batch, outcome, CallResult { status, latency })
+            .await;
         if let Some(mut s) = span {
             s.end();
         }
@@ -428,9 +448,10 @@ impl Delivery {
         integration: &Integration,
         batch: Vec<QueuedRecord>,
         outcome: Outcome,
-        status: Option<u16>,
+        call: CallResult,
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
+        let status = call.status;
         match outcome {
             Outcome::Delivered {
                 rejected_count,
@@ -440,6 +461,13 @@ impl Delivery {
                 if let Err(e) = self.queue.ack(&ids).await {
                     tracing::error!(error = %e, "cannot mark records delivered; they may be sent again");
                 }
+                // Reported once the queue let go of them, so metrics and the queue agree.
+                let detail = match rejected_count {
+                    0 => String::new(),
+                    n => format!("partial failure: Lytics rejected {n} record(s) of the call"),
+                };
+                self.monitor
+                    .settled(&batch, live::Outcome::Delivered, &call, &detail);
                 c.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 if rejected_count > 0 {
                     c.rejected_in_200.fetch_add(rejected_count, Ordering::Relaxed);
@@ -455,7 +483,7 @@ impl Delivery {
                 None
             }
             Outcome::Retry { reason, status } => {
-                self.retry(batch, status, reason).await;
+                self.retry(batch, status, reason, &call).await;
                 None
             }
             Outcome::Setup {
@@ -464,18 +492,26 @@ impl Delivery {
                 message,
             } => {
                 c.setup_errors.fetch_add(1, Ordering::Relaxed);
+                self.monitor.settled(&batch, live::Outcome::Paused, &call, hint);
                 self.pause(integration, status, hint, message);
                 self.hold(batch).await;
                 None
             }
             Outcome::BadPayload { status: s, message } if batch.len() > 1 => {
                 tracing::info!(status = s, records = batch.len(), %message, "Lytics refused the batch; splitting it to find the bad records");
+                let detail = format!(
+                    "Lytics refused the batch ({s}): {message}; resending it in halves to isolate the bad records"
+                );
+                self.monitor
+                    .settled(&batch, live::Outcome::Failed, &call, &detail);
                 let mut batch = batch;
                 let second = batch.split_off(batch.len() / 2);
                 Some([batch, second])
             }
             Outcome::BadPayload { status: s, message } => {
                 let reason = format!("Lytics refused the record ({s}): {message}");
+                self.monitor
+                    .settled(&batch, live::Outcome::DeadLettered, &call, &reason);
                 let batch = with_attempt(
                     batch,
                     Attempt {
@@ -490,7 +526,7 @@ impl Delivery {
         }
     }
 
-    async fn retry(&self, batch: Vec<QueuedRecord>, status: Option<u16>, reason: String) {
+    async fn retry(&self, batch: Vec<QueuedRecord>, status: Option<u16>, reason: String, call: &CallResult) {
         let now = now_ms();
         let max_age = i64::try_from(self.settings.max_retry_age.as_millis()).unwrap_or(i64::MAX);
         let (give_up, again): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
@@ -498,6 +534,9 @@ impl Delivery {
         });
         if !give_up.is_empty() {
             let n = give_up.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
+            let why = format!("gave up after {n} attempt(s): {reason}");
+            self.monitor
+                .settled(&give_up, live::Outcome::DeadLettered, call, &why);
             let give_up = with_attempt(
                 give_up,
                 Attempt {
@@ -506,8 +545,7 @@ impl Delivery {
                     detail: reason.clone(),
                 },
             );
-            self.dead_letter(give_up, format!("gave up after {n} attempt(s): {reason}"))
-                .await;
+            self.dead_letter(give_up, why).await;
         }
         if again.is_empty() {
             return;
@@ -521,6 +559,8 @@ impl Delivery {
             .retried
             .fetch_add(again.len() as u64, Ordering::Relaxed);
         tracing::info!(records = again.len(), attempt = attempts + 1, delay_ms = delay.as_millis() as u64, %reason, "retrying later");
+        let next = format!("{reason}; next attempt in {} ms", delay.as_millis());
+        self.monitor.settled(&again, live::Outcome::Retrying, call, &next);
         let attempt = Attempt {
             at_ms: now,
             status,

@@ -25,7 +25,8 @@ struct State {
     next_dead: i64,
     /// Keyed by (due time, id): the first entries are the next due.
     waiting: BTreeMap<(i64, RecordId), QueuedRecord>,
-    leased: HashMap<RecordId, ()>,
+    /// Leased record ids, with when each record was accepted (for the queue-age metric).
+    leased: HashMap<RecordId, i64>,
     dead: VecDeque<DeadLetter>,
     /// Dedup keys and when they were stored, oldest first.
     seen: HashMap<Arc<str>, i64>,
@@ -133,7 +134,7 @@ impl Queue for MemoryQueue {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             if let Some(r) = s.waiting.remove(&k) {
-                s.leased.insert(r.id, ());
+                s.leased.insert(r.id, r.record.accepted_ms);
                 out.push(r);
             }
         }
@@ -252,6 +253,14 @@ impl Queue for MemoryQueue {
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
+
+    async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError> {
+        // A scan: this backend is bounded and in memory, and only a metrics scrape asks.
+        let s = self.state();
+        let waiting = s.waiting.values().map(|r| (r.id, r.record.accepted_ms));
+        let leased = s.leased.iter().map(|(id, at)| (*id, *at));
+        Ok(waiting.chain(leased).min_by_key(|(id, _)| *id).map(|(_, at)| at))
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +353,26 @@ mod tests {
             .unwrap();
         assert_eq!(dead[0].reason, "bad record");
         assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_record_is_the_first_queued_whether_waiting_or_leased() {
+        let q = q(10);
+        assert_eq!(q.oldest_accepted_ms().await.unwrap(), None);
+        let at = |ms: i64| NewRecord {
+            accepted_ms: ms,
+            ..rec("a")
+        };
+        q.enqueue(vec![event("1", vec![at(100)])]).await.unwrap();
+        q.enqueue(vec![event("2", vec![at(200)])]).await.unwrap();
+        let leased = q.lease(1, &HashSet::new()).await.unwrap();
+        assert_eq!(
+            q.oldest_accepted_ms().await.unwrap(),
+            Some(100),
+            "leased still counts"
+        );
+        q.ack(&[leased[0].id]).await.unwrap();
+        assert_eq!(q.oldest_accepted_ms().await.unwrap(), Some(200));
     }
 
     #[tokio::test]

@@ -202,4 +202,8 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Resolves when records may have become due (an enqueue or a retry).
     async fn wait_for_work(&self, timeout: std::time::Duration);
+
+    /// When the relay accepted the record queued first that is still queued (waiting or in
+    /// flight), in unix ms; `None` when the queue is empty. For the queue-age metric.
+    async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError>;
 }

@@ -89,6 +89,7 @@ enum Op {
     DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
     Replay(Vec<i64>, Reply<usize>),
     NextDue(HashSet<String>, Reply<Option<i64>>),
+    Oldest(Reply<Option<i64>>),
 }
 
 /// The SQLite-backed queue.
@@ -208,6 +209,10 @@ impl Queue for SqliteQueue {
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
+
+    async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError> {
+        self.call(Op::Oldest).await
+    }
 }
 
 struct Writer {
@@ -283,6 +288,7 @@ impl Writer {
                         answers.push(pending(reply, r));
                     }
                     Op::NextDue(skip, reply) => answers.push(pending(reply, next_due(&txn, &skip))),
+                    Op::Oldest(reply) => answers.push(pending(reply, oldest(&txn))),
                 }
             }
             if now - self.last_expiry_ms > 1000 {
@@ -602,6 +608,16 @@ fn next_due(txn: &Transaction<'_>, skip: &HashSet<String>) -> Result<Option<i64>
         .map_err(sql)
 }
 
+/// The `accepted_ms` of the lowest id: a primary-key lookup, where the lowest `accepted_ms`
+/// would scan the table.
+fn oldest(txn: &Transaction<'_>) -> Result<Option<i64>, QueueError> {
+    txn.prepare_cached("SELECT accepted_ms FROM records ORDER BY id LIMIT 1")
+        .map_err(sql)?
+        .query_row([], |r| r.get(0))
+        .optional()
+        .map_err(sql)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,6 +691,27 @@ mod tests {
         assert_eq!(&first.record.body[..], br#"{"id":"e1"}"#);
         q.ack(&[first.id]).await.unwrap();
         assert_eq!(q.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_record_is_the_first_queued_whether_waiting_or_leased() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        assert_eq!(q.oldest_accepted_ms().await.unwrap(), None);
+        let at = |id: &str, ms: i64| NewRecord {
+            accepted_ms: ms,
+            ..rec("a", id)
+        };
+        q.enqueue(vec![event("e1", vec![at("e1", 100)])]).await.unwrap();
+        q.enqueue(vec![event("e2", vec![at("e2", 200)])]).await.unwrap();
+        let leased = q.lease(1, &HashSet::new()).await.unwrap();
+        assert_eq!(
+            q.oldest_accepted_ms().await.unwrap(),
+            Some(100),
+            "leased still counts"
+        );
+        q.ack(&[leased[0].id]).await.unwrap();
+        assert_eq!(q.oldest_accepted_ms().await.unwrap(), Some(200));
     }
 
     #[tokio::test]

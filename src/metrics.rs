@@ -1,0 +1,321 @@
+//! Prometheus metrics, served at `GET /metrics` on the HTTP port (OpenMetrics text format).
+//!
+//! Input: counts from ingest and delivery (through [`crate::monitor::Monitor`]), and at scrape
+//! time the queue's depth and oldest record. Output: the text exposition. Label values are only
+//! integration ids, source names, HTTP status codes and outcome names: never a secret, never
+//! anything taken from an event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{StatusCode, header};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::ingest::Accepted;
+use crate::live::{LiveBus, Mapped, Outcome};
+use crate::queue::{Queue, QueuedRecord};
+use crate::rules::Source;
+use crate::timefmt::now_ms;
+
+/// The content type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of per-source counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+/// Labels of per-integration, per-source counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecordLabels {
+    integration: String,
+    source: &'static str,
+}
+
+/// Labels of Lytics call counts.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    integration: String,
+    /// The HTTP status, or the transport failure (`timeout`, `connection_error`, …).
+    status: String,
+}
+
+/// Labels of the Lytics call latency.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IntegrationLabels {
+    integration: String,
+}
+
+fn call_latency() -> Histogram {
+    // 5 ms to ~41 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// Every metric of the relay.
+pub struct Metrics {
+    registry: Registry,
+    received: Family<SourceLabels, Counter>,
+    ignored: Family<SourceLabels, Counter>,
+    duplicates: Family<SourceLabels, Counter>,
+    dropped: Family<SourceLabels, Counter>,
+    mapped: Family<RecordLabels, Counter>,
+    delivered: Family<RecordLabels, Counter>,
+    retried: Family<RecordLabels, Counter>,
+    dead_lettered: Family<RecordLabels, Counter>,
+    paused: Family<RecordLabels, Counter>,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<IntegrationLabels, Histogram, fn() -> Histogram>,
+    rule_reloads: Counter,
+    queue_depth: Gauge,
+    queue_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    live_watchers: Gauge,
+    live_lost: Counter,
+    live_lost_sync: std::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric, all at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("lytics_relay");
+        let m = Metrics {
+            received: Family::default(),
+            ignored: Family::default(),
+            duplicates: Family::default(),
+            dropped: Family::default(),
+            mapped: Family::default(),
+            delivered: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            paused: Family::default(),
+            calls: Family::default(),
+            latency: Family::new_with_constructor(call_latency),
+            rule_reloads: Counter::default(),
+            queue_depth: Gauge::default(),
+            queue_oldest_age: Gauge::default(),
+            live_watchers: Gauge::default(),
+            live_lost: Counter::default(),
+            live_lost_sync: std::sync::Mutex::new(()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events_received",
+            "Events accepted by ingest (valid, answered OK)",
+            m.received.clone(),
+        );
+        registry.register(
+            "events_ignored",
+            "Valid events that queued no record (no rule maps them, or the rules refused every record)",
+            m.ignored.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events seen before within the dedup window, not queued again",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "records_dropped",
+            "Records the rules built but refused (no identifier, missing required field, too large)",
+            m.dropped.clone(),
+        );
+        registry.register("records_mapped", "Records mapped and queued", m.mapped.clone());
+        registry.register("records_delivered", "Records Lytics took", m.delivered.clone());
+        registry.register(
+            "records_retried",
+            "Records scheduled for another attempt after a retryable failure",
+            m.retried.clone(),
+        );
+        registry.register(
+            "records_dead_lettered",
+            "Records moved to the dead-letter queue",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "records_paused",
+            "Records held without spending an attempt because a setup error paused their integration",
+            m.paused.clone(),
+        );
+        registry.register(
+            "lytics_calls",
+            "Lytics collect calls by HTTP status (or transport failure)",
+            m.calls.clone(),
+        );
+        registry.register(
+            "lytics_call_duration_seconds",
+            "Latency of Lytics collect calls",
+            m.latency.clone(),
+        );
+        registry.register(
+            "rule_reloads",
+            "Rule sets swapped in while running",
+            m.rule_reloads.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Records waiting or in flight",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_oldest_age_seconds",
+            "Age of the record queued first (0 when the queue is empty)",
+            m.queue_oldest_age.clone(),
+        );
+        registry.register(
+            "live_watchers",
+            "Live Events watchers connected (gRPC Watch and the /live page)",
+            m.live_watchers.clone(),
+        );
+        registry.register(
+            "live_events_lost",
+            "Live events watchers lost by falling behind (the pipeline is never slowed)",
+            m.live_lost.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts an event ingest accepted.
+    pub fn ingested(&self, mapped: &Mapped, answer: &Accepted) {
+        let source = SourceLabels {
+            source: mapped.source.as_str(),
+        };
+        self.received.get_or_create(&source).inc();
+        self.dropped
+            .get_or_create(&source)
+            .inc_by(answer.dropped.len() as u64);
+        match Outcome::of(answer) {
+            Outcome::Duplicate => {
+                self.duplicates.get_or_create(&source).inc();
+            }
+            Outcome::Ignored | Outcome::Dropped => {
+                self.ignored.get_or_create(&source).inc();
+            }
+            _ => {
+                for r in &mapped.records {
+                    self.mapped
+                        .get_or_create(&record_labels(&r.integration, mapped.source))
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// Counts one Lytics call: `status` is the HTTP status, or the transport failure's kind.
+    pub fn called(&self, integration: &str, status: Result<u16, &'static str>, latency: Duration) {
+        let status = match status {
+            Ok(s) => s.to_string(),
+            Err(kind) => kind.to_string(),
+        };
+        self.calls
+            .get_or_create(&CallLabels {
+                integration: integration.to_string(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&IntegrationLabels {
+                integration: integration.to_string(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Counts records a Lytics call settled.
+    pub fn settled(&self, records: &[QueuedRecord], outcome: Outcome) {
+        let family = match outcome {
+            Outcome::Delivered => &self.delivered,
+            Outcome::Retrying => &self.retried,
+            Outcome::DeadLettered => &self.dead_lettered,
+            Outcome::Paused => &self.paused,
+            _ => return,
+        };
+        for r in records {
+            family
+                .get_or_create(&record_labels(&r.record.integration, r.record.source))
+                .inc();
+        }
+    }
+
+    /// Counts a rule set swapped in while running.
+    pub fn rule_reloaded(&self) {
+        self.rule_reloads.inc();
+    }
+
+    /// The exposition, with the queue and the live bus read now.
+    pub async fn render(&self, queue: &dyn Queue, bus: &LiveBus) -> Result<String, std::fmt::Error> {
+        self.queue_depth
+            .set(i64::try_from(queue.depth()).unwrap_or(i64::MAX));
+        let age = match queue.oldest_accepted_ms().await {
+            Ok(Some(at)) => (now_ms() - at).max(0) as f64 / 1000.0,
+            Ok(None) => 0.0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the oldest queued record for metrics");
+                self.queue_oldest_age.get()
+            }
+        };
+        self.queue_oldest_age.set(age);
+        self.live_watchers
+            .set(i64::try_from(bus.watchers()).unwrap_or(i64::MAX));
+        {
+            // The bus counts; the counter follows it. One scrape at a time moves it, so
+            // concurrent scrapes cannot add the same loss twice.
+            let _one = self.live_lost_sync.lock().unwrap_or_else(|e| e.into_inner());
+            let (lost, counted) = (bus.lost(), self.live_lost.get());
+            if lost > counted {
+                self.live_lost.inc_by(lost - counted);
+            }
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+fn record_labels(integration: &str, source: Source) -> RecordLabels {
+    RecordLabels {
+        integration: integration.to_string(),
+        source: source.as_str(),
+    }
+}
+
+/// What `/metrics` reads.
+#[derive(Clone)]
+pub struct MetricsState {
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// The queue, for its depth and oldest record.
+    pub queue: Arc<dyn Queue>,
+    /// The live bus, for its watchers.
+    pub bus: LiveBus,
+}
+
+/// `GET /metrics`, to merge into the HTTP router.
+pub fn router(state: MetricsState) -> Router {
+    Router::new().route("/metrics", get(scrape)).with_state(state)
+}
+
+async fn scrape(State(s): State<MetricsState>) -> Response {
+    match s.metrics.render(s.queue.as_ref(), &s.bus).await {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
