@@ -220,7 +220,7 @@ pub struct DeliverySettings {
 impl Default for DeliverySettings {
     fn default() -> Self {
         DeliverySettings {
-            batch_max_records: 500,
+            batch_max_records: 1000,
             batch_max_bytes: 5 * 1024 * 1024,
             linger: Duration::from_millis(100),
             max_attempts: 5,
