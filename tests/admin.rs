@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,78 +15,15 @@ use serde_json::{Value, json};
 
 const LYTICS_TOKEN: &str = "xxxxxxxxxxxxxxxxxxxx-seed-token";
 
-struct Relay {
-    child: Child,
-    http: String,
-    grpc: String,
-    emulator: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &std::path::Path) -> Relay {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--emulator-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--rules", "rules", "--data-dir"])
-        .arg(dir)
-        .env(
+fn start(dir: &std::path::Path) -> Spawned {
+    Spawned::start_env(
+        dir,
+        &[],
+        &[(
             "RUST_LOG",
             "debug,h2=info,hyper=info,tower=info,reqwest=info,rustls=info",
-        )
-        .env_remove("LYTICS_RELAY_LYTICS_API_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&line);
-            sink.lock().unwrap().push('\n');
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let (mut grpc, mut http, mut emulator) = (None, None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while grpc.is_none() || emulator.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the relay did not start");
-        let f = &line["fields"];
-        if let Some(e) = f["emulator"].as_str() {
-            emulator = Some(e.to_string());
-        }
-        if let (Some(g), Some(h)) = (f["grpc"].as_str(), f["http"].as_str()) {
-            grpc = Some(g.to_string());
-            http = Some(format!("http://{h}"));
-        }
-    }
-    Relay {
-        child,
-        http: http.unwrap(),
-        grpc: grpc.unwrap(),
-        emulator: emulator.unwrap(),
-        log,
-    }
+        )],
+    )
 }
 
 fn admin_token(dir: &std::path::Path) -> String {
@@ -272,12 +207,12 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let events = wait_stream(&relay.emulator, "datafly_events", 1);
+    let events = wait_stream(relay.emulator.as_deref().unwrap(), "datafly_events", 1);
     assert_eq!(events[0]["record"]["user_id"], json!("seed-user"));
     // Step 3: the user's profile.
     let profile: Value = reqwest::blocking::get(format!(
         "{}/api/entity/user/email/seed@example.com",
-        relay.emulator
+        relay.emulator.as_deref().unwrap()
     ))
     .unwrap()
     .json()
@@ -317,8 +252,8 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    wait_stream(&relay.emulator, "datafly_events", 2);
-    wait_stream(&relay.emulator, "customerio_events", 1);
+    wait_stream(relay.emulator.as_deref().unwrap(), "datafly_events", 2);
+    wait_stream(relay.emulator.as_deref().unwrap(), "customerio_events", 1);
 
     // Update (rotate the token, change the name), pause, resume, test, uninstall.
     let (s, updated) = api.call(
@@ -355,7 +290,7 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
 
     // Persistence: a restart keeps the installed integration.
-    let log = relay.log.lock().unwrap().clone();
+    let log = relay.log();
     drop(relay);
     let relay = start(dir.path());
     api.base = relay.http.clone();
@@ -369,7 +304,7 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!(ids, vec![id.as_str()], "{list}");
 
     // The token never appears in a response or a log line.
-    let log = log + &relay.log.lock().unwrap();
+    let log = log + &relay.log();
     assert!(log.len() > 1000, "the relay logged");
     assert!(!log.contains(LYTICS_TOKEN), "the API token leaked into the log");
     for body in &api.seen {

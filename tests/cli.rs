@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -106,56 +104,15 @@ async fn rules_lql_push_registers_the_query_in_lytics() {
 #[test]
 fn sigterm_stops_the_relay_gracefully() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = bin()
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--emulator-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--rules", "rules", "--data-dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for l in lines {
-            let _ = tx.send(l);
-        }
-    });
-    loop {
-        let l = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        if l.contains("lytics-relay serving") {
-            break;
-        }
-    }
+    let mut relay = Spawned::start(dir.path(), &[]);
+    let code = relay.terminate();
+    let log = relay.log();
+    assert_eq!(code, Some(0), "{log}");
+    let lines: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
-    // The reader thread ends when the relay's stderr closes.
-    let mut rest = Vec::new();
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(5)) {
-        rest.push(l);
-    }
-    assert_eq!(status.code(), Some(0), "{rest:?}");
-    let last: Vec<Value> = rest.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(
-        last.iter().any(|v| v["fields"]["message"]
+        lines.iter().any(|v| v["fields"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("shutdown complete: graceful"))),
-        "{rest:?}"
+        "{log}"
     );
 }

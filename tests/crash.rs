@@ -5,8 +5,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,57 +16,21 @@ use serde_json::json;
 
 const ROUNDS: usize = 10;
 
-/// Starts the built binary on port 0 and returns it with its gRPC address.
-fn spawn(data_dir: &std::path::Path, emulator: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--rules",
-            "rules",
-        ])
-        .args([
-            "--log-format",
-            "json",
+/// Starts the built binary on port 0, delivering to the test's emulator.
+fn spawn(data_dir: &std::path::Path, emulator: &str) -> Spawned {
+    Spawned::start(
+        data_dir,
+        &[
             "--lytics-url",
             emulator,
             "--lytics-api-token",
             TOKEN,
-        ])
-        .args([
             "--lytics-account-id",
             ACCOUNT,
             "--lytics-stream",
             STREAM,
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && let Some(g) = v["fields"]["grpc"].as_str()
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(g.to_string());
-            }
-        }
-    });
-    let grpc = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the relay did not start");
-    (child, grpc)
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,8 +40,8 @@ async fn acknowledged_events_survive_repeated_kill_9() {
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut next = 0u64;
     for round in 0..ROUNDS {
-        let (mut child, grpc) = spawn(dir.path(), &emu.url());
-        let client = IngestServiceClient::connect(format!("http://{grpc}"))
+        let mut relay = spawn(dir.path(), &emu.url());
+        let client = IngestServiceClient::connect(format!("http://{}", relay.grpc))
             .await
             .unwrap();
         let run_for = Duration::from_millis(rand::rng().random_range(150..600));
@@ -130,8 +92,7 @@ async fn acknowledged_events_survive_repeated_kill_9() {
         }
         tokio::time::sleep(run_for).await;
         // SIGKILL while the senders are still sending.
-        child.kill().unwrap();
-        child.wait().unwrap();
+        relay.kill();
         for s in senders {
             let _ = s.await;
         }
@@ -145,7 +106,7 @@ async fn acknowledged_events_survive_repeated_kill_9() {
     );
 
     // A last start delivers whatever the killed processes left queued.
-    let (mut child, _) = spawn(dir.path(), &emu.url());
+    let mut relay = spawn(dir.path(), &emu.url());
     let deadline = Instant::now() + Duration::from_secs(60);
     let (delivered, counts) = loop {
         let mut counts: HashMap<String, usize> = HashMap::new();
@@ -160,8 +121,7 @@ async fn acknowledged_events_survive_repeated_kill_9() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    child.kill().unwrap();
-    child.wait().unwrap();
+    relay.kill();
     let lost: Vec<&String> = acked.difference(&delivered).take(10).collect();
     let duplicates = counts.values().filter(|n| **n > 1).count();
     println!(

@@ -7,26 +7,13 @@
     reason = "tests and benches fail loudly"
 )]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Spawned;
 use serde_json::{Value, json};
-
-struct Relay {
-    child: Child,
-    grpc: String,
-    emulator: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn grpcurl_bin() -> String {
     std::env::var("GRPCURL").unwrap_or_else(|_| {
@@ -37,56 +24,6 @@ fn grpcurl_bin() -> String {
             "grpcurl".to_string()
         }
     })
-}
-
-fn start() -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--emulator-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--rules", "rules", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("LYTICS_RELAY_LYTICS_API_TOKEN")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (mut grpc, mut emulator) = (None, None);
-    while grpc.is_none() || emulator.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("the relay did not start");
-        let fields = &line["fields"];
-        if let Some(e) = fields["emulator"].as_str() {
-            emulator = Some(e.to_string());
-        }
-        if let Some(g) = fields["grpc"].as_str() {
-            grpc = Some(g.to_string());
-        }
-    }
-    Relay {
-        child,
-        grpc: grpc.unwrap(),
-        emulator: emulator.unwrap(),
-        _dir: dir,
-    }
 }
 
 fn grpcurl(args: &[&str]) -> (bool, String) {
@@ -102,7 +39,7 @@ fn grpcurl(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn send(relay: &Relay, event: &Value) -> (bool, String) {
+fn send(relay: &Spawned, event: &Value) -> (bool, String) {
     let body = json!({ "event": event }).to_string();
     grpcurl(&[
         "-plaintext",
@@ -115,7 +52,9 @@ fn send(relay: &Relay, event: &Value) -> (bool, String) {
 
 #[test]
 fn grpcurl_lists_describes_sends_and_reads_violations() {
-    let relay = start();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Spawned::start(dir.path(), &[]);
+    let emulator = relay.emulator.clone().unwrap();
 
     let (ok, out) = grpcurl(&["-plaintext", &relay.grpc, "list"]);
     assert!(ok, "{out}");
@@ -185,7 +124,7 @@ fn grpcurl_lists_describes_sends_and_reads_violations() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let profile = loop {
         let v: Value = http
-            .get(format!("{}/api/entity/user/user_id/user_98765", relay.emulator))
+            .get(format!("{}/api/entity/user/user_id/user_98765", emulator))
             .send()
             .unwrap()
             .json()
@@ -200,10 +139,7 @@ fn grpcurl_lists_describes_sends_and_reads_violations() {
     assert_eq!(data["anonymous_id"], json!("anon_a1b2c3d4"), "{profile}");
     assert_eq!(data["order_id"], json!("ORD-1234"), "{profile}");
     let events: Value = http
-        .get(format!(
-            "{}/v2/stream/datafly_events/events?limit=0",
-            relay.emulator
-        ))
+        .get(format!("{}/v2/stream/datafly_events/events?limit=0", emulator))
         .header("Authorization", "emulator-token")
         .send()
         .unwrap()

@@ -387,44 +387,15 @@ async fn reloads_under_load_lose_and_duplicate_nothing() {
 fn sighup_reloads_the_rules() {
     let rules = rules_copy();
     let data = tempfile::tempdir().unwrap();
-    let mut child = bin()
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--emulator-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--rules-watch", "false", "--log-format", "json", "--rules"])
-        .arg(rules.path().join("rules"))
-        .arg("--data-dir")
-        .arg(data.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let started = loop {
-        let v = rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        if v["fields"]["message"] == json!("lytics-relay serving") {
-            break v;
-        }
-    };
-    let http = format!("http://{}/healthz", started["fields"]["http"].as_str().unwrap());
+    let rules_dir = rules.path().join("rules");
+    let relay = Spawned::start(
+        data.path(),
+        &["--rules-watch", "false", "--rules", rules_dir.to_str().unwrap()],
+    );
+    let http = format!("{}/healthz", relay.http);
     let before: Value = reqwest::blocking::get(&http).unwrap().json().unwrap();
     edit(
-        &rules.path().join("rules/signal.yaml"),
+        &rules_dir.join("signal.yaml"),
         "      locale: $.context.locale\n",
         "      locale: $.context.locale\n      lang: $.context.locale\n",
     );
@@ -435,7 +406,7 @@ fn sighup_reloads_the_rules() {
         "no watch: nothing changes by itself"
     );
     let status = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &relay.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -448,6 +419,4 @@ fn sighup_reloads_the_rules() {
         assert!(Instant::now() < deadline, "SIGHUP did not reload");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -206,3 +206,126 @@ pub async fn admin_token(dir: &std::path::Path) -> String {
     }
     panic!("the relay wrote no admin token");
 }
+
+/// The relay binary run as a child process on loopback port 0, its JSON log captured.
+pub struct Spawned {
+    pub child: std::process::Child,
+    pub grpc: String,
+    /// `http://host:port` of the HTTP port.
+    pub http: String,
+    /// `http://host:port` of the built-in emulator, when it runs.
+    pub emulator: Option<String>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Spawned {
+    /// Runs `serve` with `extra` flags on `data_dir`; without `--lytics-url` the built-in
+    /// emulator starts too. Returns once the relay logs that it is serving.
+    pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> Spawned {
+        Self::start_env(data_dir, extra, &[])
+    }
+
+    /// [`Spawned::start`] with extra environment variables.
+    #[allow(
+        clippy::zombie_processes,
+        reason = "once started, the child is owned by `Spawned`, whose drop kills and waits"
+    )]
+    pub fn start_env(data_dir: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_lytics-relay"));
+        cmd.args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]);
+        if !extra.contains(&"--lytics-url") {
+            cmd.args(["--emulator-addr", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--rules") {
+            cmd.args(["--rules", "rules"]);
+        }
+        let mut child = cmd
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("LYTICS_RELAY_LYTICS_API_TOKEN")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel::<Value>();
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = lines_tx.send(v);
+                }
+                sink.lock().unwrap().push(line);
+            }
+            let _ = done_tx.send(());
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut emulator = None;
+        loop {
+            let line = lines_rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the relay did not start");
+            let f = &line["fields"];
+            if let Some(e) = f["emulator"].as_str() {
+                emulator = Some(e.to_string());
+            }
+            if let (Some(g), Some(h)) = (f["grpc"].as_str(), f["http"].as_str()) {
+                return Spawned {
+                    child,
+                    grpc: g.to_string(),
+                    http: format!("http://{h}"),
+                    emulator,
+                    log,
+                    done,
+                };
+            }
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM, waits for the exit and the end of the log; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let code = self.child.wait().unwrap().code();
+        let _ = self.done.recv_timeout(Duration::from_secs(10));
+        code
+    }
+
+    /// Kills the process at once (`kill -9`).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
