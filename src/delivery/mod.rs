@@ -79,6 +79,8 @@ pub struct DeliveryCounters {
 #[derive(Debug, Default)]
 pub struct DeliveryState {
     paused: Mutex<HashMap<String, Pause>>,
+    /// Integrations with records waiting out a backoff.
+    backing_off: Mutex<HashSet<String>>,
     limits: Mutex<HashMap<String, limit::Aimd>>,
     /// The counters.
     pub counters: DeliveryCounters,
@@ -461,6 +463,7 @@ impl Delivery {
                 if let Err(e) = self.queue.ack(&ids).await {
                     tracing::error!(error = %e, "cannot mark records delivered; they may be sent again");
                 }
+                self.expedite_retries(integration).await;
                 // Reported once the queue let go of them, so metrics and the queue agree.
                 let detail = match rejected_count {
                     0 => String::new(),
@@ -555,6 +558,11 @@ impl Delivery {
         let delay = self.backoff.delay(attempts, &mut rand::rng());
         let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
         self.state
+            .backing_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(again[0].record.integration.to_string());
+        self.state
             .counters
             .retried
             .fetch_add(again.len() as u64, Ordering::Relaxed);
@@ -568,6 +576,27 @@ impl Delivery {
         };
         if let Err(e) = self.queue.retry(again, due, attempt, true).await {
             tracing::error!(error = %e, "cannot reschedule records");
+        }
+    }
+
+    /// Lytics answered again: records of the integration waiting out a backoff become due now,
+    /// so a recovery drains the backlog at once instead of over the longest backoff.
+    async fn expedite_retries(&self, integration: &Integration) {
+        let was_backing_off = self
+            .state
+            .backing_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(integration.id.as_str());
+        if !was_backing_off {
+            return;
+        }
+        match self.queue.expedite(integration.id.as_str()).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(integration = %integration.id, records = n, "Lytics answers again: retries are due now")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot bring retries forward"),
         }
     }
 

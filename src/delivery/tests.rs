@@ -221,3 +221,48 @@ async fn a_429_lowers_the_calls_in_flight_limit() {
         "halved by the 429, not yet regrown"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_success_brings_the_integrations_backed_off_retries_forward() {
+    let lytics = Scripted::new(&[503], 200);
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    let s = DeliverySettings {
+        backoff_base: Duration::from_secs(3600),
+        backoff_max: Duration::from_secs(3600),
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
+        .unwrap()
+        .with_sender(lytics.clone());
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: Arc::from("a"),
+            records: vec![record()],
+        }])
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    while lytics.calls().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The first record now waits out a backoff of up to an hour; a second one arrives.
+    let second_at = now_ms();
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: Arc::from("b"),
+            records: vec![record()],
+        }])
+        .await
+        .unwrap();
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drained_after = now_ms() - second_at;
+    stop.cancel();
+    task.await.unwrap();
+    assert!(
+        drained_after < 2_000,
+        "the backed-off record waited {drained_after} ms after Lytics answered again"
+    );
+}

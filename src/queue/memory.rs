@@ -238,6 +238,29 @@ impl Queue for MemoryQueue {
         false
     }
 
+    async fn expedite(&self, integration: &str) -> Result<usize, QueueError> {
+        let n = {
+            let mut s = self.state();
+            let now = now_ms();
+            let later: Vec<(i64, RecordId)> = s
+                .waiting
+                .iter()
+                .filter(|((due, _), r)| *due > now && &*r.record.integration == integration)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in &later {
+                if let Some(r) = s.waiting.remove(k) {
+                    s.waiting.insert((now, k.1), r);
+                }
+            }
+            later.len()
+        };
+        if n > 0 {
+            self.work.notify_one();
+        }
+        Ok(n)
+    }
+
     async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
         let s = self.state();
         Ok(s.waiting

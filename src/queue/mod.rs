@@ -197,6 +197,13 @@ pub trait Queue: Send + Sync + 'static {
     /// When the next record not of a `skip` integration falls due (unix ms), if any waits.
     async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError>;
 
+    /// Makes the waiting retries of `integration` due now (Lytics answers again, so records
+    /// backing off need not wait out their backoff); returns how many. Backends without a
+    /// cheap way to do so may leave retries as scheduled.
+    async fn expedite(&self, _integration: &str) -> Result<usize, QueueError> {
+        Ok(0)
+    }
+
     /// Records waiting or in flight.
     fn depth(&self) -> usize;
 

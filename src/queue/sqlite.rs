@@ -89,6 +89,7 @@ enum Op {
     DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
     Replay(Vec<i64>, Reply<usize>),
     NextDue(HashSet<String>, Reply<Option<i64>>),
+    Expedite(String, Reply<usize>),
     Oldest(Reply<Option<i64>>),
 }
 
@@ -195,6 +196,11 @@ impl Queue for SqliteQueue {
         self.call(|r| Op::Replay(ids.to_vec(), r)).await
     }
 
+    async fn expedite(&self, integration: &str) -> Result<usize, QueueError> {
+        let integration = integration.to_string();
+        self.call(|r| Op::Expedite(integration, r)).await
+    }
+
     async fn next_due(&self, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
         self.call(|r| Op::NextDue(skip.clone(), r)).await
     }
@@ -289,6 +295,16 @@ impl Writer {
                         answers.push(pending(reply, r));
                     }
                     Op::NextDue(skip, reply) => answers.push(pending(reply, next_due(&txn, &skip))),
+                    Op::Expedite(integration, reply) => {
+                        let r = txn
+                            .execute(
+                                "UPDATE records SET due_ms = ?1 WHERE leased = 0 AND due_ms > ?1 AND integration = ?2",
+                                params![now, integration],
+                            )
+                            .map_err(sql);
+                        woke |= r.as_ref().is_ok_and(|n| *n > 0);
+                        answers.push(pending(reply, r));
+                    }
                     Op::Oldest(reply) => answers.push(pending(reply, oldest(&txn))),
                 }
             }
@@ -838,5 +854,28 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn expedite_makes_an_integrations_retries_due_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![event("1", vec![rec("a", "1"), rec("b", "1")])])
+            .await
+            .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        let attempt = Attempt {
+            at_ms: 0,
+            status: Some(503),
+            detail: "x".into(),
+        };
+        q.retry(leased, now_ms() + 3_600_000, attempt, true)
+            .await
+            .unwrap();
+        assert!(q.lease(10, &HashSet::new()).await.unwrap().is_empty());
+        assert_eq!(q.expedite("a").await.unwrap(), 1);
+        let due = q.lease(10, &HashSet::new()).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(&*due[0].record.integration, "a");
     }
 }
