@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Parser;
-use lytics_relay::normalize::json_to_struct;
 use lytics_relay::proto::v1::{Event, SendBatchRequest, SendRequest};
 use prost::Message as _;
 use serde_json::Value;
@@ -35,36 +34,9 @@ struct Args {
     keep_message_id: bool,
 }
 
-/// Builds a gRPC `Event` from canonical JSON, as `event()` in tests/common does.
+/// Builds a gRPC `Event` from canonical JSON.
 fn event(json: &Value) -> Event {
-    let s = |k: &str| {
-        json.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let st = |k: &str| json.get(k).and_then(json_to_struct);
-    Event {
-        r#type: s("type"),
-        event: s("event"),
-        name: s("name"),
-        category: s("category"),
-        properties: st("properties"),
-        traits: st("traits"),
-        user_id: s("userId"),
-        anonymous_id: s("anonymousId"),
-        group_id: s("groupId"),
-        previous_id: s("previousId"),
-        context: st("context"),
-        integrations: st("integrations"),
-        timestamp: s("timestamp"),
-        sent_at: s("sentAt"),
-        received_at: s("receivedAt"),
-        original_timestamp: s("originalTimestamp"),
-        message_id: s("messageId"),
-        channel: s("channel"),
-        version: None,
-    }
+    lytics_relay::normalize::json_to_event(json)
 }
 
 /// Frames protobuf bytes as one uncompressed gRPC message.

@@ -73,6 +73,39 @@ pub fn event_to_json(e: &pb::Event) -> Value {
     Value::Object(m)
 }
 
+/// Builds a gRPC `Event` from canonical JSON, as a proto3 JSON client would (the inverse of
+/// [`event_to_json`]); fields of the wrong JSON type are left empty.
+pub fn json_to_event(json: &Value) -> pb::Event {
+    let s = |k: &str| {
+        json.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let st = |k: &str| json.get(k).and_then(json_to_struct);
+    pb::Event {
+        r#type: s("type"),
+        event: s("event"),
+        name: s("name"),
+        category: s("category"),
+        properties: st("properties"),
+        traits: st("traits"),
+        user_id: s("userId"),
+        anonymous_id: s("anonymousId"),
+        group_id: s("groupId"),
+        previous_id: s("previousId"),
+        context: st("context"),
+        integrations: st("integrations"),
+        timestamp: s("timestamp"),
+        sent_at: s("sentAt"),
+        received_at: s("receivedAt"),
+        original_timestamp: s("originalTimestamp"),
+        message_id: s("messageId"),
+        channel: s("channel"),
+        version: json.get("version").map(json_to_value),
+    }
+}
+
 /// Converts a protobuf `Struct` to a JSON object.
 pub fn struct_to_json(s: &prost_types::Struct) -> Value {
     Value::Object(
@@ -114,7 +147,8 @@ pub fn json_to_struct(v: &Value) -> Option<prost_types::Struct> {
     }
 }
 
-fn json_to_value(v: &Value) -> prost_types::Value {
+/// Converts JSON to a protobuf `Value`.
+pub fn json_to_value(v: &Value) -> prost_types::Value {
     let kind = match v {
         Value::Null => Kind::NullValue(0),
         Value::Bool(b) => Kind::BoolValue(*b),

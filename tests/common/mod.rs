@@ -163,35 +163,7 @@ pub fn fixture(name: &str) -> Value {
 
 /// Builds a gRPC `Event` from canonical JSON, the way a proto3 JSON client would.
 pub fn event(json: Value) -> lytics_relay::proto::v1::Event {
-    use lytics_relay::normalize::json_to_struct;
-    let s = |k: &str| {
-        json.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let st = |k: &str| json.get(k).and_then(json_to_struct);
-    lytics_relay::proto::v1::Event {
-        r#type: s("type"),
-        event: s("event"),
-        name: s("name"),
-        category: s("category"),
-        properties: st("properties"),
-        traits: st("traits"),
-        user_id: s("userId"),
-        anonymous_id: s("anonymousId"),
-        group_id: s("groupId"),
-        previous_id: s("previousId"),
-        context: st("context"),
-        integrations: st("integrations"),
-        timestamp: s("timestamp"),
-        sent_at: s("sentAt"),
-        received_at: s("receivedAt"),
-        original_timestamp: s("originalTimestamp"),
-        message_id: s("messageId"),
-        channel: s("channel"),
-        version: None,
-    }
+    lytics_relay::normalize::json_to_event(&json)
 }
 
 /// The admin token the relay generated in `dir`, once it has started.
