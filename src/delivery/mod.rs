@@ -223,6 +223,13 @@ impl Delivery {
     /// Runs until `shutdown`; then lets calls in flight finish within `grace` and returns
     /// whether they all did.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> bool {
+        // Records a previous run left backing off keep their due times; the first success of
+        // each integration brings them forward, as for retries scheduled in this run.
+        self.state
+            .backing_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(self.integrations.snapshot().iter().map(|i| i.id.to_string()));
         // Leases in flight across all integrations; each integration is further held to its own
         // AIMD limit by being skipped in leases while saturated.
         let slots = Arc::new(Semaphore::new(self.settings.max_in_flight * 8));
