@@ -252,6 +252,10 @@ impl Queue for MemoryQueue {
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
 }
 
 #[cfg(test)]

@@ -208,6 +208,10 @@ impl Queue for SqliteQueue {
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.work.notified()).await;
     }
+
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
 }
 
 struct Writer {
