@@ -35,7 +35,7 @@ use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
 use crate::proto::v1::rules_service_server::RulesServiceServer;
-use crate::queue::{MemoryQueue, Queue, SqliteQueue};
+use crate::queue::{MemoryQueue, NatsQueue, Queue, SqliteQueue};
 use crate::reload::{self, Reloader, RulesSource};
 use crate::rules::LiveRules;
 use crate::telemetry::Telemetry;
@@ -174,6 +174,18 @@ pub async fn run(
             Arc::new(q)
         }
         QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window)),
+        QueueBackend::Nats => {
+            let q = NatsQueue::connect(&settings.nats, settings.queue_capacity, settings.dedup_window)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the NATS queue at `{}`; check that the servers run with JetStream (-js) and the credentials",
+                        settings.nats.urls.join(",")
+                    )
+                })?;
+            tracing::info!(urls = %settings.nats.urls.join(","), records = q.depth(), "NATS JetStream queue opened; shared with every relay on these servers");
+            Arc::new(q)
+        }
     };
     let ingest = Ingest::new(live_rules, integrations.clone(), queue.clone(), telemetry.clone());
     let delivery = Delivery::new(
