@@ -165,3 +165,228 @@ async fn nats_unreachable_at_start_is_an_error_naming_the_urls() {
     assert!(text.contains(&url), "{text}");
     assert!(text.contains("cannot open the NATS queue"), "{text}");
 }
+
+/// Starts the built binary as one replica on `nats` and returns it with its gRPC address.
+fn spawn_replica(dir: &std::path::Path, emulator: &str, nats: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let config = dir.join("relay.yaml");
+    std::fs::write(
+        &config,
+        "queue: { ack_wait_secs: 2 }\ndelivery: { linger_ms: 10 }\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--rules", "rules", "--log-format", "json", "--queue-url", nats])
+        .args(["--lytics-url", emulator, "--lytics-api-token", TOKEN])
+        .args(["--lytics-account-id", ACCOUNT, "--lytics-stream", STREAM])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(g) = v["fields"]["grpc"].as_str()
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(g.to_string());
+            }
+        }
+    });
+    let grpc = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the relay did not start");
+    (child, grpc)
+}
+
+/// Sends single events to `grpc` until `until`, or the first refusal; returns the acknowledged ids.
+async fn load(grpc: String, prefix: String, until: Instant) -> Vec<String> {
+    let mut client = lytics_relay::proto::v1::ingest_service_client::IngestServiceClient::connect(format!(
+        "http://{grpc}"
+    ))
+    .await
+    .unwrap();
+    let mut acked = Vec::new();
+    let mut i = 0;
+    while Instant::now() < until {
+        let id = format!("{prefix}-{i}");
+        if client
+            .send(pb::SendRequest {
+                event: Some(track(&id)),
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+        acked.push(id);
+        i += 1;
+    }
+    acked
+}
+
+/// Waits until every id in `acked` reached Lytics.
+async fn wait_delivered(emu: &EmulatorHandle, acked: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = deliveries(emu);
+        let missing: Vec<&String> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged event(s) never delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_replica_under_load_loses_nothing_the_other_finishes_its_work() {
+    let nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    // Slow collect calls, so the killed replica dies holding leased records.
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, grpc_a) = spawn_replica(dir_a.path(), &emu.url(), &nats.url());
+    let (mut b, grpc_b) = spawn_replica(dir_b.path(), &emu.url(), &nats.url());
+    let start = Instant::now();
+    let mut senders = Vec::new();
+    for w in 0..2 {
+        let end = start + Duration::from_millis(2500);
+        senders.push(tokio::spawn(load(grpc_a.clone(), format!("a{w}"), end)));
+        senders.push(tokio::spawn(load(grpc_b.clone(), format!("b{w}"), end)));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let mut acked = Vec::new();
+    for s in senders {
+        acked.extend(s.await.unwrap());
+    }
+    assert!(
+        acked.iter().filter(|id| id.starts_with('a')).count() > 10,
+        "replica A acknowledged too little before it was killed"
+    );
+    let from_a = acked.iter().filter(|id| id.starts_with('a')).count();
+    println!(
+        "replica kill: {} events acknowledged ({from_a} by the killed replica), {} delivered before the kill settled",
+        acked.len(),
+        deliveries(&emu).len()
+    );
+    emu.emulator.set_faults(lytics_relay::emulator::Faults::default());
+    // Replica B alone delivers everything, including what A held when it died.
+    wait_delivered(&emu, &acked, Duration::from_secs(60)).await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_with_r3_streams_survives_losing_a_node() {
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let route_urls = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        nodes.push(
+            NatsServer::start_with(vec![
+                "-n".into(),
+                format!("node-{i}"),
+                "--cluster_name".into(),
+                "lytics".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{port}"),
+                "--routes".into(),
+                route_urls.clone(),
+            ])
+            .await,
+        );
+    }
+    // Wait for the JetStream meta group to elect a leader before creating R3 streams.
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = async_nats::connect(urls[0].as_str()).await
+            && async_nats::jetstream::new(client).query_account().await.is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never got a JetStream leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let emu = EmulatorHandle::start().await;
+    let (mut s, _dir) = settings(&emu.url(), TOKEN);
+    s.queue_backend = lytics_relay::config::QueueBackend::Nats;
+    s.nats.urls = urls;
+    s.nats.replicas = 3;
+    s.nats.ack_wait = Duration::from_secs(2);
+    let relay = RelayHandle::start(s, Telemetry::disabled()).await;
+    let mut acked: Vec<String> = Vec::new();
+    let mut client = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not start on the cluster"
+        );
+        client = lytics_relay::proto::v1::ingest_service_client::IngestServiceClient::connect(format!(
+            "http://{}",
+            relay.grpc
+        ))
+        .await
+        .ok();
+    }
+    let mut client = client.unwrap();
+    let mut send = async |id: String| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Refusals while the client fails over are retried, as a sender would.
+        while client
+            .send(pb::SendRequest {
+                event: Some(track(&id)),
+            })
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "`{id}` was never accepted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        id
+    };
+    for i in 0..50 {
+        acked.push(send(format!("c-before-{i}")).await);
+    }
+    nodes[0].kill();
+    for i in 0..50 {
+        acked.push(send(format!("c-after-{i}")).await);
+    }
+    wait_delivered(&emu, &acked, Duration::from_secs(60)).await;
+    relay.stop().await;
+}
