@@ -390,3 +390,98 @@ async fn a_three_node_cluster_with_r3_streams_survives_losing_a_node() {
     wait_delivered(&emu, &acked, Duration::from_secs(60)).await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn an_integration_installed_on_one_replica_is_in_force_on_the_other() {
+    let nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    let mut relays = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let (mut s, dir) = settings(&emu.url(), TOKEN);
+        use_nats(&mut s, &nats);
+        s.lytics_url = Some(emu.url());
+        s.admin_token = Some(lytics_relay::integration::Secret::new("admin-secret"));
+        relays.push(RelayHandle::start(s, Telemetry::disabled()).await);
+        dirs.push(dir);
+    }
+    let (a, b) = (&relays[0], &relays[1]);
+    let http = reqwest::Client::new();
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("admin-secret");
+    // Wait until both serve.
+    for r in [a, b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(r.http_url("/healthz")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "a relay did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let installed: Value = admin(http.post(a.http_url("/v1/admin/integration-catalog/lytics/install")))
+        .json(&json!({"name": "Second", "variant": "default", "delivery_mode": "server_side",
+                      "config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": "customerio_events"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = installed["id"].as_str().unwrap().to_string();
+    let view = |r: &RelayHandle| admin(http.get(r.http_url(&format!("/v1/admin/integrations/{id}"))));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = view(b).send().await.unwrap().status();
+        if s == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica B never saw the installed integration ({s})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An event sent to B is delivered to the integration installed on A.
+    let mut client = b.client().await;
+    client
+        .send(pb::SendRequest {
+            event: Some(track("shared-1")),
+        })
+        .await
+        .unwrap();
+    emu.wait_for_records("customerio_events", 1).await;
+    // A pause on A holds delivery on B too.
+    let paused = admin(http.post(a.http_url(&format!("/v1/admin/integrations/{id}/pause"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = view(b).send().await.unwrap().json().await.unwrap();
+        if v["status"] == json!("paused") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica B never saw the pause: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client
+        .send(pb::SendRequest {
+            event: Some(track("shared-2")),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        emu.emulator.stream_events("customerio_events").len(),
+        1,
+        "held while paused"
+    );
+    let resumed = admin(http.post(a.http_url(&format!("/v1/admin/integrations/{id}/resume"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    emu.wait_for_records("customerio_events", 2).await;
+    for r in relays {
+        r.stop().await;
+    }
+}

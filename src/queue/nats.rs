@@ -299,6 +299,13 @@ impl NatsQueue {
     }
 }
 
+impl NatsQueue {
+    /// The connection, for other state kept on the same NATS (installed integrations).
+    pub fn client(&self) -> async_nats::Client {
+        self.inner.client.clone()
+    }
+}
+
 /// Keeps `depth` and `connected` current.
 async fn refresh(inner: Arc<Inner>, mut stream: stream::Stream, stop: CancellationToken) {
     loop {
