@@ -23,7 +23,7 @@ use crate::admin::dead_letters::DeadLetters;
 use crate::admin::grpc::AdminGrpc;
 use crate::admin::integrations::IntegrationAdmin;
 use crate::admin::rules::RulesAdmin;
-use crate::admin::store::SqliteIntegrationStore;
+use crate::admin::store::{IntegrationStore, NatsIntegrationStore, SqliteIntegrationStore};
 use crate::config::{self, QueueBackend, Settings};
 use crate::delivery::Delivery;
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -40,7 +40,7 @@ use crate::proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use crate::proto::v1::ingest_service_server::IngestServiceServer;
 use crate::proto::v1::live_events_service_server::LiveEventsServiceServer;
 use crate::proto::v1::rules_service_server::RulesServiceServer;
-use crate::queue::{MemoryQueue, Queue, SqliteQueue};
+use crate::queue::{MemoryQueue, NatsQueue, Queue, SqliteQueue};
 use crate::reload::{self, Reloader, RulesSource};
 use crate::rules::LiveRules;
 use crate::telemetry::Telemetry;
@@ -172,6 +172,8 @@ pub async fn run(
     };
     let integrations = Integrations::new(vec![integration.clone()]);
 
+    // With NATS, installed integrations live there too, so every replica delivers the same set.
+    let mut nats_client = None;
     let queue: Arc<dyn Queue> = match settings.queue_backend {
         QueueBackend::Embedded => {
             let path = settings.data_dir.join("queue.sqlite3");
@@ -180,6 +182,19 @@ pub async fn run(
             Arc::new(q)
         }
         QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window)),
+        QueueBackend::Nats => {
+            let q = NatsQueue::connect(&settings.nats, settings.queue_capacity, settings.dedup_window)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the NATS queue at `{}`; check that the servers run with JetStream (-js) and the credentials",
+                        settings.nats.urls.join(",")
+                    )
+                })?;
+            tracing::info!(urls = %settings.nats.urls.join(","), records = q.depth(), "NATS JetStream queue opened; shared with every relay on these servers");
+            nats_client = Some(q.client());
+            Arc::new(q)
+        }
     };
     // Ingest and delivery report every event and record here: counted in metrics, and
     // published to watchers of the live bus (which never slows them).
@@ -198,15 +213,24 @@ pub async fn run(
     let delivery_state = delivery.state();
 
     // Installed integrations persist beside the queue; the live set is rebuilt from them.
-    let store = SqliteIntegrationStore::open(&settings.data_dir.join("integrations.sqlite3"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store: Arc<dyn IntegrationStore> = match nats_client {
+        Some(client) => Arc::new(
+            NatsIntegrationStore::open(client, settings.nats.replicas)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+        None => Arc::new(
+            SqliteIntegrationStore::open(&settings.data_dir.join("integrations.sqlite3"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+    };
     let install_url = settings
         .lytics_url
         .clone()
         .or_else(|| own_emulator.as_ref().map(|(_, url)| url.clone()))
         .unwrap_or_else(|| config::LYTICS_URL.to_string());
     let integration_admin = IntegrationAdmin::start(
-        Arc::new(store),
+        store,
         integrations.clone(),
         delivery_state.clone(),
         Some(integration),
@@ -216,6 +240,8 @@ pub async fn run(
     )
     .await
     .map_err(|e| anyhow::anyhow!("cannot load installed integrations: {}", e.message))?;
+    let stop_follower = CancellationToken::new();
+    let follower_task = tokio::spawn(integration_admin.clone().follow(stop_follower.clone()));
     let stop_delivery = CancellationToken::new();
     let delivery_task = tokio::spawn(delivery.run(stop_delivery.clone(), settings.shutdown_grace));
 
@@ -364,6 +390,8 @@ pub async fn run(
     let left = if queue.durable() { 0 } else { queue.depth() };
     stop_reloader.cancel();
     let _ = reloader_task.await;
+    stop_follower.cancel();
+    let _ = follower_task.await;
     stop_delivery.cancel();
     let delivery_done = delivery_task.await.unwrap_or(false);
     stop_emulator.cancel();

@@ -78,6 +78,22 @@ pub struct ServeArgs {
     /// directory and printed once].
     #[arg(long, env = "LYTICS_RELAY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// NATS server URL(s) of a shared JetStream queue, comma-separated for a cluster
+    /// (`nats://host:4222`); selects the `nats` queue backend.
+    #[arg(long, env = "LYTICS_RELAY_QUEUE_URL", value_delimiter = ',')]
+    pub queue_url: Vec<String>,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "LYTICS_RELAY_QUEUE_CREDS")]
+    pub queue_creds: Option<PathBuf>,
+    /// NATS user (with --queue-password).
+    #[arg(long, env = "LYTICS_RELAY_QUEUE_USER")]
+    pub queue_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "LYTICS_RELAY_QUEUE_PASSWORD", hide_env_values = true)]
+    pub queue_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, env = "LYTICS_RELAY_QUEUE_TOKEN", hide_env_values = true)]
+    pub queue_token: Option<String>,
     /// Log format: `text` or `json` [default: text].
     #[arg(long, env = "LYTICS_RELAY_LOG_FORMAT")]
     pub log_format: Option<String>,

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::cli::ServeArgs;
 use crate::integration::{AccountId, Secret, StreamName};
+use crate::queue::NatsOptions;
 
 /// The Lytics API.
 pub const LYTICS_URL: &str = "https://api.lytics.io";
@@ -152,10 +153,25 @@ pub struct FileLimits {
 pub struct FileQueue {
     /// Records the queue holds before ingest answers RESOURCE_EXHAUSTED / 429.
     pub capacity: Option<usize>,
-    /// `embedded` (SQLite under the data dir, durable) or `memory` (not durable).
+    /// `embedded` (SQLite under the data dir, durable), `memory` (not durable) or `nats`
+    /// (NATS JetStream, shared by several relays).
     pub backend: Option<String>,
     /// How long an event id is remembered to drop duplicates.
     pub dedup_window_secs: Option<u64>,
+    /// NATS server URLs (`nats://host:port`), for `backend: nats`.
+    pub urls: Option<Vec<String>>,
+    /// A NATS credentials file.
+    pub creds_file: Option<PathBuf>,
+    /// A NATS user (with `password`).
+    pub user: Option<String>,
+    /// The NATS user's password.
+    pub password: Option<String>,
+    /// A NATS authentication token.
+    pub token: Option<String>,
+    /// JetStream stream replicas: 1, or 3 on a three-node cluster.
+    pub replicas: Option<usize>,
+    /// Seconds a leased record stays hidden from other relays without news from its holder.
+    pub ack_wait_secs: Option<u64>,
 }
 
 /// `telemetry:` in the config file.
@@ -177,6 +193,8 @@ pub enum QueueBackend {
     Embedded,
     /// In memory: fast, but a restart loses what is queued.
     Memory,
+    /// NATS JetStream: durable, and shared by every relay pointed at the same servers.
+    Nats,
 }
 
 /// The Lytics integration given by flags, environment or file.
@@ -266,6 +284,8 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// The queue backend.
     pub queue_backend: QueueBackend,
+    /// How to reach NATS, for the `nats` backend.
+    pub nats: NatsOptions,
     /// Span queue of the Lytics-call exporter.
     pub call_span_queue: usize,
     /// Ingest span sampling ratio.
@@ -307,6 +327,7 @@ impl Settings {
             max_batch_events: 1000,
             queue_capacity: 1_000_000,
             queue_backend: QueueBackend::Embedded,
+            nats: NatsOptions::default(),
             call_span_queue: 65_536,
             ingest_sample_ratio: 0.01,
             live_buffer: crate::live::DEFAULT_BUFFER,
@@ -519,16 +540,85 @@ impl Settings {
         if queue_capacity == 0 {
             bad("queue.capacity", "must be at least 1".into());
         }
-        let queue_backend = match file.queue.backend.as_deref().unwrap_or("embedded") {
+        let fq = &file.queue;
+        let urls: Vec<String> = if args.queue_url.is_empty() {
+            fq.urls.clone().unwrap_or_default()
+        } else {
+            args.queue_url.clone()
+        };
+        let urls: Vec<String> = urls
+            .iter()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let default_backend = if urls.is_empty() { "embedded" } else { "nats" };
+        let queue_backend = match fq.backend.as_deref().unwrap_or(default_backend) {
             "embedded" => QueueBackend::Embedded,
             "memory" => QueueBackend::Memory,
+            "nats" => QueueBackend::Nats,
             other => {
                 bad(
                     "queue.backend",
-                    format!("unknown backend `{other}`; use `embedded` or `memory`"),
+                    format!("unknown backend `{other}`; use `embedded`, `memory` or `nats`"),
                 );
                 QueueBackend::Embedded
             }
+        };
+        if queue_backend == QueueBackend::Nats && urls.is_empty() {
+            bad(
+                "queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL)",
+                "the nats backend needs at least one server URL, for example nats://127.0.0.1:4222".into(),
+            );
+        }
+        if queue_backend != QueueBackend::Nats && !urls.is_empty() {
+            bad(
+                "queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL)",
+                "server URLs are only used by `queue.backend: nats`; remove them or choose nats".into(),
+            );
+        }
+        for u in &urls {
+            if !["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|scheme| u.starts_with(scheme))
+            {
+                bad(
+                    "queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL)",
+                    format!("`{u}` must start with nats://, tls://, ws:// or wss://"),
+                );
+            }
+        }
+        let user = args.queue_user.clone().or(fq.user.clone());
+        let password = args.queue_password.clone().or(fq.password.clone());
+        if user.is_some() != password.is_some() {
+            bad(
+                "queue.user / queue.password (--queue-user / --queue-password)",
+                "give both the NATS user and its password, or neither".into(),
+            );
+        }
+        let replicas = fq.replicas.unwrap_or(1);
+        if !(1..=5).contains(&replicas) {
+            bad(
+                "queue.replicas",
+                "must be between 1 and 5 (use 3 on a three-node cluster)".into(),
+            );
+        }
+        let ack_wait = Duration::from_secs(fq.ack_wait_secs.unwrap_or(30));
+        if ack_wait.is_zero() {
+            bad("queue.ack_wait_secs", "must be at least 1".into());
+        }
+        let nats = NatsOptions {
+            urls,
+            creds_file: args.queue_creds.clone().or(fq.creds_file.clone()),
+            user,
+            password: password.map(Secret::new),
+            token: args
+                .queue_token
+                .clone()
+                .or(fq.token.clone())
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
+            replicas,
+            ack_wait,
         };
         let call_span_queue = file.telemetry.call_span_queue.unwrap_or(65_536);
         if call_span_queue < 64 {
@@ -568,6 +658,7 @@ impl Settings {
             max_batch_events,
             queue_capacity,
             queue_backend,
+            nats,
             call_span_queue,
             ingest_sample_ratio,
             live_buffer,
@@ -649,6 +740,25 @@ mod tests {
         assert!(keys.iter().any(|k| k.starts_with("lytics.stream")), "{keys:?}");
         assert!(keys.contains(&"delivery.batch_max_records"), "{keys:?}");
         assert!(keys.contains(&"delivery.max_attempts"), "{keys:?}");
+    }
+
+    #[test]
+    fn a_queue_url_selects_nats_and_a_nats_backend_needs_one() {
+        let args = ServeArgs {
+            queue_url: vec!["nats://127.0.0.1:4222".into(), "nats://127.0.0.1:4223".into()],
+            ..ServeArgs::default()
+        };
+        let s = Settings::build(&args, FileConfig::default()).unwrap();
+        assert_eq!(s.queue_backend, QueueBackend::Nats);
+        assert_eq!(s.nats.urls.len(), 2);
+        let file: FileConfig =
+            serde_yaml::from_str("queue: { backend: nats, user: u, urls: ['http://x'] }").unwrap();
+        let err = Settings::build(&ServeArgs::default(), file).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.iter().any(|k| k.starts_with("queue.urls")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("queue.user")), "{keys:?}");
+        let file: FileConfig = serde_yaml::from_str("queue: { backend: nats }").unwrap();
+        assert!(Settings::build(&ServeArgs::default(), file).is_err());
     }
 
     #[test]

@@ -1,4 +1,6 @@
 //! Durable at-least-once delivery: poison records, setup errors, the queue bound, restarts.
+//! Every scenario runs on both durable backends: `embedded::*` (SQLite) and `nats::*`
+//! (a NATS JetStream server started for the test).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
@@ -13,6 +15,32 @@ use lytics_relay::proto::v1 as pb;
 use lytics_relay::proto::v1::dead_letter_service_client::DeadLetterServiceClient;
 use lytics_relay::telemetry::Telemetry;
 use serde_json::{Value, json};
+
+/// Runs each scenario once per backend, as `embedded::<name>` and `nats::<name>`.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Embedded).await
+            })*
+        }
+        mod nats {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Nats).await
+            })*
+        }
+    };
+}
+
+on_every_backend!(
+    a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_delivers_it,
+    a_wrong_stream_pauses_with_the_hint_and_resumes_by_itself_once_it_exists,
+    a_wrong_account_or_token_holds_events_until_the_config_is_fixed,
+    a_full_queue_answers_resource_exhausted_and_recovers_as_it_drains,
+    faults_for_a_while_lose_nothing,
+);
 
 fn track(id: &str, props: Value) -> pb::Event {
     event(
@@ -43,14 +71,13 @@ async fn wait_paused(relay: &RelayHandle) -> Value {
     panic!("the integration never paused");
 }
 
-#[tokio::test]
-async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_delivers_it() {
+async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_delivers_it(backend: Backend) {
     let emu = EmulatorHandle::start().await;
     emu.emulator.set_faults(Faults {
         reject_poison: true,
         ..Faults::default()
     });
-    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    let (mut settings, fx) = settings_on(backend, &emu.url(), TOKEN).await;
     settings.delivery.linger = Duration::from_millis(200);
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     let mut client = relay.client().await;
@@ -83,7 +110,7 @@ async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_deliv
         .await
         .unwrap_err();
     assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
-    let token = admin_token(dir.path()).await;
+    let token = admin_token(fx.dir.path()).await;
     let dead = loop {
         let list = admin
             .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
@@ -140,10 +167,9 @@ async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_deliv
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_wrong_stream_pauses_with_the_hint_and_resumes_by_itself_once_it_exists() {
+async fn a_wrong_stream_pauses_with_the_hint_and_resumes_by_itself_once_it_exists(backend: Backend) {
     let emu = EmulatorHandle::start().await;
-    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    let (mut settings, _fx) = settings_on(backend, &emu.url(), TOKEN).await;
     settings.lytics.as_mut().unwrap().stream = StreamName::new("Datafly_Events").unwrap();
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     let mut client = relay.client().await;
@@ -169,14 +195,13 @@ async fn a_wrong_stream_pauses_with_the_hint_and_resumes_by_itself_once_it_exist
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_wrong_account_or_token_holds_events_until_the_config_is_fixed() {
+async fn a_wrong_account_or_token_holds_events_until_the_config_is_fixed(backend: Backend) {
     let emu = EmulatorHandle::start().await;
     for (fix, status, hint) in [
         ("account", 400, "Account > Account Settings"),
         ("token", 401, "API Tokens"),
     ] {
-        let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+        let (mut settings, _fx) = settings_on(backend, &emu.url(), TOKEN).await;
         let good = settings.clone();
         match fix {
             "account" => settings.lytics.as_mut().unwrap().account_id = AccountId::new("9999").unwrap(),
@@ -206,14 +231,13 @@ async fn a_wrong_account_or_token_holds_events_until_the_config_is_fixed() {
     }
 }
 
-#[tokio::test]
-async fn a_full_queue_answers_resource_exhausted_and_recovers_as_it_drains() {
+async fn a_full_queue_answers_resource_exhausted_and_recovers_as_it_drains(backend: Backend) {
     let emu = EmulatorHandle::start().await;
     emu.emulator.set_faults(Faults {
         error_rate: 1.0,
         ..Faults::default()
     });
-    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    let (mut settings, _fx) = settings_on(backend, &emu.url(), TOKEN).await;
     settings.queue_capacity = 5;
     settings.delivery.max_attempts = 1000;
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
@@ -272,8 +296,7 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers_as_it_drains() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn faults_for_a_while_lose_nothing() {
+async fn faults_for_a_while_lose_nothing(backend: Backend) {
     let emu = EmulatorHandle::start().await;
     emu.emulator.set_faults(Faults {
         error_rate: 0.3,
@@ -282,7 +305,7 @@ async fn faults_for_a_while_lose_nothing() {
         latency_ms: 20,
         ..Faults::default()
     });
-    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    let (mut settings, _fx) = settings_on(backend, &emu.url(), TOKEN).await;
     settings.delivery.max_attempts = 1000;
     settings.delivery.batch_max_records = 50;
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;

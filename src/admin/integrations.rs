@@ -5,6 +5,7 @@
 //! stored list, and the live set of integrations ingest and delivery use, rebuilt after every
 //! change. A config change resumes a delivery paused by a setup error.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -186,6 +187,58 @@ impl IntegrationAdmin {
         let stored = self.store.list().await.map_err(store_error)?;
         self.refresh(&stored);
         Ok(stored)
+    }
+
+    /// Follows a shared store: each time any replica changes the stored list, puts it in force
+    /// here too (the live set, operator pauses and resumes, and a resume of a setup-error pause
+    /// when an integration's settings changed), until `stop`.
+    pub async fn follow(self, stop: tokio_util::sync::CancellationToken) {
+        let Some(mut changes) = self.store.changes() else {
+            return;
+        };
+        let mut seen: HashMap<String, i64> = match self.store.list().await {
+            Ok(l) => l.into_iter().map(|s| (s.id, s.updated_ms)).collect(),
+            Err(_) => HashMap::new(),
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            match self.reload().await {
+                Ok(stored) => self.apply(&stored, &mut seen),
+                Err(e) => tracing::warn!(error = %e.message, "cannot follow the shared integration store"),
+            }
+        }
+    }
+
+    fn apply(&self, stored: &[StoredIntegration], seen: &mut HashMap<String, i64>) {
+        let manual: HashSet<String> = self
+            .delivery
+            .paused()
+            .into_iter()
+            .filter(|(_, p)| p.manual)
+            .map(|(id, _)| id)
+            .collect();
+        let mut now_seen = HashMap::new();
+        for s in stored {
+            if let Some(e) = &self.emulator {
+                e.add_credentials(&s.api_token, &s.account_id);
+            }
+            let changed = seen.get(&s.id) != Some(&s.updated_ms);
+            if s.paused {
+                if !manual.contains(&s.id) {
+                    self.delivery.pause_manual(&s.id);
+                }
+            } else if (changed || manual.contains(&s.id)) && self.delivery.resume(&s.id) {
+                tracing::info!(integration = %s.id, "changed on another replica: delivery resumed");
+            }
+            now_seen.insert(s.id.clone(), s.updated_ms);
+        }
+        for gone in seen.keys().filter(|id| !now_seen.contains_key(*id)) {
+            self.delivery.resume(gone);
+        }
+        *seen = now_seen;
     }
 
     fn view_stored(&self, s: &StoredIntegration) -> IntegrationView {

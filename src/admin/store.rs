@@ -3,7 +3,9 @@
 //! Input: integrations the admin API installs, updates and removes. Output: the stored list. The
 //! [`IntegrationStore`] trait is the seam (a distributed backend can share one list between
 //! replicas); [`SqliteIntegrationStore`] keeps them in `<data-dir>/integrations.sqlite3` (mode
-//! 0600: it holds API tokens). Never delivers.
+//! 0600: it holds API tokens); [`NatsIntegrationStore`] keeps them in a JetStream key-value
+//! bucket that every relay on the same NATS shares, and tells each replica when the list changed.
+//! Never delivers.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -70,6 +72,11 @@ pub trait IntegrationStore: Send + Sync + 'static {
     async fn delete(&self, id: &str) -> Result<bool, StoreError>;
     /// One by id.
     async fn get(&self, id: &str) -> Result<Option<StoredIntegration>, StoreError>;
+    /// For a store shared between replicas: a counter that moves each time any replica changed
+    /// the list. `None` when only this relay writes the store.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The SQLite store.
@@ -172,6 +179,100 @@ impl IntegrationStore for SqliteIntegrationStore {
             body.map(|b| serde_json::from_str(&b).map_err(err)).transpose()
         })
         .await
+    }
+}
+
+/// The JetStream key-value bucket of installed integrations.
+pub const KV_BUCKET: &str = "LYTICS_RELAY_INTEGRATIONS";
+
+/// Installed integrations in a JetStream key-value bucket (one key per integration id), shared
+/// by every relay on the same NATS. The bucket holds API tokens: restrict it with NATS
+/// permissions as you would the SQLite file.
+pub struct NatsIntegrationStore {
+    kv: async_nats::jetstream::kv::Store,
+    changes: tokio::sync::watch::Receiver<u64>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl NatsIntegrationStore {
+    /// Creates or opens the bucket and starts watching it.
+    pub async fn open(client: async_nats::Client, replicas: usize) -> Result<Self, StoreError> {
+        let js = async_nats::jetstream::new(client);
+        let kv = js
+            .create_or_update_key_value(async_nats::jetstream::kv::Config {
+                bucket: KV_BUCKET.into(),
+                history: 1,
+                num_replicas: replicas.max(1),
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| StoreError(format!("cannot open the bucket `{KV_BUCKET}`: {e}")))?;
+        let mut watch = kv.watch_all().await.map_err(err)?;
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    entry = watch.next() => match entry {
+                        Some(_) => tx.send_modify(|n| *n += 1),
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok(NatsIntegrationStore {
+            kv,
+            changes: rx,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+#[async_trait]
+impl IntegrationStore for NatsIntegrationStore {
+    async fn list(&self) -> Result<Vec<StoredIntegration>, StoreError> {
+        use futures::TryStreamExt as _;
+        let keys: Vec<String> = match self.kv.keys().await {
+            Ok(k) => k.try_collect().await.map_err(err)?,
+            Err(e) => return Err(err(e)),
+        };
+        let mut all = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(i) = self.get(&k).await? {
+                all.push(i);
+            }
+        }
+        all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(all)
+    }
+
+    async fn put(&self, i: StoredIntegration) -> Result<(), StoreError> {
+        let body = serde_json::to_vec(&i).map_err(err)?;
+        self.kv.put(&i.id, body.into()).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let existed = self.get(id).await?.is_some();
+        if existed {
+            self.kv.delete(id).await.map_err(err)?;
+        }
+        Ok(existed)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<StoredIntegration>, StoreError> {
+        match self.kv.get(id).await.map_err(err)? {
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(err),
+            None => Ok(None),
+        }
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.clone())
     }
 }
 

@@ -9,7 +9,8 @@
 //! - `POST /v1/batch`: a JSON array of events, or `{"batch": […]}` → a result per event.
 //! - `POST /v1/webhooks/customerio`: a Customer.io reporting webhook → 200 as soon as it is
 //!   queued, also when the rules ignore it (any other answer stalls Customer.io's feed).
-//! - `GET /healthz`: serving state, queue depth, paused integrations with their hints.
+//! - `GET /healthz`: serving state, queue depth, the queue backend and whether it is connected,
+//!   paused integrations with their hints.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -257,6 +258,7 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         "status": if serving { "serving" } else { "not_serving" },
         "rules_version": s.ingest.rules().current().version().to_string(),
         "queue_depth": s.queue.depth(),
+        "queue": {"backend": s.queue.backend(), "connected": s.queue.connected()},
         "paused_integrations": paused,
         "calls_in_flight_limit": s.delivery.limits(),
     });

@@ -284,6 +284,10 @@ impl Queue for MemoryQueue {
         let leased = s.leased.iter().map(|(id, at)| (*id, *at));
         Ok(waiting.chain(leased).min_by_key(|(id, _)| *id).map(|(_, at)| at))
     }
+
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
 }
 
 #[cfg(test)]

@@ -3,10 +3,13 @@
 //! Input: mapped records from ingest ([`NewRecord`]). Output: leased batches of
 //! [`QueuedRecord`]s for delivery, and their final states (delivered, retry later, dead letter).
 //! An ingest call is answered OK only after [`Queue::enqueue`] returns, so whatever backs the
-//! queue decides what "accepted" survives. The trait is the seam: the in-memory backend here,
-//! durable backends beside it. This module never talks to Lytics and never maps events.
+//! queue decides what "accepted" survives. The trait is the seam; the backends beside it are
+//! `memory.rs` (bounded, not durable), `sqlite.rs` (embedded, durable, one relay) and `nats.rs`
+//! (NATS JetStream, durable, shared by several relays). This module never talks to Lytics and
+//! never maps events.
 
 mod memory;
+mod nats;
 mod sqlite;
 
 use std::collections::HashSet;
@@ -16,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::MemoryQueue;
+pub use nats::{NatsOptions, NatsQueue};
 pub use sqlite::SqliteQueue;
 
 /// The most dedup keys a backend keeps; past it the oldest are forgotten first.
@@ -213,4 +217,11 @@ pub trait Queue: Send + Sync + 'static {
     /// When the relay accepted the record queued first that is still queued (waiting or in
     /// flight), in unix ms; `None` when the queue is empty. For the queue-age metric.
     async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError>;
+    /// The backend's name, as configured (`embedded`, `memory`, `nats`).
+    fn backend(&self) -> &'static str;
+
+    /// Whether the backend can reach its store right now (a local store always can).
+    fn connected(&self) -> bool {
+        true
+    }
 }

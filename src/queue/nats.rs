@@ -1,0 +1,763 @@
+//! The NATS JetStream queue: several relays share one queue, so any replica may accept an event
+//! and any replica may deliver it.
+//!
+//! Input: records to hold. Output: due records by lease, from a durable pull consumer that every
+//! replica shares. Layout on the server:
+//! - stream `LYTICS_RELAY_RECORDS` (subjects `lytics_relay.records.<integration>`, work-queue
+//!   retention, `max_msgs` = the queue capacity with discard-new, duplicate window = the dedup
+//!   window) and its durable pull consumer `lytics-relay` (explicit ack, no delivery limit);
+//! - stream `LYTICS_RELAY_DEAD` (subjects `lytics_relay.dead.<integration>`, limits retention)
+//!   for dead letters, whose stream sequence is the dead letter's id.
+//!
+//! Each message is one record as JSON ([`Envelope`]), carrying every field of [`NewRecord`] plus
+//! its attempts, history and the time it falls due. A retry publishes the record again with the
+//! attempt added and then acknowledges the original, so attempts and history are exact whichever
+//! replica leases it next and survive a crash of any of them. A record leased before it is due (a
+//! retry) or whose integration is skipped is handed back with a delayed `Nak`, which spends no
+//! attempt because attempts live in the message, not in JetStream's delivery count.
+//!
+//! This module never talks to Lytics and never maps events.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_nats::{ConnectOptions, ServerAddr};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{
+    Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
+};
+use crate::integration::Secret;
+use crate::rules::Source;
+use crate::timefmt::now_ms;
+
+/// The stream of queued records.
+pub const RECORDS_STREAM: &str = "LYTICS_RELAY_RECORDS";
+/// The stream of dead letters.
+pub const DEAD_STREAM: &str = "LYTICS_RELAY_DEAD";
+/// The durable pull consumer every replica shares.
+pub const CONSUMER: &str = "lytics-relay";
+const RECORDS_SUBJECT: &str = "lytics_relay.records";
+const DEAD_SUBJECT: &str = "lytics_relay.dead";
+/// Dead letters kept; the oldest are dropped first.
+const DEAD_LETTER_CAP: i64 = 100_000;
+/// How often depth and connection state are refreshed from the server.
+const REFRESH: Duration = Duration::from_millis(250);
+/// The longest a skipped (paused or saturated) integration's record is handed back for.
+const SKIP_DELAY_MAX: Duration = Duration::from_secs(5);
+
+/// How to reach NATS and shape the streams.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// Server URLs (`nats://host:port`); several for a cluster.
+    pub urls: Vec<String>,
+    /// A credentials file (JWT + NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// User name, with `password`.
+    pub user: Option<String>,
+    /// Password of `user`.
+    pub password: Option<Secret>,
+    /// An authentication token.
+    pub token: Option<Secret>,
+    /// Stream replicas (1, or 3 on a three-node cluster).
+    pub replicas: usize,
+    /// How long a leased record stays invisible to other replicas without news from its holder;
+    /// a replica that dies loses its leases after this long. Holders send progress in between.
+    pub ack_wait: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            urls: Vec::new(),
+            creds_file: None,
+            user: None,
+            password: None,
+            token: None,
+            replicas: 1,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One queued record as stored in JetStream.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    integration: String,
+    stream: String,
+    timestamp_field: String,
+    rule: String,
+    rules_version: String,
+    source: String,
+    event_id: String,
+    event_type: String,
+    body: String,
+    input: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
+    accepted_ms: i64,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    history: Vec<Attempt>,
+    /// Not deliverable before (unix ms); 0 for a new record.
+    #[serde(default)]
+    due_ms: i64,
+}
+
+/// A dead letter as stored in JetStream.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeadEnvelope {
+    #[serde(flatten)]
+    record: Envelope,
+    reason: String,
+    at_ms: i64,
+}
+
+impl Envelope {
+    fn new(r: &NewRecord, attempts: u32, history: Vec<Attempt>, due_ms: i64) -> Self {
+        let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+        Envelope {
+            integration: r.integration.to_string(),
+            stream: r.stream.to_string(),
+            timestamp_field: r.timestamp_field.to_string(),
+            rule: r.rule.to_string(),
+            rules_version: r.rules_version.to_string(),
+            source: r.source.as_str().to_string(),
+            event_id: r.event_id.to_string(),
+            event_type: r.event_type.to_string(),
+            body: text(&r.body),
+            input: text(&r.input),
+            traceparent: r.traceparent.as_deref().map(str::to_string),
+            accepted_ms: r.accepted_ms,
+            attempts,
+            history,
+            due_ms,
+        }
+    }
+
+    fn record(&self) -> NewRecord {
+        NewRecord {
+            integration: Arc::from(self.integration.as_str()),
+            stream: Arc::from(self.stream.as_str()),
+            timestamp_field: Arc::from(self.timestamp_field.as_str()),
+            rule: Arc::from(self.rule.as_str()),
+            rules_version: Arc::from(self.rules_version.as_str()),
+            source: Source::parse(&self.source).unwrap_or(Source::Signal),
+            event_id: Arc::from(self.event_id.as_str()),
+            event_type: Arc::from(self.event_type.as_str()),
+            body: Bytes::from(self.body.clone().into_bytes()),
+            input: Bytes::from(self.input.clone().into_bytes()),
+            traceparent: self.traceparent.as_deref().map(Arc::from),
+            accepted_ms: self.accepted_ms,
+        }
+    }
+
+    fn payload(&self) -> Result<Bytes, QueueError> {
+        serde_json::to_vec(self)
+            .map(Bytes::from)
+            .map_err(|e| QueueError::Store(format!("cannot encode a record: {e}")))
+    }
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    consumer: consumer::PullConsumer,
+    capacity: usize,
+    urls: String,
+    /// Leased messages by stream sequence, so ack / retry / dead letter can answer them.
+    leased: Mutex<HashMap<RecordId, jetstream::Message>>,
+    depth: AtomicUsize,
+    connected: AtomicBool,
+    work: Notify,
+}
+
+/// A queue on NATS JetStream, shared by every relay connected to the same streams.
+pub struct NatsQueue {
+    inner: Arc<Inner>,
+    _stop: DropGuard,
+}
+
+fn store(what: &str, e: impl std::fmt::Display) -> QueueError {
+    QueueError::Store(format!("{what}: {e}"))
+}
+
+impl NatsQueue {
+    /// Connects, creates or updates the streams and the shared consumer, and starts the
+    /// background refresh of depth and connection state.
+    pub async fn connect(
+        options: &NatsOptions,
+        capacity: usize,
+        dedup_window: Duration,
+    ) -> Result<Self, QueueError> {
+        let urls = options.urls.join(",");
+        let addrs = options
+            .urls
+            .iter()
+            .map(|u| ServerAddr::from_str(u).map_err(|e| store(&format!("bad NATS URL `{u}`"), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut connect = match &options.creds_file {
+            Some(path) => ConnectOptions::with_credentials_file(path).await.map_err(|e| {
+                store(
+                    &format!("cannot read the NATS credentials `{}`", path.display()),
+                    e,
+                )
+            })?,
+            None => ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&options.user, &options.password) {
+            connect = connect.user_and_password(user.clone(), password.expose().to_string());
+        }
+        if let Some(token) = &options.token {
+            connect = connect.token(token.expose().to_string());
+        }
+        let client = connect
+            .name("lytics-relay")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(addrs)
+            .await
+            .map_err(|e| store(&format!("cannot connect to NATS at `{urls}`"), e))?;
+        let js = jetstream::new(client.clone());
+        let replicas = options.replicas.max(1);
+        let records = js
+            .create_or_update_stream(stream::Config {
+                name: RECORDS_STREAM.into(),
+                subjects: vec![format!("{RECORDS_SUBJECT}.>")],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                max_messages: i64::try_from(capacity).unwrap_or(i64::MAX),
+                discard: stream::DiscardPolicy::New,
+                duplicate_window: dedup_window,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| store(&format!("cannot create the stream `{RECORDS_STREAM}`"), e))?;
+        tracing::debug!(
+            stream = RECORDS_STREAM,
+            messages = records.state.messages,
+            "records stream ready"
+        );
+        js.create_or_update_stream(stream::Config {
+            name: DEAD_STREAM.into(),
+            subjects: vec![format!("{DEAD_SUBJECT}.>")],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_messages: DEAD_LETTER_CAP,
+            discard: stream::DiscardPolicy::Old,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| store(&format!("cannot create the stream `{DEAD_STREAM}`"), e))?;
+        let stream = js
+            .get_stream(RECORDS_STREAM)
+            .await
+            .map_err(|e| store(&format!("cannot open the stream `{RECORDS_STREAM}`"), e))?;
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: options.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: -1,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| store(&format!("cannot create the consumer `{CONSUMER}`"), e))?;
+        let inner = Arc::new(Inner {
+            client,
+            js,
+            consumer,
+            capacity,
+            urls,
+            leased: Mutex::new(HashMap::new()),
+            depth: AtomicUsize::new(usize::try_from(records.state.messages).unwrap_or(usize::MAX)),
+            connected: AtomicBool::new(true),
+            work: Notify::new(),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(refresh(inner.clone(), stream, stop.clone()));
+        tokio::spawn(keep_leases(inner.clone(), options.ack_wait, stop.clone()));
+        Ok(NatsQueue {
+            inner,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+impl NatsQueue {
+    /// The connection, for other state kept on the same NATS (installed integrations).
+    pub fn client(&self) -> async_nats::Client {
+        self.inner.client.clone()
+    }
+}
+
+/// Keeps `depth` and `connected` current.
+async fn refresh(inner: Arc<Inner>, mut stream: stream::Stream, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(REFRESH) => {}
+        }
+        let up = inner.client.connection_state() == async_nats::connection::State::Connected;
+        inner.connected.store(up, Ordering::Relaxed);
+        if up && let Ok(info) = stream.info().await {
+            let n = usize::try_from(info.state.messages).unwrap_or(usize::MAX);
+            inner.depth.store(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Tells the server every leased record is still being worked on, so a long delivery (a slow
+/// Lytics, a batch split) keeps its lease while a dead replica's leases expire after `ack_wait`.
+async fn keep_leases(inner: Arc<Inner>, ack_wait: Duration, stop: CancellationToken) {
+    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let held: Vec<jetstream::Message> = inner
+            .leased
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        join_all(held.iter().map(|m| m.ack_with(AckKind::Progress))).await;
+    }
+}
+
+impl Inner {
+    fn take(&self, ids: impl IntoIterator<Item = RecordId>) -> Vec<jetstream::Message> {
+        let mut leased = self.leased.lock().unwrap_or_else(|e| e.into_inner());
+        ids.into_iter().filter_map(|id| leased.remove(&id)).collect()
+    }
+
+    fn less_depth(&self, n: usize) {
+        let _ = self
+            .depth
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                Some(d.saturating_sub(n))
+            });
+    }
+
+    fn check_connected(&self) -> Result<(), QueueError> {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            Ok(())
+        } else {
+            self.connected.store(false, Ordering::Relaxed);
+            Err(QueueError::Store(format!(
+                "NATS at `{}` is not reachable",
+                self.urls
+            )))
+        }
+    }
+
+    fn full_or_store(&self, what: &str, e: impl std::fmt::Display) -> QueueError {
+        let text = e.to_string();
+        if text.contains("maximum messages") || text.contains("maximum bytes") {
+            QueueError::Full {
+                capacity: self.capacity,
+            }
+        } else {
+            store(what, text)
+        }
+    }
+
+    /// Publishes and waits until JetStream stored it; returns whether it was a duplicate.
+    async fn publish(
+        &self,
+        subject: String,
+        payload: Bytes,
+        msg_id: Option<String>,
+    ) -> Result<bool, QueueError> {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| self.full_or_store("cannot publish to NATS", e))?
+            .await
+            .map_err(|e| self.full_or_store("NATS did not store a record", e))?;
+        Ok(ack.duplicate)
+    }
+}
+
+fn records_subject(integration: &str) -> String {
+    format!("{RECORDS_SUBJECT}.{integration}")
+}
+
+#[async_trait]
+impl Queue for NatsQueue {
+    /// Every record is published with `Nats-Msg-Id` = `<dedup key>#<index>`, so a repeated
+    /// event (or a repeated call after a partial failure) stores only what is missing; the event
+    /// is a duplicate when its first record was.
+    async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let mut in_call = HashSet::new();
+        let mut publishes = Vec::new();
+        let mut first_of = Vec::with_capacity(events.len());
+        for e in &events {
+            if e.records.is_empty() || !in_call.insert(e.dedup_key.clone()) {
+                first_of.push(None);
+                continue;
+            }
+            first_of.push(Some(publishes.len()));
+            for (i, r) in e.records.iter().enumerate() {
+                let payload = Envelope::new(r, 0, Vec::new(), 0).payload()?;
+                publishes.push(inner.publish(
+                    records_subject(&r.integration),
+                    payload,
+                    Some(format!("{}#{i}", e.dedup_key)),
+                ));
+            }
+        }
+        let results = join_all(publishes).await;
+        let mut stored = 0;
+        for r in &results {
+            match r {
+                Ok(false) => stored += 1,
+                Ok(true) => {}
+                Err(e) => return Err(e.clone()),
+            }
+        }
+        let duplicates = events
+            .iter()
+            .zip(first_of)
+            .map(|(e, first)| match first {
+                Some(i) => matches!(results[i], Ok(true)),
+                None => !e.records.is_empty(),
+            })
+            .collect();
+        inner.depth.fetch_add(stored, Ordering::Relaxed);
+        inner.work.notify_one();
+        Ok(duplicates)
+    }
+
+    async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError> {
+        let inner = &self.inner;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        inner.check_connected()?;
+        let mut batch = inner
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(|e| store("cannot fetch from NATS", e))?;
+        let now = now_ms();
+        let mut out = Vec::new();
+        let mut hand_back = Vec::new();
+        while let Some(m) = batch.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NATS fetch ended early");
+                    break;
+                }
+            };
+            let Ok((seq, delivered)) = m.info().map(|i| (i.stream_sequence, i.delivered)) else {
+                continue;
+            };
+            let env: Envelope = match serde_json::from_slice(&m.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(sequence = seq, error = %e, "dropping a queued message that is not a record");
+                    let _ = m.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            if skip.contains(&env.integration) {
+                // Back off the longer an integration stays paused, so a paused integration's
+                // records do not churn through every replica.
+                let steps = u32::try_from(delivered.clamp(1, 20)).unwrap_or(20);
+                let delay = (Duration::from_millis(250) * steps).min(SKIP_DELAY_MAX);
+                hand_back.push((m, delay));
+                continue;
+            }
+            if env.due_ms > now {
+                let delay = Duration::from_millis(u64::try_from(env.due_ms - now).unwrap_or(0));
+                hand_back.push((m, delay));
+                continue;
+            }
+            out.push(QueuedRecord {
+                id: seq,
+                record: env.record(),
+                attempts: env.attempts,
+                history: env.history,
+            });
+            inner
+                .leased
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(seq, m);
+        }
+        join_all(
+            hand_back
+                .iter()
+                .map(|(m, delay)| m.ack_with(AckKind::Nak(Some(*delay)))),
+        )
+        .await;
+        Ok(out)
+    }
+
+    async fn ack(&self, ids: &[RecordId]) -> Result<(), QueueError> {
+        let msgs = self.inner.take(ids.iter().copied());
+        let results = join_all(msgs.iter().map(|m| m.double_ack())).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        self.inner.less_depth(msgs.len() - failed);
+        match results.into_iter().find_map(Result::err) {
+            Some(e) => Err(store(&format!("NATS did not take {failed} ack(s)"), e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes each record again with the attempt in its history and `due_ms`, then acks the
+    /// original. When the stream is full the original is handed back with a delayed `Nak`
+    /// instead: the delay holds, but that attempt is not counted (the age limit still applies).
+    async fn retry(
+        &self,
+        records: Vec<QueuedRecord>,
+        due_ms: i64,
+        attempt: Attempt,
+        count_attempt: bool,
+    ) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0));
+        let mut first_error = None;
+        let work = records.into_iter().map(|mut r| {
+            let original = inner.take([r.id]).pop();
+            if count_attempt {
+                r.attempts += 1;
+            }
+            r.history.push(attempt.clone());
+            let env = Envelope::new(&r.record, r.attempts, r.history, due_ms);
+            async move {
+                let published = match env.payload() {
+                    Ok(p) => inner.publish(records_subject(&env.integration), p, None).await,
+                    Err(e) => Err(e),
+                };
+                match (&published, original) {
+                    (Ok(_), Some(m)) => m
+                        .double_ack()
+                        .await
+                        .map_err(|e| store("NATS did not take an ack", e)),
+                    (Err(_), Some(m)) => {
+                        let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+                        published.map(|_| ())
+                    }
+                    (_, None) => published.map(|_| ()),
+                }
+            }
+        });
+        for r in join_all(work).await {
+            if let Err(e) = r
+                && first_error.is_none()
+            {
+                first_error = Some(e);
+            }
+        }
+        inner.work.notify_one();
+        match first_error {
+            Some(QueueError::Full { .. }) => Ok(()),
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let mut result = Ok(());
+        for r in records {
+            let original = inner.take([r.id]);
+            let dead = DeadEnvelope {
+                record: Envelope::new(&r.record, r.attempts, r.history, 0),
+                reason: reason.clone(),
+                at_ms: now,
+            };
+            let payload = serde_json::to_vec(&dead)
+                .map(Bytes::from)
+                .map_err(|e| QueueError::Store(format!("cannot encode a dead letter: {e}")))?;
+            match inner
+                .publish(format!("{DEAD_SUBJECT}.{}", r.record.integration), payload, None)
+                .await
+            {
+                Ok(_) => {
+                    for m in original {
+                        if let Err(e) = m.double_ack().await {
+                            result = Err(store("NATS did not take an ack", e));
+                        } else {
+                            inner.less_depth(1);
+                        }
+                    }
+                }
+                // The record stays queued and comes back after the ack wait.
+                Err(e) => result = Err(e),
+            }
+        }
+        result
+    }
+
+    /// Reads the dead stream backwards from the newest (or from the cursor), one message per
+    /// request, filtering in memory until `limit` match.
+    async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let mut stream = inner
+            .js
+            .get_stream(DEAD_STREAM)
+            .await
+            .map_err(|e| store("cannot open the dead-letter stream", e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| store("cannot read the dead-letter stream", e))?
+            .state
+            .clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return Ok(out);
+        }
+        let mut seq = state.last_sequence;
+        if let Some(b) = filter.before_id {
+            seq = seq.min(u64::try_from(b.saturating_sub(1)).unwrap_or(0));
+        }
+        while seq >= state.first_sequence.max(1) && out.len() < filter.limit {
+            if let Ok(m) = stream.get_raw_message(seq).await
+                && let Ok(d) = serde_json::from_slice::<DeadEnvelope>(&m.payload)
+            {
+                let dead = DeadLetter {
+                    id: i64::try_from(seq).unwrap_or(i64::MAX),
+                    queued: QueuedRecord {
+                        id: seq,
+                        record: d.record.record(),
+                        attempts: d.record.attempts,
+                        history: d.record.history,
+                    },
+                    reason: d.reason,
+                    at_ms: d.at_ms,
+                };
+                if filter.matches(&dead) {
+                    out.push(dead);
+                }
+            }
+            seq -= 1;
+        }
+        Ok(out)
+    }
+
+    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let stream = inner
+            .js
+            .get_stream(DEAD_STREAM)
+            .await
+            .map_err(|e| store("cannot open the dead-letter stream", e))?;
+        let mut n = 0;
+        for id in ids {
+            let Ok(seq) = u64::try_from(*id) else { continue };
+            let Ok(m) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            let Ok(d) = serde_json::from_slice::<DeadEnvelope>(&m.payload) else {
+                continue;
+            };
+            let fresh = Envelope::new(&d.record.record(), 0, Vec::new(), 0);
+            inner
+                .publish(records_subject(&fresh.integration), fresh.payload()?, None)
+                .await?;
+            // Published first, deleted second: a failure between leaves a copy in both.
+            stream
+                .delete_message(seq)
+                .await
+                .map_err(|e| store("cannot delete a replayed dead letter", e))?;
+            inner.depth.fetch_add(1, Ordering::Relaxed);
+            n += 1;
+        }
+        inner.work.notify_one();
+        Ok(n)
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    /// Records of other replicas and delayed redeliveries are not visible without asking the
+    /// server, so this says "nothing known"; delivery then polls at its idle interval, and an
+    /// enqueue or retry on this replica wakes it at once.
+    async fn next_due(&self, _skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
+        Ok(None)
+    }
+
+    /// Messages in the records stream (waiting, leased or held back), refreshed from the
+    /// server every quarter second and adjusted by this replica's own operations in between.
+    /// The first message still in the records stream: retries are republished at the end,
+    /// so this is the oldest record waiting for its first attempt or longest since its last.
+    async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let mut stream = inner
+            .js
+            .get_stream(RECORDS_STREAM)
+            .await
+            .map_err(|e| store("cannot open the records stream", e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| store("cannot read the records stream", e))?
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(None);
+        }
+        // Acked messages leave gaps in a work queue; look a little way for the first one left.
+        let first = state.first_sequence.max(1);
+        for seq in first..=state.last_sequence.min(first + 63) {
+            if let Ok(m) = stream.get_raw_message(seq).await
+                && let Ok(e) = serde_json::from_slice::<Envelope>(&m.payload)
+            {
+                return Ok(Some(e.accepted_ms));
+            }
+        }
+        Ok(None)
+    }
+
+    fn depth(&self) -> usize {
+        self.inner.depth.load(Ordering::Relaxed)
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.work.notified()).await;
+    }
+
+    fn backend(&self) -> &'static str {
+        "nats"
+    }
+
+    fn connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,487 @@
+//! Scale out: several relays sharing one NATS JetStream queue, and NATS going away and back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use lytics_relay::proto::v1 as pb;
+use lytics_relay::telemetry::Telemetry;
+use serde_json::{Value, json};
+
+fn track(id: &str) -> pb::Event {
+    event(json!({"type": "track", "event": "Clicked", "userId": format!("u-{id}"), "messageId": id}))
+}
+
+/// How many times each event id reached Lytics.
+fn deliveries(emu: &EmulatorHandle) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for e in emu.emulator.stream_events(STREAM) {
+        let id = e.record["message_id"].as_str().unwrap().to_string();
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    seen
+}
+
+async fn send_all(relay: &RelayHandle, prefix: &str, n: usize) {
+    let mut client = relay.client().await;
+    for chunk in 0..n.div_ceil(50) {
+        let events = (chunk * 50..((chunk + 1) * 50).min(n))
+            .map(|i| track(&format!("{prefix}{i}")))
+            .collect();
+        let r = client
+            .send_batch(pb::SendBatchRequest { events })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.accepted as usize,
+            ((chunk + 1) * 50).min(n) - chunk * 50,
+            "{r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_relays_on_one_jetstream_deliver_each_event_once_whichever_took_it() {
+    let nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    let (mut a, _dir_a) = settings(&emu.url(), TOKEN);
+    let (mut b, _dir_b) = settings(&emu.url(), TOKEN);
+    use_nats(&mut a, &nats);
+    use_nats(&mut b, &nats);
+    let relay_a = RelayHandle::start(a, Telemetry::disabled()).await;
+    let relay_b = RelayHandle::start(b, Telemetry::disabled()).await;
+    send_all(&relay_a, "a", 300).await;
+    send_all(&relay_b, "b", 300).await;
+    // The same events sent to both replicas are stored once: dedup lives in JetStream.
+    send_all(&relay_a, "both", 100).await;
+    send_all(&relay_b, "both", 100).await;
+    emu.wait_for_records(STREAM, 700).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = deliveries(&emu);
+    assert_eq!(seen.len(), 700, "every event arrived");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    let h: Value = reqwest::get(relay_b.http_url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["queue"], json!({"backend": "nats", "connected": true}));
+    relay_a.stop().await;
+    relay_b.stop().await;
+}
+
+#[tokio::test]
+async fn nats_down_answers_unavailable_and_back_loses_nothing_acknowledged() {
+    let mut nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    let (mut s, _dir) = settings(&emu.url(), TOKEN);
+    use_nats(&mut s, &nats);
+    let relay = RelayHandle::start(s, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    send_all(&relay, "before", 100).await;
+
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refused = loop {
+        match client
+            .send(pb::SendRequest {
+                event: Some(track("while-down")),
+            })
+            .await
+        {
+            Err(status) => break status,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "ingest kept accepting with NATS down");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let h: Value = reqwest::get(relay.http_url("/healthz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["queue"]["connected"], json!(false), "{h}");
+
+    nats.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .send(pb::SendRequest {
+            event: Some(track("after-0")),
+        })
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "ingest never accepted again after NATS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send_all(&relay, "after", 100).await;
+    // Every acknowledged event arrives: the 100 before, the 100 after (a retry after a lost ack
+    // may deliver one twice, which at-least-once allows).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = deliveries(&emu);
+        let missing: Vec<String> = (0..100)
+            .flat_map(|i| [format!("before{i}"), format!("after{i}")])
+            .filter(|id| !seen.contains_key(id))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {missing:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn nats_unreachable_at_start_is_an_error_naming_the_urls() {
+    let emu = EmulatorHandle::start().await;
+    let (mut s, _dir) = settings(&emu.url(), TOKEN);
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    s.queue_backend = lytics_relay::config::QueueBackend::Nats;
+    s.nats.urls = vec![url.clone()];
+    let listeners = lytics_relay::app::Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        emulator: None,
+    };
+    let err = lytics_relay::app::run(s, listeners, Telemetry::disabled(), std::future::pending())
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains(&url), "{text}");
+    assert!(text.contains("cannot open the NATS queue"), "{text}");
+}
+
+/// Starts the built binary as one replica on `nats` and returns it with its gRPC address.
+fn spawn_replica(dir: &std::path::Path, emulator: &str, nats: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let config = dir.join("relay.yaml");
+    std::fs::write(
+        &config,
+        "queue: { ack_wait_secs: 2 }\ndelivery: { linger_ms: 10 }\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--rules", "rules", "--log-format", "json", "--queue-url", nats])
+        .args(["--lytics-url", emulator, "--lytics-api-token", TOKEN])
+        .args(["--lytics-account-id", ACCOUNT, "--lytics-stream", STREAM])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(g) = v["fields"]["grpc"].as_str()
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(g.to_string());
+            }
+        }
+    });
+    let grpc = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the relay did not start");
+    (child, grpc)
+}
+
+/// Sends single events to `grpc` until `until`, or the first refusal; returns the acknowledged ids.
+async fn load(grpc: String, prefix: String, until: Instant) -> Vec<String> {
+    let mut client = lytics_relay::proto::v1::ingest_service_client::IngestServiceClient::connect(format!(
+        "http://{grpc}"
+    ))
+    .await
+    .unwrap();
+    let mut acked = Vec::new();
+    let mut i = 0;
+    while Instant::now() < until {
+        let id = format!("{prefix}-{i}");
+        if client
+            .send(pb::SendRequest {
+                event: Some(track(&id)),
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+        acked.push(id);
+        i += 1;
+    }
+    acked
+}
+
+/// Waits until every id in `acked` reached Lytics.
+async fn wait_delivered(emu: &EmulatorHandle, acked: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = deliveries(emu);
+        let missing: Vec<&String> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged event(s) never delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_replica_under_load_loses_nothing_the_other_finishes_its_work() {
+    let nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    // Slow collect calls, so the killed replica dies holding leased records.
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, grpc_a) = spawn_replica(dir_a.path(), &emu.url(), &nats.url());
+    let (mut b, grpc_b) = spawn_replica(dir_b.path(), &emu.url(), &nats.url());
+    let start = Instant::now();
+    let mut senders = Vec::new();
+    for w in 0..2 {
+        let end = start + Duration::from_millis(2500);
+        senders.push(tokio::spawn(load(grpc_a.clone(), format!("a{w}"), end)));
+        senders.push(tokio::spawn(load(grpc_b.clone(), format!("b{w}"), end)));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let mut acked = Vec::new();
+    for s in senders {
+        acked.extend(s.await.unwrap());
+    }
+    assert!(
+        acked.iter().filter(|id| id.starts_with('a')).count() > 10,
+        "replica A acknowledged too little before it was killed"
+    );
+    let from_a = acked.iter().filter(|id| id.starts_with('a')).count();
+    println!(
+        "replica kill: {} events acknowledged ({from_a} by the killed replica), {} delivered before the kill settled",
+        acked.len(),
+        deliveries(&emu).len()
+    );
+    emu.emulator.set_faults(lytics_relay::emulator::Faults::default());
+    // Replica B alone delivers everything, including what A held when it died.
+    wait_delivered(&emu, &acked, Duration::from_secs(60)).await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_with_r3_streams_survives_losing_a_node() {
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let route_urls = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (i, port) in routes.iter().enumerate() {
+        nodes.push(
+            NatsServer::start_with(vec![
+                "-n".into(),
+                format!("node-{i}"),
+                "--cluster_name".into(),
+                "lytics".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{port}"),
+                "--routes".into(),
+                route_urls.clone(),
+            ])
+            .await,
+        );
+    }
+    // Wait for the JetStream meta group to elect a leader before creating R3 streams.
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = async_nats::connect(urls[0].as_str()).await
+            && async_nats::jetstream::new(client).query_account().await.is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never got a JetStream leader"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let emu = EmulatorHandle::start().await;
+    let (mut s, _dir) = settings(&emu.url(), TOKEN);
+    s.queue_backend = lytics_relay::config::QueueBackend::Nats;
+    s.nats.urls = urls;
+    s.nats.replicas = 3;
+    s.nats.ack_wait = Duration::from_secs(2);
+    let relay = RelayHandle::start(s, Telemetry::disabled()).await;
+    let mut acked: Vec<String> = Vec::new();
+    let mut client = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not start on the cluster"
+        );
+        client = lytics_relay::proto::v1::ingest_service_client::IngestServiceClient::connect(format!(
+            "http://{}",
+            relay.grpc
+        ))
+        .await
+        .ok();
+    }
+    let mut client = client.unwrap();
+    let mut send = async |id: String| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Refusals while the client fails over are retried, as a sender would.
+        while client
+            .send(pb::SendRequest {
+                event: Some(track(&id)),
+            })
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "`{id}` was never accepted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        id
+    };
+    for i in 0..50 {
+        acked.push(send(format!("c-before-{i}")).await);
+    }
+    nodes[0].kill();
+    for i in 0..50 {
+        acked.push(send(format!("c-after-{i}")).await);
+    }
+    wait_delivered(&emu, &acked, Duration::from_secs(60)).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_integration_installed_on_one_replica_is_in_force_on_the_other() {
+    let nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    let mut relays = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..2 {
+        let (mut s, dir) = settings(&emu.url(), TOKEN);
+        use_nats(&mut s, &nats);
+        s.lytics_url = Some(emu.url());
+        s.admin_token = Some(lytics_relay::integration::Secret::new("admin-secret"));
+        relays.push(RelayHandle::start(s, Telemetry::disabled()).await);
+        dirs.push(dir);
+    }
+    let (a, b) = (&relays[0], &relays[1]);
+    let http = reqwest::Client::new();
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("admin-secret");
+    // Wait until both serve.
+    for r in [a, b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(r.http_url("/healthz")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "a relay did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let installed: Value = admin(http.post(a.http_url("/v1/admin/integration-catalog/lytics/install")))
+        .json(&json!({"name": "Second", "variant": "default", "delivery_mode": "server_side",
+                      "config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": "customerio_events"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = installed["id"].as_str().unwrap().to_string();
+    let view = |r: &RelayHandle| admin(http.get(r.http_url(&format!("/v1/admin/integrations/{id}"))));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = view(b).send().await.unwrap().status();
+        if s == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica B never saw the installed integration ({s})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An event sent to B is delivered to the integration installed on A.
+    let mut client = b.client().await;
+    client
+        .send(pb::SendRequest {
+            event: Some(track("shared-1")),
+        })
+        .await
+        .unwrap();
+    emu.wait_for_records("customerio_events", 1).await;
+    // A pause on A holds delivery on B too.
+    let paused = admin(http.post(a.http_url(&format!("/v1/admin/integrations/{id}/pause"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = view(b).send().await.unwrap().json().await.unwrap();
+        if v["status"] == json!("paused") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica B never saw the pause: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client
+        .send(pb::SendRequest {
+            event: Some(track("shared-2")),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        emu.emulator.stream_events("customerio_events").len(),
+        1,
+        "held while paused"
+    );
+    let resumed = admin(http.post(a.http_url(&format!("/v1/admin/integrations/{id}/resume"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    emu.wait_for_records("customerio_events", 2).await;
+    for r in relays {
+        r.stop().await;
+    }
+}
