@@ -24,8 +24,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Emulator(args) => emulator(args).await,
-            Command::Rules(RulesCommand::Lql(args)) => lql_command(args).await,
-            Command::Rules(cmd) => rules_command(cmd),
+            Command::Rules(cmd) => rules_command(cmd).await,
         }
     })
 }
@@ -81,7 +80,7 @@ async fn emulator(args: lytics_relay::cli::EmulatorArgs) -> ExitCode {
     }
 }
 
-fn rules_command(cmd: RulesCommand) -> ExitCode {
+async fn rules_command(cmd: RulesCommand) -> ExitCode {
     match cmd {
         RulesCommand::Check { path } => {
             let path = path.unwrap_or_else(|| "rules".into());
@@ -102,7 +101,7 @@ fn rules_command(cmd: RulesCommand) -> ExitCode {
                 }
             }
         }
-        RulesCommand::Lql(_) => ExitCode::FAILURE,
+        RulesCommand::Lql(args) => lql_command(args).await,
         RulesCommand::Test { path } => {
             let path = path.unwrap_or_else(|| "rules".into());
             match rules::RuleSet::load(&path) {
