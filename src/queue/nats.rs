@@ -56,6 +56,8 @@ const DEAD_LETTER_CAP: i64 = 100_000;
 const REFRESH: Duration = Duration::from_millis(250);
 /// The longest a skipped (paused or saturated) integration's record is handed back for.
 const SKIP_DELAY_MAX: Duration = Duration::from_secs(5);
+/// How long one lease may wait for JetStream to answer a fetch.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to reach NATS and shape the streams.
 #[derive(Debug, Clone)]
@@ -459,21 +461,27 @@ impl Queue for NatsQueue {
             return Ok(Vec::new());
         }
         inner.check_connected()?;
-        let mut batch = inner
-            .consumer
-            .fetch()
-            .max_messages(max)
-            .messages()
-            .await
-            .map_err(|e| store("cannot fetch from NATS", e))?;
+        // A fetch whose consumer leader died is never answered: bound it, so delivery asks
+        // again (and reaches the new leader) instead of waiting forever.
+        let deadline = tokio::time::Instant::now() + FETCH_TIMEOUT;
+        let fetch = inner.consumer.fetch().max_messages(max).messages();
+        let mut batch = match tokio::time::timeout_at(deadline, fetch).await {
+            Ok(b) => b.map_err(|e| store("cannot fetch from NATS", e))?,
+            Err(_) => return Err(QueueError::Store("a NATS fetch timed out".into())),
+        };
         let now = now_ms();
         let mut out = Vec::new();
         let mut hand_back = Vec::new();
-        while let Some(m) = batch.next().await {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
+        loop {
+            let m = match tokio::time::timeout_at(deadline, batch.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
                     tracing::warn!(error = %e, "NATS fetch ended early");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("NATS fetch timed out; asking again");
                     break;
                 }
             };
