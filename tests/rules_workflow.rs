@@ -167,16 +167,10 @@ async fn dry_run_explains_every_field_and_the_paths_that_matched_nothing() {
     );
 
     // The HTTP twin, with a Customer.io webhook.
-    let r: Value = reqwest::Client::new()
-        .post(relay.http_url("/v1/admin/rules/dry-run"))
-        .header("Authorization", format!("Bearer {token}"))
-        .json(&json!({"source": "customerio", "event": fixture("customerio_email_opened.json")}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json!({"source": "customerio", "event": fixture("customerio_email_opened.json")});
+    let r = relay
+        .admin("POST", "/v1/admin/rules/dry-run", &token, Some(body))
+        .await;
     assert_eq!(r["records"][0]["record"]["cio_hourlyopens"], json!("17"), "{r}");
     let hourly = r["fields"]
         .as_array()
@@ -207,18 +201,7 @@ async fn a_failing_case_blocks_a_reload_and_the_old_rules_keep_serving() {
     settings.rules_watch = false;
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     let token = admin_token(dir.path()).await;
-    let reload = || async {
-        let r: Value = reqwest::Client::new()
-            .post(relay.http_url("/v1/admin/rules/reload"))
-            .header("Authorization", format!("Bearer {token}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        r
-    };
+    let reload = || relay.admin("POST", "/v1/admin/rules/reload", &token, None);
     let signal = rules.path().join("rules/signal.yaml");
     edit(&signal, "      _e: pv\n", "      _e: page_view\n");
     let r = reload().await;
@@ -275,18 +258,7 @@ async fn edited_files_are_picked_up_within_a_second() {
     settings.rules = Some(rules.path().join("rules"));
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     let token = admin_token(dir.path()).await;
-    let status = || async {
-        let v: Value = reqwest::Client::new()
-            .get(relay.http_url("/v1/admin/rules"))
-            .header("Authorization", format!("Bearer {token}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v
-    };
+    let status = || relay.admin("GET", "/v1/admin/rules", &token, None);
     let before = status().await["version"].clone();
     tokio::time::sleep(Duration::from_millis(200)).await;
     edit(
@@ -356,15 +328,7 @@ async fn reloads_under_load_lose_and_duplicate_nothing() {
         let next = format!("description: Traits merged into the user profile ({i})");
         edit(&signal, &description, &next);
         description = next;
-        let r: Value = reqwest::Client::new()
-            .post(relay.http_url("/v1/admin/rules/reload"))
-            .header("Authorization", format!("Bearer {token}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = relay.admin("POST", "/v1/admin/rules/reload", &token, None).await;
         assert_eq!(r["swapped"], json!(true), "{r}");
         versions.insert(r["version"].as_str().unwrap().to_string());
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -138,6 +138,23 @@ impl RelayHandle {
         format!("http://{}{}", self.http, path)
     }
 
+    /// Calls the HTTP admin API with the admin token and returns the JSON answer.
+    pub async fn admin(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Value {
+        let client = reqwest::Client::new();
+        let url = self.http_url(path);
+        let mut req = match method {
+            "GET" => client.get(url),
+            "PATCH" => client.patch(url),
+            "DELETE" => client.delete(url),
+            _ => client.post(url),
+        }
+        .header("Authorization", format!("Bearer {token}"));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.unwrap().json().await.unwrap()
+    }
+
     /// Stops the relay and returns its report.
     pub async fn stop(mut self) -> Report {
         if let Some(tx) = self.stop.take() {
