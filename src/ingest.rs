@@ -147,6 +147,12 @@ impl Ingest {
         let mut batches = Vec::with_capacity(events.len());
         let mut answers = Vec::with_capacity(events.len());
         let mut mapped = Vec::with_capacity(events.len());
+        // Each integration's rule context is built once per call, not once per event.
+        let targets: Vec<_> = integrations
+            .iter()
+            .filter(|i| i.enabled)
+            .map(|i| (i, i.context()))
+            .collect();
         for event in events {
             let mut records = Vec::new();
             let mut answer = Accepted {
@@ -157,8 +163,8 @@ impl Ingest {
                 dropped: Vec::new(),
                 rules_version: rules.version().clone(),
             };
-            for integration in integrations.iter().filter(|i| i.enabled) {
-                let mapping = rules.evaluate(event.source, &event.doc, &integration.context());
+            for (integration, context) in &targets {
+                let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped);
                 for record in mapping.records {
                     let body = match serde_json::to_vec(&record.fields) {

@@ -462,7 +462,7 @@ impl IntegrationAdmin {
     }
 
     async fn test(&self, integration: &Integration) -> ConnectionTest {
-        match probe(&self.client, integration, integration.stream_name.as_str()).await {
+        match probe(&self.client, integration).await {
             Ok(()) => ConnectionTest {
                 ok: true,
                 detail: None,

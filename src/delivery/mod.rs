@@ -673,14 +673,7 @@ impl Delivery {
                     self.state.resume(&id);
                     continue;
                 };
-                if probe(
-                    self.client.as_ref(),
-                    &integration,
-                    &integration.stream_name.to_string(),
-                )
-                .await
-                .is_ok()
-                {
+                if probe(self.client.as_ref(), &integration).await.is_ok() {
                     tracing::info!(integration = %id, "probe succeeded; delivery resumed");
                     self.state.resume(&id);
                 }
@@ -703,14 +696,10 @@ fn with_attempt(records: Vec<QueuedRecord>, attempt: Attempt) -> Vec<QueuedRecor
 
 /// A `dryrun` collect call with no records: checks token, stream and account without storing
 /// anything. `Err` carries the setup hint or the failure.
-pub async fn probe(
-    client: &dyn CollectSender,
-    integration: &Integration,
-    stream: &str,
-) -> Result<(), String> {
+pub async fn probe(client: &dyn CollectSender, integration: &Integration) -> Result<(), String> {
     let target = CollectTarget {
         base_url: &integration.base_url,
-        stream,
+        stream: integration.stream_name.as_str(),
         account_id: integration.account_id.as_str(),
         timestamp_field: crate::rules::DEFAULT_TIMESTAMP_FIELD,
         dryrun: true,

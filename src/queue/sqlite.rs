@@ -507,42 +507,26 @@ fn dead_letter(
     now: i64,
     depth: &mut usize,
 ) -> Result<(), QueueError> {
+    // The stored row is copied in place, as `replay` copies back: only what changed in memory
+    // (the resolved stream, attempts, history) and the verdict travel as parameters.
     let mut insert = txn
         .prepare_cached(
             "INSERT INTO dead_letters (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
              event_type, body, input, traceparent, accepted_ms, attempts, history, reason, at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             SELECT integration, ?2, timestamp_field, rule, rules_version, source, event_id, event_type, body, \
+             input, traceparent, accepted_ms, ?3, ?4, ?5, ?6 FROM records WHERE id = ?1",
         )
         .map_err(sql)?;
     let mut delete = txn
         .prepare_cached("DELETE FROM records WHERE id = ?1")
         .map_err(sql)?;
     for q in records {
-        let r = &q.record;
+        let id = i64::try_from(q.id).unwrap_or(-1);
         let history = serde_json::to_string(&q.history).unwrap_or_else(|_| "[]".into());
         insert
-            .execute(params![
-                &*r.integration,
-                &*r.stream,
-                &*r.timestamp_field,
-                &*r.rule,
-                &*r.rules_version,
-                r.source.as_str(),
-                &*r.event_id,
-                &*r.event_type,
-                &r.body[..],
-                &r.input[..],
-                r.traceparent.as_deref(),
-                r.accepted_ms,
-                q.attempts,
-                history,
-                reason,
-                now,
-            ])
+            .execute(params![id, &*q.record.stream, q.attempts, history, reason, now])
             .map_err(sql)?;
-        let n = delete
-            .execute(params![i64::try_from(q.id).unwrap_or(-1)])
-            .map_err(sql)?;
+        let n = delete.execute(params![id]).map_err(sql)?;
         *depth = depth.saturating_sub(n);
     }
     Ok(())

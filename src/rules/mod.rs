@@ -72,17 +72,6 @@ pub struct Mapping {
     pub dropped: Vec<DroppedRecord>,
 }
 
-impl Mapping {
-    /// The names of the rules that produced a record or refused one.
-    pub fn rules(&self) -> Vec<Arc<str>> {
-        self.records
-            .iter()
-            .map(|r| r.rule.clone())
-            .chain(self.dropped.iter().map(|d| d.rule.clone()))
-            .collect()
-    }
-}
-
 impl RuleSet {
     /// Loads every `*.yaml` / `*.yml` file of a directory (in name order), or one file.
     pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
