@@ -60,7 +60,7 @@ async fn run(queue: Arc<SqliteQueue>, total: usize, per_call: usize, callers: us
                     .map(|k| {
                         let i = n * per_call + k;
                         EventRecords {
-                            dedup_key: Arc::from(format!("b{per_call}-{i}")),
+                            dedup_key: Some(Arc::from(format!("b{per_call}-{i}"))),
                             records: vec![record(i)],
                         }
                     })

@@ -216,7 +216,9 @@ impl Ingest {
             }
             mapped.push(Mapped::new(&event, &records, &integrations));
             batches.push(EventRecords {
-                dedup_key: Arc::from(format!("{}:{}", event.source.as_str(), event.id)),
+                dedup_key: event
+                    .id_given
+                    .then(|| Arc::from(format!("{}:{}", event.source.as_str(), event.id))),
                 records,
             });
             answers.push(answer);

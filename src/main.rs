@@ -11,6 +11,11 @@ use lytics_relay::{app, rules, telemetry};
 /// Exit code for a configuration problem (EX_CONFIG is 78; linkerd and sysexits use 64 for usage).
 const EXIT_CONFIG: u8 = 64;
 
+/// mimalloc: the ingest path makes many small, short-lived allocations on every worker thread,
+/// where glibc malloc contends on its arenas.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -27,6 +27,9 @@ pub struct InboundEvent {
     pub source: Source,
     /// Its id: the idempotency key.
     pub id: Arc<str>,
+    /// Whether the sender gave the id (false: the relay generated it, so the event cannot be
+    /// a repeat and is not remembered for deduplication).
+    pub id_given: bool,
     /// Its type (`track`, `page`, …, or the Customer.io event name).
     pub event_type: Arc<str>,
     /// The document the rules read.
@@ -267,6 +270,7 @@ pub fn signal_event(
     if !violations.is_empty() {
         return Err(ApiError::violations("event", violations));
     }
+    let id_given = message_id.is_some();
     let id = match message_id {
         Some(id) => id,
         None => {
@@ -290,6 +294,7 @@ pub fn signal_event(
     Ok(InboundEvent {
         source: Source::Signal,
         id: Arc::from(id),
+        id_given,
         event_type: Arc::from(event_type.unwrap_or_default()),
         doc,
         input,
@@ -383,6 +388,7 @@ pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<Inb
     Ok(InboundEvent {
         source: Source::CustomerIo,
         id: Arc::from(event_id.unwrap_or_default()),
+        id_given: true,
         event_type: Arc::from(event_type.unwrap_or_default()),
         doc,
         input,

@@ -100,7 +100,7 @@ async fn run(
     let record = record();
     queue
         .enqueue(vec![EventRecords {
-            dedup_key: Arc::from("e"),
+            dedup_key: Some(Arc::from("e")),
             records: vec![record],
         }])
         .await
@@ -202,7 +202,7 @@ async fn a_429_lowers_the_calls_in_flight_limit() {
     let record = record();
     queue
         .enqueue(vec![EventRecords {
-            dedup_key: Arc::from("e"),
+            dedup_key: Some(Arc::from("e")),
             records: vec![record],
         }])
         .await
@@ -236,7 +236,7 @@ async fn a_success_brings_the_integrations_backed_off_retries_forward() {
         .with_sender(lytics.clone());
     queue
         .enqueue(vec![EventRecords {
-            dedup_key: Arc::from("a"),
+            dedup_key: Some(Arc::from("a")),
             records: vec![record()],
         }])
         .await
@@ -250,7 +250,7 @@ async fn a_success_brings_the_integrations_backed_off_retries_forward() {
     let second_at = now_ms();
     queue
         .enqueue(vec![EventRecords {
-            dedup_key: Arc::from("b"),
+            dedup_key: Some(Arc::from("b")),
             records: vec![record()],
         }])
         .await

@@ -81,7 +81,10 @@ impl Queue for MemoryQueue {
             let mut fresh = 0;
             let mut in_call = HashSet::new();
             for e in &events {
-                let dup = s.seen.contains_key(&e.dedup_key) || !in_call.insert(e.dedup_key.clone());
+                let dup = e
+                    .dedup_key
+                    .as_ref()
+                    .is_some_and(|k| s.seen.contains_key(k) || !in_call.insert(k.clone()));
                 if !dup {
                     fresh += e.records.len();
                 }
@@ -97,8 +100,10 @@ impl Queue for MemoryQueue {
                 if *dup || e.records.is_empty() {
                     continue;
                 }
-                s.seen.insert(e.dedup_key.clone(), now);
-                s.seen_order.push_back((now, e.dedup_key));
+                if let Some(key) = e.dedup_key {
+                    s.seen.insert(key.clone(), now);
+                    s.seen_order.push_back((now, key));
+                }
                 for record in e.records {
                     s.next_id += 1;
                     let id = s.next_id;
@@ -299,7 +304,7 @@ mod tests {
 
     fn event(key: &str, records: Vec<NewRecord>) -> EventRecords {
         EventRecords {
-            dedup_key: Arc::from(key),
+            dedup_key: Some(Arc::from(key)),
             records,
         }
     }
@@ -426,5 +431,19 @@ mod tests {
             short.enqueue(vec![event("e1", vec![rec("a")])]).await.unwrap(),
             vec![false]
         );
+    }
+
+    #[tokio::test]
+    async fn events_with_relay_made_ids_are_never_duplicates() {
+        let q = q(10);
+        let anonymous = || EventRecords {
+            dedup_key: None,
+            records: vec![rec("a")],
+        };
+        assert_eq!(
+            q.enqueue(vec![anonymous(), anonymous()]).await.unwrap(),
+            vec![false, false]
+        );
+        assert_eq!(q.depth(), 2);
     }
 }

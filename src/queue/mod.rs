@@ -67,8 +67,9 @@ pub struct NewRecord {
 #[derive(Debug, Clone)]
 pub struct EventRecords {
     /// The event's dedup key (`<source>:<event id>`): an event whose key was stored within the
-    /// dedup window is a duplicate and its records are not stored again.
-    pub dedup_key: Arc<str>,
+    /// dedup window is a duplicate and its records are not stored again. `None` when the relay
+    /// made the id up (the sender gave none): such an event cannot repeat, so nothing is kept.
+    pub dedup_key: Option<Arc<str>>,
     /// The records.
     pub records: Vec<NewRecord>,
 }

@@ -419,7 +419,7 @@ impl Queue for NatsQueue {
         let mut publishes = Vec::new();
         let mut first_of = Vec::with_capacity(events.len());
         for e in &events {
-            if e.records.is_empty() || !in_call.insert(e.dedup_key.clone()) {
+            if e.records.is_empty() || e.dedup_key.as_ref().is_some_and(|k| !in_call.insert(k.clone())) {
                 first_of.push(None);
                 continue;
             }
@@ -429,7 +429,7 @@ impl Queue for NatsQueue {
                 publishes.push(inner.publish(
                     records_subject(&r.integration),
                     payload,
-                    Some(format!("{}#{i}", e.dedup_key)),
+                    e.dedup_key.as_ref().map(|k| format!("{k}#{i}")),
                 ));
             }
         }

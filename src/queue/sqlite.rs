@@ -4,11 +4,16 @@
 //! Input: queue operations from ingest and delivery. Output: their results, after commit. One
 //! writer thread owns the connection and group-commits: it takes whatever operations queued up
 //! while the previous transaction committed, runs them in one transaction, and answers all of
-//! them together, so durability costs one fsync per group rather than per event. Leases are a
-//! column reset at start-up, so records leased by a process that died are delivered again
-//! (at-least-once). Never delivers and never maps.
+//! them together, so durability costs one fsync per group rather than per event.
+//!
+//! The table holds each record once, written at enqueue and deleted at ack, with no secondary
+//! index. Which records wait, and when they fall due, the writer keeps in memory
+//! ([`Schedule`], rebuilt from the table at start); a lease is a change to that schedule only,
+//! so a process that dies releases every lease and its records are delivered again
+//! (at-least-once). Records this process enqueued are also kept in memory until leased, so in
+//! steady state delivery never reads a record back. Never delivers and never maps.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +34,8 @@ use crate::timefmt::now_ms;
 const GROUP_MAX: usize = 4096;
 /// Operations waiting for the writer; callers wait for room beyond this.
 const PENDING_MAX: usize = 65_536;
+/// Bytes of enqueued records kept in memory for delivery to lease without reading them back.
+const FRESH_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -47,10 +54,9 @@ CREATE TABLE IF NOT EXISTS records (
     accepted_ms INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     history TEXT NOT NULL DEFAULT '[]',
-    due_ms INTEGER NOT NULL,
-    leased INTEGER NOT NULL DEFAULT 0
+    due_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_due ON records (leased, due_ms, id);
+DROP INDEX IF EXISTS records_due;
 CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_at ON dedup (at_ms);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -101,7 +107,8 @@ pub struct SqliteQueue {
 }
 
 impl SqliteQueue {
-    /// Opens (or creates) the queue at `path`, releasing leases a previous process held.
+    /// Opens (or creates) the queue at `path`; every stored record waits again, whatever a
+    /// previous process had leased.
     pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -116,12 +123,8 @@ impl SqliteQueue {
         .map_err(|e| store("cannot configure the store", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
-        conn.execute("UPDATE records SET leased = 0 WHERE leased = 1", [])
-            .map_err(|e| store("cannot release leases", e))?;
-        let depth: i64 = conn
-            .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
-            .map_err(|e| store("cannot count records", e))?;
-        let depth = Arc::new(AtomicUsize::new(usize::try_from(depth).unwrap_or(0)));
+        let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
+        let depth = Arc::new(AtomicUsize::new(schedule.waiting()));
         let work = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(PENDING_MAX);
         let writer = Writer {
@@ -131,6 +134,7 @@ impl SqliteQueue {
             depth: depth.clone(),
             work: work.clone(),
             last_expiry_ms: 0,
+            schedule,
         };
         std::thread::Builder::new()
             .name("queue-writer".into())
@@ -233,6 +237,135 @@ struct Writer {
     depth: Arc<AtomicUsize>,
     work: Arc<Notify>,
     last_expiry_ms: i64,
+    schedule: Schedule,
+}
+
+/// A waiting record's place in its integration's order: (due time in unix ms, id).
+type Slot = (i64, i64);
+
+/// A record that waits from the commit of the transaction that queued it (or put it back).
+struct Waiting {
+    integration: Arc<str>,
+    due_ms: i64,
+    id: i64,
+    /// The record itself, when it is new and kept in memory for its lease.
+    record: Option<QueuedRecord>,
+}
+
+/// The writer's view of the records that wait (queued, not leased): per integration, their
+/// (due time, id) in order, and the new records kept in memory until leased.
+///
+/// Invariants: every row of `records` is either in exactly one integration's set or leased by
+/// this process; a lease moves it out of its set (no write), an ack or dead letter deletes the
+/// leased row, a retry puts it back with its new due time. The table's `due_ms` is the time
+/// the record was last scheduled for: an expedite brings records forward here only, so after a
+/// restart they keep their scheduled time until delivery expedites them again.
+#[derive(Default)]
+struct Schedule {
+    by_integration: HashMap<Arc<str>, BTreeSet<Slot>>,
+    fresh: HashMap<i64, QueuedRecord>,
+    fresh_bytes: usize,
+}
+
+impl Schedule {
+    /// Every stored record waits again.
+    fn load(conn: &Connection) -> Result<Self, rusqlite::Error> {
+        let mut schedule = Schedule::default();
+        let mut stmt = conn.prepare("SELECT id, integration, due_ms FROM records")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let integration: String = row.get(1)?;
+            schedule.wait(Waiting {
+                integration: Arc::from(integration),
+                due_ms: row.get(2)?,
+                id: row.get(0)?,
+                record: None,
+            });
+        }
+        Ok(schedule)
+    }
+
+    fn waiting(&self) -> usize {
+        self.by_integration.values().map(BTreeSet::len).sum()
+    }
+
+    fn wait(&mut self, w: Waiting) {
+        if let Some(record) = w.record {
+            let size = record.record.body.len() + record.record.input.len();
+            if self.fresh_bytes + size <= FRESH_MAX_BYTES {
+                self.fresh_bytes += size;
+                self.fresh.insert(w.id, record);
+            }
+        }
+        match self.by_integration.get_mut(&*w.integration) {
+            Some(set) => {
+                set.insert((w.due_ms, w.id));
+            }
+            None => {
+                self.by_integration
+                    .insert(w.integration, BTreeSet::from([(w.due_ms, w.id)]));
+            }
+        }
+    }
+
+    /// Takes up to `max` records due at `now`, not of a `skip` integration, earliest first.
+    fn take(&mut self, max: usize, skip: &HashSet<String>, now: i64) -> Vec<(Arc<str>, Slot)> {
+        let mut active: Vec<_> = self
+            .by_integration
+            .iter_mut()
+            .filter(|(i, set)| !set.is_empty() && !skip.contains(&***i))
+            .collect();
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            let best = active
+                .iter()
+                .enumerate()
+                .filter_map(|(n, (_, set))| set.first().filter(|(due, _)| *due <= now).map(|k| (n, *k)))
+                .min_by_key(|(_, k)| *k);
+            let Some((n, key)) = best else { break };
+            active[n].1.pop_first();
+            taken.push((active[n].0.clone(), key));
+        }
+        taken
+    }
+
+    /// The record kept in memory for `id`, if any.
+    fn take_fresh(&mut self, id: i64) -> Option<QueuedRecord> {
+        let record = self.fresh.remove(&id)?;
+        self.fresh_bytes -= record.record.body.len() + record.record.input.len();
+        Some(record)
+    }
+
+    /// Puts taken records back (their lease failed).
+    fn untake(&mut self, taken: Vec<(Arc<str>, Slot)>) {
+        for (integration, (due_ms, id)) in taken {
+            self.wait(Waiting {
+                integration,
+                due_ms,
+                id,
+                record: None,
+            });
+        }
+    }
+
+    fn next_due(&self, skip: &HashSet<String>) -> Option<i64> {
+        self.by_integration
+            .iter()
+            .filter(|(i, _)| !skip.contains(&***i))
+            .filter_map(|(_, set)| set.first().map(|(due, _)| *due))
+            .min()
+    }
+
+    /// Makes `integration`'s records due later than `now` due now; returns how many.
+    fn expedite(&mut self, integration: &str, now: i64) -> usize {
+        let Some(set) = self.by_integration.get_mut(integration) else {
+            return 0;
+        };
+        let later = set.split_off(&(now.saturating_add(1), i64::MIN));
+        let n = later.len();
+        set.extend(later.into_iter().map(|(_, id)| (now, id)));
+        n
+    }
 }
 
 /// An answer to send once the transaction's fate is known.
@@ -268,23 +401,39 @@ impl Writer {
         let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
         let mut woke = false;
         let now = now_ms();
+        // Records that wait once the transaction commits, and records leased in it (put back
+        // should it fail).
+        let mut staged: Vec<Waiting> = Vec::new();
+        let mut taken = Vec::new();
+        let schedule = &mut self.schedule;
         let result = (|| -> Result<(), rusqlite::Error> {
             let txn = self.conn.transaction()?;
             for op in ops {
                 match op {
                     Op::Enqueue(events, reply) => {
-                        let r = enqueue(&txn, events, now, self.capacity, self.dedup_window_ms, &mut depth);
+                        let r = enqueue(
+                            &txn,
+                            events,
+                            now,
+                            self.capacity,
+                            self.dedup_window_ms,
+                            &mut depth,
+                            &mut staged,
+                        );
                         woke |= r.as_ref().is_ok_and(|d| d.iter().any(|dup| !dup));
                         answers.push(pending(reply, r));
                     }
-                    Op::Lease(max, skip, reply) => answers.push(pending(reply, lease(&txn, max, &skip, now))),
+                    Op::Lease(max, skip, reply) => {
+                        let r = lease(&txn, schedule, max, &skip, now, &mut taken);
+                        answers.push(pending(reply, r));
+                    }
                     Op::Ack(ids, reply) => {
                         let r = ack(&txn, &ids, &mut depth);
                         answers.push(pending(reply, r));
                     }
                     Op::Retry(records, due, reply) => {
                         woke = true;
-                        answers.push(pending(reply, retry(&txn, &records, due)));
+                        answers.push(pending(reply, retry(&txn, &records, due, &mut staged)));
                     }
                     Op::DeadLetter(records, reason, reply) => {
                         let r = dead_letter(&txn, &records, &reason, now, &mut depth);
@@ -295,19 +444,14 @@ impl Writer {
                     }
                     Op::Replay(ids, reply) => {
                         woke = true;
-                        let r = replay(&txn, &ids, now, &mut depth);
+                        let r = replay(&txn, &ids, now, &mut depth, &mut staged);
                         answers.push(pending(reply, r));
                     }
-                    Op::NextDue(skip, reply) => answers.push(pending(reply, next_due(&txn, &skip))),
+                    Op::NextDue(skip, reply) => answers.push(pending(reply, Ok(schedule.next_due(&skip)))),
                     Op::Expedite(integration, reply) => {
-                        let r = txn
-                            .execute(
-                                "UPDATE records SET due_ms = ?1 WHERE leased = 0 AND due_ms > ?1 AND integration = ?2",
-                                params![now, integration],
-                            )
-                            .map_err(sql);
-                        woke |= r.as_ref().is_ok_and(|n| *n > 0);
-                        answers.push(pending(reply, r));
+                        let n = schedule.expedite(&integration, now);
+                        woke |= n > 0;
+                        answers.push(pending(reply, Ok(n)));
                     }
                     Op::Oldest(reply) => answers.push(pending(reply, oldest(&txn))),
                 }
@@ -323,8 +467,16 @@ impl Writer {
         })();
         let commit_error = result.err().map(|e| store("commit failed", e));
         match &commit_error {
-            None => self.depth.store(depth, Ordering::Relaxed),
-            Some(e) => tracing::error!(error = %e, "queue transaction failed; its operations were refused"),
+            None => {
+                self.depth.store(depth, Ordering::Relaxed);
+                for w in staged {
+                    self.schedule.wait(w);
+                }
+            }
+            Some(e) => {
+                tracing::error!(error = %e, "queue transaction failed; its operations were refused");
+                self.schedule.untake(taken);
+            }
         }
         for answer in answers {
             answer(commit_error.as_ref());
@@ -346,6 +498,7 @@ fn enqueue(
     capacity: usize,
     window_ms: i64,
     depth: &mut usize,
+    staged: &mut Vec<Waiting>,
 ) -> Result<Vec<bool>, QueueError> {
     let mut seen = txn
         .prepare_cached("SELECT at_ms FROM dedup WHERE key = ?1")
@@ -354,11 +507,16 @@ fn enqueue(
     let mut duplicates = Vec::with_capacity(events.len());
     let mut fresh = 0;
     for e in &events {
-        let stored: Option<i64> = seen
-            .query_row(params![&*e.dedup_key], |r| r.get(0))
-            .optional()
-            .map_err(sql)?;
-        let dup = stored.is_some_and(|at| now - at <= window_ms) || !in_call.insert(e.dedup_key.clone());
+        let dup = match &e.dedup_key {
+            None => false,
+            Some(key) => {
+                let stored: Option<i64> = seen
+                    .query_row(params![&**key], |r| r.get(0))
+                    .optional()
+                    .map_err(sql)?;
+                stored.is_some_and(|at| now - at <= window_ms) || !in_call.insert(key.clone())
+            }
+        };
         if !dup {
             fresh += e.records.len();
         }
@@ -377,12 +535,14 @@ fn enqueue(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .map_err(sql)?;
-    for (e, dup) in events.iter().zip(&duplicates) {
+    for (e, dup) in events.into_iter().zip(&duplicates) {
         if *dup || e.records.is_empty() {
             continue;
         }
-        mark.execute(params![&*e.dedup_key, now]).map_err(sql)?;
-        for r in &e.records {
+        if let Some(key) = &e.dedup_key {
+            mark.execute(params![&**key, now]).map_err(sql)?;
+        }
+        for r in e.records {
             insert
                 .execute(params![
                     &*r.integration,
@@ -400,47 +560,59 @@ fn enqueue(
                     now,
                 ])
                 .map_err(sql)?;
+            let id = txn.last_insert_rowid();
+            staged.push(Waiting {
+                integration: r.integration.clone(),
+                due_ms: now,
+                id,
+                record: Some(QueuedRecord {
+                    id: u64::try_from(id).unwrap_or(0),
+                    record: r,
+                    attempts: 0,
+                    history: Vec::new(),
+                }),
+            });
         }
     }
     *depth += fresh;
     Ok(duplicates)
 }
 
-fn skip_clause(skip: &HashSet<String>, first_param: usize) -> String {
-    if skip.is_empty() {
-        return String::new();
-    }
-    let marks: Vec<String> = (0..skip.len()).map(|i| format!("?{}", first_param + i)).collect();
-    format!(" AND integration NOT IN ({})", marks.join(", "))
-}
-
+/// Leases from the schedule: records kept in memory need no read, the others are read by id.
 fn lease(
     txn: &Transaction<'_>,
+    schedule: &mut Schedule,
     max: usize,
     skip: &HashSet<String>,
     now: i64,
+    taken_in_group: &mut Vec<(Arc<str>, Slot)>,
 ) -> Result<Vec<QueuedRecord>, QueueError> {
-    let query = format!(
-        "UPDATE records SET leased = 1 WHERE id IN (SELECT id FROM records WHERE leased = 0 AND due_ms <= ?1{} \
-         ORDER BY due_ms, id LIMIT ?2) RETURNING {RECORD_COLUMNS}, due_ms",
-        skip_clause(skip, 3)
-    );
-    let mut stmt = txn.prepare_cached(&query).map_err(sql)?;
-    let mut values: Vec<Box<dyn rusqlite::ToSql>> =
-        vec![Box::new(now), Box::new(i64::try_from(max).unwrap_or(i64::MAX))];
-    for s in skip {
-        values.push(Box::new(s.clone()));
+    let taken = schedule.take(max, skip, now);
+    let mut out = Vec::with_capacity(taken.len());
+    let mut read = || -> Result<(), rusqlite::Error> {
+        let mut by_id = txn.prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"))?;
+        for (_, (_, id)) in &taken {
+            match schedule.take_fresh(*id) {
+                Some(r) => out.push(r),
+                None => {
+                    if let Some(r) = by_id.query_row(params![id], read_record).optional()? {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    match read() {
+        Ok(()) => {
+            taken_in_group.extend(taken);
+            Ok(out)
+        }
+        Err(e) => {
+            schedule.untake(taken);
+            Err(sql(e))
+        }
     }
-    let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
-    let mut out: Vec<(i64, QueuedRecord)> = stmt
-        .query_map(refs.as_slice(), |row| {
-            Ok((row.get::<_, i64>(15)?, read_record(row)?))
-        })
-        .map_err(sql)?
-        .collect::<Result<_, _>>()
-        .map_err(sql)?;
-    out.sort_by_key(|(due, r)| (*due, r.id));
-    Ok(out.into_iter().map(|(_, r)| r).collect())
 }
 
 fn read_record(row: &rusqlite::Row<'_>) -> Result<QueuedRecord, rusqlite::Error> {
@@ -481,21 +653,26 @@ fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(),
     Ok(())
 }
 
-fn retry(txn: &Transaction<'_>, records: &[QueuedRecord], due: i64) -> Result<(), QueueError> {
+fn retry(
+    txn: &Transaction<'_>,
+    records: &[QueuedRecord],
+    due: i64,
+    staged: &mut Vec<Waiting>,
+) -> Result<(), QueueError> {
     let mut stmt = txn
-        .prepare_cached(
-            "UPDATE records SET leased = 0, attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1",
-        )
+        .prepare_cached("UPDATE records SET attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1")
         .map_err(sql)?;
     for r in records {
+        let id = i64::try_from(r.id).unwrap_or(-1);
         let history = serde_json::to_string(&r.history).unwrap_or_else(|_| "[]".into());
-        stmt.execute(params![
-            i64::try_from(r.id).unwrap_or(-1),
-            r.attempts,
-            history,
-            due
-        ])
-        .map_err(sql)?;
+        if stmt.execute(params![id, r.attempts, history, due]).map_err(sql)? > 0 {
+            staged.push(Waiting {
+                integration: r.record.integration.clone(),
+                due_ms: due,
+                id,
+                record: None,
+            });
+        }
     }
     Ok(())
 }
@@ -580,13 +757,19 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
     Ok(rows)
 }
 
-fn replay(txn: &Transaction<'_>, ids: &[i64], now: i64, depth: &mut usize) -> Result<usize, QueueError> {
+fn replay(
+    txn: &Transaction<'_>,
+    ids: &[i64],
+    now: i64,
+    depth: &mut usize,
+    staged: &mut Vec<Waiting>,
+) -> Result<usize, QueueError> {
     let mut copy = txn
         .prepare_cached(
             "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
              event_type, body, input, traceparent, accepted_ms, due_ms) \
              SELECT integration, stream, timestamp_field, rule, rules_version, source, event_id, event_type, body, \
-             input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1",
+             input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1 RETURNING id, integration",
         )
         .map_err(sql)?;
     let mut delete = txn
@@ -594,23 +777,23 @@ fn replay(txn: &Transaction<'_>, ids: &[i64], now: i64, depth: &mut usize) -> Re
         .map_err(sql)?;
     let mut n = 0;
     for id in ids {
-        let copied = copy.execute(params![id, now]).map_err(sql)?;
+        let copied: Option<(i64, String)> = copy
+            .query_row(params![id, now], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(sql)?;
         delete.execute(params![id]).map_err(sql)?;
-        n += copied;
+        if let Some((new_id, integration)) = copied {
+            n += 1;
+            staged.push(Waiting {
+                integration: Arc::from(integration),
+                due_ms: now,
+                id: new_id,
+                record: None,
+            });
+        }
     }
     *depth += n;
     Ok(n)
-}
-
-fn next_due(txn: &Transaction<'_>, skip: &HashSet<String>) -> Result<Option<i64>, QueueError> {
-    let query = format!(
-        "SELECT MIN(due_ms) FROM records WHERE leased = 0{}",
-        skip_clause(skip, 1)
-    );
-    let mut stmt = txn.prepare_cached(&query).map_err(sql)?;
-    let values: Vec<&dyn rusqlite::ToSql> = skip.iter().map(|s| s as &dyn rusqlite::ToSql).collect();
-    stmt.query_row(values.as_slice(), |r| r.get::<_, Option<i64>>(0))
-        .map_err(sql)
 }
 
 /// The `accepted_ms` of the lowest id: a primary-key lookup, where the lowest `accepted_ms`
@@ -648,7 +831,7 @@ mod tests {
 
     fn event(key: &str, records: Vec<NewRecord>) -> EventRecords {
         EventRecords {
-            dedup_key: Arc::from(key),
+            dedup_key: Some(Arc::from(key)),
             records,
         }
     }
@@ -865,5 +1048,72 @@ mod tests {
         let due = q.lease(10, &HashSet::new()).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(&*due[0].record.integration, "a");
+    }
+
+    #[tokio::test]
+    async fn events_with_relay_made_ids_are_never_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        let anonymous = || EventRecords {
+            dedup_key: None,
+            records: vec![rec("a", "x")],
+        };
+        assert_eq!(
+            q.enqueue(vec![anonymous(), anonymous()]).await.unwrap(),
+            vec![false, false]
+        );
+        assert_eq!(q.depth(), 2);
+        assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn records_beyond_the_memory_bound_are_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        // 24 records of 1 MiB input: the first 15 or so stay in memory, the rest are read back.
+        let events: Vec<_> = (0..24)
+            .map(|i| {
+                let id = format!("e{i}");
+                let mut r = rec("a", &id);
+                r.input = Bytes::from(vec![b'x'; 1024 * 1024]);
+                event(&id, vec![r])
+            })
+            .collect();
+        q.enqueue(events).await.unwrap();
+        let leased = q.lease(100, &HashSet::new()).await.unwrap();
+        assert_eq!(leased.len(), 24);
+        for (i, r) in leased.iter().enumerate() {
+            assert_eq!(&*r.record.event_id, format!("e{i}"), "in queue order");
+            assert_eq!(&r.record.body[..], format!("{{\"id\":\"e{i}\"}}").as_bytes());
+            assert_eq!(r.record.input.len(), 1024 * 1024);
+            assert_eq!(r.record.traceparent.as_deref().map(str::len), Some(55));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expedite_lasts_until_restart_where_records_keep_their_scheduled_time() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = open(dir.path());
+            q.enqueue(vec![event("1", vec![rec("a", "1")])]).await.unwrap();
+            let leased = q.lease(10, &HashSet::new()).await.unwrap();
+            let attempt = Attempt {
+                at_ms: 0,
+                status: Some(503),
+                detail: "x".into(),
+            };
+            q.retry(leased, now_ms() + 3_600_000, attempt, true)
+                .await
+                .unwrap();
+            assert_eq!(q.expedite("a").await.unwrap(), 1);
+            assert_eq!(q.expedite("a").await.unwrap(), 0, "already due");
+        }
+        let q = open(dir.path());
+        assert!(q.lease(10, &HashSet::new()).await.unwrap().is_empty());
+        assert!(q.next_due(&HashSet::new()).await.unwrap().unwrap() > now_ms() + 3_000_000);
+        assert_eq!(q.expedite("a").await.unwrap(), 1);
+        let again = q.lease(10, &HashSet::new()).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].attempts, 1);
     }
 }
