@@ -20,7 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("lytics_relay_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
+    // Struct and Value decode straight into JSON (src/proto/json.rs); the wire format and the
+    // descriptors reflection serves stay the well-known types.
     tonic_prost_build::configure()
+        .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
+        .extern_path(".google.protobuf.Value", "crate::proto::JsonValue")
         .build_client(true)
         .build_server(true)
         .compile_fds(compiler.file_descriptor_set())?;

@@ -1,5 +1,7 @@
 //! Durable-queue ingest rate: many concurrent enqueues, one event each (unary ingest) and 100
-//! events each (batched ingest), group-committed by the SQLite writer. Run:
+//! events each (batched ingest), group-committed by the SQLite writer; once with sender-given
+//! event ids (random, like Signal `messageId`s: each is a dedup row) and once with relay-made
+//! ids (no dedup row). Run:
 //! `cargo bench --bench queue` (prints events/s). `QUEUE_BENCH_RECORDS` sets how many records,
 //! `PAD` the padding of each record's body (default 900 bytes, about 2 KB stored per record with
 //! its input), to see how row size bounds the rate.
@@ -47,7 +49,7 @@ fn record(i: usize) -> NewRecord {
     }
 }
 
-async fn run(queue: Arc<SqliteQueue>, total: usize, per_call: usize, callers: usize) -> f64 {
+async fn run(queue: Arc<SqliteQueue>, total: usize, per_call: usize, callers: usize, given_ids: bool) -> f64 {
     let started = Instant::now();
     let mut tasks = Vec::new();
     let calls = total / per_call;
@@ -60,7 +62,8 @@ async fn run(queue: Arc<SqliteQueue>, total: usize, per_call: usize, callers: us
                     .map(|k| {
                         let i = n * per_call + k;
                         EventRecords {
-                            dedup_key: Some(Arc::from(format!("b{per_call}-{i}"))),
+                            dedup_key: given_ids
+                                .then(|| Arc::from(format!("signal:{}", uuid::Uuid::new_v4()))),
                             records: vec![record(i)],
                         }
                     })
@@ -89,18 +92,20 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let q = Arc::new(
-            SqliteQueue::open(
-                &dir.path().join("q.sqlite3"),
-                10_000_000,
-                Duration::from_secs(3600),
-            )
-            .unwrap(),
-        );
-        let unary = run(q.clone(), total / 4, 1, 256).await;
-        println!("durable enqueue, 1 event per call, 256 callers:   {unary:>10.0} events/s");
-        let batched = run(q.clone(), total, 100, 32).await;
-        println!("durable enqueue, 100 events per call, 32 callers: {batched:>10.0} events/s");
+        for (given_ids, ids) in [(true, "sender-given ids"), (false, "relay-made ids")] {
+            let dir = tempfile::tempdir().unwrap();
+            let q = Arc::new(
+                SqliteQueue::open(
+                    &dir.path().join("q.sqlite3"),
+                    10_000_000,
+                    Duration::from_secs(3600),
+                )
+                .unwrap(),
+            );
+            let unary = run(q.clone(), total / 4, 1, 256, given_ids).await;
+            println!("durable enqueue, {ids:16}, 1 event per call, 256 callers:   {unary:>10.0} events/s");
+            let batched = run(q.clone(), total, 100, 32, given_ids).await;
+            println!("durable enqueue, {ids:16}, 100 events per call, 32 callers: {batched:>10.0} events/s");
+        }
     });
 }

@@ -119,6 +119,10 @@ pub struct EmulatorArgs {
     /// A stream the emulator knows (repeatable; case-sensitive).
     #[arg(long = "stream", default_values_t = vec!["datafly_events".to_string(), "customerio_events".to_string()])]
     pub streams: Vec<String>,
+    /// Events kept per stream for reading back; older ones are dropped first (profiles and
+    /// counters keep their effect). A load test that only counts records can keep this small.
+    #[arg(long, default_value_t = crate::emulator::MAX_EVENTS_PER_STREAM, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_events_per_stream: usize,
 }
 
 /// `rules` subcommands.

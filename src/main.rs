@@ -71,11 +71,14 @@ async fn emulator(args: lytics_relay::cli::EmulatorArgs) -> ExitCode {
         }
     };
     tracing::info!(addr = %args.addr, account = %args.account_id, streams = ?args.streams, "Lytics emulator serving");
-    let emulator = Emulator::new(EmulatorConfig {
-        api_token: args.api_token,
-        account_id: args.account_id,
-        streams: args.streams,
-    });
+    let emulator = Emulator::with_max_events(
+        EmulatorConfig {
+            api_token: args.api_token,
+            account_id: args.account_id,
+            streams: args.streams,
+        },
+        args.max_events_per_stream,
+    );
     match emulator.serve(listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prost_types::value::Kind;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::proto::v1 as pb;
+use crate::proto::{JsonStruct, JsonValue};
 use crate::rules::Source;
 use crate::timefmt;
 
@@ -38,40 +38,41 @@ pub struct InboundEvent {
     pub input: Bytes,
 }
 
-/// Converts a gRPC event into its canonical JSON (camelCase keys, empty fields left out).
-pub fn event_to_json(e: &pb::Event) -> Value {
+/// Converts a gRPC event into its canonical JSON (camelCase keys, empty fields left out). The
+/// event is consumed: its strings and objects move into the document.
+pub fn event_to_json(e: pb::Event) -> Value {
     let mut m = Map::new();
-    let mut text = |k: &str, v: &str| {
+    let mut text = |k: &str, v: String| {
         if !v.is_empty() {
-            m.insert(k.to_string(), Value::String(v.to_string()));
+            m.insert(k.to_string(), Value::String(v));
         }
     };
-    text("type", &e.r#type);
-    text("event", &e.event);
-    text("name", &e.name);
-    text("category", &e.category);
-    text("userId", &e.user_id);
-    text("anonymousId", &e.anonymous_id);
-    text("groupId", &e.group_id);
-    text("previousId", &e.previous_id);
-    text("timestamp", &e.timestamp);
-    text("sentAt", &e.sent_at);
-    text("receivedAt", &e.received_at);
-    text("originalTimestamp", &e.original_timestamp);
-    text("messageId", &e.message_id);
-    text("channel", &e.channel);
+    text("type", e.r#type);
+    text("event", e.event);
+    text("name", e.name);
+    text("category", e.category);
+    text("userId", e.user_id);
+    text("anonymousId", e.anonymous_id);
+    text("groupId", e.group_id);
+    text("previousId", e.previous_id);
+    text("timestamp", e.timestamp);
+    text("sentAt", e.sent_at);
+    text("receivedAt", e.received_at);
+    text("originalTimestamp", e.original_timestamp);
+    text("messageId", e.message_id);
+    text("channel", e.channel);
     for (k, v) in [
-        ("properties", &e.properties),
-        ("traits", &e.traits),
-        ("context", &e.context),
-        ("integrations", &e.integrations),
+        ("properties", e.properties),
+        ("traits", e.traits),
+        ("context", e.context),
+        ("integrations", e.integrations),
     ] {
         if let Some(s) = v {
-            m.insert(k.to_string(), struct_to_json(s));
+            m.insert(k.to_string(), Value::Object(s.0));
         }
     }
-    if let Some(v) = &e.version {
-        m.insert("version".to_string(), value_to_json(v));
+    if let Some(v) = e.version {
+        m.insert("version".to_string(), v.0);
     }
     Value::Object(m)
 }
@@ -109,63 +110,22 @@ pub fn json_to_event(json: &Value) -> pb::Event {
     }
 }
 
-/// Converts a protobuf `Struct` to a JSON object.
-pub fn struct_to_json(s: &prost_types::Struct) -> Value {
-    Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_to_json(v)))
-            .collect(),
-    )
-}
-
-/// Converts a protobuf `Value` to JSON. Whole numbers come back as integers, since protobuf
-/// carries every number as a double.
-pub fn value_to_json(v: &prost_types::Value) -> Value {
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                Value::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n)
-                    .map(Value::Number)
-                    .unwrap_or(Value::Null)
-            }
-        }
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_to_json).collect()),
-        Some(Kind::StructValue(s)) => struct_to_json(s),
-    }
+/// The JSON object a protobuf `Struct` holds.
+pub fn struct_to_json(s: &JsonStruct) -> Value {
+    Value::Object(s.0.clone())
 }
 
 /// Converts JSON to a protobuf `Struct`; `None` when it is not an object.
-pub fn json_to_struct(v: &Value) -> Option<prost_types::Struct> {
+pub fn json_to_struct(v: &Value) -> Option<JsonStruct> {
     match v {
-        Value::Object(m) => Some(prost_types::Struct {
-            fields: m.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
-        }),
+        Value::Object(m) => Some(JsonStruct(m.clone())),
         _ => None,
     }
 }
 
 /// Converts JSON to a protobuf `Value`.
-pub fn json_to_value(v: &Value) -> prost_types::Value {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.iter().map(json_to_value).collect(),
-        }),
-        Value::Object(_) => match json_to_struct(v) {
-            Some(s) => Kind::StructValue(s),
-            None => Kind::NullValue(0),
-        },
-    };
-    prost_types::Value { kind: Some(kind) }
+pub fn json_to_value(v: &Value) -> JsonValue {
+    JsonValue(v.clone())
 }
 
 /// Validates a Signal event document, filling in `messageId` (a new UUID) and `timestamp` (the

@@ -1,5 +1,10 @@
 //! Code generated from `proto/` (package `lytics_relay.v1`) and the descriptor set that gRPC
-//! reflection serves.
+//! reflection serves. `google.protobuf.Struct` and `Value` are [`JsonStruct`] and [`JsonValue`]
+//! (`json.rs`): they decode straight into JSON.
+
+mod json;
+
+pub use json::{JsonStruct, JsonValue};
 
 /// Package `lytics_relay.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -133,8 +133,8 @@ async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_deliv
     assert_eq!(d.stream, STREAM);
     assert_eq!(d.rule, "track_event");
     assert!(!d.rules_version.is_empty());
-    assert!(d.input.as_ref().unwrap().fields.contains_key("properties"));
-    assert!(d.record.as_ref().unwrap().fields.contains_key("_poison"));
+    assert!(d.input.as_ref().unwrap().0.contains_key("properties"));
+    assert!(d.record.as_ref().unwrap().0.contains_key("_poison"));
     assert_eq!(d.attempts.len(), 1);
     assert_eq!(d.attempts[0].status, 400);
 

@@ -128,8 +128,8 @@ impl RulesService for RulesAdmin {
     ) -> Result<Response<pb::DryRunResponse>, Status> {
         let r = request.into_inner();
         let (source, doc) = match (r.event, r.customerio_webhook) {
-            (Some(e), None) => (Source::Signal, normalize::event_to_json(&e)),
-            (None, Some(w)) => (Source::CustomerIo, normalize::struct_to_json(&w)),
+            (Some(e), None) => (Source::Signal, normalize::event_to_json(e)),
+            (None, Some(w)) => (Source::CustomerIo, serde_json::Value::Object(w.0)),
             _ => {
                 return Err(
                     ApiError::field("event", "give exactly one of `event` and `customerio_webhook`").into(),

@@ -19,7 +19,8 @@
 //! - `routes`: the axum router and its handlers.
 //! - `time`: time parsing and rendering.
 //!
-//! Memory is bounded per stream: at most [`MAX_EVENTS_PER_STREAM`] events are kept, and older
+//! Memory is bounded per stream: at most [`MAX_EVENTS_PER_STREAM`] events are kept (or the
+//! `--max-events-per-stream` of the `emulator` command), and older
 //! ones are dropped first (their effect on profiles stays). Profiles are not bounded: they grow
 //! with the number of distinct users, which tests and benchmarks keep small.
 
@@ -205,7 +206,8 @@ impl Emulator {
         Self::with_max_events(config, MAX_EVENTS_PER_STREAM)
     }
 
-    fn with_max_events(config: EmulatorConfig, max_events: usize) -> Self {
+    /// Creates an emulator that keeps at most `max_events` events per stream (at least one).
+    pub fn with_max_events(config: EmulatorConfig, max_events: usize) -> Self {
         let streams = config.streams.into_iter().map(|s| (s, VecDeque::new())).collect();
         Emulator {
             inner: Arc::new(Inner {

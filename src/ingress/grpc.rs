@@ -44,7 +44,7 @@ impl IngestGrpc {
             ApiError::field(field, "is required: send {\"event\": <a Signal canonical event>}")
         })?;
         normalize::signal_event(
-            normalize::event_to_json(&event),
+            normalize::event_to_json(event),
             field,
             self.max_event_bytes,
             now_ms(),
@@ -180,7 +180,7 @@ impl IngestService for IngestGrpc {
             )
         })?;
         let event = normalize::customerio_event(
-            normalize::struct_to_json(&webhook),
+            serde_json::Value::Object(webhook.0),
             "webhook",
             self.max_event_bytes,
         )?;

@@ -66,8 +66,9 @@ pub fn collect_url(target: &CollectTarget<'_>) -> Result<Url, String> {
 }
 
 /// A JSON array of the records, which are each a serialised JSON object.
-pub fn batch_body<'a>(records: impl IntoIterator<Item = &'a Bytes>) -> Bytes {
-    let mut out = BytesMut::with_capacity(4096);
+pub fn batch_body<'a>(records: impl IntoIterator<Item = &'a Bytes> + Clone) -> Bytes {
+    let size: usize = records.clone().into_iter().map(|r| r.len() + 1).sum();
+    let mut out = BytesMut::with_capacity(size + 2);
     out.put_u8(b'[');
     for (i, r) in records.into_iter().enumerate() {
         if i > 0 {

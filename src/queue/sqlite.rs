@@ -117,7 +117,7 @@ impl SqliteQueue {
         let conn =
             Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;
+            "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;
              PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;",
         )
         .map_err(|e| store("cannot configure the store", e))?;

@@ -1,0 +1,355 @@
+//! `google.protobuf.Struct` and `google.protobuf.Value` as JSON: the generated types hold
+//! [`JsonStruct`] and [`JsonValue`] in place of `prost_types::Struct` / `Value`.
+//!
+//! Every event's `properties`, `traits` and `context` are Structs, and the rules read them as
+//! JSON. Decoding the wire form straight into `serde_json` values skips the intermediate
+//! `BTreeMap` of `prost_types::Value`s and the copy into JSON that followed it, which together
+//! were the largest cost of ingesting an event. The wire format is unchanged (proto3 `Struct`,
+//! `Value`, `ListValue`), so clients, grpcurl and reflection see the well-known types.
+//!
+//! Numbers: protobuf carries every number as a double; whole numbers below 2^53 come back as
+//! JSON integers, and NaN or infinities (which JSON cannot hold) as `null`. Map keys keep their
+//! wire order, a repeated key keeps its last value (as proto3 maps do).
+
+use bytes::{Buf, BufMut};
+use prost::encoding::{self, DecodeContext, WireType};
+use prost::{DecodeError, Message};
+use serde_json::{Map, Value};
+
+/// `google.protobuf.Struct`: a JSON object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JsonStruct(pub Map<String, Value>);
+
+/// `google.protobuf.Value`: any JSON value (`null` when no kind is set).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JsonValue(pub Value);
+
+/// `google.protobuf.ListValue`: a JSON array.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct JsonList(Vec<Value>);
+
+/// One `fields` entry of a Struct (a map entry: key 1, value 2).
+#[derive(Debug, Default)]
+struct Entry {
+    key: String,
+    value: JsonValue,
+}
+
+/// Field numbers of `google.protobuf.Value`'s `kind`.
+mod kind {
+    pub const NULL: u32 = 1;
+    pub const NUMBER: u32 = 2;
+    pub const STRING: u32 = 3;
+    pub const BOOL: u32 = 4;
+    pub const STRUCT: u32 = 5;
+    pub const LIST: u32 = 6;
+}
+
+/// A protobuf double as JSON.
+fn number(n: f64) -> Value {
+    if n.fract() == 0.0 && n.abs() < 9.0e15 {
+        Value::from(n as i64)
+    } else {
+        serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+    }
+}
+
+/// The encoded length of `value` as the body of a `Value` message.
+fn value_len(value: &Value) -> usize {
+    match value {
+        Value::Null => encoding::int32::encoded_len(kind::NULL, &0),
+        Value::Bool(b) => encoding::bool::encoded_len(kind::BOOL, b),
+        Value::Number(n) => encoding::double::encoded_len(kind::NUMBER, &n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => encoding::string::encoded_len(kind::STRING, s),
+        Value::Array(items) => nested_len(kind::LIST, list_len(items)),
+        Value::Object(map) => nested_len(kind::STRUCT, struct_len(map)),
+    }
+}
+
+fn nested_len(tag: u32, len: usize) -> usize {
+    encoding::key_len(tag) + encoding::encoded_len_varint(len as u64) + len
+}
+
+fn list_len(items: &[Value]) -> usize {
+    items.iter().map(|v| nested_len(1, value_len(v))).sum()
+}
+
+fn entry_len(key: &str, value: &Value) -> usize {
+    nested_len(1, key.len()) + nested_len(2, value_len(value))
+}
+
+fn struct_len(map: &Map<String, Value>) -> usize {
+    map.iter().map(|(k, v)| nested_len(1, entry_len(k, v))).sum()
+}
+
+fn encode_value(value: &Value, buf: &mut impl BufMut) {
+    match value {
+        Value::Null => encoding::int32::encode(kind::NULL, &0, buf),
+        Value::Bool(b) => encoding::bool::encode(kind::BOOL, b, buf),
+        Value::Number(n) => encoding::double::encode(kind::NUMBER, &n.as_f64().unwrap_or(0.0), buf),
+        Value::String(s) => encoding::string::encode(kind::STRING, s, buf),
+        Value::Array(items) => {
+            encoding::encode_key(kind::LIST, WireType::LengthDelimited, buf);
+            encoding::encode_varint(list_len(items) as u64, buf);
+            encode_list(items, buf);
+        }
+        Value::Object(map) => {
+            encoding::encode_key(kind::STRUCT, WireType::LengthDelimited, buf);
+            encoding::encode_varint(struct_len(map) as u64, buf);
+            encode_struct(map, buf);
+        }
+    }
+}
+
+fn encode_list(items: &[Value], buf: &mut impl BufMut) {
+    for v in items {
+        encoding::encode_key(1, WireType::LengthDelimited, buf);
+        encoding::encode_varint(value_len(v) as u64, buf);
+        encode_value(v, buf);
+    }
+}
+
+fn encode_struct(map: &Map<String, Value>, buf: &mut impl BufMut) {
+    for (k, v) in map {
+        encoding::encode_key(1, WireType::LengthDelimited, buf);
+        encoding::encode_varint(entry_len(k, v) as u64, buf);
+        encoding::encode_key(1, WireType::LengthDelimited, buf);
+        encoding::encode_varint(k.len() as u64, buf);
+        buf.put_slice(k.as_bytes());
+        encoding::encode_key(2, WireType::LengthDelimited, buf);
+        encoding::encode_varint(value_len(v) as u64, buf);
+        encode_value(v, buf);
+    }
+}
+
+impl Message for JsonStruct {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encode_struct(&self.0, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if tag != 1 {
+            return encoding::skip_field(wire_type, tag, buf, ctx);
+        }
+        let mut entry = Entry::default();
+        encoding::message::merge(wire_type, &mut entry, buf, ctx)?;
+        self.0.insert(entry.key, entry.value.0);
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        struct_len(&self.0)
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Message for Entry {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encoding::string::encode(1, &self.key, buf);
+        encoding::message::encode(2, &self.value, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 => encoding::string::merge(wire_type, &mut self.key, buf, ctx),
+            2 => encoding::message::merge(wire_type, &mut self.value, buf, ctx),
+            _ => encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        entry_len(&self.key, &self.value.0)
+    }
+
+    fn clear(&mut self) {
+        self.key.clear();
+        self.value.0 = Value::Null;
+    }
+}
+
+impl Message for JsonValue {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encode_value(&self.0, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        self.0 = match tag {
+            kind::NULL => {
+                let mut n = 0;
+                encoding::int32::merge(wire_type, &mut n, buf, ctx)?;
+                Value::Null
+            }
+            kind::NUMBER => {
+                let mut n = 0.0;
+                encoding::double::merge(wire_type, &mut n, buf, ctx)?;
+                number(n)
+            }
+            kind::STRING => {
+                let mut s = String::new();
+                encoding::string::merge(wire_type, &mut s, buf, ctx)?;
+                Value::String(s)
+            }
+            kind::BOOL => {
+                let mut b = false;
+                encoding::bool::merge(wire_type, &mut b, buf, ctx)?;
+                Value::Bool(b)
+            }
+            kind::STRUCT => {
+                let mut s = JsonStruct::default();
+                encoding::message::merge(wire_type, &mut s, buf, ctx)?;
+                Value::Object(s.0)
+            }
+            kind::LIST => {
+                let mut l = JsonList::default();
+                encoding::message::merge(wire_type, &mut l, buf, ctx)?;
+                Value::Array(l.0)
+            }
+            _ => return encoding::skip_field(wire_type, tag, buf, ctx),
+        };
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        value_len(&self.0)
+    }
+
+    fn clear(&mut self) {
+        self.0 = Value::Null;
+    }
+}
+
+impl Message for JsonList {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        encode_list(&self.0, buf);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if tag != 1 {
+            return encoding::skip_field(wire_type, tag, buf, ctx);
+        }
+        let mut v = JsonValue::default();
+        encoding::message::merge(wire_type, &mut v, buf, ctx)?;
+        self.0.push(v.0);
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        list_len(&self.0)
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test should fail loudly at the broken step")]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn to_prost(v: &Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BoolValue(*b),
+            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+            Value::String(s) => Kind::StringValue(s.clone()),
+            Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+                values: a.iter().map(to_prost).collect(),
+            }),
+            Value::Object(m) => Kind::StructValue(prost_types::Struct {
+                fields: m.iter().map(|(k, v)| (k.clone(), to_prost(v))).collect(),
+            }),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+
+    fn sample() -> Value {
+        json!({
+            "currency": "USD",
+            "total": 129.99,
+            "count": 3,
+            "negative": -7,
+            "ok": true,
+            "none": null,
+            "empty": {},
+            "nested": {"a": [1, "two", {"b": false}, [], null], "é": "ü"},
+            "": "empty key"
+        })
+    }
+
+    #[test]
+    fn decodes_what_prost_types_encode() {
+        let Value::Object(map) = sample() else { unreachable!() };
+        let reference = prost_types::Struct {
+            fields: map.iter().map(|(k, v)| (k.clone(), to_prost(v))).collect(),
+        };
+        let decoded = JsonStruct::decode(reference.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(Value::Object(decoded.0), sample());
+    }
+
+    #[test]
+    fn encodes_what_prost_types_decode_and_round_trips() {
+        let Value::Object(map) = sample() else { unreachable!() };
+        let ours = JsonStruct(map.clone());
+        let bytes = ours.encode_to_vec();
+        assert_eq!(bytes.len(), ours.encoded_len());
+        let reference = prost_types::Struct::decode(bytes.as_slice()).unwrap();
+        assert_eq!(reference.fields.len(), map.len());
+        assert_eq!(reference.fields["nested"], to_prost(&map["nested"]));
+        assert_eq!(JsonStruct::decode(bytes.as_slice()).unwrap(), ours);
+        let value = JsonValue(json!([1.5, "x", {"k": null}]));
+        assert_eq!(JsonValue::decode(value.encode_to_vec().as_slice()).unwrap(), value);
+    }
+
+    #[test]
+    fn numbers_json_cannot_hold_become_null_and_bad_input_is_an_error() {
+        let nan = prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+        };
+        assert_eq!(JsonValue::decode(nan.encode_to_vec().as_slice()).unwrap().0, Value::Null);
+        let unset = prost_types::Value { kind: None };
+        assert_eq!(JsonValue::decode(unset.encode_to_vec().as_slice()).unwrap().0, Value::Null);
+        // A string field holding invalid UTF-8, and a truncated message.
+        assert!(JsonValue::decode(&[0x1a, 0x01, 0xff][..]).is_err());
+        assert!(JsonStruct::decode(&[0x0a, 0x05, 0x0a][..]).is_err());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_overflowed() {
+        let mut v = json!(1);
+        for _ in 0..200 {
+            v = json!([v]);
+        }
+        let bytes = JsonValue(v).encode_to_vec();
+        assert!(JsonValue::decode(bytes.as_slice()).is_err());
+    }
+}
