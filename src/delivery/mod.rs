@@ -82,6 +82,9 @@ pub struct DeliveryState {
     /// Integrations with records waiting out a backoff.
     backing_off: Mutex<HashSet<String>>,
     limits: Mutex<HashMap<String, limit::Aimd>>,
+    /// Signalled when a call ends, so a dispatcher waiting on saturated integrations leases
+    /// again at once.
+    call_ended: tokio::sync::Notify,
     /// The counters.
     pub counters: DeliveryCounters,
 }
@@ -139,6 +142,8 @@ impl DeliveryState {
                 );
             }
         }
+        drop(limits);
+        self.call_ended.notify_one();
     }
 
     /// Pauses an integration on an operator's request; events stay queued.
@@ -252,6 +257,7 @@ impl Delivery {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = self.queue.wait_for_work(wait) => {}
+                    _ = self.state.call_ended.notified() => {}
                 }
             }
             if !self.settings.linger.is_zero() && self.queue.depth() < self.settings.batch_max_records {
@@ -277,11 +283,17 @@ impl Delivery {
                 if leased.is_empty() {
                     break;
                 }
+                // A partial batch took every due record: the next one waits out the linger
+                // (outer loop) rather than leasing the few that arrive meanwhile.
+                let partial = leased.len() < self.settings.batch_max_records;
                 let d = self.clone();
                 tasks.spawn(async move {
                     d.deliver(leased).await;
                     drop(permit);
                 });
+                if partial {
+                    break;
+                }
             }
         }
         prober.abort();

@@ -308,7 +308,9 @@ mod tests {
 
     #[test]
     fn decodes_what_prost_types_encode() {
-        let Value::Object(map) = sample() else { unreachable!() };
+        let Value::Object(map) = sample() else {
+            unreachable!()
+        };
         let reference = prost_types::Struct {
             fields: map.iter().map(|(k, v)| (k.clone(), to_prost(v))).collect(),
         };
@@ -318,7 +320,9 @@ mod tests {
 
     #[test]
     fn encodes_what_prost_types_decode_and_round_trips() {
-        let Value::Object(map) = sample() else { unreachable!() };
+        let Value::Object(map) = sample() else {
+            unreachable!()
+        };
         let ours = JsonStruct(map.clone());
         let bytes = ours.encode_to_vec();
         assert_eq!(bytes.len(), ours.encoded_len());
@@ -327,7 +331,10 @@ mod tests {
         assert_eq!(reference.fields["nested"], to_prost(&map["nested"]));
         assert_eq!(JsonStruct::decode(bytes.as_slice()).unwrap(), ours);
         let value = JsonValue(json!([1.5, "x", {"k": null}]));
-        assert_eq!(JsonValue::decode(value.encode_to_vec().as_slice()).unwrap(), value);
+        assert_eq!(
+            JsonValue::decode(value.encode_to_vec().as_slice()).unwrap(),
+            value
+        );
     }
 
     #[test]
@@ -335,9 +342,15 @@ mod tests {
         let nan = prost_types::Value {
             kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
         };
-        assert_eq!(JsonValue::decode(nan.encode_to_vec().as_slice()).unwrap().0, Value::Null);
+        assert_eq!(
+            JsonValue::decode(nan.encode_to_vec().as_slice()).unwrap().0,
+            Value::Null
+        );
         let unset = prost_types::Value { kind: None };
-        assert_eq!(JsonValue::decode(unset.encode_to_vec().as_slice()).unwrap().0, Value::Null);
+        assert_eq!(
+            JsonValue::decode(unset.encode_to_vec().as_slice()).unwrap().0,
+            Value::Null
+        );
         // A string field holding invalid UTF-8, and a truncated message.
         assert!(JsonValue::decode(&[0x1a, 0x01, 0xff][..]).is_err());
         assert!(JsonStruct::decode(&[0x0a, 0x05, 0x0a][..]).is_err());
