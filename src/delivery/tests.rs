@@ -18,6 +18,8 @@ struct Scripted {
     answers: Mutex<VecDeque<u16>>,
     last: u16,
     calls: Mutex<Vec<i64>>,
+    /// How long each call takes.
+    latency: Duration,
 }
 
 impl Scripted {
@@ -26,6 +28,7 @@ impl Scripted {
             answers: Mutex::new(script.iter().copied().collect()),
             last,
             calls: Mutex::default(),
+            latency: Duration::ZERO,
         })
     }
     fn calls(&self) -> Vec<i64> {
@@ -37,6 +40,7 @@ impl Scripted {
 impl CollectSender for Scripted {
     async fn post(&self, _url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
         self.calls.lock().unwrap().push(now_ms());
+        tokio::time::sleep(self.latency).await;
         let status = self.answers.lock().unwrap().pop_front().unwrap_or(self.last);
         let body = if status == 200 {
             r#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#
@@ -265,4 +269,51 @@ async fn a_success_brings_the_integrations_backed_off_retries_forward() {
         drained_after < 2_000,
         "the backed-off record waited {drained_after} ms after Lytics answered again"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saturated_integration_gets_its_next_call_as_soon_as_one_ends() {
+    let lytics = Arc::new(Scripted {
+        answers: Mutex::default(),
+        last: 200,
+        calls: Mutex::default(),
+        latency: Duration::from_millis(50),
+    });
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    let enqueue = |key: &str| {
+        let queue = queue.clone();
+        let key = Arc::from(key);
+        async move {
+            queue
+                .enqueue(vec![EventRecords {
+                    dedup_key: Some(key),
+                    records: vec![record()],
+                }])
+                .await
+                .unwrap();
+        }
+    };
+    enqueue("first").await;
+    let one_at_a_time = DeliverySettings {
+        max_in_flight: 1,
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), one_at_a_time)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    // The second record arrives while the only allowed call is in flight: the dispatcher finds
+    // the integration saturated and must lease again when that call ends (50 ms), not after
+    // its idle wait (500 ms).
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    enqueue("second").await;
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let calls = lytics.calls();
+    assert_eq!(calls.len(), 2, "one call per record: {calls:?}");
+    assert!(calls[1] - calls[0] < 200, "the second call came at {calls:?}");
 }

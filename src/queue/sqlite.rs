@@ -1116,4 +1116,44 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].attempts, 1);
     }
+
+    #[tokio::test]
+    async fn a_queue_written_by_the_previous_schema_opens_and_delivers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        {
+            // The schema before leases moved to memory: a `leased` column and its index.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE records (id INTEGER PRIMARY KEY, integration TEXT NOT NULL,
+                   stream TEXT NOT NULL, timestamp_field TEXT NOT NULL, rule TEXT NOT NULL,
+                   rules_version TEXT NOT NULL, source TEXT NOT NULL, event_id TEXT NOT NULL,
+                   event_type TEXT NOT NULL, body BLOB NOT NULL, input BLOB NOT NULL, traceparent TEXT,
+                   accepted_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                   history TEXT NOT NULL DEFAULT '[]', due_ms INTEGER NOT NULL,
+                   leased INTEGER NOT NULL DEFAULT 0);
+                 CREATE INDEX records_due ON records (leased, due_ms, id);
+                 INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source,
+                   event_id, event_type, body, input, accepted_ms, attempts, due_ms, leased)
+                 VALUES ('a', '', '_ts', 'r', 'v0', 'signal', 'old', 'track', X'7B7D', X'7B7D', 1, 2, 0, 1);",
+            )
+            .unwrap();
+        }
+        let q = open(dir.path());
+        assert_eq!(q.depth(), 1);
+        q.enqueue(vec![event("new", vec![rec("a", "new")])])
+            .await
+            .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        let ids: Vec<&str> = leased.iter().map(|r| &*r.record.event_id).collect();
+        assert_eq!(
+            ids,
+            ["old", "new"],
+            "the record leased by the old process is due again, first"
+        );
+        assert_eq!(leased[0].attempts, 2);
+        q.ack(&[leased[0].id, leased[1].id]).await.unwrap();
+        assert_eq!(q.depth(), 0);
+    }
 }
