@@ -1,7 +1,8 @@
 //! Per-integration limit on collect calls in flight: additive increase, multiplicative decrease.
 //!
-//! Input: the start and end of each call and whether Lytics throttled it (429). Output: how many
-//! calls an integration may have in flight. A 429 halves the limit (never below one); each
+//! Input: the delivery tasks holding a slot of the integration (a task makes its calls one at a
+//! time, so each holds at most one call in flight) and the outcome of each call: whether Lytics
+//! throttled it (429) or took it. Output: how many calls an integration may have in flight. A 429 halves the limit (never below one); each
 //! successful call raises it by one over the current limit, so it grows by about one call per
 //! round trip back up to the configured maximum. Pure state, no clock.
 
@@ -34,14 +35,18 @@ impl Aimd {
         self.in_flight >= self.limit()
     }
 
-    /// A call starts.
-    pub fn begin(&mut self) {
+    /// A delivery task takes a slot (before it makes its calls).
+    pub fn hold(&mut self) {
         self.in_flight += 1;
     }
 
-    /// A call ended; `throttled` when Lytics answered 429, `success` when it delivered.
-    pub fn end(&mut self, throttled: bool, success: bool) {
+    /// A delivery task is done with its slot.
+    pub fn release(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// A call ended; `throttled` when Lytics answered 429, `success` when it delivered.
+    pub fn answered(&mut self, throttled: bool, success: bool) {
         if throttled {
             self.limit = (self.limit / 2.0).max(1.0);
         } else if success {
@@ -59,31 +64,30 @@ mod tests {
         let mut a = Aimd::new(8);
         assert_eq!(a.limit(), 8);
         for _ in 0..5 {
-            a.begin();
-            a.end(true, false);
+            a.answered(true, false);
         }
         assert_eq!(a.limit(), 1, "halved down to the floor of one");
         let mut steps = 0;
         while a.limit() < 8 {
-            a.begin();
-            a.end(false, true);
+            a.answered(false, true);
             steps += 1;
             assert!(steps < 100);
         }
         assert!(steps > 7, "the increase is additive: {steps} successes");
-        a.begin();
-        a.end(false, true);
+        a.answered(false, true);
         assert_eq!(a.limit(), 8, "never above the maximum");
     }
 
     #[test]
     fn saturation_follows_calls_in_flight() {
         let mut a = Aimd::new(2);
-        a.begin();
+        a.hold();
         assert!(!a.saturated());
-        a.begin();
+        a.hold();
         assert!(a.saturated());
-        a.end(false, false);
+        a.answered(false, false);
+        assert!(a.saturated(), "an answer does not free the slot");
+        a.release();
         assert!(!a.saturated());
     }
 }

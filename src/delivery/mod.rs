@@ -82,8 +82,8 @@ pub struct DeliveryState {
     /// Integrations with records waiting out a backoff.
     backing_off: Mutex<HashSet<String>>,
     limits: Mutex<HashMap<String, limit::Aimd>>,
-    /// Signalled when a call ends, so a dispatcher waiting on saturated integrations leases
-    /// again at once.
+    /// Signalled when a delivery task frees its slots, so a dispatcher waiting on saturated
+    /// integrations leases again at once.
     call_ended: tokio::sync::Notify,
     /// The counters.
     pub counters: DeliveryCounters,
@@ -121,19 +121,35 @@ impl DeliveryState {
         skip
     }
 
-    fn begin_call(&self, id: &str, max: usize) {
+    /// A delivery task takes a slot of each integration it will call, before it starts, so
+    /// the next lease already sees them saturated.
+    fn hold(&self, ids: &[Arc<str>], max: usize) {
         let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
-        limits
-            .entry(id.to_string())
-            .or_insert_with(|| limit::Aimd::new(max))
-            .begin();
+        for id in ids {
+            limits
+                .entry(id.to_string())
+                .or_insert_with(|| limit::Aimd::new(max))
+                .hold();
+        }
+    }
+
+    /// The task is done: its slots are free, and the dispatcher may lease for them.
+    fn release(&self, ids: &[Arc<str>]) {
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if let Some(a) = limits.get_mut(&**id) {
+                a.release();
+            }
+        }
+        drop(limits);
+        self.call_ended.notify_one();
     }
 
     fn end_call(&self, id: &str, throttled: bool, success: bool) {
         let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = limits.get_mut(id) {
             let before = a.limit();
-            a.end(throttled, success);
+            a.answered(throttled, success);
             if a.limit() != before {
                 tracing::info!(
                     integration = id,
@@ -142,8 +158,6 @@ impl DeliveryState {
                 );
             }
         }
-        drop(limits);
-        self.call_ended.notify_one();
     }
 
     /// Pauses an integration on an operator's request; events stay queued.
@@ -236,7 +250,9 @@ impl Delivery {
             .unwrap_or_else(|e| e.into_inner())
             .extend(self.integrations.snapshot().iter().map(|i| i.id.to_string()));
         // Leases in flight across all integrations; each integration is further held to its own
-        // AIMD limit by being skipped in leases while saturated.
+        // AIMD limit by being skipped in leases while saturated. A lease's task holds a slot of
+        // each integration in it from the lease until it is done, and makes its calls one at a
+        // time, so an integration never has more calls in flight than its limit.
         let slots = Arc::new(Semaphore::new(self.settings.max_in_flight * 8));
         let mut tasks = JoinSet::new();
         let prober = {
@@ -286,9 +302,14 @@ impl Delivery {
                 // A partial batch took every due record: the next one waits out the linger
                 // (outer loop) rather than leasing the few that arrive meanwhile.
                 let partial = leased.len() < self.settings.batch_max_records;
+                let mut held: Vec<Arc<str>> = leased.iter().map(|r| r.record.integration.clone()).collect();
+                held.sort_unstable();
+                held.dedup();
+                self.state.hold(&held, self.settings.max_in_flight);
                 let d = self.clone();
                 tasks.spawn(async move {
                     d.deliver(leased).await;
+                    d.state.release(&held);
                     drop(permit);
                 });
                 if partial {
@@ -407,8 +428,6 @@ impl Delivery {
             ],
         );
         self.state.counters.calls.fetch_add(1, Ordering::Relaxed);
-        self.state
-            .begin_call(integration.id.as_str(), self.settings.max_in_flight);
         let started = tokio::time::Instant::now();
         let result = self.client.post(url, &integration.api_token, body).await;
         let latency = started.elapsed();

@@ -317,3 +317,47 @@ async fn a_saturated_integration_gets_its_next_call_as_soon_as_one_ends() {
     assert_eq!(calls.len(), 2, "one call per record: {calls:?}");
     assert!(calls[1] - calls[0] < 200, "the second call came at {calls:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_integration_never_has_more_calls_in_flight_than_its_limit() {
+    let lytics = Arc::new(Scripted {
+        answers: Mutex::default(),
+        last: 200,
+        calls: Mutex::default(),
+        latency: Duration::from_millis(50),
+    });
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    let events = (0..3)
+        .map(|i| EventRecords {
+            dedup_key: Some(Arc::from(format!("e{i}"))),
+            records: vec![record()],
+        })
+        .collect();
+    queue.enqueue(events).await.unwrap();
+    // One record per lease and one call at a time: three leases are possible at once, but the
+    // first holds the integration's only slot until its call is answered.
+    let one_at_a_time = DeliverySettings {
+        batch_max_records: 1,
+        max_in_flight: 1,
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), one_at_a_time)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let calls = lytics.calls();
+    assert_eq!(calls.len(), 3, "one call per record: {calls:?}");
+    for pair in calls.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            (50..200).contains(&gap),
+            "each call starts when the previous (50 ms) ends: {calls:?}"
+        );
+    }
+}
