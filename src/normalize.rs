@@ -106,7 +106,7 @@ pub fn json_to_event(json: &Value) -> pb::Event {
         original_timestamp: s("originalTimestamp"),
         message_id: s("messageId"),
         channel: s("channel"),
-        version: json.get("version").map(json_to_value),
+        version: json.get("version").cloned().map(JsonValue),
     }
 }
 
@@ -121,11 +121,6 @@ pub fn json_to_struct(v: &Value) -> Option<JsonStruct> {
         Value::Object(m) => Some(JsonStruct(m.clone())),
         _ => None,
     }
-}
-
-/// Converts JSON to a protobuf `Value`.
-pub fn json_to_value(v: &Value) -> JsonValue {
-    JsonValue(v.clone())
 }
 
 /// Validates a Signal event document, filling in `messageId` (a new UUID) and `timestamp` (the

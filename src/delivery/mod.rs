@@ -84,7 +84,7 @@ pub struct DeliveryState {
     limits: Mutex<HashMap<String, limit::Aimd>>,
     /// Signalled when a delivery task frees its slots, so a dispatcher waiting on saturated
     /// integrations leases again at once.
-    call_ended: tokio::sync::Notify,
+    slot_freed: tokio::sync::Notify,
     /// The counters.
     pub counters: DeliveryCounters,
 }
@@ -142,7 +142,7 @@ impl DeliveryState {
             }
         }
         drop(limits);
-        self.call_ended.notify_one();
+        self.slot_freed.notify_one();
     }
 
     fn end_call(&self, id: &str, throttled: bool, success: bool) {
@@ -273,7 +273,7 @@ impl Delivery {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = self.queue.wait_for_work(wait) => {}
-                    _ = self.state.call_ended.notified() => {}
+                    _ = self.state.slot_freed.notified() => {}
                 }
             }
             if !self.settings.linger.is_zero() && self.queue.depth() < self.settings.batch_max_records {

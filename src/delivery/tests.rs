@@ -31,6 +31,15 @@ impl Scripted {
             latency: Duration::ZERO,
         })
     }
+    /// Takes every call, each after `latency`.
+    fn accepting_after(latency: Duration) -> Arc<Self> {
+        Arc::new(Scripted {
+            answers: Mutex::default(),
+            last: 200,
+            calls: Mutex::default(),
+            latency,
+        })
+    }
     fn calls(&self) -> Vec<i64> {
         self.calls.lock().unwrap().clone()
     }
@@ -271,48 +280,48 @@ async fn a_success_brings_the_integrations_backed_off_retries_forward() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_saturated_integration_gets_its_next_call_as_soon_as_one_ends() {
-    let lytics = Arc::new(Scripted {
-        answers: Mutex::default(),
-        last: 200,
-        calls: Mutex::default(),
-        latency: Duration::from_millis(50),
-    });
-    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
-    let enqueue = |key: &str| {
-        let queue = queue.clone();
-        let key = Arc::from(key);
-        async move {
-            queue
-                .enqueue(vec![EventRecords {
-                    dedup_key: Some(key),
-                    records: vec![record()],
-                }])
-                .await
-                .unwrap();
-        }
-    };
-    enqueue("first").await;
-    let one_at_a_time = DeliverySettings {
-        max_in_flight: 1,
-        ..settings()
-    };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), one_at_a_time)
+/// Delivers from `queue` until it is empty, then stops delivery.
+async fn deliver_all(queue: Arc<MemoryQueue>, settings: DeliverySettings, sender: Arc<Scripted>) {
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings)
         .unwrap()
-        .with_sender(lytics.clone());
+        .with_sender(sender);
     let stop = CancellationToken::new();
     let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
-    // The second record arrives while the only allowed call is in flight: the dispatcher finds
-    // the integration saturated and must lease again when that call ends (50 ms), not after
-    // its idle wait (500 ms).
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    enqueue("second").await;
     while queue.depth() > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.cancel();
     task.await.unwrap();
+}
+
+fn event(key: &str) -> EventRecords {
+    EventRecords {
+        dedup_key: Some(Arc::from(key)),
+        records: vec![record()],
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saturated_integration_gets_its_next_call_as_soon_as_one_ends() {
+    let lytics = Scripted::accepting_after(Duration::from_millis(50));
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue.enqueue(vec![event("first")]).await.unwrap();
+    // The second record arrives while the only allowed call is in flight: the dispatcher finds
+    // the integration saturated and must lease again when that call ends (50 ms), not after
+    // its idle wait (500 ms).
+    let late = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            queue.enqueue(vec![event("second")]).await.unwrap();
+        })
+    };
+    let one_at_a_time = DeliverySettings {
+        max_in_flight: 1,
+        ..settings()
+    };
+    deliver_all(queue.clone(), one_at_a_time, lytics.clone()).await;
+    late.await.unwrap();
     let calls = lytics.calls();
     assert_eq!(calls.len(), 2, "one call per record: {calls:?}");
     assert!(calls[1] - calls[0] < 200, "the second call came at {calls:?}");
@@ -320,20 +329,12 @@ async fn a_saturated_integration_gets_its_next_call_as_soon_as_one_ends() {
 
 #[tokio::test(start_paused = true)]
 async fn an_integration_never_has_more_calls_in_flight_than_its_limit() {
-    let lytics = Arc::new(Scripted {
-        answers: Mutex::default(),
-        last: 200,
-        calls: Mutex::default(),
-        latency: Duration::from_millis(50),
-    });
+    let lytics = Scripted::accepting_after(Duration::from_millis(50));
     let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
-    let events = (0..3)
-        .map(|i| EventRecords {
-            dedup_key: Some(Arc::from(format!("e{i}"))),
-            records: vec![record()],
-        })
-        .collect();
-    queue.enqueue(events).await.unwrap();
+    queue
+        .enqueue(vec![event("e0"), event("e1"), event("e2")])
+        .await
+        .unwrap();
     // One record per lease and one call at a time: three leases are possible at once, but the
     // first holds the integration's only slot until its call is answered.
     let one_at_a_time = DeliverySettings {
@@ -341,16 +342,7 @@ async fn an_integration_never_has_more_calls_in_flight_than_its_limit() {
         max_in_flight: 1,
         ..settings()
     };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), one_at_a_time)
-        .unwrap()
-        .with_sender(lytics.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
-    while queue.depth() > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    stop.cancel();
-    task.await.unwrap();
+    deliver_all(queue.clone(), one_at_a_time, lytics.clone()).await;
     let calls = lytics.calls();
     assert_eq!(calls.len(), 3, "one call per record: {calls:?}");
     for pair in calls.windows(2) {

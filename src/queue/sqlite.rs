@@ -396,8 +396,7 @@ impl Writer {
 
     /// Runs a group of operations in one transaction and answers them after the commit.
     fn group(&mut self, ops: Vec<Op>) {
-        let depth_before = self.depth.load(Ordering::Relaxed);
-        let mut depth = depth_before;
+        let mut depth = self.depth.load(Ordering::Relaxed);
         let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
         let mut woke = false;
         let now = now_ms();
