@@ -145,24 +145,31 @@ pub fn signal_event(
         ));
     };
     let mut violations = Vec::new();
-    let text_of = |m: &Map<String, Value>, k: &str, violations: &mut Vec<FieldViolation>| -> Option<String> {
+    // Text fields are only borrowed while checking; the two the relay keeps (type, id) are
+    // copied once at the end.
+    fn text_of<'m>(
+        m: &'m Map<String, Value>,
+        k: &str,
+        at: &dyn Fn(&str) -> String,
+        violations: &mut Vec<FieldViolation>,
+    ) -> Option<&'m str> {
         match m.get(k) {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => Some(s),
             Some(_) => {
                 violations.push(FieldViolation::new(at(k), "must be a string"));
                 None
             }
         }
-    };
-    let event_type = text_of(m, "type", &mut violations);
-    match &event_type {
+    }
+    let event_type = text_of(m, "type", &at, &mut violations);
+    match event_type {
         None if !violations.iter().any(|v| v.field == at("type")) => violations.push(FieldViolation::new(
             at("type"),
             format!("is required; one of {}", SIGNAL_TYPES.join(", ")),
         )),
-        Some(t) if !SIGNAL_TYPES.contains(&t.as_str()) => violations.push(FieldViolation::new(
+        Some(t) if !SIGNAL_TYPES.contains(&t) => violations.push(FieldViolation::new(
             at("type"),
             format!(
                 "unknown event type `{t}`; expected one of {}",
@@ -171,16 +178,16 @@ pub fn signal_event(
         )),
         _ => {}
     }
-    let user_id = text_of(m, "userId", &mut violations);
-    let anonymous_id = text_of(m, "anonymousId", &mut violations);
+    let user_id = text_of(m, "userId", &at, &mut violations);
+    let anonymous_id = text_of(m, "anonymousId", &at, &mut violations);
     if user_id.is_none() && anonymous_id.is_none() {
         violations.push(FieldViolation::new(
             at("userId"),
             "an event needs a userId or an anonymousId, or Lytics cannot tie it to a user",
         ));
     }
-    if event_type.as_deref() == Some("track")
-        && text_of(m, "event", &mut violations).is_none()
+    if event_type == Some("track")
+        && text_of(m, "event", &at, &mut violations).is_none()
         && !violations.iter().any(|v| v.field == at("event"))
     {
         violations.push(FieldViolation::new(
@@ -198,7 +205,7 @@ pub fn signal_event(
         "originalTimestamp",
         "channel",
     ] {
-        let _ = text_of(m, k, &mut violations);
+        let _ = text_of(m, k, &at, &mut violations);
     }
     for k in ["properties", "traits", "context", "integrations"] {
         match m.get(k) {
@@ -206,8 +213,8 @@ pub fn signal_event(
             Some(_) => violations.push(FieldViolation::new(at(k), "must be an object")),
         }
     }
-    let timestamp = text_of(m, "timestamp", &mut violations);
-    if let Some(ts) = &timestamp
+    let timestamp = text_of(m, "timestamp", &at, &mut violations);
+    if let Some(ts) = timestamp
         && timefmt::parse_iso_ms(ts).is_none()
     {
         violations.push(FieldViolation::new(
@@ -215,8 +222,8 @@ pub fn signal_event(
             format!("`{ts}` is not an ISO-8601 time such as 2026-02-25T14:30:00.000Z"),
         ));
     }
-    let message_id = text_of(m, "messageId", &mut violations);
-    if message_id.as_ref().is_some_and(|id| id.len() > 256) {
+    let message_id = text_of(m, "messageId", &at, &mut violations);
+    if message_id.is_some_and(|id| id.len() > 256) {
         violations.push(FieldViolation::new(
             at("messageId"),
             "must be at most 256 characters",
@@ -225,16 +232,19 @@ pub fn signal_event(
     if !violations.is_empty() {
         return Err(ApiError::violations("event", violations));
     }
+    let event_type: Arc<str> = Arc::from(event_type.unwrap_or_default());
     let id_given = message_id.is_some();
-    let id = match message_id {
-        Some(id) => id,
+    let has_timestamp = timestamp.is_some();
+    let id: Arc<str> = match message_id {
+        Some(id) => Arc::from(id),
         None => {
             let id = uuid::Uuid::new_v4().to_string();
-            m.insert("messageId".into(), Value::String(id.clone()));
-            id
+            let arc = Arc::from(id.as_str());
+            m.insert("messageId".into(), Value::String(id));
+            arc
         }
     };
-    if timestamp.is_none() {
+    if !has_timestamp {
         let now = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
         m.insert("timestamp".into(), Value::String(now));
     }
@@ -248,9 +258,9 @@ pub fn signal_event(
     }
     Ok(InboundEvent {
         source: Source::Signal,
-        id: Arc::from(id),
+        id,
         id_given,
-        event_type: Arc::from(event_type.unwrap_or_default()),
+        event_type,
         doc,
         input,
     })

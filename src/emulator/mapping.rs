@@ -384,9 +384,8 @@ fn push_identity(ids: &mut Vec<(String, String)>, field: &str, text: &str) {
     }
 }
 
-/// The update of a record from a stream without a query: every field copied, `latest` wins,
-/// stitched by [`DEFAULT_IDENTITY_FIELDS`].
-pub fn default_update(record: &Map<String, Value>, event_ms: i64) -> ProfileUpdate {
+/// The identities of a record from a stream without a query: its [`DEFAULT_IDENTITY_FIELDS`].
+pub fn default_ids(record: &Map<String, Value>) -> Vec<(String, String)> {
     let mut ids = Vec::new();
     for field in DEFAULT_IDENTITY_FIELDS {
         if let Some(value) = record.get(field) {
@@ -395,6 +394,15 @@ pub fn default_update(record: &Map<String, Value>, event_ms: i64) -> ProfileUpda
             }
         }
     }
+    ids
+}
+
+/// The update of a record from a stream without a query: every field copied, `latest` wins,
+/// stitched by [`DEFAULT_IDENTITY_FIELDS`]. (Ingest applies the record in place with
+/// `ProfileStore::apply_record`, which has the same effect.)
+#[cfg(test)]
+pub fn default_update(record: &Map<String, Value>, event_ms: i64) -> ProfileUpdate {
+    let ids = default_ids(record);
     if ids.is_empty() {
         // Without an identity the record reaches no profile, so the copies would be wasted.
         return ProfileUpdate::default();

@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use profiles::ProfileUpdate;
+
 use axum::body::Body;
 use chrono::{DateTime, SecondsFormat, Utc};
 use hyper::body::Incoming;
@@ -198,6 +200,14 @@ struct ConnectionDropped;
 /// state consistent, so a poisoned lock holds nothing half-written.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How one stored record updates profiles.
+enum Update {
+    /// The update the stream's queries computed.
+    Computed(ProfileUpdate),
+    /// Every field of the record, by these identities (a stream without queries).
+    CopyAll(Vec<(String, String)>),
 }
 
 impl Emulator {
@@ -439,11 +449,13 @@ impl Emulator {
             return;
         }
         let queries = lock(&self.inner.queries).by_stream.get(stream).cloned();
+        // Streams with queries get their computed updates; the others copy each record's
+        // fields, read in place under the lock (only the identities are computed here).
         let updates: Vec<_> = accepted
             .iter()
             .map(|a| match &queries {
-                Some(queries) => mapping::query_update(queries, &a.record, a.event_time_ms),
-                None => mapping::default_update(&a.record, a.event_time_ms),
+                Some(queries) => Update::Computed(mapping::query_update(queries, &a.record, a.event_time_ms)),
+                None => Update::CopyAll(mapping::default_ids(&a.record)),
             })
             .collect();
         let count = accepted.len() as u64;
@@ -455,7 +467,11 @@ impl Emulator {
             Some(events) => events,
             None => streams.entry(stream.to_string()).or_default(),
         };
-        for a in accepted {
+        for (a, update) in accepted.into_iter().zip(updates) {
+            match update {
+                Update::Computed(update) => profiles.apply(update),
+                Update::CopyAll(ids) => profiles.apply_record(ids, &a.record, a.event_time_ms),
+            }
             if events.len() >= self.inner.max_events {
                 events.pop_front();
             }
@@ -464,9 +480,6 @@ impl Emulator {
                 event_time_ms: a.event_time_ms,
                 record: a.record,
             });
-        }
-        for update in updates {
-            profiles.apply(update);
         }
         drop(data);
         stats.records.fetch_add(count, Ordering::Relaxed);

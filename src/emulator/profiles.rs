@@ -295,11 +295,51 @@ impl ProfileStore {
     /// Applies one record's update, stitching and merging profiles as its identities demand.
     /// Costs O(update size), plus the size of the smaller profile when two merge.
     pub fn apply(&mut self, update: ProfileUpdate) {
-        if update.ids.is_empty() {
+        let Some(profile) = self.stitch(update.ids) else {
             return;
+        };
+        for (name, value) in update.fields {
+            match profile.fields.entry(name) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    slot.get_mut().merge(value);
+                }
+            }
+        }
+    }
+
+    /// Applies a record of a stream without queries, identified by `ids`: every non-null field,
+    /// `latest` wins. The same as applying `mapping::default_update`, but the record is read
+    /// in place, so a field name is copied only when the profile does not hold it yet.
+    pub fn apply_record(&mut self, ids: Vec<(String, String)>, record: &Map<String, Value>, at_ms: i64) {
+        let Some(profile) = self.stitch(ids) else {
+            return;
+        };
+        for (name, value) in record.iter().filter(|(_, v)| !v.is_null()) {
+            let incoming = FieldValue {
+                val: Val::Json(value.clone()),
+                op: MergeOp::Latest,
+                at_ms,
+            };
+            match profile.fields.get_mut(name.as_str()) {
+                Some(held) => held.merge(incoming),
+                None => {
+                    profile.fields.insert(name.clone(), incoming);
+                }
+            }
+        }
+    }
+
+    /// The profile `ids` belong to, created or merged as they demand, with every identity
+    /// indexed; `None` without identities.
+    fn stitch(&mut self, ids: Vec<(String, String)>) -> Option<&mut Profile> {
+        if ids.is_empty() {
+            return None;
         }
         let mut found: Vec<u64> = Vec::new();
-        for (field, value) in &update.ids {
+        for (field, value) in &ids {
             if let Some(id) = self.index.get(field).and_then(|m| m.get(value))
                 && !found.contains(id)
             {
@@ -315,26 +355,15 @@ impl ProfileStore {
             [one] => *one,
             many => self.merge_profiles(many),
         };
-        let Some(profile) = self.profiles.get_mut(&target) else {
-            return;
-        };
-        for (field, value) in update.ids {
+        let profile = self.profiles.get_mut(&target)?;
+        for (field, value) in ids {
             let by_value = self.index.entry(field.clone()).or_default();
             if let Entry::Vacant(slot) = by_value.entry(value.clone()) {
                 slot.insert(target);
                 profile.ids.push((field, value));
             }
         }
-        for (name, value) in update.fields {
-            match profile.fields.entry(name) {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(value);
-                }
-                std::collections::btree_map::Entry::Occupied(mut slot) => {
-                    slot.get_mut().merge(value);
-                }
-            }
-        }
+        Some(profile)
     }
 
     /// Merges the given profiles into the one with the most identities and returns its id.

@@ -8,8 +8,9 @@
 //! `Value`, `ListValue`), so clients, grpcurl and reflection see the well-known types.
 //!
 //! Numbers: protobuf carries every number as a double; whole numbers below 2^53 come back as
-//! JSON integers, and NaN or infinities (which JSON cannot hold) as `null`. Map keys keep their
-//! wire order, a repeated key keeps its last value (as proto3 maps do).
+//! JSON integers, and NaN or infinities (which JSON cannot hold) as `null`. Objects hold their
+//! keys sorted (as `prost_types::Struct`'s `BTreeMap` does), and a repeated key keeps its last
+//! value (as proto3 maps do).
 
 use bytes::{Buf, BufMut};
 use prost::encoding::{self, DecodeContext, WireType};
