@@ -123,6 +123,31 @@ fn encode_struct(map: &Map<String, Value>, buf: &mut impl BufMut) {
     }
 }
 
+/// Merges a length-delimited message field. When its bytes lie in the buffer's current chunk
+/// (tonic's decode buffer holds a whole message in one), they are decoded as a plain slice,
+/// which spares every nested read the layers of the buffer type; otherwise from `buf`.
+fn merge_contiguous(
+    wire_type: WireType,
+    msg: &mut impl Message,
+    buf: &mut impl Buf,
+    ctx: DecodeContext,
+) -> Result<(), DecodeError> {
+    let chunk = buf.chunk();
+    let mut body = chunk;
+    let whole = match encoding::decode_varint(&mut body) {
+        Ok(len) => usize::try_from(len).ok().filter(|&len| len <= body.len()),
+        Err(_) => None,
+    };
+    let Some(len) = whole else {
+        return encoding::message::merge(wire_type, msg, buf, ctx);
+    };
+    let used = chunk.len() - body.len() + len;
+    let mut field = &chunk[..used];
+    encoding::message::merge(wire_type, msg, &mut field, ctx)?;
+    buf.advance(used);
+    Ok(())
+}
+
 impl Message for JsonStruct {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         encode_struct(&self.0, buf);
@@ -139,7 +164,7 @@ impl Message for JsonStruct {
             return encoding::skip_field(wire_type, tag, buf, ctx);
         }
         let mut entry = Entry::default();
-        encoding::message::merge(wire_type, &mut entry, buf, ctx)?;
+        merge_contiguous(wire_type, &mut entry, buf, ctx)?;
         self.0.insert(entry.key, entry.value.0);
         Ok(())
     }
