@@ -167,7 +167,16 @@ impl Ingest {
                 let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped);
                 for record in mapping.records {
-                    let body = Bytes::from(crate::jsonwrite::object_to_vec(&record.fields));
+                    let body = match serde_json::to_vec(&record.fields) {
+                        Ok(b) => Bytes::from(b),
+                        Err(e) => {
+                            answer.dropped.push(DroppedRecord {
+                                rule: record.rule.clone(),
+                                reason: format!("cannot serialise the record: {e}"),
+                            });
+                            continue;
+                        }
+                    };
                     if body.len() > MAX_BATCH_RECORD_BYTES {
                         answer.dropped.push(DroppedRecord {
                             rule: record.rule.clone(),

@@ -21,8 +21,7 @@
 //! Beside the pipeline: [`app`] wires it all and shuts it down in order, [`config`] and [`cli`]
 //! read and validate settings, [`telemetry`] holds span names and exporters, [`integration`] the
 //! validated integration types, [`error`] the one error type of every API, [`timefmt`] time
-//! parsing, [`jsonwrite`] compact JSON writing for the hot path, [`proto`] the generated gRPC
-//! code.
+//! parsing, [`proto`] the generated gRPC code.
 
 pub mod admin;
 pub mod app;
@@ -34,7 +33,6 @@ pub mod error;
 pub mod ingest;
 pub mod ingress;
 pub mod integration;
-pub mod jsonwrite;
 pub mod live;
 pub mod lytics;
 pub mod metrics;

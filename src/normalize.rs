@@ -248,7 +248,7 @@ pub fn signal_event(
         let now = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
         m.insert("timestamp".into(), Value::String(now));
     }
-    let input = Bytes::from(crate::jsonwrite::to_vec(&doc));
+    let input = Bytes::from(serde_json::to_vec(&doc).map_err(|e| ApiError::internal(e.to_string()))?);
     if input.len() > max_bytes {
         return Err(too_large(
             if field.is_empty() { "body" } else { field },
@@ -342,7 +342,7 @@ pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<Inb
     if !violations.is_empty() {
         return Err(ApiError::violations("Customer.io webhook", violations));
     }
-    let input = Bytes::from(crate::jsonwrite::to_vec(&doc));
+    let input = Bytes::from(serde_json::to_vec(&doc).map_err(|e| ApiError::internal(e.to_string()))?);
     if input.len() > max_bytes {
         return Err(too_large(
             if field.is_empty() { "body" } else { field },
