@@ -290,7 +290,17 @@ impl IntegrationAdmin {
                 "setup_error".into(),
                 Some(format!("Lytics answered {}: {}", p.status, p.hint)),
             ),
-            None => ("active".into(), None),
+            None => match self.delivery.outages().get(id) {
+                Some(o) => (
+                    "lytics_failing".into(),
+                    Some(format!(
+                        "{} calls in a row failed with a retryable error (Lytics down?); delivery probes one call at a time, the next not before {}; events stay queued",
+                        o.failed_calls,
+                        crate::timefmt::ms_to_rfc3339(o.hold_until_ms).unwrap_or_default()
+                    )),
+                ),
+                None => ("active".into(), None),
+            },
         }
     }
 

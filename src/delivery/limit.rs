@@ -30,6 +30,11 @@ impl Aimd {
         self.limit.floor() as usize
     }
 
+    /// Delivery tasks holding a slot now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// True when no further call may start.
     pub fn saturated(&self) -> bool {
         self.in_flight >= self.limit()

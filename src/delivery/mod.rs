@@ -58,6 +58,28 @@ pub struct Pause {
     pub manual: bool,
 }
 
+/// Retryable failures in a row (5xx, 408, timeouts, connection errors) after which an
+/// integration is taken to be down.
+const OUTAGE_AFTER_FAILED_CALLS: u32 = 3;
+/// The longest an integration in an outage waits between calls.
+const OUTAGE_MAX_HOLD: Duration = Duration::from_secs(30);
+
+/// An integration whose calls keep failing with retryable errors.
+///
+/// From the third failed call in a row, delivery holds the integration: no lease takes its
+/// records until `hold_until_ms`, and then a single call at a time probes Lytics, the hold
+/// doubling (from the backoff base, at most [`OUTAGE_MAX_HOLD`] and the backoff maximum) with
+/// each further failure. Without it, a down Lytics would see every queued record leased, sent,
+/// failed and rescheduled over and over, spending the relay's CPU and the records' attempts on
+/// calls that cannot succeed. Any answer that is not a retryable failure ends the outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Outage {
+    /// Failed calls in a row.
+    pub failed_calls: u32,
+    /// No new call before this time (unix ms).
+    pub hold_until_ms: i64,
+}
+
 /// Counters of the delivery stage.
 #[derive(Debug, Default)]
 pub struct DeliveryCounters {
@@ -82,6 +104,8 @@ pub struct DeliveryState {
     /// Integrations with records waiting out a backoff.
     backing_off: Mutex<HashSet<String>>,
     limits: Mutex<HashMap<String, limit::Aimd>>,
+    /// Integrations whose last calls all failed with retryable errors (Lytics down).
+    outages: Mutex<HashMap<String, Outage>>,
     /// Signalled when a delivery task frees its slots, so a dispatcher waiting on saturated
     /// integrations leases again at once.
     slot_freed: tokio::sync::Notify,
@@ -118,7 +142,61 @@ impl DeliveryState {
                 .filter(|(_, a)| a.saturated())
                 .map(|(k, _)| k.clone()),
         );
+        // In an outage: nothing until the hold ends, then one call at a time.
+        let now = now_ms();
+        let outages = self.outages.lock().unwrap_or_else(|e| e.into_inner());
+        skip.extend(
+            outages
+                .iter()
+                .filter(|(id, o)| {
+                    o.hold_until_ms > now || limits.get(id.as_str()).is_some_and(|a| a.in_flight() > 0)
+                })
+                .map(|(id, _)| id.clone()),
+        );
         skip
+    }
+
+    /// Integrations in an outage (their calls keep failing with retryable errors).
+    pub fn outages(&self) -> HashMap<String, Outage> {
+        self.outages.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A call failed with a retryable error; returns the outage when the integration is in one.
+    fn call_failed(&self, id: &str, backoff: &Backoff) -> Option<Outage> {
+        let mut outages = self.outages.lock().unwrap_or_else(|e| e.into_inner());
+        let o = outages.entry(id.to_string()).or_insert(Outage {
+            failed_calls: 0,
+            hold_until_ms: 0,
+        });
+        o.failed_calls += 1;
+        if o.failed_calls < OUTAGE_AFTER_FAILED_CALLS {
+            return None;
+        }
+        let hold = backoff
+            .ceiling(o.failed_calls - OUTAGE_AFTER_FAILED_CALLS)
+            .min(OUTAGE_MAX_HOLD);
+        o.hold_until_ms = now_ms() + i64::try_from(hold.as_millis()).unwrap_or(i64::MAX / 2);
+        Some(*o)
+    }
+
+    /// Lytics answered a call with anything but a retryable failure: no outage. Returns whether
+    /// there was one.
+    fn call_answered(&self, id: &str) -> bool {
+        let mut outages = self.outages.lock().unwrap_or_else(|e| e.into_inner());
+        outages
+            .remove(id)
+            .is_some_and(|o| o.failed_calls >= OUTAGE_AFTER_FAILED_CALLS)
+    }
+
+    /// When the next outage hold ends, if one is running.
+    fn next_hold_end(&self) -> Option<i64> {
+        let now = now_ms();
+        let outages = self.outages.lock().unwrap_or_else(|e| e.into_inner());
+        outages
+            .values()
+            .map(|o| o.hold_until_ms)
+            .filter(|&t| t > now)
+            .min()
     }
 
     /// A delivery task takes a slot of each integration it will call, before it starts, so
@@ -263,11 +341,14 @@ impl Delivery {
         'outer: loop {
             // Sleep until new work arrives or the next retry falls due.
             let skip = self.state.skipped();
-            let wait = match self.queue.next_due(&skip).await {
-                Ok(Some(due)) => {
-                    Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)).min(IDLE_WAIT)
-                }
-                _ => IDLE_WAIT,
+            let due: Option<i64> = self.queue.next_due(&skip).await.unwrap_or_default();
+            let wake = match (due, self.state.next_hold_end()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait = match wake {
+                Some(at) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(IDLE_WAIT),
+                None => IDLE_WAIT,
             };
             if !wait.is_zero() {
                 tokio::select! {
@@ -492,6 +573,7 @@ impl Delivery {
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
         let status = call.status;
+        self.track_outage(integration, &outcome);
         match outcome {
             Outcome::Delivered {
                 rejected_count,
@@ -563,6 +645,30 @@ impl Delivery {
                 );
                 self.dead_letter(batch, reason).await;
                 None
+            }
+        }
+    }
+
+    /// Counts retryable failures in a row (a 429 is Lytics answering, not failing) and logs
+    /// when an outage hold begins, grows or ends.
+    fn track_outage(&self, integration: &Integration, outcome: &Outcome) {
+        let id = integration.id.as_str();
+        match outcome {
+            Outcome::Retry { reason, status } if *status != Some(429) => {
+                if let Some(o) = self.state.call_failed(id, &self.backoff) {
+                    tracing::warn!(
+                        integration = id,
+                        failed_calls = o.failed_calls,
+                        hold_ms = o.hold_until_ms - now_ms(),
+                        %reason,
+                        "Lytics keeps failing: holding delivery, then probing with one call at a time; events stay queued"
+                    );
+                }
+            }
+            _ => {
+                if self.state.call_answered(id) {
+                    tracing::info!(integration = id, "Lytics answers again: the outage hold is over");
+                }
             }
         }
     }

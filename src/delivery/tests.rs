@@ -353,3 +353,69 @@ async fn an_integration_never_has_more_calls_in_flight_than_its_limit() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lytics_outage_holds_delivery_and_probes_with_one_call_at_a_time() {
+    // Four calls go out at once and fail; from the third failure in a row the integration is
+    // held (base 1 s, doubling), then probed by one call at a time, until Lytics answers.
+    let lytics = Arc::new(Scripted {
+        answers: Mutex::new([503; 6].into_iter().collect()),
+        last: 200,
+        calls: Mutex::default(),
+        latency: Duration::from_millis(50),
+    });
+    let queue = Arc::new(MemoryQueue::new(100, Duration::from_secs(60)));
+    let events: Vec<_> = (0..20).map(|i| event(&format!("e{i}"))).collect();
+    queue.enqueue(events).await.unwrap();
+    let s = DeliverySettings {
+        batch_max_records: 2,
+        max_in_flight: 4,
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let state = delivery.state();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let outage = state.outages().get("lytics").copied();
+    assert_eq!(
+        outage.map(|o| o.failed_calls),
+        Some(4),
+        "four failed calls in a row, then held: {:?}",
+        lytics.calls()
+    );
+    assert_eq!(lytics.calls().len(), 4, "nothing is sent during the hold");
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+
+    let calls = lytics.calls();
+    assert!(calls[..4].iter().all(|&t| t == calls[0]), "{calls:?}");
+    // Probes: after the 4th, 5th and 6th failure the hold is 2, 4 and 8 s from the answer.
+    for (i, hold) in [(3, 2000), (4, 4000), (5, 8000)] {
+        let gap = calls[i + 1] - calls[i];
+        assert!(
+            (hold..hold + 600).contains(&gap),
+            "call {} came {gap} ms after call {i}, expected the {hold} ms hold: {calls:?}",
+            i + 1
+        );
+    }
+    assert!(state.outages().is_empty(), "the success ended the outage");
+    let dead = queue
+        .dead_letters(DeadLetterFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "no record ran out of attempts: {dead:?}");
+    assert!(
+        calls.len() <= 6 + 10 + 2,
+        "six failures, then about one call per two-record batch: {} calls",
+        calls.len()
+    );
+}

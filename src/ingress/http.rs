@@ -261,6 +261,7 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         "queue": {"backend": s.queue.backend(), "connected": s.queue.connected()},
         "paused_integrations": paused,
         "calls_in_flight_limit": s.delivery.limits(),
+        "lytics_outages": s.delivery.outages(),
     });
     (code, Json(body))
 }
