@@ -109,7 +109,7 @@ fn hand_written(doc: &Value) -> Map<String, Value> {
             put(&mut out, "_ts", ts(doc));
             if let Some(Value::Object(p)) = doc.get("properties") {
                 for (k, v) in p {
-                    flatten_into(k, v.clone(), &mut out, false);
+                    flatten_into(k.clone(), v.clone(), &mut out, false);
                 }
             }
         }
@@ -130,7 +130,7 @@ fn hand_written(doc: &Value) -> Map<String, Value> {
             put(&mut out, "_ts", ts(doc));
             if let Some(Value::Object(p)) = doc.get("properties") {
                 for (k, v) in p {
-                    flatten_into(k, v.clone(), &mut out, false);
+                    flatten_into(k.clone(), v.clone(), &mut out, false);
                 }
             }
         }
@@ -146,7 +146,7 @@ fn hand_written(doc: &Value) -> Map<String, Value> {
             put(&mut out, "_ts", ts(doc));
             if let Some(Value::Object(p)) = doc.get("traits") {
                 for (k, v) in p {
-                    flatten_into(k, v.clone(), &mut out, false);
+                    flatten_into(k.clone(), v.clone(), &mut out, false);
                 }
             }
         }

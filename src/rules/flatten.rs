@@ -4,11 +4,12 @@
 //! `a.b`, arrays of objects become `name[i].field`, arrays of scalars stay arrays, `null` and
 //! empty objects are left out (REFERENCE §3). Pure.
 
+use serde_json::map::Entry;
 use serde_json::{Map, Value};
 
-/// Writes `value` into `out` under `prefix`, flattened. With `overwrite` false, keys already in
-/// `out` are kept.
-pub fn flatten_into(prefix: &str, value: Value, out: &mut Map<String, Value>, overwrite: bool) {
+/// Writes `value` into `out` under the key `prefix`, flattened. With `overwrite` false, keys
+/// already in `out` are kept. The key is taken by value: a scalar is stored under it as is.
+pub fn flatten_into(prefix: String, value: Value, out: &mut Map<String, Value>, overwrite: bool) {
     match value {
         Value::Null => {}
         Value::Object(obj) => {
@@ -18,20 +19,27 @@ pub fn flatten_into(prefix: &str, value: Value, out: &mut Map<String, Value>, ov
                 } else {
                     format!("{prefix}.{k}")
                 };
-                flatten_into(&key, v, out, overwrite);
+                flatten_into(key, v, out, overwrite);
             }
         }
         Value::Array(items) if items.iter().any(|v| v.is_object() || v.is_array()) => {
             for (i, v) in items.into_iter().enumerate() {
-                flatten_into(&format!("{prefix}[{i}]"), v, out, overwrite);
+                flatten_into(format!("{prefix}[{i}]"), v, out, overwrite);
             }
         }
         scalar_or_scalars => {
             if prefix.is_empty() {
                 return;
             }
-            if overwrite || !out.contains_key(prefix) {
-                out.insert(prefix.to_string(), scalar_or_scalars);
+            match out.entry(prefix) {
+                Entry::Vacant(slot) => {
+                    slot.insert(scalar_or_scalars);
+                }
+                Entry::Occupied(mut slot) => {
+                    if overwrite {
+                        slot.insert(scalar_or_scalars);
+                    }
+                }
             }
         }
     }
@@ -46,7 +54,7 @@ mod tests {
     fn flattens_like_lytics_expects() {
         let mut out = Map::new();
         flatten_into(
-            "",
+            String::new(),
             json!({
                 "a": {"b": 1, "c": null, "d": {}},
                 "tags": ["x", "y"],
@@ -66,7 +74,7 @@ mod tests {
     fn keeps_existing_keys_unless_told() {
         let mut out = Map::new();
         out.insert("a".into(), json!(1));
-        flatten_into("", json!({"a": 2, "b": 3}), &mut out, false);
+        flatten_into(String::new(), json!({"a": 2, "b": 3}), &mut out, false);
         assert_eq!(Value::Object(out), json!({"a": 1, "b": 3}));
     }
 }

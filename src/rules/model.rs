@@ -392,7 +392,7 @@ impl Rule {
                 continue;
             }
             match self.field_value(field, doc, ctx, &out, explain.as_deref_mut()) {
-                Ok(Some(value)) => flatten_into(&field.name, value, &mut out, true),
+                Ok(Some(value)) => flatten_into(field.name.to_string(), value, &mut out, true),
                 Ok(None) if field.required => {
                     return Some(Err(self.drop(format!(
                         "required field `{}` has no value ({})",
@@ -526,10 +526,15 @@ fn spread_into(prefix: &str, value: Value, out: &mut Map<String, Value>) {
     match value {
         Value::Object(members) => {
             for (k, v) in members {
-                flatten_into(&format!("{prefix}{k}"), v, out, false);
+                let key = if prefix.is_empty() {
+                    k
+                } else {
+                    format!("{prefix}{k}")
+                };
+                flatten_into(key, v, out, false);
             }
         }
-        other => flatten_into(prefix, other, out, false),
+        other => flatten_into(prefix.to_string(), other, out, false),
     }
 }
 
