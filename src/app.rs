@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -304,7 +305,14 @@ pub async fn run(
     let grpc_addr = listeners.grpc.local_addr()?;
     let grpc_task = {
         let stop = stop_servers.clone();
-        let incoming = TcpListenerStream::new(listeners.grpc);
+        // Replies are small HTTP/2 frames: without TCP_NODELAY, Nagle holds one back until the
+        // previous is acknowledged (tonic sets it only on listeners it binds itself).
+        let incoming = TcpListenerStream::new(listeners.grpc).map(|conn| {
+            if let Ok(c) = &conn {
+                let _ = c.set_nodelay(true);
+            }
+            conn
+        });
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
@@ -349,7 +357,10 @@ pub async fn run(
                 queue: queue.clone(),
                 bus: live.clone(),
             }));
-        let listener = listeners.http;
+        // As for gRPC: answers go out at once, not after the previous one is acknowledged.
+        let listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
