@@ -342,10 +342,7 @@ impl Delivery {
             // Sleep until new work arrives or the next retry falls due.
             let skip = self.state.skipped();
             let due: Option<i64> = self.queue.next_due(&skip).await.unwrap_or_default();
-            let wake = match (due, self.state.next_hold_end()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let wake = due.into_iter().chain(self.state.next_hold_end()).min();
             let wait = match wake {
                 Some(at) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)).min(IDLE_WAIT),
                 None => IDLE_WAIT,
