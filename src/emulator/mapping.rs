@@ -397,33 +397,6 @@ pub fn default_ids(record: &Map<String, Value>) -> Vec<(String, String)> {
     ids
 }
 
-/// The update of a record from a stream without a query: every field copied, `latest` wins,
-/// stitched by [`DEFAULT_IDENTITY_FIELDS`]. (Ingest applies the record in place with
-/// `ProfileStore::apply_record`, which has the same effect.)
-#[cfg(test)]
-pub fn default_update(record: &Map<String, Value>, event_ms: i64) -> ProfileUpdate {
-    let ids = default_ids(record);
-    if ids.is_empty() {
-        // Without an identity the record reaches no profile, so the copies would be wasted.
-        return ProfileUpdate::default();
-    }
-    let fields = record
-        .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                FieldValue {
-                    val: Val::Json(v.clone()),
-                    op: MergeOp::Latest,
-                    at_ms: event_ms,
-                },
-            )
-        })
-        .collect();
-    ProfileUpdate { ids, fields }
-}
-
 /// The update of a record from a stream with queries: only their fields, stitched by their
 /// `BY` fields. A `BY` field the queries do not select is read from the record as it is, and
 /// then also kept on the profile as a plain `latest` field.
@@ -697,15 +670,17 @@ mod tests {
     #[test]
     fn default_mapping_copies_fields_and_stitches_default_identities() {
         let mut store = ProfileStore::default();
-        store.apply(default_update(
-            &record(json!({"email": "Ann@X.io", "plan": "free", "anonymous_id": "an1"})),
-            20,
-        ));
-        store.apply(default_update(
-            &record(json!({"anonymous_id": "an1", "plan": "old", "page": "/home"})),
-            10,
-        ));
-        store.apply(default_update(&record(json!({"page": "/lost"})), 30));
+        for (r, at_ms) in [
+            (
+                json!({"email": "Ann@X.io", "plan": "free", "anonymous_id": "an1"}),
+                20,
+            ),
+            (json!({"anonymous_id": "an1", "plan": "old", "page": "/home"}), 10),
+            (json!({"page": "/lost"}), 30),
+        ] {
+            let r = record(r);
+            store.apply_record(default_ids(&r), &r, at_ms);
+        }
         assert_eq!(store.len(), 1);
         let profile = store.find("email", "ann@x.io").expect("found");
         assert_eq!(

@@ -291,6 +291,18 @@ pub struct ProfileStore {
     index: HashMap<String, HashMap<String, u64>>,
 }
 
+/// Merges `value` into the profile field `name`, or stores it when the profile has none.
+fn merge_field(fields: &mut BTreeMap<String, FieldValue>, name: String, value: FieldValue) {
+    match fields.entry(name) {
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(value);
+        }
+        std::collections::btree_map::Entry::Occupied(mut slot) => {
+            slot.get_mut().merge(value);
+        }
+    }
+}
+
 impl ProfileStore {
     /// Applies one record's update, stitching and merging profiles as its identities demand.
     /// Costs O(update size), plus the size of the smaller profile when two merge.
@@ -299,20 +311,13 @@ impl ProfileStore {
             return;
         };
         for (name, value) in update.fields {
-            match profile.fields.entry(name) {
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(value);
-                }
-                std::collections::btree_map::Entry::Occupied(mut slot) => {
-                    slot.get_mut().merge(value);
-                }
-            }
+            merge_field(&mut profile.fields, name, value);
         }
     }
 
     /// Applies a record of a stream without queries, identified by `ids`: every non-null field,
-    /// `latest` wins. The same as applying `mapping::default_update`, but the record is read
-    /// in place, so a field name is copied only when the profile does not hold it yet.
+    /// `latest` wins. The record is read in place, so a field name is copied only when the
+    /// profile does not hold it yet.
     pub fn apply_record(&mut self, ids: Vec<(String, String)>, record: &Map<String, Value>, at_ms: i64) {
         let Some(profile) = self.stitch(ids) else {
             return;
@@ -387,14 +392,7 @@ impl ProfileStore {
             };
             profile.ids.extend(absorbed.ids);
             for (name, value) in absorbed.fields {
-                match profile.fields.entry(name) {
-                    std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(value);
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut slot) => {
-                        slot.get_mut().merge(value);
-                    }
-                }
+                merge_field(&mut profile.fields, name, value);
             }
         }
         target
