@@ -123,6 +123,10 @@ pub struct EmulatorArgs {
     /// counters keep their effect). A load test that only counts records can keep this small.
     #[arg(long, default_value_t = crate::emulator::MAX_EVENTS_PER_STREAM, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_events_per_stream: usize,
+    /// Count collected records without storing them or building profiles: for load tests
+    /// that share the relay's machine. Collect requests are checked and answered as usual.
+    #[arg(long)]
+    pub sink: bool,
 }
 
 /// `rules` subcommands.

@@ -70,15 +70,17 @@ async fn emulator(args: lytics_relay::cli::EmulatorArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %args.addr, account = %args.account_id, streams = ?args.streams, "Lytics emulator serving");
-    let emulator = Emulator::with_max_events(
-        EmulatorConfig {
-            api_token: args.api_token,
-            account_id: args.account_id,
-            streams: args.streams,
-        },
-        args.max_events_per_stream,
-    );
+    tracing::info!(addr = %args.addr, account = %args.account_id, streams = ?args.streams, sink = args.sink, "Lytics emulator serving");
+    let config = EmulatorConfig {
+        api_token: args.api_token,
+        account_id: args.account_id,
+        streams: args.streams,
+    };
+    let emulator = if args.sink {
+        Emulator::sink(config)
+    } else {
+        Emulator::with_max_events(config, args.max_events_per_stream)
+    };
     match emulator.serve(listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

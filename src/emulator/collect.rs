@@ -6,6 +6,7 @@
 //! Lytics does. Record size is measured as compact JSON, so whitespace in the request does not
 //! count. This module is pure: it never stores anything and never looks at auth or streams.
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::time::parse_time_ms;
@@ -101,6 +102,53 @@ pub fn parse_body(
     Ok(parsed)
 }
 
+/// How many records of a body a sink accepts and refuses.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CountedBody {
+    /// Records within the limits.
+    pub accepted: usize,
+    /// Records refused for size or shape.
+    pub rejected: usize,
+}
+
+/// Reads a collect body as [`parse_body`] does, with the same verdicts, but only counts the
+/// records: the JSON is checked without building values (a record is measured from its raw
+/// text, and parsed only when that text is over the limit, where whitespace might be all
+/// that makes it so).
+pub fn count_body(body: &[u8]) -> Result<CountedBody, BodyError> {
+    let invalid = |e: serde_json::Error| BodyError::InvalidJson(e.to_string());
+    let raw: &RawValue = serde_json::from_slice(body).map_err(invalid)?;
+    let text = raw.get();
+    let mut counted = CountedBody::default();
+    let mut tally = |record: &RawValue, limit: usize| {
+        if record_fits(record.get(), limit) {
+            counted.accepted += 1;
+        } else {
+            counted.rejected += 1;
+        }
+    };
+    if text.starts_with('{') {
+        tally(raw, MAX_SINGLE_RECORD_BYTES);
+    } else if text.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(invalid)?;
+        for item in items {
+            tally(item, MAX_BATCH_RECORD_BYTES);
+        }
+    } else {
+        return Err(BodyError::NotObjects);
+    }
+    Ok(counted)
+}
+
+/// Whether the raw JSON `text` is an object of at most `limit` bytes as compact JSON.
+fn record_fits(text: &str, limit: usize) -> bool {
+    if !text.starts_with('{') {
+        return false;
+    }
+    text.len() <= limit
+        || serde_json::from_str::<Map<String, Value>>(text).is_ok_and(|m| compact_size(&m) <= limit)
+}
+
 #[cfg(test)]
 #[allow(
     clippy::expect_used,
@@ -122,6 +170,47 @@ mod tests {
         assert_eq!(one.accepted[0].event_time_ms, 42);
         let many = parse(&json!([{"a": 1}, {"a": 2}, 3, "x", [], null]), None).expect("valid");
         assert_eq!((many.accepted.len(), many.rejected), (2, 4));
+    }
+
+    /// A sink's count of `body` is what the full reading accepts and rejects.
+    fn assert_counts_agree(body: &str) {
+        let full = parse_body(body.as_bytes(), None, 0).map(|p| (p.accepted.len(), p.rejected));
+        let counted = count_body(body.as_bytes()).map(|c| (c.accepted, c.rejected));
+        assert_eq!(counted, full, "body: {body:.80}");
+    }
+
+    #[test]
+    fn counting_a_body_gives_the_verdicts_of_reading_it() {
+        let pad = |n: usize| "x".repeat(n);
+        let spaced = |n: usize| format!("{{ \"pad\" : \"{}\" }}", pad(n));
+        for body in [
+            r#"{"a": 1}"#.to_string(),
+            r#"[{"a": 1}, {"a": 2}, 3, "x", [], null]"#.to_string(),
+            r#"  [ ]  "#.to_string(),
+            "3".to_string(),
+            r#""x""#.to_string(),
+            "{nope".to_string(),
+            "[{\"a\": 1},".to_string(),
+            format!(r#"{{"pad":"{}"}}"#, pad(MAX_SINGLE_RECORD_BYTES - 10)),
+            format!(r#"{{"pad":"{}"}}"#, pad(MAX_SINGLE_RECORD_BYTES - 9)),
+            // Over the limit as sent, within it as compact JSON.
+            spaced(MAX_SINGLE_RECORD_BYTES - 10),
+            format!(
+                "[{}, {}]",
+                spaced(MAX_BATCH_RECORD_BYTES - 10),
+                spaced(MAX_BATCH_RECORD_BYTES)
+            ),
+        ] {
+            assert_counts_agree(&body);
+        }
+        assert_eq!(
+            count_body(spaced(MAX_SINGLE_RECORD_BYTES - 10).as_bytes()),
+            Ok(CountedBody {
+                accepted: 1,
+                rejected: 0
+            })
+        );
+        assert!(matches!(count_body(b"{nope"), Err(BodyError::InvalidJson(_))));
     }
 
     #[test]

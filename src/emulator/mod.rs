@@ -158,6 +158,8 @@ struct Inner {
     credentials: Mutex<HashMap<String, String>>,
     /// Events cap per stream; a field rather than the constant so tests can use a small one.
     max_events: usize,
+    /// Counts accepted records without storing them or building profiles (see [`Emulator::sink`]).
+    sink: bool,
     /// Streams and profiles share one lock so a reset clears both at once.
     data: Mutex<Data>,
     queries: Mutex<Queries>,
@@ -218,6 +220,19 @@ impl Emulator {
 
     /// Creates an emulator that keeps at most `max_events` events per stream (at least one).
     pub fn with_max_events(config: EmulatorConfig, max_events: usize) -> Self {
+        Self::build(config, max_events, false)
+    }
+
+    /// Creates an emulator for load tests that only count what arrives: collect requests get
+    /// every check and answer of the full emulator (auth, account, stream, body shape, record
+    /// size limits, faults), and the records are counted in [`Emulator::stats`], but neither
+    /// stored nor applied to profiles. Lytics does that work on its own machines; an emulator
+    /// sharing the relay's cores would otherwise charge it to the relay.
+    pub fn sink(config: EmulatorConfig) -> Self {
+        Self::build(config, 1, true)
+    }
+
+    fn build(config: EmulatorConfig, max_events: usize, sink: bool) -> Self {
         let streams = config.streams.into_iter().map(|s| (s, VecDeque::new())).collect();
         Emulator {
             inner: Arc::new(Inner {
@@ -225,6 +240,7 @@ impl Emulator {
                 account_id: config.account_id,
                 credentials: Mutex::new(HashMap::new()),
                 max_events: max_events.max(1),
+                sink,
                 data: Mutex::new(Data {
                     streams,
                     profiles: ProfileStore::default(),
@@ -438,6 +454,18 @@ impl Emulator {
             tracing::debug!(?action, "emulator injected a fault");
         }
         (Duration::from_millis(faults.latency_ms), action)
+    }
+
+    /// Whether this emulator only counts records (see [`Emulator::sink`]).
+    fn is_sink(&self) -> bool {
+        self.inner.sink
+    }
+
+    /// Counts records a sink accepted and refused.
+    fn count(&self, accepted: usize, rejected: usize) {
+        let stats = &self.inner.stats;
+        stats.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
+        stats.records.fetch_add(accepted as u64, Ordering::Relaxed);
     }
 
     /// Stores accepted records in a stream and applies them to profiles. The profile updates

@@ -249,6 +249,21 @@ async fn collect(
         .get("timestamp_field")
         .map(String::as_str)
         .filter(|f| !f.is_empty());
+    // A sink checks the body's shape and sizes without building values, unless a poison
+    // fault needs to look inside the records.
+    if emulator.is_sink() && !emulator.faults().reject_poison {
+        let counted = collect::count_body(&bytes).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if !dryrun {
+            emulator.count(counted.accepted, counted.rejected);
+        }
+        return Ok(collected(
+            counted.accepted,
+            counted.rejected,
+            dryrun,
+            timestamp_field,
+            &params,
+        ));
+    }
     let received_at = Utc::now();
     let parsed = collect::parse_body(&bytes, timestamp_field, received_at.timestamp_millis())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -266,7 +281,24 @@ async fn collect(
     if !dryrun {
         emulator.ingest(&stream, parsed.accepted, rejected_count, received_at);
     }
-    Ok(success(json!({
+    Ok(collected(
+        message_count,
+        rejected_count,
+        dryrun,
+        timestamp_field,
+        &params,
+    ))
+}
+
+/// Lytics' answer to a collect request it took.
+fn collected(
+    message_count: usize,
+    rejected_count: usize,
+    dryrun: bool,
+    timestamp_field: Option<&str>,
+    params: &HashMap<String, String>,
+) -> Response {
+    success(json!({
         "message_count": message_count,
         "rejected_count": rejected_count,
         "content-type": "application/json",
@@ -274,7 +306,7 @@ async fn collect(
         "dryrun": dryrun,
         "timestamp_field": timestamp_field.unwrap_or(""),
         "filename": params.get("filename").map_or("", String::as_str),
-    })))
+    }))
 }
 
 async fn entity(
@@ -405,11 +437,18 @@ mod tests {
 
     impl TestServer {
         async fn start() -> TestServer {
-            let emulator = Emulator::new(EmulatorConfig {
+            Self::serve(Emulator::new(Self::config())).await
+        }
+
+        fn config() -> EmulatorConfig {
+            EmulatorConfig {
                 api_token: TOKEN.into(),
                 account_id: ACCOUNT.into(),
                 streams: vec!["default".into(), "customerio_events".into()],
-            });
+            }
+        }
+
+        async fn serve(emulator: Emulator) -> TestServer {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let base = format!("http://{}", listener.local_addr().expect("addr"));
             let (stop, stopped) = oneshot::channel::<()>();
@@ -570,6 +609,52 @@ mod tests {
         assert_eq!(many["data"]["timestamp_field"], "");
         assert_eq!(server.emulator.stream_events("default").len(), 3);
         server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_sink_answers_as_the_full_emulator_and_only_counts_records() {
+        let full = TestServer::start().await;
+        let sink = TestServer::serve(Emulator::sink(TestServer::config())).await;
+        let big = |n: usize| json!({"pad": "x".repeat(n)});
+        let requests = [
+            ("/collect/json/default?timestamp_field=ts", json!({"ts": 1})),
+            (
+                "/collect/json/default",
+                json!([big(5000), big(20_000), 7, {"ok": true}]),
+            ),
+            ("/collect/json/default", json!(3)),
+            ("/collect/json/nope", json!({"a": 1})),
+            ("/collect/json/default?account_id=999", json!({"a": 1})),
+            ("/collect/json/default?dryrun=true", json!([{"a": 1}])),
+        ];
+        // Error answers carry a request id of their own.
+        let answer = |(status, mut body): (u16, Value)| {
+            if let Some(m) = body.as_object_mut() {
+                m.remove("request_id");
+            }
+            (status, body)
+        };
+        for (path, body) in &requests {
+            let want = answer(full.collect(path, body).await);
+            assert_eq!(answer(sink.collect(path, body).await), want, "{path} {body:.60}");
+        }
+        let not_json = |server: &TestServer| {
+            server
+                .client
+                .post(server.url("/collect/json/default"))
+                .header("Authorization", TOKEN)
+                .body("{nope")
+        };
+        let want = answer(full.send(not_json(&full)).await);
+        assert_eq!(want.0, 400);
+        assert_eq!(answer(sink.send(not_json(&sink)).await), want);
+        assert_eq!(sink.emulator.stats(), full.emulator.stats());
+        assert_eq!(sink.emulator.stats().records, 3);
+        assert_eq!(sink.emulator.stats().rejected, 2);
+        assert!(sink.emulator.stream_events("default").is_empty());
+        assert_eq!(full.emulator.stream_events("default").len(), 3);
+        full.stop().await;
+        sink.stop().await;
     }
 
     #[tokio::test]
