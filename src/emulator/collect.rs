@@ -117,8 +117,6 @@ pub struct CountedBody {
 /// that makes it so).
 pub fn count_body(body: &[u8]) -> Result<CountedBody, BodyError> {
     let invalid = |e: serde_json::Error| BodyError::InvalidJson(e.to_string());
-    let raw: &RawValue = serde_json::from_slice(body).map_err(invalid)?;
-    let text = raw.get();
     let mut counted = CountedBody::default();
     let mut tally = |record: &RawValue, limit: usize| {
         if record_fits(record.get(), limit) {
@@ -127,15 +125,18 @@ pub fn count_body(body: &[u8]) -> Result<CountedBody, BodyError> {
             counted.rejected += 1;
         }
     };
-    if text.starts_with('{') {
-        tally(raw, MAX_SINGLE_RECORD_BYTES);
-    } else if text.starts_with('[') {
-        let items: Vec<&RawValue> = serde_json::from_str(text).map_err(invalid)?;
+    // The body is read once: as an array of raw items when it opens one, else as one value.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(invalid)?;
         for item in items {
             tally(item, MAX_BATCH_RECORD_BYTES);
         }
     } else {
-        return Err(BodyError::NotObjects);
+        let raw: &RawValue = serde_json::from_slice(body).map_err(invalid)?;
+        if !raw.get().starts_with('{') {
+            return Err(BodyError::NotObjects);
+        }
+        tally(raw, MAX_SINGLE_RECORD_BYTES);
     }
     Ok(counted)
 }

@@ -461,7 +461,7 @@ impl Emulator {
         self.inner.sink
     }
 
-    /// Counts records a sink accepted and refused.
+    /// Counts records accepted and refused (stored or not).
     fn count(&self, accepted: usize, rejected: usize) {
         let stats = &self.inner.stats;
         stats.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
@@ -471,9 +471,8 @@ impl Emulator {
     /// Stores accepted records in a stream and applies them to profiles. The profile updates
     /// are computed before taking the lock, so the critical section only appends and merges.
     fn ingest(&self, stream: &str, accepted: Vec<Accepted>, rejected: usize, received_at: DateTime<Utc>) {
-        let stats = &self.inner.stats;
-        stats.rejected.fetch_add(rejected as u64, Ordering::Relaxed);
         if accepted.is_empty() {
+            self.count(0, rejected);
             return;
         }
         let queries = lock(&self.inner.queries).by_stream.get(stream).cloned();
@@ -486,7 +485,7 @@ impl Emulator {
                 None => Update::CopyAll(mapping::default_ids(&a.record)),
             })
             .collect();
-        let count = accepted.len() as u64;
+        let accepted_n = accepted.len();
         let mut data = lock(&self.inner.data);
         let Data { streams, profiles } = &mut *data;
         // The stream exists unless it vanished since the handler checked, which cannot happen
@@ -510,7 +509,7 @@ impl Emulator {
             });
         }
         drop(data);
-        stats.records.fetch_add(count, Ordering::Relaxed);
+        self.count(accepted_n, rejected);
     }
 
     /// Handles one request of a served connection: collect requests get their faults here,
