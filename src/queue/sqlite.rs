@@ -616,11 +616,15 @@ fn lease(
     let mut out = Vec::with_capacity(taken.len());
     let mut read = || -> Result<(), rusqlite::Error> {
         let mut by_id = txn.prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"))?;
+        let mut names = Names::default();
         for (_, (_, id)) in &taken {
             match schedule.take_fresh(*id) {
                 Some(r) => out.push(r),
                 None => {
-                    if let Some(r) = by_id.query_row(params![id], read_record).optional()? {
+                    if let Some(r) = by_id
+                        .query_row(params![id], |row| read_record(row, &mut names))
+                        .optional()?
+                    {
                         out.push(r);
                     }
                 }
@@ -640,40 +644,90 @@ fn lease(
     }
 }
 
-fn read_record(row: &rusqlite::Row<'_>) -> Result<QueuedRecord, rusqlite::Error> {
-    let text = |i: usize| -> Result<Arc<str>, rusqlite::Error> { Ok(Arc::from(row.get::<_, String>(i)?)) };
-    let history: String = row.get(14)?;
-    let source: String = row.get(6)?;
+/// The texts records repeat (integration, stream, rule, rules version, …), shared between the
+/// records one read builds: reading a record back allocates only what is its own.
+#[derive(Default)]
+struct Names(Vec<Arc<str>>);
+
+impl Names {
+    /// Names kept at most; past it the oldest make room.
+    const MAX: usize = 32;
+
+    fn get(&mut self, text: &str) -> Arc<str> {
+        if let Some(known) = self.0.iter().find(|n| ***n == *text) {
+            return known.clone();
+        }
+        let name: Arc<str> = Arc::from(text);
+        if self.0.len() == Self::MAX {
+            self.0.remove(0);
+        }
+        self.0.push(name.clone());
+        name
+    }
+}
+
+/// The text in column `i`, borrowed from the row.
+fn text_at<'r>(row: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, rusqlite::Error> {
+    row.get_ref(i)?
+        .as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+/// The bytes in column `i` (a blob, or text from older stores).
+fn bytes_at(row: &rusqlite::Row<'_>, i: usize) -> Result<Bytes, rusqlite::Error> {
+    row.get_ref(i)?
+        .as_bytes()
+        .map(Bytes::copy_from_slice)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, Box::new(e)))
+}
+
+fn read_record(row: &rusqlite::Row<'_>, names: &mut Names) -> Result<QueuedRecord, rusqlite::Error> {
+    let history = text_at(row, 14)?;
     Ok(QueuedRecord {
         id: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
         record: NewRecord {
-            integration: text(1)?,
-            stream: text(2)?,
-            timestamp_field: text(3)?,
-            rule: text(4)?,
-            rules_version: text(5)?,
-            source: Source::parse(&source).unwrap_or(Source::Signal),
-            event_id: text(7)?,
-            event_type: text(8)?,
-            body: Bytes::from(row.get::<_, Vec<u8>>(9)?),
-            input: Bytes::from(row.get::<_, Vec<u8>>(10)?),
-            traceparent: row.get::<_, Option<String>>(11)?.map(Arc::from),
+            integration: names.get(text_at(row, 1)?),
+            stream: names.get(text_at(row, 2)?),
+            timestamp_field: names.get(text_at(row, 3)?),
+            rule: names.get(text_at(row, 4)?),
+            rules_version: names.get(text_at(row, 5)?),
+            source: Source::parse(text_at(row, 6)?).unwrap_or(Source::Signal),
+            event_id: Arc::from(text_at(row, 7)?),
+            event_type: names.get(text_at(row, 8)?),
+            body: bytes_at(row, 9)?,
+            input: bytes_at(row, 10)?,
+            traceparent: row
+                .get_ref(11)?
+                .as_str_or_null()
+                .map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, Box::new(e))
+                })?
+                .map(Arc::from),
             accepted_ms: row.get(12)?,
         },
         attempts: u32::try_from(row.get::<_, i64>(13)?).unwrap_or(0),
-        history: serde_json::from_str(&history).unwrap_or_default(),
+        history: if history == "[]" {
+            Vec::new()
+        } else {
+            serde_json::from_str(history).unwrap_or_default()
+        },
     })
 }
 
+/// Deletes acked records; a run of consecutive ids (what a batch usually is) goes in one
+/// statement, which walks the table once instead of seeking every row.
 fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(), QueueError> {
     let mut stmt = txn
-        .prepare_cached("DELETE FROM records WHERE id = ?1")
+        .prepare_cached("DELETE FROM records WHERE id BETWEEN ?1 AND ?2")
         .map_err(sql)?;
-    for id in ids {
-        let n = stmt
-            .execute(params![i64::try_from(*id).unwrap_or(-1)])
-            .map_err(sql)?;
-        *depth = depth.saturating_sub(n);
+    let mut sorted: Vec<i64> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for run in sorted.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+        if let (Some(first), Some(last)) = (run.first(), run.last()) {
+            let n = stmt.execute(params![first, last]).map_err(sql)?;
+            *depth = depth.saturating_sub(n);
+        }
     }
     Ok(())
 }
@@ -766,9 +820,10 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
     );
     let mut stmt = txn.prepare(&query).map_err(sql)?;
     let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
+    let mut names = Names::default();
     let rows = stmt
         .query_map(refs.as_slice(), |row| {
-            let queued = read_record(row)?;
+            let queued = read_record(row, &mut names)?;
             Ok(DeadLetter {
                 id: queued.id as i64,
                 queued,
@@ -1089,6 +1144,46 @@ mod tests {
         );
         assert_eq!(q.depth(), 2);
         assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_ack_deletes_exactly_the_acked_records_in_and_out_of_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = open(dir.path());
+            let events: Vec<_> = (0..7)
+                .map(|i| {
+                    let id = format!("e{i}");
+                    event(&id, vec![rec("a", &id)])
+                })
+                .collect();
+            q.enqueue(events).await.unwrap();
+            let leased = q.lease(10, &HashSet::new()).await.unwrap();
+            assert_eq!(leased.len(), 7);
+            // e0 e1 e2 (a run), e4 (alone), e6 (alone), given out of order and once twice.
+            let pick = |n: &str| leased.iter().find(|r| &*r.record.event_id == n).unwrap().id;
+            let acked = [
+                pick("e6"),
+                pick("e1"),
+                pick("e0"),
+                pick("e4"),
+                pick("e2"),
+                pick("e1"),
+            ];
+            q.ack(&acked).await.unwrap();
+            assert_eq!(q.depth(), 2);
+        }
+        let q = open(dir.path());
+        assert_eq!(q.depth(), 2);
+        let mut left: Vec<String> = q
+            .lease(10, &HashSet::new())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.record.event_id.to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["e3", "e5"]);
     }
 
     #[tokio::test]
