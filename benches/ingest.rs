@@ -1,0 +1,139 @@
+//! The CPU an event costs on its way in, stage by stage, for a `SendBatch` of 100 copies of the
+//! track fixture without `messageId` (as `scripts/bench-ingest` sends): protobuf decoding into
+//! JSON, validation (normalize), mapping and serialising the records, and the whole
+//! `Ingest::accept` on the in-memory queue (rules, records, live view, metrics; no durability).
+//! Run: `cargo bench --bench ingest` (times are per call of 100 events).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benches fail loudly"
+)]
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use lytics_relay::ingest::Ingest;
+use lytics_relay::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
+use lytics_relay::normalize::{self, InboundEvent};
+use lytics_relay::proto::v1::SendBatchRequest;
+use lytics_relay::queue::{MemoryQueue, Queue};
+use lytics_relay::rules::{IntegrationContext, LiveRules, RuleSet, Source};
+use lytics_relay::telemetry::Telemetry;
+use prost::Message as _;
+use serde_json::Value;
+
+const BATCH: usize = 100;
+
+/// The relay binary's allocator, so allocation costs what it costs in the relay.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn request_bytes() -> Vec<u8> {
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string("tests/fixtures/signal_canonical_track.json").unwrap())
+            .unwrap();
+    let mut event = normalize::json_to_event(&json);
+    event.message_id.clear();
+    SendBatchRequest {
+        events: vec![event; BATCH],
+    }
+    .encode_to_vec()
+}
+
+fn inbound(bytes: &[u8]) -> Vec<InboundEvent> {
+    SendBatchRequest::decode(bytes)
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| normalize::signal_event(normalize::event_to_json(e), "event", 32 * 1024, 0).unwrap())
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let bytes = request_bytes();
+    let rules = RuleSet::load(Path::new("rules")).unwrap();
+    let ctx = IntegrationContext {
+        stream_name: "datafly_events".into(),
+        account_id: "1234".into(),
+        ..Default::default()
+    };
+    let mut group = c.benchmark_group("send_batch_100");
+    group.bench_function("decode", |b| {
+        b.iter(|| SendBatchRequest::decode(black_box(&bytes[..])).unwrap())
+    });
+    group.bench_function("normalize", |b| {
+        b.iter_batched(
+            || SendBatchRequest::decode(&bytes[..]).unwrap().events,
+            |events| {
+                events
+                    .into_iter()
+                    .map(|e| {
+                        normalize::signal_event(normalize::event_to_json(e), "event", 32 * 1024, 0).unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("map_and_serialise", |b| {
+        b.iter_batched(
+            || inbound(&bytes),
+            |events| {
+                let mut n = 0;
+                for e in &events {
+                    for r in rules.evaluate(Source::Signal, &e.doc, &ctx).records {
+                        n += serde_json::to_vec(&r.fields).unwrap().len();
+                    }
+                }
+                assert!(n > 0);
+                events
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let queue = Arc::new(MemoryQueue::new(1_000_000, Duration::from_secs(60)));
+    let integration = Integration {
+        id: IntegrationId::new("lytics").unwrap(),
+        name: "Lytics".into(),
+        account_id: AccountId::new("1234").unwrap(),
+        stream_name: StreamName::new("datafly_events").unwrap(),
+        api_token: Secret::new("bench-token"),
+        base_url: "http://127.0.0.1:1".into(),
+        enabled: true,
+    };
+    let ingest = Ingest::new(
+        LiveRules::new(RuleSet::load(Path::new("rules")).unwrap()),
+        Integrations::new(vec![integration]),
+        queue.clone(),
+        Telemetry::disabled(),
+    );
+    group.bench_function("accept_memory_queue", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let events = inbound(&bytes);
+                let started = Instant::now();
+                let answers = runtime.block_on(ingest.accept(events, None)).unwrap();
+                spent += started.elapsed();
+                assert_eq!(answers.len(), BATCH);
+                let leased = runtime.block_on(queue.lease(BATCH, &HashSet::new())).unwrap();
+                let ids: Vec<_> = leased.iter().map(|r| r.id).collect();
+                runtime.block_on(queue.ack(&ids)).unwrap();
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
