@@ -87,7 +87,7 @@ fn bench(c: &mut Criterion) {
                 let mut n = 0;
                 for e in &events {
                     for r in rules.evaluate(Source::Signal, &e.doc, &ctx).records {
-                        n += serde_json::to_vec(&r.fields).unwrap().len();
+                        n += normalize::json_bytes(&r.fields).unwrap().len();
                     }
                 }
                 assert!(n > 0);

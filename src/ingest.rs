@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bytes::Bytes;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
 
@@ -167,8 +166,8 @@ impl Ingest {
                 let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped);
                 for record in mapping.records {
-                    let body = match serde_json::to_vec(&record.fields) {
-                        Ok(b) => Bytes::from(b),
+                    let body = match crate::normalize::json_bytes(&record.fields) {
+                        Ok(b) => b,
                         Err(e) => {
                             answer.dropped.push(DroppedRecord {
                                 rule: record.rule.clone(),
