@@ -96,14 +96,15 @@ fn main() {
     rt.block_on(async {
         for (given_ids, ids) in [(true, "sender-given ids"), (false, "relay-made ids")] {
             let dir = tempfile::tempdir().unwrap();
-            let q = Arc::new(
+            let open = || {
                 SqliteQueue::open(
                     &dir.path().join("q.sqlite3"),
                     10_000_000,
                     Duration::from_secs(3600),
                 )
-                .unwrap(),
-            );
+                .unwrap()
+            };
+            let q = Arc::new(open());
             let unary = run(q.clone(), total / 4, 1, 256, given_ids).await;
             println!("durable enqueue, {ids:16}, 1 event per call, 256 callers:   {unary:>10.0} events/s");
             let batched = run(q.clone(), total, 100, 32, given_ids).await;
@@ -111,12 +112,7 @@ fn main() {
             // Reopened, the queue holds nothing in memory: every lease reads its records back,
             // as delivery does after a restart or once a backlog outgrew the in-memory copies.
             drop(q);
-            let q = SqliteQueue::open(
-                &dir.path().join("q.sqlite3"),
-                10_000_000,
-                Duration::from_secs(3600),
-            )
-            .unwrap();
+            let q = open();
             let expected = total / 4 + total;
             let started = Instant::now();
             let mut leased_total = 0;

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use rusqlite::types::{FromSqlError, Type};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -666,11 +667,14 @@ impl Names {
     }
 }
 
+/// The error for column `i` not holding the `wanted` type.
+fn column_error(i: usize, wanted: rusqlite::types::Type) -> impl Fn(FromSqlError) -> rusqlite::Error {
+    move |e| rusqlite::Error::FromSqlConversionFailure(i, wanted, Box::new(e))
+}
+
 /// The text in column `i`, borrowed from the row.
 fn text_at<'r>(row: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, rusqlite::Error> {
-    row.get_ref(i)?
-        .as_str()
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+    row.get_ref(i)?.as_str().map_err(column_error(i, Type::Text))
 }
 
 /// The bytes in column `i` (a blob, or text from older stores).
@@ -678,7 +682,7 @@ fn bytes_at(row: &rusqlite::Row<'_>, i: usize) -> Result<Bytes, rusqlite::Error>
     row.get_ref(i)?
         .as_bytes()
         .map(Bytes::copy_from_slice)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, Box::new(e)))
+        .map_err(column_error(i, Type::Blob))
 }
 
 fn read_record(row: &rusqlite::Row<'_>, names: &mut Names) -> Result<QueuedRecord, rusqlite::Error> {
@@ -699,9 +703,7 @@ fn read_record(row: &rusqlite::Row<'_>, names: &mut Names) -> Result<QueuedRecor
             traceparent: row
                 .get_ref(11)?
                 .as_str_or_null()
-                .map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(11, rusqlite::types::Type::Text, Box::new(e))
-                })?
+                .map_err(column_error(11, Type::Text))?
                 .map(Arc::from),
             accepted_ms: row.get(12)?,
         },
