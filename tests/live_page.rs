@@ -44,33 +44,42 @@ impl Drop for Driver {
 }
 
 impl Driver {
+    /// Starts chromedriver on a free port; tries again on a fresh port when it exits at once
+    /// (the port was taken between picking and binding it by a test running in parallel).
     async fn start() -> Driver {
         let bin = binary("CHROMEDRIVER", "/usr/bin/chromedriver");
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let driver = Driver {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/status", driver.url)).await
-                && let Ok(v) = r.json::<Value>().await
-                && v["value"]["ready"] == json!(true)
-            {
-                return driver;
+        let mut attempts = 0;
+        'spawn: loop {
+            attempts += 1;
+            let port = StdListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new(&bin)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts");
+            let mut driver = Driver {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(r) = reqwest::get(format!("{}/status", driver.url)).await
+                    && let Ok(v) = r.json::<Value>().await
+                    && v["value"]["ready"] == json!(true)
+                {
+                    return driver;
+                }
+                if driver.child.try_wait().unwrap().is_some() && attempts < 5 {
+                    continue 'spawn;
+                }
+                assert!(Instant::now() < deadline, "chromedriver never became ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(Instant::now() < deadline, "chromedriver never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -305,28 +305,7 @@ async fn kill_9_of_one_replica_under_load_loses_nothing_the_other_finishes_its_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_with_r3_streams_survives_losing_a_node() {
-    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let route_urls = routes
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut nodes = Vec::new();
-    for (i, port) in routes.iter().enumerate() {
-        nodes.push(
-            NatsServer::start_with(vec![
-                "-n".into(),
-                format!("node-{i}"),
-                "--cluster_name".into(),
-                "lytics".into(),
-                "--cluster".into(),
-                format!("nats://127.0.0.1:{port}"),
-                "--routes".into(),
-                route_urls.clone(),
-            ])
-            .await,
-        );
-    }
+    let mut nodes = NatsServer::cluster(3).await;
     // Wait for the JetStream meta group to elect a leader before creating R3 streams.
     let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -319,8 +319,8 @@ impl Drop for Spawned {
     }
 }
 
-/// A `nats-server -js` on a loopback port, with its store in a temporary directory; killed when
-/// dropped. The binary comes from `NATS_SERVER` (scripts/test installs it) or `.tools-nats/`.
+/// A `nats-server -js` on a loopback port, with its store and log in a temporary directory; killed
+/// when dropped. The binary comes from `NATS_SERVER` (scripts/test installs it) or `.tools-nats/`.
 pub struct NatsServer {
     pub port: u16,
     child: Option<std::process::Child>,
@@ -342,22 +342,94 @@ fn nats_server_binary() -> std::path::PathBuf {
 
 /// A loopback port free right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
 }
+
+/// `n` distinct loopback ports, free right now (all held at once while they are picked).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// How a server start went: up, or exited at once (most often a port taken between picking it
+/// and binding it, by another test running in parallel).
+enum Started {
+    Up,
+    Exited(String),
+}
+
+/// How many times a start is tried on fresh ports when the server exits at once.
+const START_ATTEMPTS: usize = 5;
 
 impl NatsServer {
     pub async fn start() -> Self {
         Self::start_with(Vec::new()).await
     }
 
-    /// Starts with extra arguments (cluster settings).
+    /// Starts with extra arguments.
     pub async fn start_with(extra: Vec<String>) -> Self {
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let mut server = Self::spawn(free_port(), extra.clone());
+            match server.wait_up().await {
+                Started::Up => return server,
+                Started::Exited(log) => last = log,
+            }
+        }
+        panic!("nats-server exited at start {START_ATTEMPTS} times; last log:\n{last}");
+    }
+
+    /// Starts a cluster of `n` JetStream nodes on loopback (all at once, so that their routes
+    /// form), retrying on fresh ports when a node exits at start.
+    pub async fn cluster(n: usize) -> Vec<Self> {
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let ports = free_ports(2 * n);
+            let (clients, routes) = ports.split_at(n);
+            let route_urls = routes
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut nodes: Vec<Self> = clients
+                .iter()
+                .zip(routes)
+                .enumerate()
+                .map(|(i, (client, route))| {
+                    Self::spawn(
+                        *client,
+                        vec![
+                            "-n".into(),
+                            format!("node-{i}"),
+                            "--cluster_name".into(),
+                            "lytics".into(),
+                            "--cluster".into(),
+                            format!("nats://127.0.0.1:{route}"),
+                            "--routes".into(),
+                            route_urls.clone(),
+                        ],
+                    )
+                })
+                .collect();
+            let mut exited = None;
+            for node in &mut nodes {
+                if let Started::Exited(log) = node.wait_up().await {
+                    exited = Some(log);
+                    break;
+                }
+            }
+            match exited {
+                None => return nodes,
+                Some(log) => last = log,
+            }
+        }
+        panic!("a cluster node exited at start {START_ATTEMPTS} times; last log:\n{last}");
+    }
+
+    fn spawn(port: u16, extra: Vec<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut args = vec![
             "-js".to_string(),
             "-a".into(),
@@ -374,7 +446,7 @@ impl NatsServer {
             dir,
             args,
         };
-        server.resume().await;
+        server.launch();
         server
     }
 
@@ -392,23 +464,55 @@ impl NatsServer {
 
     /// Starts the server again on the same port and store.
     pub async fn resume(&mut self) {
-        let _ = &self.dir;
+        self.launch();
+        if let Started::Exited(log) = self.wait_up().await {
+            panic!("nats-server exited on resume; log:\n{log}");
+        }
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("nats-server.log")
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = std::process::Command::new(nats_server_binary())
             .args(&self.args)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
+    }
+
+    /// Waits until the client port accepts connections, or the process exits.
+    async fn wait_up(&mut self) -> Started {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Started::Up;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .map(|c| c.try_wait().unwrap().is_some())
+                .unwrap_or(true);
+            if exited {
+                self.child = None;
+                return Started::Exited(std::fs::read_to_string(self.log_path()).unwrap_or_default());
+            }
             assert!(
                 Instant::now() < deadline,
-                "nats-server did not start on {}",
-                self.port
+                "nats-server did not start on {} in 30 s; log:\n{}",
+                self.port,
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
