@@ -195,7 +195,7 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(Value::Null)))
             .collect();
-        problems.extend(diff_fields(i, &want_fields, &got.fields));
+        problems.extend(diff_fields(i, &want_fields, &got.fields.to_map()));
     }
     if problems.is_empty() {
         Ok(())

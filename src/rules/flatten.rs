@@ -4,45 +4,98 @@
 //! `a.b`, arrays of objects become `name[i].field`, arrays of scalars stay arrays, `null` and
 //! empty objects are left out (REFERENCE §3). Pure.
 
+use std::borrow::Cow;
+
 use serde_json::map::Entry;
 use serde_json::{Map, Value};
 
-/// Writes `value` into `out` under the key `prefix`, flattened. With `overwrite` false, keys
-/// already in `out` are kept. The key is taken by value: a scalar is stored under it as is.
-pub fn flatten_into(prefix: String, value: Value, out: &mut Map<String, Value>, overwrite: bool) {
+/// Flattens `value` under `key`, calling `emit` with each flat key and value, in order. Values
+/// borrowed from the input stay borrowed: only the keys built for nested members are new text.
+pub fn flatten<'a>(
+    key: Cow<'a, str>,
+    value: Cow<'a, Value>,
+    emit: &mut impl FnMut(Cow<'a, str>, Cow<'a, Value>),
+) {
+    match value {
+        Cow::Borrowed(v) => flatten_ref(key, v, emit),
+        Cow::Owned(v) => flatten_owned(key, v, emit),
+    }
+}
+
+fn flatten_ref<'a>(key: Cow<'a, str>, value: &'a Value, emit: &mut impl FnMut(Cow<'a, str>, Cow<'a, Value>)) {
     match value {
         Value::Null => {}
-        Value::Object(obj) => {
-            for (k, v) in obj {
-                let key = if prefix.is_empty() {
-                    k
+        Value::Object(members) => {
+            for (k, v) in members {
+                let key = if key.is_empty() {
+                    Cow::Borrowed(k.as_str())
                 } else {
-                    format!("{prefix}.{k}")
+                    Cow::Owned(format!("{key}.{k}"))
                 };
-                flatten_into(key, v, out, overwrite);
+                flatten_ref(key, v, emit);
             }
         }
-        Value::Array(items) if items.iter().any(|v| v.is_object() || v.is_array()) => {
-            for (i, v) in items.into_iter().enumerate() {
-                flatten_into(format!("{prefix}[{i}]"), v, out, overwrite);
+        Value::Array(items) if holds_containers(items) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten_ref(Cow::Owned(format!("{key}[{i}]")), v, emit);
             }
         }
-        scalar_or_scalars => {
-            if prefix.is_empty() {
-                return;
-            }
-            match out.entry(prefix) {
-                Entry::Vacant(slot) => {
-                    slot.insert(scalar_or_scalars);
-                }
-                Entry::Occupied(mut slot) => {
-                    if overwrite {
-                        slot.insert(scalar_or_scalars);
-                    }
-                }
+        leaf => {
+            if !key.is_empty() {
+                emit(key, Cow::Borrowed(leaf));
             }
         }
     }
+}
+
+fn flatten_owned<'a>(key: Cow<'a, str>, value: Value, emit: &mut impl FnMut(Cow<'a, str>, Cow<'a, Value>)) {
+    match value {
+        Value::Null => {}
+        Value::Object(members) => {
+            for (k, v) in members {
+                let key = if key.is_empty() {
+                    Cow::Owned(k)
+                } else {
+                    Cow::Owned(format!("{key}.{k}"))
+                };
+                flatten_owned(key, v, emit);
+            }
+        }
+        Value::Array(items) if holds_containers(&items) => {
+            for (i, v) in items.into_iter().enumerate() {
+                flatten_owned(Cow::Owned(format!("{key}[{i}]")), v, emit);
+            }
+        }
+        leaf => {
+            if !key.is_empty() {
+                emit(key, Cow::Owned(leaf));
+            }
+        }
+    }
+}
+
+/// Arrays of scalars stay arrays; an array holding an object or array is spread by index.
+fn holds_containers(items: &[Value]) -> bool {
+    items.iter().any(|v| v.is_object() || v.is_array())
+}
+
+/// Writes `value` into `out` under the key `prefix`, flattened. With `overwrite` false, keys
+/// already in `out` are kept.
+pub fn flatten_into(prefix: String, value: Value, out: &mut Map<String, Value>, overwrite: bool) {
+    flatten(
+        Cow::Owned(prefix),
+        Cow::Owned(value),
+        &mut |key, value| match out.entry(key.into_owned()) {
+            Entry::Vacant(slot) => {
+                slot.insert(value.into_owned());
+            }
+            Entry::Occupied(mut slot) => {
+                if overwrite {
+                    slot.insert(value.into_owned());
+                }
+            }
+        },
+    );
 }
 
 #[cfg(test)]

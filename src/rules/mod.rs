@@ -14,6 +14,7 @@ mod flatten;
 pub mod lql;
 pub mod model;
 pub mod path;
+mod record;
 mod spec;
 pub mod transform;
 
@@ -29,6 +30,7 @@ pub use flatten::flatten_into;
 pub use model::{
     DroppedRecord, Explain, FieldKind, IntegrationContext, MappedRecord, MergeOp, RecordKind, Rule, Source,
 };
+pub use record::Fields;
 pub use spec::{ExpectedRecordSpec, RuleFileSpec, TestCaseSpec};
 
 /// The rule files shipped with the relay, used when no rules directory is given or found.
@@ -65,9 +67,9 @@ pub struct RuleSet {
 
 /// What the rules made of one event.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Mapping {
+pub struct Mapping<'a> {
     /// Records to queue.
-    pub records: Vec<MappedRecord>,
+    pub records: Vec<MappedRecord<'a>>,
     /// Records refused, with the reason.
     pub dropped: Vec<DroppedRecord>,
 }
@@ -182,24 +184,29 @@ impl RuleSet {
 
     /// Maps one event. Every rule of the source whose `when` holds produces a record or a
     /// refusal.
-    pub fn evaluate(&self, source: Source, doc: &Value, ctx: &IntegrationContext) -> Mapping {
+    pub fn evaluate<'a>(&'a self, source: Source, doc: &'a Value, ctx: &IntegrationContext) -> Mapping<'a> {
         self.evaluate_inner(source, doc, ctx, None)
     }
 
     /// Maps one event and says where every output field came from.
-    pub fn explain(&self, source: Source, doc: &Value, ctx: &IntegrationContext) -> (Mapping, Explain) {
+    pub fn explain<'a>(
+        &'a self,
+        source: Source,
+        doc: &'a Value,
+        ctx: &IntegrationContext,
+    ) -> (Mapping<'a>, Explain) {
         let mut explain = Explain::default();
         let mapping = self.evaluate_inner(source, doc, ctx, Some(&mut explain));
         (mapping, explain)
     }
 
-    fn evaluate_inner(
-        &self,
+    fn evaluate_inner<'a>(
+        &'a self,
         source: Source,
-        doc: &Value,
+        doc: &'a Value,
         ctx: &IntegrationContext,
         mut explain: Option<&mut Explain>,
-    ) -> Mapping {
+    ) -> Mapping<'a> {
         let mut mapping = Mapping::default();
         for rule in self.rules(source) {
             match rule.apply(doc, ctx, explain.as_deref_mut()) {

@@ -4,13 +4,14 @@
 //! Output: the Lytics records the rules build, and the records they refused with the reason.
 //! Evaluation is a pure function: it does no I/O, reads no clock and never parses a path.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use regex::Regex;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::flatten::flatten_into;
 use super::path::Selector;
+use super::record::{Fields, RecordBuilder};
 use super::transform::Transform;
 
 /// Which input a rule reads.
@@ -307,9 +308,9 @@ pub struct Rule {
     pub fields: Vec<FieldRule>,
 }
 
-/// A record a rule built.
+/// A record a rule built, borrowing from the event and the rule set it came from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MappedRecord {
+pub struct MappedRecord<'a> {
     /// The rule that built it.
     pub rule: Arc<str>,
     /// What it means to Lytics.
@@ -319,7 +320,7 @@ pub struct MappedRecord {
     /// The field holding its event time (the collect call's `timestamp_field`).
     pub timestamp_field: Arc<str>,
     /// The flat record.
-    pub fields: Map<String, Value>,
+    pub fields: Fields<'a>,
 }
 
 /// A record a rule built but refused to send.
@@ -369,22 +370,21 @@ pub struct Explain {
 
 impl Rule {
     /// Builds this rule's record from `doc`, or `None` when the rule does not apply.
-    pub fn apply(
-        &self,
-        doc: &Value,
+    pub fn apply<'a>(
+        &'a self,
+        doc: &'a Value,
         ctx: &IntegrationContext,
         mut explain: Option<&mut Explain>,
-    ) -> Option<Result<MappedRecord, DroppedRecord>> {
-        let empty = Map::new();
+    ) -> Option<Result<MappedRecord<'a>, DroppedRecord>> {
         if let Some(when) = &self.when
-            && !when.holds(doc, &empty)
+            && !when.holds(doc, &RecordBuilder::default())
         {
             if let Some(e) = explain.as_deref_mut() {
                 e.skipped_rules.push(self.name.clone());
             }
             return None;
         }
-        let mut out = Map::with_capacity(self.fields.len() + 16);
+        let mut out = RecordBuilder::with_capacity(self.fields.len() + 16);
         for field in &self.fields {
             if let Some(w) = &field.when
                 && !w.holds(doc, &out)
@@ -392,7 +392,7 @@ impl Rule {
                 continue;
             }
             match self.field_value(field, doc, ctx, &out, explain.as_deref_mut()) {
-                Ok(Some(value)) => flatten_into(field.name.to_string(), value, &mut out, true),
+                Ok(Some(value)) => out.set(Cow::Borrowed(&*field.name), value, true),
                 Ok(None) if field.required => {
                     return Some(Err(self.drop(format!(
                         "required field `{}` has no value ({})",
@@ -411,7 +411,7 @@ impl Rule {
             }
         }
         for spread in &self.flatten {
-            match spread.from.value(doc) {
+            match spread.from.value_cow(doc) {
                 Some(v) => {
                     if let Some(e) = explain.as_deref_mut() {
                         e.fields.push(FieldExplanation {
@@ -434,11 +434,12 @@ impl Rule {
                 }
             }
         }
+        let out = out.finish();
         let identified = self.identity.is_empty()
             || self
                 .identity
                 .iter()
-                .any(|id| out.get(&**id).is_some_and(has_content));
+                .any(|id| out.get(id).is_some_and(has_content));
         if !identified {
             let ids: Vec<String> = self.identity.iter().map(|i| format!("`{i}`")).collect();
             return Some(Err(self.drop(format!(
@@ -468,19 +469,19 @@ impl Rule {
         }
     }
 
-    fn field_value(
+    fn field_value<'a>(
         &self,
-        field: &FieldRule,
-        doc: &Value,
+        field: &'a FieldRule,
+        doc: &'a Value,
         ctx: &IntegrationContext,
-        out: &Map<String, Value>,
+        out: &RecordBuilder<'a>,
         mut explain: Option<&mut Explain>,
-    ) -> Result<Option<Value>, String> {
-        let mut found: Option<(Value, Option<&ValueSource>)> = None;
+    ) -> Result<Option<Cow<'a, Value>>, String> {
+        let mut found: Option<(Cow<'a, Value>, Option<&ValueSource>)> = None;
         for source in &field.sources {
             let value = match source {
                 ValueSource::Path(p) => {
-                    let v = p.value(doc);
+                    let v = p.value_cow(doc);
                     if v.is_none()
                         && let Some(e) = explain.as_deref_mut()
                     {
@@ -492,9 +493,11 @@ impl Rule {
                     }
                     v
                 }
-                ValueSource::Const(v) => Some(v.clone()),
-                ValueSource::Config(k) => Some(ctx.get(*k)).filter(|s| !s.is_empty()).map(Value::from),
-                ValueSource::Template(parts) => render(parts, doc, out).map(Value::String),
+                ValueSource::Const(v) => Some(Cow::Borrowed(v)),
+                ValueSource::Config(k) => Some(ctx.get(*k))
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Cow::Owned(Value::from(s))),
+                ValueSource::Template(parts) => render(parts, doc, out).map(|t| Cow::Owned(Value::String(t))),
             };
             if let Some(v) = value {
                 found = Some((v, Some(source)));
@@ -503,10 +506,19 @@ impl Rule {
         }
         let (value, source) = match (found, &field.default) {
             (Some(found), _) => found,
-            (None, Some(d)) => (d.clone(), None),
+            (None, Some(d)) => (Cow::Borrowed(d), None),
             (None, None) => return Ok(None),
         };
-        let value = field.transforms.iter().try_fold(value, |v, t| t.apply(v))?;
+        let value = if field.transforms.is_empty() {
+            value
+        } else {
+            Cow::Owned(
+                field
+                    .transforms
+                    .iter()
+                    .try_fold(value.into_owned(), |v, t| t.apply(v))?,
+            )
+        };
         if let Some(e) = explain {
             e.fields.push(FieldExplanation {
                 rule: self.name.clone(),
@@ -522,19 +534,26 @@ impl Rule {
 
 /// Copies an object's members into the record as `<prefix><key>`, flattened; keys already in
 /// the record win. A non-object lands under the prefix itself.
-fn spread_into(prefix: &str, value: Value, out: &mut Map<String, Value>) {
+fn spread_into<'a>(prefix: &'a str, value: Cow<'a, Value>, out: &mut RecordBuilder<'a>) {
+    let key = |k: Cow<'a, str>| {
+        if prefix.is_empty() {
+            k
+        } else {
+            Cow::Owned(format!("{prefix}{k}"))
+        }
+    };
     match value {
-        Value::Object(members) => {
+        Cow::Borrowed(Value::Object(members)) => {
             for (k, v) in members {
-                let key = if prefix.is_empty() {
-                    k
-                } else {
-                    format!("{prefix}{k}")
-                };
-                flatten_into(key, v, out, false);
+                out.set(key(Cow::Borrowed(k.as_str())), Cow::Borrowed(v), false);
             }
         }
-        other => flatten_into(prefix.to_string(), other, out, false),
+        Cow::Owned(Value::Object(members)) => {
+            for (k, v) in members {
+                out.set(key(Cow::Owned(k)), Cow::Owned(v), false);
+            }
+        }
+        other => out.set(Cow::Borrowed(prefix), other, false),
     }
 }
 
@@ -573,7 +592,7 @@ fn describe_sources(sources: &[ValueSource]) -> String {
     }
 }
 
-fn render(parts: &[TemplatePart], doc: &Value, out: &Map<String, Value>) -> Option<String> {
+fn render(parts: &[TemplatePart], doc: &Value, out: &RecordBuilder<'_>) -> Option<String> {
     let mut text = String::new();
     for part in parts {
         let value = match part {
@@ -582,7 +601,7 @@ fn render(parts: &[TemplatePart], doc: &Value, out: &Map<String, Value>) -> Opti
                 continue;
             }
             TemplatePart::Path(p) => p.get(doc)?,
-            TemplatePart::Field(f) => out.get(&**f)?,
+            TemplatePart::Field(f) => out.get(f)?,
         };
         match value {
             Value::String(s) => text.push_str(s),
@@ -605,7 +624,7 @@ fn has_content(value: &Value) -> bool {
 
 impl Condition {
     /// Evaluates the condition over the input and the fields computed so far.
-    pub fn holds(&self, doc: &Value, out: &Map<String, Value>) -> bool {
+    pub fn holds(&self, doc: &Value, out: &RecordBuilder<'_>) -> bool {
         match self {
             Condition::All(cs) => cs.iter().all(|c| c.holds(doc, out)),
             Condition::Any(cs) => cs.iter().any(|c| c.holds(doc, out)),
@@ -613,7 +632,7 @@ impl Condition {
             Condition::Check(subject, test) => {
                 let value = match subject {
                     Subject::Input(p) => p.get(doc),
-                    Subject::Field(f) => out.get(&**f).filter(|v| !v.is_null()),
+                    Subject::Field(f) => out.get(f).filter(|v| !v.is_null()),
                 };
                 test.holds(value)
             }

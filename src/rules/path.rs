@@ -116,6 +116,18 @@ impl Selector {
         }
     }
 
+    /// Like [`Selector::value`], borrowing a single selected value instead of copying it.
+    pub fn value_cow<'a>(&self, doc: &'a Value) -> Option<std::borrow::Cow<'a, Value>> {
+        match self.select(doc) {
+            Selected::Nothing | Selected::One(Value::Null) => None,
+            Selected::One(v) => Some(std::borrow::Cow::Borrowed(v)),
+            Selected::Many(vs) => {
+                let vs: Vec<Value> = vs.into_iter().filter(|v| !v.is_null()).cloned().collect();
+                (!vs.is_empty()).then_some(std::borrow::Cow::Owned(Value::Array(vs)))
+            }
+        }
+    }
+
     /// Borrows the selected value when the path is singular; `None` for missing or `null`.
     pub fn get<'a>(&self, doc: &'a Value) -> Option<&'a Value> {
         match self.select(doc) {

@@ -63,7 +63,7 @@ rules:
     let m = set.evaluate(Source::Signal, &doc, &ctx());
     assert_eq!(m.dropped, vec![]);
     assert_eq!(
-        Value::Object(m.records[0].fields.clone()),
+        Value::Object(m.records[0].fields.to_map()),
         json!({"user_id": "u1", "kind": "track_buy", "title": "untitled", "stream": "datafly_events",
                "email": "a@b.com", "_ts": 1613063089000i64, "first_sku": "S1", "skus": ["S1", "S2"],
                "p.items[0].sku": "S1", "p.items[1].sku": "S2", "p.n": 1})
@@ -74,7 +74,8 @@ rules:
 #[test]
 fn records_without_identifiers_are_refused_with_the_seed_hint() {
     let set = compile("source: signal\nidentity: [user_id]\nrules:\n  - name: r\n    fields:\n      user_id: $.userId\n      _ts: { value: 1 }\n").unwrap();
-    let m = set.evaluate(Source::Signal, &json!({"type": "page"}), &ctx());
+    let doc = json!({"type": "page"});
+    let m = set.evaluate(Source::Signal, &doc, &ctx());
     assert!(m.records.is_empty());
     assert!(
         m.dropped[0].reason.contains("user not created"),

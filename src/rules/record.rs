@@ -1,0 +1,189 @@
+//! The flat record a rule builds, borrowing from the event and the rule where it can.
+//!
+//! Input: flat keys and values as a rule computes them (fields in order, then `flatten`
+//! spreads). Output: [`Fields`], the record with one value per key, sorted by key. A value read
+//! from the event is borrowed, not copied, and the record is serialised straight from those
+//! borrows: mapping an event copies only what a transform or a template creates, and the keys
+//! of nested members.
+//!
+//! Precedence: a later write with `overwrite` replaces an earlier value; a write without it
+//! (a `flatten` spread) fills a key only while it has none. [`RecordBuilder::get`] answers with
+//! the value the finished record would hold, so conditions and templates that read earlier
+//! fields see exactly that.
+
+use std::borrow::Cow;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{Map, Value};
+
+use super::flatten::flatten;
+
+/// One write, in the order the rule made it.
+#[derive(Debug)]
+struct Write<'a> {
+    key: Cow<'a, str>,
+    value: Cow<'a, Value>,
+    overwrite: bool,
+}
+
+/// A record under construction.
+#[derive(Debug, Default)]
+pub struct RecordBuilder<'a> {
+    writes: Vec<Write<'a>>,
+}
+
+impl<'a> RecordBuilder<'a> {
+    /// An empty record with room for `capacity` keys.
+    pub fn with_capacity(capacity: usize) -> Self {
+        RecordBuilder {
+            writes: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Writes `value` under `key`, flattened (see [`flatten`]).
+    pub fn set(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, overwrite: bool) {
+        flatten(key, value, &mut |key, value| {
+            self.writes.push(Write {
+                key,
+                value,
+                overwrite,
+            });
+        });
+    }
+
+    /// The value `key` holds so far.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        let mut current = None;
+        for w in self.writes.iter().filter(|w| w.key == key) {
+            if w.overwrite || current.is_none() {
+                current = Some(&*w.value);
+            }
+        }
+        current
+    }
+
+    /// The finished record: one value per key, sorted by key.
+    pub fn finish(mut self) -> Fields<'a> {
+        // A stable sort keeps each key's writes in the order they were made.
+        self.writes.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut fields: Vec<(Cow<'a, str>, Cow<'a, Value>)> = Vec::with_capacity(self.writes.len());
+        for w in self.writes {
+            match fields.last_mut() {
+                Some((key, value)) if *key == w.key => {
+                    if w.overwrite {
+                        *value = w.value;
+                    }
+                }
+                _ => fields.push((w.key, w.value)),
+            }
+        }
+        Fields(fields)
+    }
+}
+
+/// A flat Lytics record: one value per key, sorted by key. Serialises as a JSON object.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fields<'a>(Vec<(Cow<'a, str>, Cow<'a, Value>)>);
+
+impl<'a> Fields<'a> {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.0[i].1)
+    }
+
+    /// How many keys the record has.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the record has no key.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The keys and values, sorted by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// The record as an owned JSON object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        self.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+}
+
+impl Serialize for Fields<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(&**k, &**v)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(writes: &[(&'static str, Value, bool)]) -> Fields<'static> {
+        let mut b = RecordBuilder::default();
+        for (k, v, overwrite) in writes {
+            b.set(Cow::Borrowed(*k), Cow::Owned(v.clone()), *overwrite);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn later_overwrites_win_and_spreads_only_fill_gaps() {
+        let r = record(&[
+            ("a", json!(1), true),
+            ("a", json!(2), true),
+            ("b", json!(3), false),
+            ("b", json!(4), false),
+            ("c", json!(5), false),
+            ("c", json!(6), true),
+            ("", json!({"a": 9, "d": {"e": 7}}), false),
+        ]);
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"a": 2, "b": 3, "c": 6, "d.e": 7})
+        );
+        assert_eq!(r.get("d.e"), Some(&json!(7)));
+        assert_eq!(r.get("x"), None);
+    }
+
+    #[test]
+    fn get_while_building_agrees_with_the_finished_record() {
+        let mut b = RecordBuilder::default();
+        b.set(Cow::Borrowed("a"), Cow::Owned(json!(1)), false);
+        b.set(Cow::Borrowed("a"), Cow::Owned(json!(2)), false);
+        assert_eq!(b.get("a"), Some(&json!(1)));
+        b.set(Cow::Borrowed("a"), Cow::Owned(json!(3)), true);
+        assert_eq!(b.get("a"), Some(&json!(3)));
+        b.set(Cow::Borrowed("n"), Cow::Owned(Value::Null), true);
+        assert_eq!(b.get("n"), None);
+        let f = b.finish();
+        assert_eq!(f.get("a"), Some(&json!(3)));
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn serialises_sorted_like_a_json_object() {
+        let input = json!({"z": "last", "m": [1, 2], "a": {"b": true}, "l": [{"x": 1}]});
+        let mut b = RecordBuilder::default();
+        b.set(Cow::Borrowed(""), Cow::Borrowed(&input), true);
+        let f = b.finish();
+        let mut map = Map::new();
+        super::super::flatten::flatten_into(String::new(), input.clone(), &mut map, true);
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            serde_json::to_string(&map).unwrap()
+        );
+        assert_eq!(f.to_map(), map);
+    }
+}
