@@ -148,6 +148,142 @@ fn merge_contiguous(
     Ok(())
 }
 
+/// The fast path: a Struct entry whose bytes lie in one slice, decoded in a tight loop with no
+/// intermediate messages. It answers `None` for anything it does not take as is (malformed
+/// input, groups, nesting past [`slice::MAX_DEPTH`]); the caller then decodes the same bytes
+/// with prost's general path, which gives the error prost gives, so both paths accept and refuse
+/// the same inputs.
+mod slice {
+    use prost::encoding::decode_varint;
+    use serde_json::{Map, Value};
+
+    use super::{kind, number};
+
+    /// Nesting the fast path takes. Deeper values go to the general path, whose recursion limit
+    /// (counted in messages: each JSON level is two or three) then decides; at this depth it
+    /// is far off, so the fast path never accepts what the general path would refuse.
+    pub const MAX_DEPTH: u32 = 16;
+
+    const VARINT: u64 = 0;
+    const FIXED64: u64 = 1;
+    const DELIMITED: u64 = 2;
+    const FIXED32: u64 = 5;
+
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        decode_varint(b).ok()
+    }
+
+    /// A field key: (field number, wire type).
+    fn key(b: &mut &[u8]) -> Option<(u64, u64)> {
+        let k = varint(b)?;
+        let tag = k >> 3;
+        (tag != 0 && tag <= u64::from(u32::MAX)).then_some((tag, k & 7))
+    }
+
+    fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = usize::try_from(varint(b)?).ok()?;
+        let (head, tail) = b.split_at_checked(len)?;
+        *b = tail;
+        Some(head)
+    }
+
+    fn text(b: &mut &[u8]) -> Option<String> {
+        std::str::from_utf8(delimited(b)?).ok().map(str::to_owned)
+    }
+
+    fn skip(wire_type: u64, b: &mut &[u8]) -> Option<()> {
+        let len = match wire_type {
+            VARINT => return varint(b).map(|_| ()),
+            FIXED64 => 8,
+            DELIMITED => return delimited(b).map(|_| ()),
+            FIXED32 => 4,
+            _ => return None,
+        };
+        *b = b.get(len..)?;
+        Some(())
+    }
+
+    /// A `fields` map entry: key 1, value 2.
+    pub fn entry(mut b: &[u8], depth: u32) -> Option<(String, Value)> {
+        let mut name = String::new();
+        let mut value = Value::Null;
+        while !b.is_empty() {
+            match key(&mut b)? {
+                (1, DELIMITED) => name = text(&mut b)?,
+                (2, DELIMITED) => value = self::value(delimited(&mut b)?, depth)?,
+                (1 | 2, _) => return None,
+                (_, wire_type) => skip(wire_type, &mut b)?,
+            }
+        }
+        Some((name, value))
+    }
+
+    /// A `google.protobuf.Value`; the last `kind` set wins.
+    fn value(mut b: &[u8], depth: u32) -> Option<Value> {
+        let mut value = Value::Null;
+        while !b.is_empty() {
+            let (tag, wire_type) = key(&mut b)?;
+            let Ok(field) = u32::try_from(tag) else {
+                return None;
+            };
+            value = match (field, wire_type) {
+                (kind::NULL, VARINT) => {
+                    varint(&mut b)?;
+                    Value::Null
+                }
+                (kind::NUMBER, FIXED64) => {
+                    let (n, rest) = b.split_first_chunk::<8>()?;
+                    b = rest;
+                    number(f64::from_le_bytes(*n))
+                }
+                (kind::STRING, DELIMITED) => Value::String(text(&mut b)?),
+                (kind::BOOL, VARINT) => Value::Bool(varint(&mut b)? != 0),
+                (kind::STRUCT, DELIMITED) => Value::Object(object(delimited(&mut b)?, depth + 1)?),
+                (kind::LIST, DELIMITED) => Value::Array(list(delimited(&mut b)?, depth + 1)?),
+                (kind::NULL..=kind::LIST, _) => return None,
+                (_, wire_type) => {
+                    skip(wire_type, &mut b)?;
+                    continue;
+                }
+            };
+        }
+        Some(value)
+    }
+
+    fn object(mut b: &[u8], depth: u32) -> Option<Map<String, Value>> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let mut map = Map::new();
+        while !b.is_empty() {
+            match key(&mut b)? {
+                (1, DELIMITED) => {
+                    let (k, v) = entry(delimited(&mut b)?, depth)?;
+                    map.insert(k, v);
+                }
+                (1, _) => return None,
+                (_, wire_type) => skip(wire_type, &mut b)?,
+            }
+        }
+        Some(map)
+    }
+
+    fn list(mut b: &[u8], depth: u32) -> Option<Vec<Value>> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let mut items = Vec::new();
+        while !b.is_empty() {
+            match key(&mut b)? {
+                (1, DELIMITED) => items.push(value(delimited(&mut b)?, depth)?),
+                (1, _) => return None,
+                (_, wire_type) => skip(wire_type, &mut b)?,
+            }
+        }
+        Some(items)
+    }
+}
+
 impl Message for JsonStruct {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         encode_struct(&self.0, buf);
@@ -162,6 +298,20 @@ impl Message for JsonStruct {
     ) -> Result<(), DecodeError> {
         if tag != 1 {
             return encoding::skip_field(wire_type, tag, buf, ctx);
+        }
+        if wire_type == WireType::LengthDelimited {
+            let chunk = buf.chunk();
+            let mut body = chunk;
+            if let Ok(len) = encoding::decode_varint(&mut body)
+                && let Ok(len) = usize::try_from(len)
+                && let Some(bytes) = body.get(..len)
+                && let Some((key, value)) = slice::entry(bytes, 0)
+            {
+                let used = chunk.len() - body.len() + len;
+                self.0.insert(key, value);
+                buf.advance(used);
+                return Ok(());
+            }
         }
         let mut entry = Entry::default();
         merge_contiguous(wire_type, &mut entry, buf, ctx)?;
@@ -380,6 +530,77 @@ mod tests {
         // A string field holding invalid UTF-8, and a truncated message.
         assert!(JsonValue::decode(&[0x1a, 0x01, 0xff][..]).is_err());
         assert!(JsonStruct::decode(&[0x0a, 0x05, 0x0a][..]).is_err());
+    }
+
+    /// A buffer that hands out one byte per chunk, so every Struct entry takes the general path.
+    struct OneByteChunks<'a>(&'a [u8]);
+
+    impl Buf for OneByteChunks<'_> {
+        fn remaining(&self) -> usize {
+            self.0.len()
+        }
+        fn chunk(&self) -> &[u8] {
+            &self.0[..self.0.len().min(1)]
+        }
+        fn advance(&mut self, n: usize) {
+            self.0 = &self.0[n..];
+        }
+    }
+
+    fn nested(depth: usize) -> Value {
+        let mut v = json!({"leaf": [1, "x"]});
+        for i in 0..depth {
+            v = if i % 2 == 0 {
+                json!({"k": v})
+            } else {
+                json!([v, true])
+            };
+        }
+        json!({"top": v})
+    }
+
+    #[test]
+    fn the_slice_and_general_paths_decode_alike() {
+        // nested(25) is past the slice path's depth: its entry is decoded by the general path.
+        let mut inputs = vec![sample(), nested(10), nested(25)];
+        inputs.push(json!({"unicode ✓": "ünïcödé", "big": 1e300, "small": -0.5, "zero": 0}));
+        for input in inputs {
+            let Value::Object(map) = input else { unreachable!() };
+            let bytes = JsonStruct(map.clone()).encode_to_vec();
+            let fast = JsonStruct::decode(bytes.as_slice()).unwrap();
+            let general = JsonStruct::decode(OneByteChunks(&bytes)).unwrap();
+            assert_eq!(fast.0, map);
+            assert_eq!(general.0, map);
+        }
+    }
+
+    #[test]
+    fn malformed_structs_are_refused_on_both_paths() {
+        let good = JsonStruct(match sample() {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        })
+        .encode_to_vec();
+        let bad_inputs: Vec<Vec<u8>> = vec![
+            // Truncated anywhere inside an entry.
+            good[..good.len() - 3].to_vec(),
+            // An entry whose key is not UTF-8: {1: {1: "\xff"}}.
+            vec![0x0a, 0x03, 0x0a, 0x01, 0xff],
+            // A Value whose string is not UTF-8: {1: {1: "k", 2: {3: "\xff"}}}.
+            vec![0x0a, 0x08, 0x0a, 0x01, b'k', 0x12, 0x03, 0x1a, 0x01, 0xff],
+            // A Value whose number has the wrong wire type: {1: {1: "k", 2: {2 (varint): 1}}}.
+            vec![0x0a, 0x07, 0x0a, 0x01, b'k', 0x12, 0x02, 0x10, 0x01],
+        ];
+        for bad in bad_inputs {
+            assert!(JsonStruct::decode(bad.as_slice()).is_err(), "{bad:?}");
+            assert!(JsonStruct::decode(OneByteChunks(&bad)).is_err(), "{bad:?}");
+        }
+        let Value::Object(deep) = nested(120) else {
+            unreachable!()
+        };
+        let bytes = JsonStruct(deep).encode_to_vec();
+        assert!(JsonStruct::decode(bytes.as_slice()).is_err());
+        assert!(JsonStruct::decode(OneByteChunks(&bytes)).is_err());
     }
 
     #[test]
