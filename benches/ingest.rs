@@ -85,7 +85,7 @@ fn bench(c: &mut Criterion) {
                 let mut n = 0;
                 for e in &events {
                     for r in rules.evaluate(Source::Signal, &e.doc, &ctx).records {
-                        n += normalize::json_bytes(&r.fields).unwrap().len();
+                        n += normalize::record_bytes(&r.fields).len();
                     }
                 }
                 assert!(n > 0);

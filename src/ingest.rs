@@ -166,16 +166,7 @@ impl Ingest {
                 let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped);
                 for record in mapping.records {
-                    let body = match crate::normalize::json_bytes(&record.fields) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            answer.dropped.push(DroppedRecord {
-                                rule: record.rule.clone(),
-                                reason: format!("cannot serialise the record: {e}"),
-                            });
-                            continue;
-                        }
-                    };
+                    let body = crate::normalize::record_bytes(&record.fields);
                     if body.len() > MAX_BATCH_RECORD_BYTES {
                         answer.dropped.push(DroppedRecord {
                             rule: record.rule.clone(),
