@@ -411,7 +411,7 @@ impl Rule {
             }
         }
         for spread in &self.flatten {
-            match spread.from.value_cow(doc) {
+            match spread.from.value(doc) {
                 Some(v) => {
                     if let Some(e) = explain.as_deref_mut() {
                         e.fields.push(FieldExplanation {
@@ -481,7 +481,7 @@ impl Rule {
         for source in &field.sources {
             let value = match source {
                 ValueSource::Path(p) => {
-                    let v = p.value_cow(doc);
+                    let v = p.value(doc);
                     if v.is_none()
                         && let Some(e) = explain.as_deref_mut()
                     {
