@@ -49,16 +49,7 @@ pub fn json_bytes(value: &Value) -> Bytes {
 /// A rule's record as compact JSON (keys in order), as [`json_bytes`] writes an object.
 pub fn record_bytes(fields: &Fields<'_>) -> Bytes {
     let mut out = Vec::with_capacity(1024);
-    out.push(b'{');
-    for (i, (key, value)) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_json_str(&mut out, key);
-        out.push(b':');
-        write_json(&mut out, value);
-    }
-    out.push(b'}');
+    write_json_object(&mut out, fields.iter());
     Bytes::from(out)
 }
 
@@ -81,19 +72,22 @@ pub fn write_json(out: &mut Vec<u8>, value: &Value) {
             }
             out.push(b']');
         }
-        Value::Object(members) => {
-            out.push(b'{');
-            for (i, (key, item)) in members.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_json_str(out, key);
-                out.push(b':');
-                write_json(out, item);
-            }
-            out.push(b'}');
-        }
+        Value::Object(members) => write_json_object(out, members.iter().map(|(k, v)| (k.as_str(), v))),
     }
+}
+
+/// Appends an object with these members, in this order.
+fn write_json_object<'a>(out: &mut Vec<u8>, members: impl Iterator<Item = (&'a str, &'a Value)>) {
+    out.push(b'{');
+    for (i, (key, value)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(out, key);
+        out.push(b':');
+        write_json(out, value);
+    }
+    out.push(b'}');
 }
 
 /// Appends `text` as a JSON string.

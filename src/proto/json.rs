@@ -123,38 +123,42 @@ fn encode_struct(map: &Map<String, Value>, buf: &mut impl BufMut) {
     }
 }
 
-/// Merges a length-delimited message field. When its bytes lie in the buffer's current chunk
-/// (tonic's decode buffer holds a whole message in one), they are decoded as a plain slice,
-/// which spares every nested read the layers of the buffer type; otherwise from `buf`.
+/// A length-delimited field at the head of `buf` whose bytes lie in its current chunk (tonic's
+/// decode buffer holds a whole message in one): the field with its length prefix, and its body.
+fn contiguous(buf: &impl Buf) -> Option<(&[u8], &[u8])> {
+    let chunk = buf.chunk();
+    let mut rest = chunk;
+    let len = usize::try_from(encoding::decode_varint(&mut rest).ok()?).ok()?;
+    let body = rest.get(..len)?;
+    Some((&chunk[..chunk.len() - rest.len() + len], body))
+}
+
+/// Merges a length-delimited message field. When its bytes lie in the buffer's current chunk,
+/// they are decoded as a plain slice, which spares every nested read the layers of the buffer
+/// type; otherwise from `buf`.
 fn merge_contiguous(
     wire_type: WireType,
     msg: &mut impl Message,
     buf: &mut impl Buf,
     ctx: DecodeContext,
 ) -> Result<(), DecodeError> {
-    let chunk = buf.chunk();
-    let mut body = chunk;
-    let whole = match encoding::decode_varint(&mut body) {
-        Ok(len) => usize::try_from(len).ok().filter(|&len| len <= body.len()),
-        Err(_) => None,
-    };
-    let Some(len) = whole else {
+    let Some((mut field, _)) = contiguous(buf) else {
         return encoding::message::merge(wire_type, msg, buf, ctx);
     };
-    let used = chunk.len() - body.len() + len;
-    let mut field = &chunk[..used];
+    let used = field.len();
     encoding::message::merge(wire_type, msg, &mut field, ctx)?;
     buf.advance(used);
     Ok(())
 }
 
 /// The fast path: a Struct entry whose bytes lie in one slice, decoded in a tight loop with no
-/// intermediate messages. It answers `None` for anything it does not take as is (malformed
-/// input, groups, nesting past [`slice::MAX_DEPTH`]); the caller then decodes the same bytes
+/// intermediate messages; keys and skipped fields are read by prost's own functions. It answers
+/// `None` for anything it does not take as is (malformed input, nesting past
+/// [`slice::MAX_DEPTH`]); the caller then decodes the same bytes
 /// with prost's general path, which gives the error prost gives, so both paths accept and refuse
 /// the same inputs.
 mod slice {
-    use prost::encoding::decode_varint;
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
     use serde_json::{Map, Value};
 
     use super::{kind, number};
@@ -164,20 +168,16 @@ mod slice {
     /// is far off, so the fast path never accepts what the general path would refuse.
     pub const MAX_DEPTH: u32 = 16;
 
-    const VARINT: u64 = 0;
-    const FIXED64: u64 = 1;
-    const DELIMITED: u64 = 2;
-    const FIXED32: u64 = 5;
-
     fn varint(b: &mut &[u8]) -> Option<u64> {
         decode_varint(b).ok()
     }
 
-    /// A field key: (field number, wire type).
-    fn key(b: &mut &[u8]) -> Option<(u64, u64)> {
-        let k = varint(b)?;
-        let tag = k >> 3;
-        (tag != 0 && tag <= u64::from(u32::MAX)).then_some((tag, k & 7))
+    fn key(b: &mut &[u8]) -> Option<(u32, WireType)> {
+        decode_key(b).ok()
+    }
+
+    fn skip(tag: u32, wire_type: WireType, b: &mut &[u8]) -> Option<()> {
+        skip_field(wire_type, tag, b, DecodeContext::default()).ok()
     }
 
     fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
@@ -191,28 +191,16 @@ mod slice {
         std::str::from_utf8(delimited(b)?).ok().map(str::to_owned)
     }
 
-    fn skip(wire_type: u64, b: &mut &[u8]) -> Option<()> {
-        let len = match wire_type {
-            VARINT => return varint(b).map(|_| ()),
-            FIXED64 => 8,
-            DELIMITED => return delimited(b).map(|_| ()),
-            FIXED32 => 4,
-            _ => return None,
-        };
-        *b = b.get(len..)?;
-        Some(())
-    }
-
     /// A `fields` map entry: key 1, value 2.
     pub fn entry(mut b: &[u8], depth: u32) -> Option<(String, Value)> {
         let mut name = String::new();
         let mut value = Value::Null;
         while !b.is_empty() {
             match key(&mut b)? {
-                (1, DELIMITED) => name = text(&mut b)?,
-                (2, DELIMITED) => value = self::value(delimited(&mut b)?, depth)?,
+                (1, WireType::LengthDelimited) => name = text(&mut b)?,
+                (2, WireType::LengthDelimited) => value = self::value(delimited(&mut b)?, depth)?,
                 (1 | 2, _) => return None,
-                (_, wire_type) => skip(wire_type, &mut b)?,
+                (tag, wire_type) => skip(tag, wire_type, &mut b)?,
             }
         }
         Some((name, value))
@@ -222,27 +210,25 @@ mod slice {
     fn value(mut b: &[u8], depth: u32) -> Option<Value> {
         let mut value = Value::Null;
         while !b.is_empty() {
-            let (tag, wire_type) = key(&mut b)?;
-            let Ok(field) = u32::try_from(tag) else {
-                return None;
-            };
-            value = match (field, wire_type) {
-                (kind::NULL, VARINT) => {
+            value = match key(&mut b)? {
+                (kind::NULL, WireType::Varint) => {
                     varint(&mut b)?;
                     Value::Null
                 }
-                (kind::NUMBER, FIXED64) => {
+                (kind::NUMBER, WireType::SixtyFourBit) => {
                     let (n, rest) = b.split_first_chunk::<8>()?;
                     b = rest;
                     number(f64::from_le_bytes(*n))
                 }
-                (kind::STRING, DELIMITED) => Value::String(text(&mut b)?),
-                (kind::BOOL, VARINT) => Value::Bool(varint(&mut b)? != 0),
-                (kind::STRUCT, DELIMITED) => Value::Object(object(delimited(&mut b)?, depth + 1)?),
-                (kind::LIST, DELIMITED) => Value::Array(list(delimited(&mut b)?, depth + 1)?),
+                (kind::STRING, WireType::LengthDelimited) => Value::String(text(&mut b)?),
+                (kind::BOOL, WireType::Varint) => Value::Bool(varint(&mut b)? != 0),
+                (kind::STRUCT, WireType::LengthDelimited) => {
+                    Value::Object(object(delimited(&mut b)?, depth + 1)?)
+                }
+                (kind::LIST, WireType::LengthDelimited) => Value::Array(list(delimited(&mut b)?, depth + 1)?),
                 (kind::NULL..=kind::LIST, _) => return None,
-                (_, wire_type) => {
-                    skip(wire_type, &mut b)?;
+                (tag, wire_type) => {
+                    skip(tag, wire_type, &mut b)?;
                     continue;
                 }
             };
@@ -257,12 +243,12 @@ mod slice {
         let mut map = Map::new();
         while !b.is_empty() {
             match key(&mut b)? {
-                (1, DELIMITED) => {
+                (1, WireType::LengthDelimited) => {
                     let (k, v) = entry(delimited(&mut b)?, depth)?;
                     map.insert(k, v);
                 }
                 (1, _) => return None,
-                (_, wire_type) => skip(wire_type, &mut b)?,
+                (tag, wire_type) => skip(tag, wire_type, &mut b)?,
             }
         }
         Some(map)
@@ -275,9 +261,9 @@ mod slice {
         let mut items = Vec::new();
         while !b.is_empty() {
             match key(&mut b)? {
-                (1, DELIMITED) => items.push(value(delimited(&mut b)?, depth)?),
+                (1, WireType::LengthDelimited) => items.push(value(delimited(&mut b)?, depth)?),
                 (1, _) => return None,
-                (_, wire_type) => skip(wire_type, &mut b)?,
+                (tag, wire_type) => skip(tag, wire_type, &mut b)?,
             }
         }
         Some(items)
@@ -299,19 +285,14 @@ impl Message for JsonStruct {
         if tag != 1 {
             return encoding::skip_field(wire_type, tag, buf, ctx);
         }
-        if wire_type == WireType::LengthDelimited {
-            let chunk = buf.chunk();
-            let mut body = chunk;
-            if let Ok(len) = encoding::decode_varint(&mut body)
-                && let Ok(len) = usize::try_from(len)
-                && let Some(bytes) = body.get(..len)
-                && let Some((key, value)) = slice::entry(bytes, 0)
-            {
-                let used = chunk.len() - body.len() + len;
-                self.0.insert(key, value);
-                buf.advance(used);
-                return Ok(());
-            }
+        if wire_type == WireType::LengthDelimited
+            && let Some((field, body)) = contiguous(buf)
+            && let Some((key, value)) = slice::entry(body, 0)
+        {
+            let used = field.len();
+            self.0.insert(key, value);
+            buf.advance(used);
+            return Ok(());
         }
         let mut entry = Entry::default();
         merge_contiguous(wire_type, &mut entry, buf, ctx)?;

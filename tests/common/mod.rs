@@ -365,14 +365,9 @@ const START_ATTEMPTS: usize = 5;
 
 impl NatsServer {
     pub async fn start() -> Self {
-        Self::start_with(Vec::new()).await
-    }
-
-    /// Starts with extra arguments.
-    pub async fn start_with(extra: Vec<String>) -> Self {
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            let mut server = Self::spawn(free_port(), extra.clone());
+            let mut server = Self::spawn(free_port(), Vec::new());
             match server.wait_up().await {
                 Started::Up => return server,
                 Started::Exited(log) => last = log,
