@@ -29,6 +29,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(compiler.file_descriptor_set())?;
 
+    // A second IngestService server whose request types keep each event's bytes as received
+    // (src/proto/raw.rs): the gRPC door decodes events itself and stores the bytes as the
+    // event's input. Every other type is the one generated above; clients are unchanged.
+    let raw_dir = out_dir.join("raw");
+    std::fs::create_dir_all(&raw_dir)?;
+    let mut ingest_only = compiler.file_descriptor_set();
+    ingest_only
+        .file
+        .retain(|f| f.name() == "lytics_relay/v1/ingest.proto");
+    tonic_prost_build::configure()
+        .out_dir(&raw_dir)
+        .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
+        .extern_path(".google.protobuf.Value", "crate::proto::JsonValue")
+        .extern_path(".lytics_relay.v1", "crate::proto::v1")
+        .extern_path(".lytics_relay.v1.SendRequest", "crate::proto::raw::SendRequest")
+        .extern_path(
+            ".lytics_relay.v1.SendBatchRequest",
+            "crate::proto::raw::SendBatchRequest",
+        )
+        .extern_path(
+            ".lytics_relay.v1.StreamRequest",
+            "crate::proto::raw::StreamRequest",
+        )
+        .build_client(false)
+        .build_server(true)
+        .compile_fds(ingest_only)?;
+
     println!("cargo:rerun-if-changed=proto");
     for proto in PROTOS {
         println!("cargo:rerun-if-changed=proto/{proto}");

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prost::Message;
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ErrorCode, FieldViolation};
@@ -34,8 +35,44 @@ pub struct InboundEvent {
     pub event_type: Arc<str>,
     /// The document the rules read.
     pub doc: Value,
-    /// The document as JSON, kept with queued records for the live view and dead letters.
+    /// The event as kept with its queued records for the live view and dead letters: see
+    /// [`input_json`].
     pub input: Bytes,
+}
+
+/// The first byte of an input kept as a protobuf `Event`; an input kept as JSON starts with `{`.
+const PROTO_INPUT: u8 = 0;
+
+/// An event's input as JSON, whichever form it was kept in: the canonical JSON document (events
+/// from HTTP, Customer.io webhooks), or — for events that arrived over gRPC — a zero byte, then
+/// the `Event` exactly as received, then an `Event` holding the `messageId` and `timestamp` the
+/// relay filled in. Protobuf merges concatenated messages, so the JSON of a kept gRPC event is
+/// the document the rules read, as it would have been kept in JSON. `None` when the bytes are
+/// neither (never written by the relay).
+pub fn input_json(input: &[u8]) -> Option<Value> {
+    match input.split_first() {
+        Some((&PROTO_INPUT, event)) => crate::proto::raw::decode_event(event).ok().map(event_to_json),
+        _ => serde_json::from_slice(input).ok(),
+    }
+}
+
+/// An event's input as JSON text (see [`input_json`]): JSON inputs as they are, others written
+/// out; `null` for bytes that are neither.
+pub fn input_json_bytes(input: &Bytes) -> Bytes {
+    if input.first() == Some(&PROTO_INPUT) {
+        input_json(input).map_or_else(|| Bytes::from_static(b"null"), |v| json_bytes(&v))
+    } else {
+        input.clone()
+    }
+}
+
+/// What a Signal event arrived as, which decides how its input is kept.
+#[derive(Debug, Clone, Copy)]
+enum Original<'a> {
+    /// JSON: the validated document is written out.
+    Json,
+    /// A protobuf `Event`: its bytes are kept as received.
+    Proto(&'a [u8]),
 }
 
 /// `value` as compact JSON, byte for byte what `serde_json::to_vec` writes. Events and records
@@ -218,11 +255,44 @@ pub fn json_to_struct(v: &Value) -> Option<JsonStruct> {
 
 /// Validates a Signal event document, filling in `messageId` (a new UUID) and `timestamp` (the
 /// receive time) when absent. `field` prefixes violation paths (`event` for gRPC, `` for HTTP).
+/// `max_bytes` limits the document's JSON.
 pub fn signal_event(
+    doc: Value,
+    field: &str,
+    max_bytes: usize,
+    received_ms: i64,
+) -> Result<InboundEvent, ApiError> {
+    validate_signal(doc, field, max_bytes, received_ms, Original::Json)
+}
+
+/// Decodes and validates a protobuf `Event` as [`signal_event`] validates JSON; the bytes are
+/// kept as the event's input. `max_bytes` limits the encoded event.
+pub fn signal_proto_event(
+    event: &[u8],
+    field: &str,
+    max_bytes: usize,
+    received_ms: i64,
+) -> Result<InboundEvent, ApiError> {
+    if event.len() > max_bytes {
+        return Err(too_large(field, event.len(), max_bytes));
+    }
+    let decoded = crate::proto::raw::decode_event(event)
+        .map_err(|e| ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {e}")))?;
+    validate_signal(
+        event_to_json(decoded),
+        field,
+        max_bytes,
+        received_ms,
+        Original::Proto(event),
+    )
+}
+
+fn validate_signal(
     mut doc: Value,
     field: &str,
     max_bytes: usize,
     received_ms: i64,
+    original: Original<'_>,
 ) -> Result<InboundEvent, ApiError> {
     let at = |name: &str| {
         if field.is_empty() {
@@ -328,27 +398,47 @@ pub fn signal_event(
     let event_type: Arc<str> = Arc::from(event_type.unwrap_or_default());
     let id_given = message_id.is_some();
     let has_timestamp = timestamp.is_some();
+    // What the relay fills in, for an input kept as protobuf.
+    let mut filled = pb::Event::default();
     let id: Arc<str> = match message_id {
         Some(id) => Arc::from(id),
         None => {
             let id = uuid::Uuid::new_v4().to_string();
             let arc = Arc::from(id.as_str());
+            if let Original::Proto(_) = original {
+                filled.message_id.clone_from(&id);
+            }
             m.insert("messageId".into(), Value::String(id));
             arc
         }
     };
     if !has_timestamp {
         let now = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
+        if let Original::Proto(_) = original {
+            filled.timestamp.clone_from(&now);
+        }
         m.insert("timestamp".into(), Value::String(now));
     }
-    let input = json_bytes(&doc);
-    if input.len() > max_bytes {
-        return Err(too_large(
-            if field.is_empty() { "body" } else { field },
-            input.len(),
-            max_bytes,
-        ));
-    }
+    let input = match original {
+        Original::Json => {
+            let input = json_bytes(&doc);
+            if input.len() > max_bytes {
+                return Err(too_large(
+                    if field.is_empty() { "body" } else { field },
+                    input.len(),
+                    max_bytes,
+                ));
+            }
+            input
+        }
+        Original::Proto(event) => {
+            let mut input = Vec::with_capacity(1 + event.len() + filled.encoded_len());
+            input.push(PROTO_INPUT);
+            input.extend_from_slice(event);
+            filled.encode_raw(&mut input);
+            Bytes::from(input)
+        }
+    };
     Ok(InboundEvent {
         source: Source::Signal,
         id,
@@ -574,6 +664,78 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+    }
+
+    fn proto(doc: &Value) -> Vec<u8> {
+        json_to_event(doc).encode_to_vec()
+    }
+
+    #[test]
+    fn a_grpc_event_keeps_its_bytes_and_reads_back_as_its_document() {
+        let text = std::fs::read_to_string("tests/fixtures/signal_canonical_track.json").unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        let raw = proto(&doc);
+        let e = signal_proto_event(&raw, "event", 32 * 1024, 0).unwrap();
+        // Nothing to fill in: the input is the marker and the bytes as received.
+        assert_eq!(e.input[0], PROTO_INPUT);
+        assert_eq!(&e.input[1..], &raw[..]);
+        // What protobuf can carry of the fixture (it has no null for `groupId`).
+        let doc = event_to_json(json_to_event(&doc));
+        assert_eq!(e.doc, doc);
+        assert_eq!(input_json(&e.input).unwrap(), e.doc);
+        assert_eq!(input_json_bytes(&e.input), json_bytes(&e.doc));
+        // The same event from JSON: the same document, kept as the same JSON once read back.
+        let from_json = signal_event(doc, "event", 32 * 1024, 0).unwrap();
+        assert_eq!(from_json.doc, e.doc);
+        assert_eq!(input_json_bytes(&from_json.input), from_json.input);
+        assert_eq!(input_json_bytes(&e.input), from_json.input);
+    }
+
+    #[test]
+    fn what_the_relay_fills_in_is_kept_with_a_grpc_event() {
+        let raw = proto(&json!({"type": "page", "anonymousId": "a", "messageId": "  "}));
+        let e = signal_proto_event(&raw, "event", 32 * 1024, 1_000).unwrap();
+        assert_eq!(&e.input[1..=raw.len()], &raw[..]);
+        assert!(e.input.len() > raw.len() + 1);
+        let kept = input_json(&e.input).unwrap();
+        assert_eq!(kept, e.doc);
+        assert_eq!(kept["messageId"], json!(&*e.id));
+        assert_eq!(kept["timestamp"], json!("1970-01-01T00:00:01.000Z"));
+    }
+
+    #[test]
+    fn grpc_events_are_refused_as_json_events_are() {
+        let raw = proto(&json!({"type": "track", "userId": "u"}));
+        let err = signal_proto_event(&raw, "events[3]", 32 * 1024, 0).unwrap_err();
+        assert_eq!(err.violations[0].field, "events[3].event");
+        // The limit counts the encoded event.
+        let raw = proto(&json!({"type": "page", "userId": "u", "name": "x".repeat(40_000)}));
+        let err = signal_proto_event(&raw, "event", 32 * 1024, 0).unwrap_err();
+        assert_eq!(err.code, ErrorCode::PayloadTooLarge);
+        assert!(
+            err.message.contains(&format!("is {} bytes", raw.len())),
+            "{}",
+            err.message
+        );
+        // Bytes that are not an Event (field 1 said to be 5 bytes long, 1 follows).
+        let err = signal_proto_event(&[0x0a, 0x05, 0x61], "event", 32 * 1024, 0).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert_eq!(err.violations[0].field, "event");
+        assert!(
+            err.violations[0]
+                .description
+                .contains("not a valid lytics_relay.v1.Event")
+        );
+    }
+
+    #[test]
+    fn inputs_that_are_neither_form_read_as_nothing() {
+        assert_eq!(input_json(b"not json"), None);
+        assert_eq!(input_json(&[PROTO_INPUT, 0x0a, 0x05]), None);
+        assert_eq!(
+            &input_json_bytes(&Bytes::from_static(&[PROTO_INPUT, 0x0a, 0x05]))[..],
+            b"null"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! (`json.rs`): they decode straight into JSON.
 
 mod json;
+pub mod raw;
 
 pub use json::{JsonStruct, JsonValue};
 
@@ -10,6 +11,12 @@ pub use json::{JsonStruct, JsonValue};
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("lytics_relay.v1");
+}
+
+/// The `IngestService` server as the relay runs it: requests keep each event's bytes ([`raw`]).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod ingest_server {
+    include!(concat!(env!("OUT_DIR"), "/raw/lytics_relay.v1.rs"));
 }
 
 /// The encoded descriptor set of every `.proto` file, well-known types included.

@@ -193,6 +193,54 @@ async fn send_batch_answers_per_event_and_queues_the_valid_ones() {
 }
 
 #[tokio::test]
+async fn an_event_that_is_not_a_valid_event_message_is_refused_alone() {
+    use prost::Message as _;
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    // A SendBatchRequest written by hand: a page event, then an `Event` whose field 1 claims
+    // five bytes where one follows, then an identify event.
+    let mut body = Vec::new();
+    for event_bytes in [
+        event(page()).encode_to_vec(),
+        vec![0x0a, 0x05, b'p'],
+        event(identify()).encode_to_vec(),
+    ] {
+        prost::encoding::bytes::encode(1, &event_bytes, &mut body);
+    }
+    let request = lytics_relay::proto::raw::SendBatchRequest::decode(&body[..]).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let r: pb::SendBatchResponse = grpc
+        .unary(
+            tonic::Request::new(request),
+            http::uri::PathAndQuery::from_static("/lytics_relay.v1.IngestService/SendBatch"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.rejected), (2, 1));
+    let err = r.outcomes[1].error.as_ref().unwrap();
+    assert_eq!(err.code, "invalid_argument");
+    assert_eq!(err.violations[0].field, "events[1]");
+    assert!(
+        err.violations[0]
+            .description
+            .contains("is not a valid lytics_relay.v1.Event"),
+        "{}",
+        err.violations[0].description
+    );
+    emu.wait_for_records(STREAM, 2).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn client_streams_are_accepted_in_chunks_and_batched_to_lytics() {
     let emu = EmulatorHandle::start().await;
     let (settings, _dir) = settings(&emu.url(), TOKEN);

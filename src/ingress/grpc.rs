@@ -2,18 +2,21 @@
 //!
 //! Input: `Event` messages (their proto3 JSON form is the Signal canonical event) and the
 //! caller's `traceparent` metadata. Output: results per event, or a `Status` with
-//! `google.rpc.BadRequest` field violations.
+//! `google.rpc.BadRequest` field violations. Requests arrive with each event still encoded
+//! ([`crate::proto::raw`]); each is decoded here, and its bytes become its input.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{ApiError, FieldViolation};
 use crate::ingest::{Accepted, Disposition, Ingest};
 use crate::normalize::{self, InboundEvent};
+use crate::proto::ingest_server::ingest_service_server::IngestService;
+use crate::proto::raw;
 use crate::proto::v1 as pb;
-use crate::proto::v1::ingest_service_server::IngestService;
 use crate::timefmt::now_ms;
 
 /// Events accepted per queue write while reading a client stream.
@@ -39,16 +42,11 @@ impl IngestGrpc {
         }
     }
 
-    fn normalize(&self, event: Option<pb::Event>, field: &str) -> Result<InboundEvent, ApiError> {
+    fn normalize(&self, event: Option<&Bytes>, field: &str) -> Result<InboundEvent, ApiError> {
         let event = event.ok_or_else(|| {
             ApiError::field(field, "is required: send {\"event\": <a Signal canonical event>}")
         })?;
-        normalize::signal_event(
-            normalize::event_to_json(event),
-            field,
-            self.max_event_bytes,
-            now_ms(),
-        )
+        normalize::signal_proto_event(event, field, self.max_event_bytes, now_ms())
     }
 }
 
@@ -101,9 +99,9 @@ pub fn error_pb(e: &ApiError) -> pb::EventError {
 
 #[tonic::async_trait]
 impl IngestService for IngestGrpc {
-    async fn send(&self, request: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
+    async fn send(&self, request: Request<raw::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
         let tp = traceparent(&request);
-        let event = self.normalize(request.into_inner().event, "event")?;
+        let event = self.normalize(request.into_inner().event.as_ref(), "event")?;
         let accepted = self.ingest.accept(vec![event], tp.as_deref()).await?;
         let result = accepted.first().map(result_pb);
         Ok(Response::new(pb::SendResponse { result }))
@@ -111,7 +109,7 @@ impl IngestService for IngestGrpc {
 
     async fn send_batch(
         &self,
-        request: Request<pb::SendBatchRequest>,
+        request: Request<raw::SendBatchRequest>,
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let tp = traceparent(&request);
         let events = request.into_inner().events;
@@ -134,7 +132,7 @@ impl IngestService for IngestGrpc {
         let mut valid_at = Vec::with_capacity(events.len());
         for (i, e) in events.into_iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            match self.normalize(Some(e), &format!("events[{i}]")) {
+            match self.normalize(Some(&e), &format!("events[{i}]")) {
                 Ok(ev) => {
                     valid_at.push(outcomes.len());
                     valid.push(ev);
@@ -192,7 +190,7 @@ impl IngestService for IngestGrpc {
 
     async fn stream(
         &self,
-        request: Request<Streaming<pb::StreamRequest>>,
+        request: Request<Streaming<raw::StreamRequest>>,
     ) -> Result<Response<pb::StreamResponse>, Status> {
         let tp: Option<Arc<str>> = traceparent(&request).map(Arc::from);
         let mut stream = request.into_inner();
@@ -201,7 +199,7 @@ impl IngestService for IngestGrpc {
         let mut index: u64 = 0;
         while let Some(message) = stream.next().await {
             let message = message?;
-            match self.normalize(message.event, "event") {
+            match self.normalize(message.event.as_ref(), "event") {
                 Ok(ev) => chunk.push(ev),
                 Err(err) => {
                     response.rejected += 1;

@@ -240,7 +240,7 @@ impl LiveEvent {
             "event_id": &*self.event_id,
             "integration": self.integration.as_deref().unwrap_or(""),
             "rules_version": &*self.rules_version,
-            "input": parse_json(&self.input),
+            "input": crate::normalize::input_json(&self.input).unwrap_or(Value::Null),
             "records": self.records.iter().map(|r| json!({
                 "integration": &*r.integration,
                 "stream": &*r.stream,

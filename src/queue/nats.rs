@@ -140,7 +140,7 @@ impl Envelope {
             event_id: r.event_id.to_string(),
             event_type: r.event_type.to_string(),
             body: text(&r.body),
-            input: text(&r.input),
+            input: text(&crate::normalize::input_json_bytes(&r.input)),
             traceparent: r.traceparent.as_deref().map(str::to_string),
             accepted_ms: r.accepted_ms,
             attempts,
