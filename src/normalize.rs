@@ -66,15 +66,6 @@ pub fn input_json_bytes(input: &Bytes) -> Bytes {
     }
 }
 
-/// What a Signal event arrived as, which decides how its input is kept.
-#[derive(Debug, Clone, Copy)]
-enum Original<'a> {
-    /// JSON: the validated document is written out.
-    Json,
-    /// A protobuf `Event`: its bytes are kept as received.
-    Proto(&'a [u8]),
-}
-
 /// `value` as compact JSON, byte for byte what `serde_json::to_vec` writes. Events and records
 /// are mostly 0.5–1 KB: starting at 1 KB spares the reallocations of a small start.
 pub fn json_bytes(value: &Value) -> Bytes {
@@ -257,16 +248,32 @@ pub fn json_to_struct(v: &Value) -> Option<JsonStruct> {
 /// receive time) when absent. `field` prefixes violation paths (`event` for gRPC, `` for HTTP).
 /// `max_bytes` limits the document's JSON.
 pub fn signal_event(
-    doc: Value,
+    mut doc: Value,
     field: &str,
     max_bytes: usize,
     received_ms: i64,
 ) -> Result<InboundEvent, ApiError> {
-    validate_signal(doc, field, max_bytes, received_ms, Original::Json)
+    let Value::Object(m) = &doc else {
+        return Err(ApiError::field(
+            if field.is_empty() { "body" } else { field },
+            "must be a JSON object (a Signal canonical event)",
+        ));
+    };
+    let filled = check_signal(m, field)?.fill_in(&mut doc, received_ms);
+    let input = json_bytes(&doc);
+    if input.len() > max_bytes {
+        return Err(too_large(
+            if field.is_empty() { "body" } else { field },
+            input.len(),
+            max_bytes,
+        ));
+    }
+    Ok(filled.into_event(doc, input))
 }
 
-/// Decodes and validates a protobuf `Event` as [`signal_event`] validates JSON; the bytes are
-/// kept as the event's input. `max_bytes` limits the encoded event.
+/// Decodes and validates a protobuf `Event` as [`signal_event`] validates JSON (the same
+/// checks, read from the message's fields); the bytes are kept as the event's input.
+/// `max_bytes` limits the encoded event.
 pub fn signal_proto_event(
     event: &[u8],
     field: &str,
@@ -278,22 +285,129 @@ pub fn signal_proto_event(
     }
     let decoded = crate::proto::raw::decode_event(event)
         .map_err(|e| ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {e}")))?;
-    validate_signal(
-        event_to_json(decoded),
-        field,
-        max_bytes,
-        received_ms,
-        Original::Proto(event),
-    )
+    let checked = check_signal(&decoded, field)?;
+    let mut doc = event_to_json(decoded);
+    let filled = checked.fill_in(&mut doc, received_ms);
+    let mut input = Vec::with_capacity(1 + event.len() + filled.added.encoded_len());
+    input.push(PROTO_INPUT);
+    input.extend_from_slice(event);
+    filled.added.encode_raw(&mut input);
+    Ok(filled.into_event(doc, Bytes::from(input)))
 }
 
-fn validate_signal(
-    mut doc: Value,
-    field: &str,
-    max_bytes: usize,
-    received_ms: i64,
-    original: Original<'_>,
-) -> Result<InboundEvent, ApiError> {
+/// An event's top-level fields as validation reads them, from JSON or from an `Event` message.
+trait SignalFields {
+    /// The text of `key`: `Ok(None)` when absent, null or blank; `Err` when it is not a string.
+    fn text(&self, key: &str) -> Result<Option<&str>, ()>;
+    /// False when `key` is present and neither an object nor null.
+    fn object_or_absent(&self, key: &str) -> bool;
+}
+
+impl SignalFields for Map<String, Value> {
+    fn text(&self, key: &str) -> Result<Option<&str>, ()> {
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok((!s.trim().is_empty()).then_some(s.as_str())),
+            Some(_) => Err(()),
+        }
+    }
+
+    fn object_or_absent(&self, key: &str) -> bool {
+        matches!(self.get(key), None | Some(Value::Null | Value::Object(_)))
+    }
+}
+
+impl SignalFields for pb::Event {
+    fn text(&self, key: &str) -> Result<Option<&str>, ()> {
+        let text = match key {
+            "type" => &self.r#type,
+            "event" => &self.event,
+            "name" => &self.name,
+            "category" => &self.category,
+            "userId" => &self.user_id,
+            "anonymousId" => &self.anonymous_id,
+            "groupId" => &self.group_id,
+            "previousId" => &self.previous_id,
+            "timestamp" => &self.timestamp,
+            "sentAt" => &self.sent_at,
+            "receivedAt" => &self.received_at,
+            "originalTimestamp" => &self.original_timestamp,
+            "messageId" => &self.message_id,
+            "channel" => &self.channel,
+            _ => return Ok(None),
+        };
+        Ok((!text.trim().is_empty()).then_some(text.as_str()))
+    }
+
+    fn object_or_absent(&self, _key: &str) -> bool {
+        // properties, traits, context and integrations are Structs: objects or absent.
+        true
+    }
+}
+
+/// What validation keeps of a valid event.
+struct Checked {
+    event_type: Arc<str>,
+    /// The sender's `messageId`, if it gave one.
+    given_id: Option<Arc<str>>,
+    has_timestamp: bool,
+}
+
+/// A valid event once the relay filled in what the sender left out.
+struct Filled {
+    event_type: Arc<str>,
+    id: Arc<str>,
+    id_given: bool,
+    /// An `Event` holding only what was filled in.
+    added: pb::Event,
+}
+
+impl Checked {
+    /// Fills in `messageId` (a new UUID) and `timestamp` (`received_ms`) when the sender left
+    /// them out.
+    fn fill_in(self, doc: &mut Value, received_ms: i64) -> Filled {
+        let mut added = pb::Event::default();
+        let id_given = self.given_id.is_some();
+        let id = self.given_id.unwrap_or_else(|| {
+            added.message_id = uuid::Uuid::new_v4().to_string();
+            Arc::from(added.message_id.as_str())
+        });
+        if !self.has_timestamp {
+            added.timestamp = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
+        }
+        if let Value::Object(m) = doc {
+            if !id_given {
+                m.insert("messageId".into(), Value::String(added.message_id.clone()));
+            }
+            if !self.has_timestamp {
+                m.insert("timestamp".into(), Value::String(added.timestamp.clone()));
+            }
+        }
+        Filled {
+            event_type: self.event_type,
+            id,
+            id_given,
+            added,
+        }
+    }
+}
+
+impl Filled {
+    fn into_event(self, doc: Value, input: Bytes) -> InboundEvent {
+        InboundEvent {
+            source: Source::Signal,
+            id: self.id,
+            id_given: self.id_given,
+            event_type: self.event_type,
+            doc,
+            input,
+        }
+    }
+}
+
+/// The checks every Signal event passes, whichever door it came through; every violation is
+/// reported.
+fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError> {
     let at = |name: &str| {
         if field.is_empty() {
             name.to_string()
@@ -301,32 +415,15 @@ fn validate_signal(
             format!("{field}.{name}")
         }
     };
-    let Value::Object(m) = &mut doc else {
-        return Err(ApiError::field(
-            if field.is_empty() { "body" } else { field },
-            "must be a JSON object (a Signal canonical event)",
-        ));
-    };
     let mut violations = Vec::new();
-    // Text fields are only borrowed while checking; the two the relay keeps (type, id) are
-    // copied once at the end.
-    fn text_of<'m>(
-        m: &'m Map<String, Value>,
-        k: &str,
-        at: &dyn Fn(&str) -> String,
-        violations: &mut Vec<FieldViolation>,
-    ) -> Option<&'m str> {
-        match m.get(k) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(Value::String(s)) => Some(s),
-            Some(_) => {
-                violations.push(FieldViolation::new(at(k), "must be a string"));
-                None
-            }
+    let text_of = |k: &str, violations: &mut Vec<FieldViolation>| match m.text(k) {
+        Ok(t) => t,
+        Err(()) => {
+            violations.push(FieldViolation::new(at(k), "must be a string"));
+            None
         }
-    }
-    let event_type = text_of(m, "type", &at, &mut violations);
+    };
+    let event_type = text_of("type", &mut violations);
     match event_type {
         None if !violations.iter().any(|v| v.field == at("type")) => violations.push(FieldViolation::new(
             at("type"),
@@ -341,8 +438,8 @@ fn validate_signal(
         )),
         _ => {}
     }
-    let user_id = text_of(m, "userId", &at, &mut violations);
-    let anonymous_id = text_of(m, "anonymousId", &at, &mut violations);
+    let user_id = text_of("userId", &mut violations);
+    let anonymous_id = text_of("anonymousId", &mut violations);
     if user_id.is_none() && anonymous_id.is_none() {
         violations.push(FieldViolation::new(
             at("userId"),
@@ -350,7 +447,7 @@ fn validate_signal(
         ));
     }
     if event_type == Some("track")
-        && text_of(m, "event", &at, &mut violations).is_none()
+        && text_of("event", &mut violations).is_none()
         && !violations.iter().any(|v| v.field == at("event"))
     {
         violations.push(FieldViolation::new(
@@ -368,15 +465,14 @@ fn validate_signal(
         "originalTimestamp",
         "channel",
     ] {
-        let _ = text_of(m, k, &at, &mut violations);
+        let _ = text_of(k, &mut violations);
     }
     for k in ["properties", "traits", "context", "integrations"] {
-        match m.get(k) {
-            None | Some(Value::Null) | Some(Value::Object(_)) => {}
-            Some(_) => violations.push(FieldViolation::new(at(k), "must be an object")),
+        if !m.object_or_absent(k) {
+            violations.push(FieldViolation::new(at(k), "must be an object"));
         }
     }
-    let timestamp = text_of(m, "timestamp", &at, &mut violations);
+    let timestamp = text_of("timestamp", &mut violations);
     if let Some(ts) = timestamp
         && timefmt::parse_iso_ms(ts).is_none()
     {
@@ -385,7 +481,7 @@ fn validate_signal(
             format!("`{ts}` is not an ISO-8601 time such as 2026-02-25T14:30:00.000Z"),
         ));
     }
-    let message_id = text_of(m, "messageId", &at, &mut violations);
+    let message_id = text_of("messageId", &mut violations);
     if message_id.is_some_and(|id| id.len() > 256) {
         violations.push(FieldViolation::new(
             at("messageId"),
@@ -395,57 +491,10 @@ fn validate_signal(
     if !violations.is_empty() {
         return Err(ApiError::violations("event", violations));
     }
-    let event_type: Arc<str> = Arc::from(event_type.unwrap_or_default());
-    let id_given = message_id.is_some();
-    let has_timestamp = timestamp.is_some();
-    // What the relay fills in, for an input kept as protobuf.
-    let mut filled = pb::Event::default();
-    let id: Arc<str> = match message_id {
-        Some(id) => Arc::from(id),
-        None => {
-            let id = uuid::Uuid::new_v4().to_string();
-            let arc = Arc::from(id.as_str());
-            if let Original::Proto(_) = original {
-                filled.message_id.clone_from(&id);
-            }
-            m.insert("messageId".into(), Value::String(id));
-            arc
-        }
-    };
-    if !has_timestamp {
-        let now = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
-        if let Original::Proto(_) = original {
-            filled.timestamp.clone_from(&now);
-        }
-        m.insert("timestamp".into(), Value::String(now));
-    }
-    let input = match original {
-        Original::Json => {
-            let input = json_bytes(&doc);
-            if input.len() > max_bytes {
-                return Err(too_large(
-                    if field.is_empty() { "body" } else { field },
-                    input.len(),
-                    max_bytes,
-                ));
-            }
-            input
-        }
-        Original::Proto(event) => {
-            let mut input = Vec::with_capacity(1 + event.len() + filled.encoded_len());
-            input.push(PROTO_INPUT);
-            input.extend_from_slice(event);
-            filled.encode_raw(&mut input);
-            Bytes::from(input)
-        }
-    };
-    Ok(InboundEvent {
-        source: Source::Signal,
-        id,
-        id_given,
-        event_type,
-        doc,
-        input,
+    Ok(Checked {
+        event_type: Arc::from(event_type.unwrap_or_default()),
+        given_id: message_id.map(Arc::from),
+        has_timestamp: timestamp.is_some(),
     })
 }
 
@@ -726,6 +775,41 @@ mod tests {
                 .description
                 .contains("not a valid lytics_relay.v1.Event")
         );
+    }
+
+    #[test]
+    fn grpc_and_json_events_get_the_same_answers() {
+        let long_id = "m".repeat(300);
+        for doc in [
+            json!({}),
+            json!({"type": "click", "userId": "u"}),
+            json!({"type": "track", "userId": "u"}),
+            json!({"type": " ", "anonymousId": "  "}),
+            json!({"type": "page", "userId": "u", "timestamp": "yesterday", "messageId": long_id}),
+            json!({"type": "identify", "userId": "u", "traits": {"email": "a@b.c"}}),
+            json!({"type": "track", "event": "E", "anonymousId": "a", "messageId": "m-1",
+                   "timestamp": "2026-02-25T14:30:00Z", "name": "n", "category": "c", "groupId": "g",
+                   "previousId": "p", "sentAt": "s", "receivedAt": "r", "originalTimestamp": "o",
+                   "channel": "server", "context": {"ip": "1.2.3.4"}}),
+        ] {
+            let from_json = signal_event(doc.clone(), "event", 32 * 1024, 5);
+            let from_proto = signal_proto_event(&proto(&doc), "event", 32 * 1024, 5);
+            match (from_json, from_proto) {
+                (Err(a), Err(b)) => assert_eq!(
+                    (a.code, a.message, a.violations),
+                    (b.code, b.message, b.violations),
+                    "{doc}"
+                ),
+                (Ok(a), Ok(b)) => {
+                    assert_eq!((&a.event_type, a.id_given), (&b.event_type, b.id_given), "{doc}");
+                    if a.id_given {
+                        assert_eq!((&a.id, &a.doc), (&b.id, &b.doc), "{doc}");
+                    }
+                    assert_eq!(a.doc["timestamp"], b.doc["timestamp"], "{doc}");
+                }
+                (a, b) => panic!("{doc}: JSON {a:?}, protobuf {b:?}"),
+            }
+        }
     }
 
     #[test]
