@@ -22,8 +22,19 @@ use super::flatten::flatten;
 #[derive(Debug)]
 struct Write<'a> {
     key: Cow<'a, str>,
+    /// The key's first eight bytes, big-endian, zero-padded: ordered as the keys are wherever
+    /// they differ there, so sorting compares whole keys only when these are equal.
+    prefix: u64,
     value: Cow<'a, Value>,
     overwrite: bool,
+}
+
+/// The first eight bytes of `key` as a big-endian number, zero-padded.
+fn key_prefix(key: &str) -> u64 {
+    let mut head = [0u8; 8];
+    let n = key.len().min(8);
+    head[..n].copy_from_slice(&key.as_bytes()[..n]);
+    u64::from_be_bytes(head)
 }
 
 /// A record under construction.
@@ -44,6 +55,7 @@ impl<'a> RecordBuilder<'a> {
     pub fn set(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, overwrite: bool) {
         flatten(key, value, &mut |key, value| {
             self.writes.push(Write {
+                prefix: key_prefix(&key),
                 key,
                 value,
                 overwrite,
@@ -65,16 +77,21 @@ impl<'a> RecordBuilder<'a> {
     /// The finished record: one value per key, sorted by key.
     pub fn finish(mut self) -> Fields<'a> {
         // A stable sort keeps each key's writes in the order they were made.
-        self.writes.sort_by(|a, b| a.key.cmp(&b.key));
+        self.writes
+            .sort_by(|a, b| a.prefix.cmp(&b.prefix).then_with(|| a.key.cmp(&b.key)));
         let mut fields: Vec<(Cow<'a, str>, Cow<'a, Value>)> = Vec::with_capacity(self.writes.len());
+        let mut last_prefix = None;
         for w in self.writes {
             match fields.last_mut() {
-                Some((key, value)) if *key == w.key => {
+                Some((key, value)) if last_prefix == Some(w.prefix) && *key == w.key => {
                     if w.overwrite {
                         *value = w.value;
                     }
                 }
-                _ => fields.push((w.key, w.value)),
+                _ => {
+                    last_prefix = Some(w.prefix);
+                    fields.push((w.key, w.value));
+                }
             }
         }
         Fields(fields)
@@ -136,6 +153,58 @@ mod tests {
             b.set(Cow::Borrowed(*k), Cow::Owned(v.clone()), *overwrite);
         }
         b.finish()
+    }
+
+    #[test]
+    fn keys_sort_and_merge_as_strings_do() {
+        // Keys that share or differ within the first eight bytes, are prefixes of each other,
+        // hold NUL or multi-byte characters, or repeat (an empty key is never written).
+        let keys = [
+            "utm_source",
+            "utm_sourc",
+            "utm_sources",
+            "utm_medium",
+            "a",
+            "ab\0",
+            "ab",
+            "ab\0\0x",
+            "products[0].name",
+            "products[0].price",
+            "products_count",
+            "é",
+            "e\u{301}",
+            "zz",
+            "ab",
+            "utm_source",
+            "\u{10FFFF}",
+            "abcdefgh",
+            "abcdefghi",
+            "abcdefgg",
+        ];
+        let mut b = RecordBuilder::default();
+        for (i, k) in keys.iter().enumerate() {
+            b.set(Cow::Borrowed(*k), Cow::Owned(json!(i)), i % 3 != 0);
+        }
+        let got: Vec<(String, Value)> = b
+            .finish()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        // The same precedence computed the plain way.
+        let mut want: Vec<(String, Value)> = Vec::new();
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_by(|&x, &y| keys[x].cmp(keys[y]));
+        for i in order {
+            match want.last_mut() {
+                Some((k, v)) if k == keys[i] => {
+                    if i % 3 != 0 {
+                        *v = json!(i);
+                    }
+                }
+                _ => want.push((keys[i].to_string(), json!(i))),
+            }
+        }
+        assert_eq!(got, want);
     }
 
     #[test]
