@@ -120,9 +120,13 @@ impl Ingest {
     }
 
     /// Maps and queues `events`; `traceparent` is the caller's W3C trace context, if any.
+    ///
+    /// `events` is read one event at a time, each mapped before the next is read: a door that
+    /// decodes lazily (the gRPC `SendBatch`) keeps one event's document in memory at a time,
+    /// and its memory is reused while still in cache.
     pub async fn accept(
         &self,
-        events: Vec<InboundEvent>,
+        events: impl IntoIterator<Item = InboundEvent>,
         traceparent: Option<&str>,
     ) -> Result<Vec<Accepted>, ApiError> {
         if !self.accepting.load(Ordering::SeqCst) {
@@ -131,21 +135,22 @@ impl Ingest {
                 "the relay is shutting down; retry against another instance",
             ));
         }
-        let source = events.first().map(|e| e.source.as_str()).unwrap_or("none");
+        let mut events = events.into_iter().peekable();
+        let Some(source) = events.peek().map(|e| e.source) else {
+            return Ok(Vec::new());
+        };
         let (mut span, tp) = self.telemetry.start_ingest(
             traceparent,
-            vec![
-                KeyValue::new(names::INGEST_SOURCE, source),
-                KeyValue::new(names::INGEST_EVENTS, events.len() as i64),
-            ],
+            vec![KeyValue::new(names::INGEST_SOURCE, source.as_str())],
         );
         let tp: Option<Arc<str>> = tp.map(Arc::from);
         let rules = self.rules.current();
         let integrations = self.integrations.snapshot();
         let accepted_ms = now_ms();
-        let mut batches = Vec::with_capacity(events.len());
-        let mut answers = Vec::with_capacity(events.len());
-        let mut mapped = Vec::with_capacity(events.len());
+        let expected = events.size_hint().0;
+        let mut batches = Vec::with_capacity(expected);
+        let mut answers = Vec::with_capacity(expected);
+        let mut mapped = Vec::with_capacity(expected);
         // Each integration's rule context is built once per call, not once per event.
         let targets: Vec<_> = integrations
             .iter()
@@ -212,6 +217,9 @@ impl Ingest {
                 records,
             });
             answers.push(answer);
+        }
+        if let Some(s) = span.as_mut() {
+            s.set_attribute(KeyValue::new(names::INGEST_EVENTS, answers.len() as i64));
         }
         let duplicates = match self.queue.enqueue(batches).await {
             Ok(d) => d,

@@ -127,6 +127,9 @@ async fn every_lytics_call_has_a_span_linked_to_the_ingest_that_caused_it() {
     let ingest = spans.iter().find(|s| s.name == names::SPAN_INGEST).unwrap();
     assert_eq!(hex(&ingest.trace_id), trace_id);
     assert_eq!(hex(&ingest.parent_span_id), parent_span);
+    assert_eq!(text(ingest, names::INGEST_SOURCE), "signal");
+    assert_eq!(int(ingest, names::INGEST_EVENTS), 1);
+    assert_eq!(int(ingest, names::INGEST_RECORDS), 1);
 
     let call = spans
         .iter()

@@ -127,33 +127,29 @@ impl IngestService for IngestGrpc {
             )
             .into());
         }
-        let mut outcomes: Vec<pb::EventOutcome> = Vec::with_capacity(events.len());
-        let mut valid = Vec::with_capacity(events.len());
+        let mut outcomes: Vec<pb::EventOutcome> = (0..events.len())
+            .map(|i| pb::EventOutcome {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                result: None,
+                error: None,
+            })
+            .collect();
         let mut valid_at = Vec::with_capacity(events.len());
-        for (i, e) in events.into_iter().enumerate() {
-            let index = u32::try_from(i).unwrap_or(u32::MAX);
-            match self.normalize(Some(&e), &format!("events[{i}]")) {
+        // Decoded and validated one at a time as ingest maps them (see `Ingest::accept`).
+        // By index: a closure over borrowed items trips the compiler's `Send` check of the
+        // handler's future (rust-lang/rust#64552).
+        let valid =
+            (0..events.len()).filter_map(|i| match self.normalize(events.get(i), &format!("events[{i}]")) {
                 Ok(ev) => {
-                    valid_at.push(outcomes.len());
-                    valid.push(ev);
-                    outcomes.push(pb::EventOutcome {
-                        index,
-                        result: None,
-                        error: None,
-                    });
+                    valid_at.push(i);
+                    Some(ev)
                 }
-                Err(err) => outcomes.push(pb::EventOutcome {
-                    index,
-                    result: None,
-                    error: Some(error_pb(&err)),
-                }),
-            }
-        }
-        let accepted = if valid.is_empty() {
-            Vec::new()
-        } else {
-            self.ingest.accept(valid, tp.as_deref()).await?
-        };
+                Err(err) => {
+                    outcomes[i].error = Some(error_pb(&err));
+                    None
+                }
+            });
+        let accepted = self.ingest.accept(valid, tp.as_deref()).await?;
         for (slot, a) in valid_at.into_iter().zip(accepted.iter()) {
             outcomes[slot].result = Some(result_pb(a));
         }
