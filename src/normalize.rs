@@ -51,8 +51,16 @@ const PROTO_INPUT: u8 = 0;
 /// neither (never written by the relay).
 pub fn input_json(input: &[u8]) -> Option<Value> {
     match input.split_first() {
-        Some((&PROTO_INPUT, event)) => crate::proto::raw::decode_event(event).ok().map(event_to_json),
+        Some((&PROTO_INPUT, event)) => pb::Event::decode(event).ok().map(event_to_json),
         _ => serde_json::from_slice(input).ok(),
+    }
+}
+
+/// An event's input as a protobuf `Struct` (see [`input_json`]); `None` when it is not an object.
+pub fn input_struct(input: &[u8]) -> Option<JsonStruct> {
+    match input_json(input)? {
+        Value::Object(m) => Some(JsonStruct(m)),
+        _ => None,
     }
 }
 
@@ -159,29 +167,45 @@ fn write_with_serde<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) 
     }
 }
 
-/// Converts a gRPC event into its canonical JSON (camelCase keys, empty fields left out). The
-/// event is consumed: its strings and objects move into the document.
-pub fn event_to_json(e: pb::Event) -> Value {
-    let mut m = Map::new();
-    let mut text = |k: &str, v: String| {
-        if !v.is_empty() {
-            m.insert(k.to_string(), Value::String(v));
+/// Hands the text fields of an `Event`, each with its canonical JSON name (camelCase), to the
+/// macro named: the one list that conversion both ways and validation read.
+macro_rules! with_text_fields {
+    ($then:ident!($($args:tt)*)) => {
+        $then!($($args)* [
+            "type" r#type, "event" event, "name" name, "category" category, "userId" user_id,
+            "anonymousId" anonymous_id, "groupId" group_id, "previousId" previous_id,
+            "timestamp" timestamp, "sentAt" sent_at, "receivedAt" received_at,
+            "originalTimestamp" original_timestamp, "messageId" message_id, "channel" channel
+        ])
+    };
+}
+
+/// `[(JSON name, &mut field)]` of an `Event`.
+macro_rules! text_fields_mut {
+    ($e:expr, [$($k:literal $f:ident),*]) => {
+        [$(($k, &mut $e.$f)),*]
+    };
+}
+
+/// The text field of an `Event` whose JSON name is `key`, if there is one.
+macro_rules! text_field {
+    ($e:expr, $key:expr, [$($k:literal $f:ident),*]) => {
+        match $key {
+            $($k => Some(&$e.$f),)*
+            _ => None,
         }
     };
-    text("type", e.r#type);
-    text("event", e.event);
-    text("name", e.name);
-    text("category", e.category);
-    text("userId", e.user_id);
-    text("anonymousId", e.anonymous_id);
-    text("groupId", e.group_id);
-    text("previousId", e.previous_id);
-    text("timestamp", e.timestamp);
-    text("sentAt", e.sent_at);
-    text("receivedAt", e.received_at);
-    text("originalTimestamp", e.original_timestamp);
-    text("messageId", e.message_id);
-    text("channel", e.channel);
+}
+
+/// Converts a gRPC event into its canonical JSON (camelCase keys, empty fields left out). The
+/// event is consumed: its strings and objects move into the document.
+pub fn event_to_json(mut e: pb::Event) -> Value {
+    let mut m = Map::new();
+    for (k, v) in with_text_fields!(text_fields_mut!(e,)) {
+        if !v.is_empty() {
+            m.insert(k.to_string(), Value::String(std::mem::take(v)));
+        }
+    }
     for (k, v) in [
         ("properties", e.properties),
         ("traits", e.traits),
@@ -208,27 +232,18 @@ pub fn json_to_event(json: &Value) -> pb::Event {
             .to_string()
     };
     let st = |k: &str| json.get(k).and_then(json_to_struct);
-    pb::Event {
-        r#type: s("type"),
-        event: s("event"),
-        name: s("name"),
-        category: s("category"),
+    let mut e = pb::Event {
         properties: st("properties"),
         traits: st("traits"),
-        user_id: s("userId"),
-        anonymous_id: s("anonymousId"),
-        group_id: s("groupId"),
-        previous_id: s("previousId"),
         context: st("context"),
         integrations: st("integrations"),
-        timestamp: s("timestamp"),
-        sent_at: s("sentAt"),
-        received_at: s("receivedAt"),
-        original_timestamp: s("originalTimestamp"),
-        message_id: s("messageId"),
-        channel: s("channel"),
         version: json.get("version").cloned().map(JsonValue),
+        ..Default::default()
+    };
+    for (k, v) in with_text_fields!(text_fields_mut!(e,)) {
+        *v = s(k);
     }
+    e
 }
 
 /// The JSON object a protobuf `Struct` holds.
@@ -283,7 +298,7 @@ pub fn signal_proto_event(
     if event.len() > max_bytes {
         return Err(too_large(field, event.len(), max_bytes));
     }
-    let decoded = crate::proto::raw::decode_event(event)
+    let decoded = pb::Event::decode(event)
         .map_err(|e| ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {e}")))?;
     let checked = check_signal(&decoded, field)?;
     let mut doc = event_to_json(decoded);
@@ -319,24 +334,8 @@ impl SignalFields for Map<String, Value> {
 
 impl SignalFields for pb::Event {
     fn text(&self, key: &str) -> Result<Option<&str>, ()> {
-        let text = match key {
-            "type" => &self.r#type,
-            "event" => &self.event,
-            "name" => &self.name,
-            "category" => &self.category,
-            "userId" => &self.user_id,
-            "anonymousId" => &self.anonymous_id,
-            "groupId" => &self.group_id,
-            "previousId" => &self.previous_id,
-            "timestamp" => &self.timestamp,
-            "sentAt" => &self.sent_at,
-            "receivedAt" => &self.received_at,
-            "originalTimestamp" => &self.original_timestamp,
-            "messageId" => &self.message_id,
-            "channel" => &self.channel,
-            _ => return Ok(None),
-        };
-        Ok((!text.trim().is_empty()).then_some(text.as_str()))
+        let text: Option<&String> = with_text_fields!(text_field!(self, key,));
+        Ok(text.map(String::as_str).filter(|text| !text.trim().is_empty()))
     }
 
     fn object_or_absent(&self, _key: &str) -> bool {

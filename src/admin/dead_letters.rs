@@ -60,7 +60,7 @@ pub fn dead_letter_pb(d: &DeadLetter) -> pb::DeadLetter {
         source: r.source.as_str().to_string(),
         event_id: r.event_id.to_string(),
         event_type: r.event_type.to_string(),
-        input: crate::normalize::input_json(&r.input).and_then(|v| json_to_struct(&v)),
+        input: crate::normalize::input_struct(&r.input),
         record: json(&r.body),
         reason: d.reason.clone(),
         dead_lettered_ms: d.at_ms,

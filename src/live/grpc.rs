@@ -73,7 +73,7 @@ pub fn live_event_pb(e: &LiveEvent) -> pb::LiveEvent {
         event_id: e.event_id.to_string(),
         integration: e.integration.as_deref().unwrap_or_default().to_string(),
         rules_version: e.rules_version.to_string(),
-        input: crate::normalize::input_json(&e.input).and_then(|v| json_to_struct(&v)),
+        input: crate::normalize::input_struct(&e.input),
         records: e
             .records
             .iter()

@@ -4,15 +4,13 @@
 //! `Event event = 1` and `bytes event = 1` are the same on the wire (a length-delimited field),
 //! so these types decode any request a client encodes with the generated `SendRequest`,
 //! `SendBatchRequest` and `StreamRequest`. The bytes are slices of the received buffer (no copy);
-//! the gRPC door decodes each event from them ([`decode_event`]) and keeps them as the event's
+//! the gRPC door decodes each event from them and keeps them as the event's
 //! input, so the relay never serialises a gRPC event again to store it. One difference from
 //! decoding the full types: a request that repeats its singular `event` field keeps the last
 //! occurrence instead of merging the two (protobuf encoders never write such a request).
 
 use bytes::Bytes;
 use prost::Message;
-
-use super::v1 as pb;
 
 /// `lytics_relay.v1.SendRequest`, its event undecoded.
 #[derive(Clone, PartialEq, Message)]
@@ -38,15 +36,11 @@ pub struct StreamRequest {
     pub event: Option<Bytes>,
 }
 
-/// Decodes one event of a request.
-pub fn decode_event(bytes: &[u8]) -> Result<pb::Event, prost::DecodeError> {
-    pb::Event::decode(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::JsonStruct;
+    use crate::proto::v1 as pb;
 
     fn event(name: &str) -> pb::Event {
         let mut props = serde_json::Map::new();
@@ -74,7 +68,7 @@ mod tests {
         assert_eq!(raw.events.len(), 3);
         for (bytes, event) in raw.events.iter().zip(&events) {
             assert_eq!(&bytes[..], &event.encode_to_vec()[..]);
-            assert_eq!(&decode_event(bytes).unwrap(), event);
+            assert_eq!(&pb::Event::decode(&bytes[..]).unwrap(), event);
         }
         // And back: the raw form encodes to the same bytes.
         assert_eq!(raw.encode_to_vec(), wire);
@@ -87,7 +81,10 @@ mod tests {
         }
         .encode_to_vec();
         let raw = SendRequest::decode(&wire[..]).unwrap();
-        assert_eq!(decode_event(raw.event.as_deref().unwrap()).unwrap(), event("A"));
+        assert_eq!(
+            pb::Event::decode(raw.event.as_deref().unwrap()).unwrap(),
+            event("A")
+        );
         let none = SendRequest::decode(&pb::SendRequest { event: None }.encode_to_vec()[..]).unwrap();
         assert!(none.event.is_none());
         let stream = StreamRequest::decode(
@@ -98,7 +95,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            decode_event(stream.event.as_deref().unwrap()).unwrap(),
+            pb::Event::decode(stream.event.as_deref().unwrap()).unwrap(),
             event("S")
         );
     }
@@ -118,6 +115,6 @@ mod tests {
         assert!(pb::SendBatchRequest::decode(&[0x0a, 0x05, 0x0a][..]).is_err());
         // A well-framed event whose own bytes are not an Event is refused when decoded.
         let raw = SendBatchRequest::decode(&[0x0a, 0x02, 0x0a, 0x05][..]).unwrap();
-        assert!(decode_event(&raw.events[0]).is_err());
+        assert!(pb::Event::decode(&raw.events[0][..]).is_err());
     }
 }
