@@ -16,6 +16,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::integration::Integrations;
 use crate::live::Mapped;
 use crate::lytics::MAX_BATCH_RECORD_BYTES;
+use crate::metrics::IngestTally;
 use crate::monitor::Monitor;
 use crate::normalize::InboundEvent;
 use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
@@ -150,15 +151,20 @@ impl Ingest {
         let expected = events.size_hint().0;
         let mut batches = Vec::with_capacity(expected);
         let mut answers = Vec::with_capacity(expected);
-        let mut mapped = Vec::with_capacity(expected);
+        // What the live view shows is built only while someone watches.
+        let watching = self.monitor.watching();
+        let mut mapped = Vec::new();
         // Each integration's rule context is built once per call, not once per event.
         let targets: Vec<_> = integrations
             .iter()
             .filter(|i| i.enabled)
             .map(|i| (i, i.context()))
             .collect();
+        let own_stream: Arc<str> = Arc::from(crate::queue::INTEGRATION_STREAM);
+        // Records each event queued for each target, event by event (for the metrics).
+        let mut per_target: Vec<u32> = Vec::with_capacity(expected * targets.len());
         for event in events {
-            let mut records = Vec::new();
+            let mut records = Vec::with_capacity(targets.len());
             let mut answer = Accepted {
                 id: event.id.clone(),
                 disposition: Disposition::Ignored,
@@ -168,6 +174,7 @@ impl Ingest {
                 rules_version: rules.version().clone(),
             };
             for (integration, context) in &targets {
+                let before = records.len();
                 let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped);
                 for record in mapping.records {
@@ -189,7 +196,7 @@ impl Ingest {
                         // Records bound for the integration's own stream follow it: a stream
                         // fixed while they wait redirects them (resolved at delivery).
                         stream: if *record.stream == *integration.stream_name.as_str() {
-                            Arc::from(crate::queue::INTEGRATION_STREAM)
+                            own_stream.clone()
                         } else {
                             record.stream
                         },
@@ -205,11 +212,14 @@ impl Ingest {
                         accepted_ms,
                     });
                 }
+                per_target.push(u32::try_from(records.len() - before).unwrap_or(u32::MAX));
             }
             if answer.records > 0 {
                 answer.disposition = Disposition::Queued;
             }
-            mapped.push(Mapped::new(&event, &records, &integrations));
+            if watching {
+                mapped.push(Mapped::new(&event, &records, &integrations));
+            }
             batches.push(EventRecords {
                 dedup_key: event
                     .id_given
@@ -230,36 +240,56 @@ impl Ingest {
                 return Err(queue_error(e));
             }
         };
-        let mut queued = 0usize;
-        for (answer, dup) in answers.iter_mut().zip(duplicates) {
+        let mut queued = 0u64;
+        let mut tally = IngestTally {
+            events: answers.len() as u64,
+            ..IngestTally::default()
+        };
+        let mut by_target = vec![0u64; targets.len()];
+        let width = targets.len();
+        for (i, (answer, dup)) in answers.iter_mut().zip(duplicates).enumerate() {
             if dup {
                 answer.disposition = Disposition::Duplicate;
                 answer.records = 0;
                 answer.rules.clear();
                 answer.dropped.clear();
+                tally.duplicates += 1;
                 continue;
             }
-            queued += answer.records as usize;
+            queued += u64::from(answer.records);
+            tally.dropped += answer.dropped.len() as u64;
+            match answer.disposition {
+                Disposition::Queued => {
+                    let counts = per_target.get(i * width..(i + 1) * width).unwrap_or_default();
+                    for (sum, n) in by_target.iter_mut().zip(counts) {
+                        *sum += u64::from(*n);
+                    }
+                }
+                Disposition::Ignored => tally.ignored += 1,
+                Disposition::Duplicate => {}
+            }
             for d in &answer.dropped {
                 tracing::warn!(event_id = %answer.id, rule = %d.rule, reason = %d.reason, "record not sent");
             }
         }
+        tally.mapped = targets
+            .iter()
+            .zip(by_target)
+            .map(|((integration, _), n)| (integration.id.as_str(), n))
+            .collect();
         let c = &self.counters;
-        c.events.fetch_add(answers.len() as u64, Ordering::Relaxed);
-        c.records.fetch_add(queued as u64, Ordering::Relaxed);
-        for a in &answers {
-            c.dropped.fetch_add(a.dropped.len() as u64, Ordering::Relaxed);
-            match a.disposition {
-                Disposition::Ignored => c.ignored.fetch_add(1, Ordering::Relaxed),
-                Disposition::Duplicate => c.duplicates.fetch_add(1, Ordering::Relaxed),
-                Disposition::Queued => 0,
-            };
-        }
-        for (answer, mapped) in answers.iter().zip(mapped) {
-            self.monitor.ingested(mapped, answer, accepted_ms, tp.as_ref());
-        }
+        c.events.fetch_add(tally.events, Ordering::Relaxed);
+        c.records.fetch_add(queued, Ordering::Relaxed);
+        c.dropped.fetch_add(tally.dropped, Ordering::Relaxed);
+        c.ignored.fetch_add(tally.ignored, Ordering::Relaxed);
+        c.duplicates.fetch_add(tally.duplicates, Ordering::Relaxed);
+        self.monitor
+            .ingested(source, &tally, &answers, mapped, accepted_ms, tp.as_ref());
         if let Some(mut s) = span {
-            s.set_attribute(KeyValue::new(names::INGEST_RECORDS, queued as i64));
+            s.set_attribute(KeyValue::new(
+                names::INGEST_RECORDS,
+                i64::try_from(queued).unwrap_or(i64::MAX),
+            ));
             s.end();
         }
         Ok(answers)

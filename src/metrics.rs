@@ -20,14 +20,28 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::ingest::Accepted;
-use crate::live::{LiveBus, Mapped, Outcome};
+use crate::live::{LiveBus, Outcome};
 use crate::queue::{Queue, QueuedRecord};
 use crate::rules::Source;
 use crate::timefmt::now_ms;
 
 /// The content type of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What one ingest call did, counted in one go rather than event by event.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IngestTally<'a> {
+    /// Events accepted (queued, ignored, dropped or duplicate).
+    pub events: u64,
+    /// Records refused by rules, over the events that were not duplicates.
+    pub dropped: u64,
+    /// Events seen before within the dedup window.
+    pub duplicates: u64,
+    /// Events that queued nothing (no rule matched, or every record was refused).
+    pub ignored: u64,
+    /// Records queued, by integration id.
+    pub mapped: Vec<(&'a str, u64)>,
+}
 
 /// Labels of per-source counts.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -194,28 +208,24 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts an event ingest accepted.
-    pub fn ingested(&self, mapped: &Mapped, answer: &Accepted) {
-        let source = SourceLabels {
-            source: mapped.source.as_str(),
+    /// Counts the events of one ingest call, all from `source`.
+    pub fn ingested(&self, source: Source, tally: &IngestTally<'_>) {
+        let labels = SourceLabels {
+            source: source.as_str(),
         };
-        self.received.get_or_create(&source).inc();
-        self.dropped
-            .get_or_create(&source)
-            .inc_by(answer.dropped.len() as u64);
-        match Outcome::of(answer) {
-            Outcome::Duplicate => {
-                self.duplicates.get_or_create(&source).inc();
-            }
-            Outcome::Ignored | Outcome::Dropped => {
-                self.ignored.get_or_create(&source).inc();
-            }
-            _ => {
-                for r in &mapped.records {
-                    self.mapped
-                        .get_or_create(&record_labels(&r.integration, mapped.source))
-                        .inc();
-                }
+        self.received.get_or_create(&labels).inc_by(tally.events);
+        self.dropped.get_or_create(&labels).inc_by(tally.dropped);
+        if tally.duplicates > 0 {
+            self.duplicates.get_or_create(&labels).inc_by(tally.duplicates);
+        }
+        if tally.ignored > 0 {
+            self.ignored.get_or_create(&labels).inc_by(tally.ignored);
+        }
+        for (integration, records) in &tally.mapped {
+            if *records > 0 {
+                self.mapped
+                    .get_or_create(&record_labels(integration, source))
+                    .inc_by(*records);
             }
         }
     }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use crate::ingest::Accepted;
 use crate::live::{CallResult, LiveBus, LiveEvent, Mapped, Outcome};
-use crate::metrics::Metrics;
+use crate::metrics::{IngestTally, Metrics};
 use crate::queue::QueuedRecord;
+use crate::rules::Source;
 use crate::timefmt::now_ms;
 
 /// The pipeline's reporter, shared by ingest and delivery.
@@ -43,16 +44,27 @@ impl Monitor {
         &self.metrics
     }
 
-    /// Ingest accepted an event (queued, ignored, dropped or duplicate).
+    /// True while someone watches live events: ingest builds what they show only then.
+    pub fn watching(&self) -> bool {
+        self.bus.watching()
+    }
+
+    /// Ingest accepted the events of one call from `source`: `tally` counts them; `mapped`
+    /// (built only while someone watches) holds each event's live form, beside its answer.
     pub fn ingested(
         &self,
-        mapped: Mapped,
-        answer: &Accepted,
+        source: Source,
+        tally: &IngestTally<'_>,
+        answers: &[Accepted],
+        mapped: Vec<Mapped>,
         accepted_ms: i64,
         traceparent: Option<&Arc<str>>,
     ) {
-        self.metrics.ingested(&mapped, answer);
-        if self.bus.watching() {
+        self.metrics.ingested(source, tally);
+        if mapped.is_empty() || !self.bus.watching() {
+            return;
+        }
+        for (mapped, answer) in mapped.into_iter().zip(answers) {
             self.bus.publish(LiveEvent::ingested(
                 mapped,
                 answer,

@@ -368,8 +368,10 @@ impl Checked {
         let mut added = pb::Event::default();
         let id_given = self.given_id.is_some();
         let id = self.given_id.unwrap_or_else(|| {
-            added.message_id = uuid::Uuid::new_v4().to_string();
-            Arc::from(added.message_id.as_str())
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+            added.message_id = String::from(&*text);
+            Arc::from(&*text)
         });
         if !self.has_timestamp {
             added.timestamp = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();

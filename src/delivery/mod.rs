@@ -408,19 +408,51 @@ impl Delivery {
     /// Groups leased records per (integration, stream, timestamp field) and delivers each group
     /// in batches within the count and byte limits.
     async fn deliver(&self, leased: Vec<QueuedRecord>) {
-        let mut groups: HashMap<BatchKey, Vec<QueuedRecord>> = HashMap::new();
+        // Few groups and long runs of one key: a list searched from the last group used beats
+        // hashing three strings per record.
+        let mut groups: Vec<(BatchKey, Vec<QueuedRecord>)> = Vec::new();
+        // Each integration's own stream, looked up once per lease.
+        let mut own_streams: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        let mut last = 0;
         for mut r in leased {
-            if &*r.record.stream == crate::queue::INTEGRATION_STREAM
-                && let Some(i) = self.integrations.get(&r.record.integration)
-            {
-                r.record.stream = Arc::from(i.stream_name.as_str());
+            if &*r.record.stream == crate::queue::INTEGRATION_STREAM {
+                let known = own_streams
+                    .iter()
+                    .find(|(id, _)| *id == r.record.integration)
+                    .map(|(_, stream)| stream.clone());
+                let stream = known.or_else(|| {
+                    let i = self.integrations.get(&r.record.integration)?;
+                    let stream: Arc<str> = Arc::from(i.stream_name.as_str());
+                    own_streams.push((r.record.integration.clone(), stream.clone()));
+                    Some(stream)
+                });
+                if let Some(stream) = stream {
+                    r.record.stream = stream;
+                }
             }
-            let key = (
-                r.record.integration.clone(),
-                r.record.stream.clone(),
-                r.record.timestamp_field.clone(),
-            );
-            groups.entry(key).or_default().push(r);
+            let same = |(k, _): &(BatchKey, Vec<QueuedRecord>)| {
+                k.0 == r.record.integration && k.1 == r.record.stream && k.2 == r.record.timestamp_field
+            };
+            match groups
+                .get(last)
+                .filter(|g| same(g))
+                .map(|_| last)
+                .or_else(|| groups.iter().position(same))
+            {
+                Some(i) => {
+                    last = i;
+                    groups[i].1.push(r);
+                }
+                None => {
+                    let key = (
+                        r.record.integration.clone(),
+                        r.record.stream.clone(),
+                        r.record.timestamp_field.clone(),
+                    );
+                    last = groups.len();
+                    groups.push((key, vec![r]));
+                }
+            }
         }
         for ((integration_id, _, _), records) in groups {
             let Some(integration) = self.integrations.get(&integration_id) else {
@@ -428,7 +460,7 @@ impl Delivery {
                 self.dead_letter(records, reason).await;
                 continue;
             };
-            let mut batch = Vec::new();
+            let mut batch = Vec::with_capacity(records.len().min(self.settings.batch_max_records));
             let mut bytes = 2;
             for r in records {
                 let size = r.record.body.len() + 1;

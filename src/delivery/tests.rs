@@ -419,3 +419,90 @@ async fn a_lytics_outage_holds_delivery_and_probes_with_one_call_at_a_time() {
         calls.len()
     );
 }
+
+/// Takes every call and keeps each call's URL and body.
+#[derive(Default)]
+struct Recording {
+    calls: Mutex<Vec<(Url, Bytes)>>,
+}
+
+#[async_trait::async_trait]
+impl CollectSender for Recording {
+    async fn post(&self, url: Url, _token: &Secret, body: Bytes) -> Result<Reply, TransportError> {
+        self.calls.lock().unwrap().push((url, body));
+        let body = r#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#;
+        Ok(Reply {
+            status: 200,
+            body: Bytes::from_static(body.as_bytes()),
+            latency: Duration::ZERO,
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_batch_holds_one_stream_and_timestamp_field_with_own_stream_records_resolved() {
+    let queue = Arc::new(MemoryQueue::new(100, Duration::from_secs(60)));
+    // (stream, timestamp field, n): "" is the integration's own stream, `s`.
+    let made = [
+        ("", "_ts", 1),
+        ("other", "_ts", 2),
+        ("s", "_ts", 3),
+        ("", "ts2", 4),
+        ("other", "_ts", 5),
+        ("", "_ts", 6),
+    ];
+    let records = made
+        .iter()
+        .map(|(stream, ts, n)| NewRecord {
+            stream: Arc::from(*stream),
+            timestamp_field: Arc::from(*ts),
+            body: Bytes::from(format!(r#"{{"n":{n}}}"#)),
+            ..record()
+        })
+        .collect();
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: None,
+            records,
+        }])
+        .await
+        .unwrap();
+    let lytics = Arc::new(Recording::default());
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings())
+        .unwrap()
+        .with_sender(lytics.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    for _ in 0..1000 {
+        if queue.depth() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let mut calls: Vec<(String, String, String)> = lytics
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(url, body)| {
+            let ts = url
+                .query_pairs()
+                .find(|(k, _)| k == "timestamp_field")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let stream = url.path().rsplit('/').next().unwrap_or_default().to_string();
+            (stream, ts, String::from_utf8(body.to_vec()).unwrap())
+        })
+        .collect();
+    calls.sort();
+    assert_eq!(
+        calls,
+        vec![
+            ("other".into(), "_ts".into(), r#"[{"n":2},{"n":5}]"#.into()),
+            ("s".into(), "_ts".into(), r#"[{"n":1},{"n":3},{"n":6}]"#.into()),
+            ("s".into(), "ts2".into(), r#"[{"n":4}]"#.into()),
+        ]
+    );
+}

@@ -61,23 +61,24 @@ pub fn traceparent<T>(req: &Request<T>) -> Option<String> {
 /// The protobuf form of an accepted event.
 pub fn result_pb(a: &Accepted) -> pb::IngestResult {
     pb::IngestResult {
-        message_id: a.id.to_string(),
+        // `String::from(&str)` copies; `to_string` on an `Arc<str>` would go through `Display`.
+        message_id: String::from(&*a.id),
         status: match a.disposition {
             Disposition::Queued => pb::IngestStatus::Accepted,
             Disposition::Duplicate => pb::IngestStatus::Duplicate,
             Disposition::Ignored => pb::IngestStatus::Ignored,
         } as i32,
         records: a.records,
-        rules: a.rules.iter().map(|r| r.to_string()).collect(),
+        rules: a.rules.iter().map(|r| String::from(&**r)).collect(),
         dropped: a
             .dropped
             .iter()
             .map(|d| pb::DroppedRecord {
-                rule: d.rule.to_string(),
+                rule: String::from(&*d.rule),
                 reason: d.reason.clone(),
             })
             .collect(),
-        rules_version: a.rules_version.to_string(),
+        rules_version: String::from(&*a.rules_version),
     }
 }
 

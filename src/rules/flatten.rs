@@ -30,14 +30,14 @@ fn flatten_ref<'a>(key: Cow<'a, str>, value: &'a Value, emit: &mut impl FnMut(Co
                 let key = if key.is_empty() {
                     Cow::Borrowed(k.as_str())
                 } else {
-                    Cow::Owned(format!("{key}.{k}"))
+                    Cow::Owned(member_key(&key, k))
                 };
                 flatten_ref(key, v, emit);
             }
         }
         Value::Array(items) if holds_containers(items) => {
             for (i, v) in items.iter().enumerate() {
-                flatten_ref(Cow::Owned(format!("{key}[{i}]")), v, emit);
+                flatten_ref(Cow::Owned(index_key(&key, i)), v, emit);
             }
         }
         leaf => {
@@ -56,14 +56,14 @@ fn flatten_owned<'a>(key: Cow<'a, str>, value: Value, emit: &mut impl FnMut(Cow<
                 let key = if key.is_empty() {
                     Cow::Owned(k)
                 } else {
-                    Cow::Owned(format!("{key}.{k}"))
+                    Cow::Owned(member_key(&key, &k))
                 };
                 flatten_owned(key, v, emit);
             }
         }
         Value::Array(items) if holds_containers(&items) => {
             for (i, v) in items.into_iter().enumerate() {
-                flatten_owned(Cow::Owned(format!("{key}[{i}]")), v, emit);
+                flatten_owned(Cow::Owned(index_key(&key, i)), v, emit);
             }
         }
         leaf => {
@@ -72,6 +72,25 @@ fn flatten_owned<'a>(key: Cow<'a, str>, value: Value, emit: &mut impl FnMut(Cow<
             }
         }
     }
+}
+
+/// `key.member`, allocated once at its final size.
+fn member_key(key: &str, member: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 1 + member.len());
+    out.push_str(key);
+    out.push('.');
+    out.push_str(member);
+    out
+}
+
+/// `key[index]`, allocated once with room for any index.
+fn index_key(key: &str, index: usize) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(key.len() + 22);
+    out.push_str(key);
+    // Writing to a String cannot fail.
+    let _ = write!(out, "[{index}]");
+    out
 }
 
 /// Arrays of scalars stay arrays; an array holding an object or array is spread by index.
