@@ -258,10 +258,15 @@ impl Metrics {
             Outcome::Paused => &self.paused,
             _ => return,
         };
-        for r in records {
-            family
-                .get_or_create(&record_labels(&r.record.integration, r.record.source))
-                .inc();
+        // A batch's records nearly always share their labels: count each run in one go.
+        for run in records.chunk_by(|a, b| {
+            a.record.source == b.record.source && a.record.integration == b.record.integration
+        }) {
+            if let Some(first) = run.first() {
+                family
+                    .get_or_create(&record_labels(&first.record.integration, first.record.source))
+                    .inc_by(run.len() as u64);
+            }
         }
     }
 
@@ -327,5 +332,98 @@ async fn scrape(State(s): State<MetricsState>) -> Response {
     match s.metrics.render(s.queue.as_ref(), &s.bus).await {
         Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::queue::NewRecord;
+
+    fn exposition(m: &Metrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        text
+    }
+
+    fn queued(integration: &str, source: Source) -> QueuedRecord {
+        QueuedRecord {
+            id: 1,
+            record: NewRecord {
+                integration: Arc::from(integration),
+                stream: Arc::from("s"),
+                timestamp_field: Arc::from("_ts"),
+                rule: Arc::from("r"),
+                rules_version: Arc::from("v"),
+                source,
+                event_id: Arc::from("e"),
+                event_type: Arc::from("track"),
+                body: Bytes::from_static(b"{}"),
+                input: Bytes::from_static(b"{}"),
+                traceparent: None,
+                accepted_ms: 0,
+            },
+            attempts: 0,
+            history: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_call_is_counted_whole() {
+        let m = Metrics::new();
+        let tally = IngestTally {
+            events: 7,
+            dropped: 2,
+            duplicates: 1,
+            ignored: 3,
+            mapped: vec![("a", 3), ("b", 0)],
+        };
+        m.ingested(Source::Signal, &tally);
+        m.ingested(
+            Source::Signal,
+            &IngestTally {
+                events: 1,
+                mapped: vec![("a", 1)],
+                ..IngestTally::default()
+            },
+        );
+        let text = exposition(&m);
+        for line in [
+            r#"lytics_relay_events_received_total{source="signal"} 8"#,
+            r#"lytics_relay_records_dropped_total{source="signal"} 2"#,
+            r#"lytics_relay_events_duplicate_total{source="signal"} 1"#,
+            r#"lytics_relay_events_ignored_total{source="signal"} 3"#,
+            r#"lytics_relay_records_mapped_total{integration="a",source="signal"} 4"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains(r#"integration="b""#), "{text}");
+    }
+
+    #[test]
+    fn settled_records_are_counted_by_their_own_labels() {
+        let m = Metrics::new();
+        let records = [
+            queued("a", Source::Signal),
+            queued("a", Source::Signal),
+            queued("b", Source::Signal),
+            queued("a", Source::CustomerIo),
+            queued("a", Source::Signal),
+        ];
+        m.settled(&records, Outcome::Delivered);
+        m.settled(&records[..1], Outcome::Retrying);
+        let text = exposition(&m);
+        for line in [
+            r#"lytics_relay_records_delivered_total{integration="a",source="signal"} 3"#,
+            r#"lytics_relay_records_delivered_total{integration="b",source="signal"} 1"#,
+            r#"lytics_relay_records_delivered_total{integration="a",source="customerio"} 1"#,
+            r#"lytics_relay_records_retried_total{integration="a",source="signal"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }
