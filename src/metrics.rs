@@ -337,10 +337,6 @@ async fn scrape(State(s): State<MetricsState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-
     use super::*;
     use crate::queue::NewRecord;
 
@@ -354,18 +350,8 @@ mod tests {
         QueuedRecord {
             id: 1,
             record: NewRecord {
-                integration: Arc::from(integration),
-                stream: Arc::from("s"),
-                timestamp_field: Arc::from("_ts"),
-                rule: Arc::from("r"),
-                rules_version: Arc::from("v"),
                 source,
-                event_id: Arc::from("e"),
-                event_type: Arc::from("track"),
-                body: Bytes::from_static(b"{}"),
-                input: Bytes::from_static(b"{}"),
-                traceparent: None,
-                accepted_ms: 0,
+                ..NewRecord::sample(integration)
             },
             attempts: 0,
             history: Vec::new(),

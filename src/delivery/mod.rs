@@ -433,15 +433,15 @@ impl Delivery {
             let same = |(k, _): &(BatchKey, Vec<QueuedRecord>)| {
                 k.0 == r.record.integration && k.1 == r.record.stream && k.2 == r.record.timestamp_field
             };
-            match groups
-                .get(last)
-                .filter(|g| same(g))
-                .map(|_| last)
-                .or_else(|| groups.iter().position(same))
-            {
-                Some(i) => {
+            let found = if groups.get(last).is_some_and(&same) {
+                Some(last)
+            } else {
+                groups.iter().position(&same)
+            };
+            match found.and_then(|i| Some((i, groups.get_mut(i)?))) {
+                Some((i, (_, group))) => {
                     last = i;
-                    groups[i].1.push(r);
+                    group.push(r);
                 }
                 None => {
                     let key = (

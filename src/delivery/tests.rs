@@ -10,7 +10,6 @@ use super::*;
 use crate::integration::{AccountId, IntegrationId, Secret, StreamName};
 use crate::lytics::{Reply, TransportError};
 use crate::queue::{DeadLetterFilter, EventRecords, MemoryQueue, NewRecord};
-use crate::rules::Source;
 
 /// Answers collect calls from a script (then the last answer forever) and records when each
 /// call came, in virtual milliseconds.
@@ -66,18 +65,8 @@ impl CollectSender for Scripted {
 
 fn record() -> NewRecord {
     NewRecord {
-        integration: Arc::from("lytics"),
-        stream: Arc::from("s"),
-        timestamp_field: Arc::from("_ts"),
-        rule: Arc::from("r"),
-        rules_version: Arc::from("v"),
-        source: Source::Signal,
-        event_id: Arc::from("e"),
-        event_type: Arc::from("track"),
-        body: Bytes::from_static(b"{}"),
-        input: Bytes::from_static(b"{}"),
-        traceparent: None,
         accepted_ms: now_ms(),
+        ..NewRecord::sample("lytics")
     }
 }
 

@@ -299,8 +299,6 @@ impl Queue for MemoryQueue {
 mod tests {
     use super::*;
     use crate::queue::NewRecord;
-    use crate::rules::Source;
-    use bytes::Bytes;
 
     fn event(key: &str, records: Vec<NewRecord>) -> EventRecords {
         EventRecords {
@@ -314,20 +312,7 @@ mod tests {
     }
 
     fn rec(integration: &str) -> NewRecord {
-        NewRecord {
-            integration: Arc::from(integration),
-            stream: Arc::from("s"),
-            timestamp_field: Arc::from("_ts"),
-            rule: Arc::from("r"),
-            rules_version: Arc::from("v"),
-            source: Source::Signal,
-            event_id: Arc::from("e"),
-            event_type: Arc::from("track"),
-            body: Bytes::from_static(b"{}"),
-            input: Bytes::from_static(b"{}"),
-            traceparent: None,
-            accepted_ms: 0,
-        }
+        NewRecord::sample(integration)
     }
 
     #[tokio::test]

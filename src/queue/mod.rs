@@ -63,6 +63,28 @@ pub struct NewRecord {
     pub accepted_ms: i64,
 }
 
+#[cfg(test)]
+impl NewRecord {
+    /// A small record of a Signal track event for `integration`'s own stream `s`, for tests to
+    /// adjust with struct update syntax.
+    pub fn sample(integration: &str) -> Self {
+        NewRecord {
+            integration: Arc::from(integration),
+            stream: Arc::from("s"),
+            timestamp_field: Arc::from("_ts"),
+            rule: Arc::from("r"),
+            rules_version: Arc::from("v"),
+            source: Source::Signal,
+            event_id: Arc::from("e"),
+            event_type: Arc::from("track"),
+            body: Bytes::from_static(b"{}"),
+            input: Bytes::from_static(b"{}"),
+            traceparent: None,
+            accepted_ms: 0,
+        }
+    }
+}
+
 /// The records of one event, stored together or not at all.
 #[derive(Debug, Clone)]
 pub struct EventRecords {
