@@ -36,8 +36,10 @@ const GROUP_MAX: usize = 4096;
 /// Group commit: the writer lingers only when the last commit held at least this many
 /// enqueue calls...
 const LINGER_MIN_CALLERS: usize = 4;
-/// ...and only until this many operations wait...
-const LINGER_UNTIL_OPS: usize = 256;
+/// ...and only until the waiting operations hold this many records (an operation that is not
+/// an enqueue counts as one): a few batch calls already make a commit worth its fsync, and
+/// lingering then only holds the writer, which bounds how fast batches are taken...
+const LINGER_UNTIL_RECORDS: usize = 256;
 /// ...and at most this long, in `LINGER_NAPS` naps.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 const LINGER_NAPS: u32 = 4;
@@ -409,7 +411,7 @@ impl Writer {
             // most LINGER longer. A lone sender (one call per commit) never waits.
             if last_enqueues >= LINGER_MIN_CALLERS {
                 for _ in 0..LINGER_NAPS {
-                    if ops.len() >= LINGER_UNTIL_OPS {
+                    if records_in(&ops) >= LINGER_UNTIL_RECORDS {
                         break;
                     }
                     std::thread::sleep(LINGER / LINGER_NAPS);
@@ -511,6 +513,16 @@ impl Writer {
             self.work.notify_one();
         }
     }
+}
+
+/// How many records `ops` would write: an enqueue counts its records, any other operation one.
+fn records_in(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            Op::Enqueue(events, _) => events.iter().map(|e| e.records.len()).sum::<usize>().max(1),
+            _ => 1,
+        })
+        .sum()
 }
 
 fn sql(e: rusqlite::Error) -> QueueError {
@@ -920,6 +932,22 @@ mod tests {
 
     fn open(dir: &Path) -> SqliteQueue {
         SqliteQueue::open(&dir.join("queue.sqlite3"), 100, Duration::from_secs(3600)).unwrap()
+    }
+
+    #[test]
+    fn lingering_counts_the_records_waiting_not_the_calls() {
+        let enqueue = |records: usize| {
+            let (reply, _) = oneshot::channel();
+            let records = (0..records).map(|i| rec("a", &i.to_string())).collect();
+            Op::Enqueue(vec![event("k", records), event("l", Vec::new())], reply)
+        };
+        let ack = || Op::Ack(vec![1, 2, 3], oneshot::channel().0);
+        // Two batch calls of 100 records and an ack: 201, against 3 operations.
+        assert_eq!(records_in(&[enqueue(100), enqueue(100), ack()]), 201);
+        // A unary call counts one, as does a call whose events all map to nothing.
+        assert_eq!(records_in(&[enqueue(1), enqueue(0), ack()]), 3);
+        assert!(records_in(&[enqueue(100), enqueue(100), enqueue(100)]) >= LINGER_UNTIL_RECORDS);
+        assert!(records_in(&(0..255).map(|_| enqueue(1)).collect::<Vec<_>>()) < LINGER_UNTIL_RECORDS);
     }
 
     #[tokio::test]
