@@ -240,7 +240,6 @@ impl Ingest {
                 return Err(queue_error(e));
             }
         };
-        let mut queued = 0u64;
         let mut tally = IngestTally {
             events: answers.len() as u64,
             ..IngestTally::default()
@@ -256,7 +255,6 @@ impl Ingest {
                 tally.duplicates += 1;
                 continue;
             }
-            queued += u64::from(answer.records);
             tally.dropped += answer.dropped.len() as u64;
             match answer.disposition {
                 Disposition::Queued => {
@@ -272,6 +270,7 @@ impl Ingest {
                 tracing::warn!(event_id = %answer.id, rule = %d.rule, reason = %d.reason, "record not sent");
             }
         }
+        let queued: u64 = by_target.iter().sum();
         tally.mapped = targets
             .iter()
             .zip(by_target)
