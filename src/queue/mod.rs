@@ -8,6 +8,7 @@
 //! (NATS JetStream, durable, shared by several relays). This module never talks to Lytics and
 //! never maps events.
 
+mod checkpoint;
 mod memory;
 mod nats;
 mod sqlite;

@@ -4,7 +4,9 @@
 //! Input: queue operations from ingest and delivery. Output: their results, after commit. One
 //! writer thread owns the connection and group-commits: it takes whatever operations queued up
 //! while the previous transaction committed, runs them in one transaction, and answers all of
-//! them together, so durability costs one fsync per group rather than per event.
+//! them together, so durability costs one fsync per group rather than per event. Copying the log
+//! into the database is left to a checkpointer thread (`checkpoint.rs`), so the writer does not
+//! stop taking operations for it.
 //!
 //! The table holds each record once, written at enqueue and deleted at ack, with no secondary
 //! index. Which records wait, and when they fall due, the writer keeps in memory
@@ -25,6 +27,7 @@ use rusqlite::types::{FromSqlError, Type};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::checkpoint::{Checkpointer, Counts, Limits};
 use super::{
     Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
 };
@@ -115,31 +118,46 @@ pub struct SqliteQueue {
     ops: mpsc::Sender<Op>,
     depth: Arc<AtomicUsize>,
     work: Arc<Notify>,
+    /// Checkpoints run, by whom.
+    #[cfg(test)]
+    checkpoints: Arc<Counts>,
 }
 
 impl SqliteQueue {
     /// Opens (or creates) the queue at `path`; every stored record waits again, whatever a
     /// previous process had leased.
     pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
+        Self::open_with(path, capacity, dedup_window, Limits::DEFAULT)
+    }
+
+    fn open_with(
+        path: &Path,
+        capacity: usize,
+        dedup_window: Duration,
+        checkpoints: Limits,
+    ) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| QueueError::Store(format!("cannot create `{}`: {e}", dir.display())))?;
         }
-        let conn =
+        let mut conn =
             Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
         conn.execute_batch(
             "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;
-             PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;",
+             PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
         )
         .map_err(|e| store("cannot configure the store", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
+        let counts = Arc::new(Counts::default());
+        let checkpointer = Checkpointer::start(path, &mut conn, checkpoints, counts.clone())?;
         let depth = Arc::new(AtomicUsize::new(schedule.waiting()));
         let work = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(PENDING_MAX);
         let writer = Writer {
             conn,
+            checkpointer,
             capacity,
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
             depth: depth.clone(),
@@ -151,7 +169,13 @@ impl SqliteQueue {
             .name("queue-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| QueueError::Store(format!("cannot start the queue writer: {e}")))?;
-        Ok(SqliteQueue { ops: tx, depth, work })
+        Ok(SqliteQueue {
+            ops: tx,
+            depth,
+            work,
+            #[cfg(test)]
+            checkpoints: counts,
+        })
     }
 
     async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, QueueError> {
@@ -243,6 +267,7 @@ impl Queue for SqliteQueue {
 
 struct Writer {
     conn: Connection,
+    checkpointer: Checkpointer,
     capacity: usize,
     dedup_window_ms: i64,
     depth: Arc<AtomicUsize>,
@@ -421,6 +446,12 @@ impl Writer {
             last_enqueues = ops.iter().filter(|op| matches!(op, Op::Enqueue(..))).count();
             self.group(ops);
         }
+        // Closing the connection drops its commit hook, the checkpointer's only caller.
+        let Writer {
+            conn, checkpointer, ..
+        } = self;
+        drop(conn);
+        checkpointer.join();
     }
 
     /// Runs a group of operations in one transaction and answers them after the commit.
@@ -932,6 +963,66 @@ mod tests {
 
     fn open(dir: &Path) -> SqliteQueue {
         SqliteQueue::open(&dir.join("queue.sqlite3"), 100, Duration::from_secs(3600)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_log_is_copied_off_the_writer_stays_bounded_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let limits = Limits {
+            start: 64,
+            tail: 8,
+            passes: 4,
+            max: 256,
+        };
+        let q = SqliteQueue::open_with(&path, 100_000, Duration::from_secs(3600), limits).unwrap();
+        let big = |id: String| NewRecord {
+            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
+            ..rec("a", &id)
+        };
+        // 600 commits of ~40 KB: some 1,500 frames of 16 KiB, six times the hard limit.
+        let mut acked = 0;
+        for call in 0..600 {
+            let records = (0..10).map(|i| big(format!("{call}-{i}"))).collect();
+            q.enqueue(vec![event(&format!("k{call}"), records)])
+                .await
+                .unwrap();
+            if call % 3 == 0 {
+                let leased = q.lease(10, &HashSet::new()).await.unwrap();
+                let ids: Vec<RecordId> = leased.iter().map(|r| r.id).collect();
+                q.ack(&ids).await.unwrap();
+                acked += ids.len();
+            }
+        }
+        let by_checkpointer = q.checkpoints.checkpointer.load(Ordering::Relaxed);
+        let by_writer = q.checkpoints.writer.load(Ordering::Relaxed);
+        assert!(by_checkpointer > 0, "the checkpointer thread copied the log");
+        assert!(by_writer > 0, "the writer copied tails");
+        let frame = 16_384 + 24;
+        let wal = std::fs::metadata(dir.path().join("queue.sqlite3-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal <= 2 * u64::try_from(limits.max).unwrap() * frame,
+            "the log restarts instead of growing: {wal} bytes ({by_checkpointer} checkpointer passes, {by_writer} by the writer)"
+        );
+        let waiting = 6000 - acked;
+        assert_eq!(q.depth(), waiting);
+        drop(q);
+        // The writer closes its connection when the queue is dropped; reopen once it has.
+        let mut reopened = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let q = open(dir.path());
+            if q.depth() == waiting {
+                reopened = Some(q);
+                break;
+            }
+        }
+        let q = reopened.expect("every record not acked is stored");
+        let all = q.lease(10_000, &HashSet::new()).await.unwrap();
+        assert_eq!(all.len(), waiting);
+        assert!(all.iter().all(|r| r.record.body.len() > 4000));
     }
 
     #[test]
