@@ -12,6 +12,7 @@ mod checkpoint;
 mod memory;
 mod nats;
 mod sqlite;
+mod wal_sync;
 
 use std::collections::HashSet;
 use std::sync::Arc;

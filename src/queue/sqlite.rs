@@ -1,12 +1,13 @@
-//! The embedded durable queue, on SQLite (rusqlite, bundled) in WAL mode with
-//! `synchronous=FULL`: an enqueue returns only after its records are fsynced.
+//! The embedded durable queue, on SQLite (rusqlite, bundled) in WAL mode: an enqueue returns
+//! only after its records are fsynced.
 //!
 //! Input: queue operations from ingest and delivery. Output: their results, after commit. One
 //! writer thread owns the connection and group-commits: it takes whatever operations queued up
 //! while the previous transaction committed, runs them in one transaction, and answers all of
-//! them together, so durability costs one fsync per group rather than per event. Copying the log
-//! into the database is left to a checkpointer thread (`checkpoint.rs`), so the writer does not
-//! stop taking operations for it.
+//! them together, so durability costs one fsync per group rather than per event. The writer does
+//! not wait for that fsync either: it commits with `synchronous=NORMAL` and a syncer thread
+//! (`wal_sync.rs`) syncs the log and then answers, while the writer runs the next group. Copying
+//! the log into the database is left to a checkpointer thread (`checkpoint.rs`).
 //!
 //! The table holds each record once, written at enqueue and deleted at ack, with no secondary
 //! index. Which records wait, and when they fall due, the writer keeps in memory
@@ -28,6 +29,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, Counts, Limits};
+use super::wal_sync::{Pending, WalSync};
 use super::{
     Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
 };
@@ -143,13 +145,14 @@ impl SqliteQueue {
         let mut conn =
             Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
         conn.execute_batch(
-            "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;
+            "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;
              PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
         )
         .map_err(|e| store("cannot configure the store", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
+        let synced = WalSync::for_file(open_log(path)?)?;
         let counts = Arc::new(Counts::default());
         let checkpointer = Checkpointer::start(path, &mut conn, checkpoints, counts.clone())?;
         let depth = Arc::new(AtomicUsize::new(schedule.waiting()));
@@ -157,6 +160,7 @@ impl SqliteQueue {
         let (tx, rx) = mpsc::channel(PENDING_MAX);
         let writer = Writer {
             conn,
+            synced,
             checkpointer,
             capacity,
             dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
@@ -183,6 +187,27 @@ impl SqliteQueue {
         self.ops.send(op(tx)).await.map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
+}
+
+/// Opens the log file of the database at `path` for syncing it, and syncs the directory entry
+/// of a log SQLite has just created (SQLite would do so at its first sync of the log, which
+/// `synchronous=NORMAL` leaves to checkpoints).
+fn open_log(path: &Path) -> Result<std::fs::File, QueueError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    let wal = std::fs::File::open(&name)
+        .map_err(|e| QueueError::Store(format!("cannot open the queue's log `{}`: {e}", name.display())))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+        QueueError::Store(format!(
+            "cannot sync the queue's directory `{}`: {e}",
+            dir.display()
+        ))
+    })?;
+    Ok(wal)
 }
 
 fn store(what: impl std::fmt::Display, e: rusqlite::Error) -> QueueError {
@@ -267,6 +292,8 @@ impl Queue for SqliteQueue {
 
 struct Writer {
     conn: Connection,
+    /// Syncs the log and then answers each committed group.
+    synced: WalSync,
     checkpointer: Checkpointer,
     capacity: usize,
     dedup_window_ms: i64,
@@ -404,9 +431,6 @@ impl Schedule {
     }
 }
 
-/// An answer to send once the transaction's fate is known.
-type Pending = Box<dyn FnOnce(Option<&QueueError>) + Send>;
-
 fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T, QueueError>) -> Pending {
     Box::new(move |commit_error: Option<&QueueError>| {
         let _ = reply.send(match commit_error {
@@ -446,16 +470,23 @@ impl Writer {
             last_enqueues = ops.iter().filter(|op| matches!(op, Op::Enqueue(..))).count();
             self.group(ops);
         }
-        // Closing the connection drops its commit hook, the checkpointer's only caller.
+        // Answer what is committed, then close the connection, which drops its commit hook,
+        // the checkpointer's only caller.
         let Writer {
-            conn, checkpointer, ..
+            conn,
+            synced,
+            checkpointer,
+            ..
         } = self;
+        synced.finish();
         drop(conn);
         checkpointer.join();
     }
 
-    /// Runs a group of operations in one transaction and answers them after the commit.
+    /// Runs a group of operations in one transaction and answers them once the commit is
+    /// durable (or at once, if it failed).
     fn group(&mut self, ops: Vec<Op>) {
+        let changes_before = self.conn.total_changes();
         let mut depth = self.depth.load(Ordering::Relaxed);
         let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
         let mut woke = false;
@@ -537,11 +568,19 @@ impl Writer {
                 self.schedule.untake(taken);
             }
         }
-        for answer in answers {
-            answer(commit_error.as_ref());
-        }
-        if woke && commit_error.is_none() {
-            self.work.notify_one();
+        match commit_error {
+            None => {
+                let wrote = self.conn.total_changes() != changes_before;
+                self.synced.committed(answers, wrote);
+                if woke {
+                    self.work.notify_one();
+                }
+            }
+            Some(e) => {
+                for answer in answers {
+                    answer(Some(&e));
+                }
+            }
         }
     }
 }
@@ -966,7 +1005,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_log_is_copied_off_the_writer_stays_bounded_and_loses_nothing() {
+    async fn the_log_is_copied_off_the_writer_stays_bounded_and_is_the_file_synced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");
         let limits = Limits {
@@ -976,6 +1015,8 @@ mod tests {
             max: 256,
         };
         let q = SqliteQueue::open_with(&path, 100_000, Duration::from_secs(3600), limits).unwrap();
+        // A handle like the one the syncer flushes, opened at the same moment.
+        let log = open_log(&path).unwrap();
         let big = |id: String| NewRecord {
             body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
             ..rec("a", &id)
@@ -1006,6 +1047,18 @@ mod tests {
             wal <= 2 * u64::try_from(limits.max).unwrap() * frame,
             "the log restarts instead of growing: {wal} bytes ({by_checkpointer} checkpointer passes, {by_writer} by the writer)"
         );
+        {
+            use std::os::unix::fs::MetadataExt;
+            let (held, named) = (
+                log.metadata().unwrap(),
+                std::fs::metadata(dir.path().join("queue.sqlite3-wal")).unwrap(),
+            );
+            assert_eq!(
+                (held.dev(), held.ino()),
+                (named.dev(), named.ino()),
+                "the log synced is the file SQLite writes, through every restart of the log"
+            );
+        }
         let waiting = 6000 - acked;
         assert_eq!(q.depth(), waiting);
         drop(q);
