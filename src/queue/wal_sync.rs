@@ -120,6 +120,19 @@ mod tests {
         })
     }
 
+    /// A syncer whose syncs count in `syncs`, the first `failing` of them failing.
+    fn counting(syncs: &Arc<AtomicUsize>, failing: usize) -> WalSync {
+        let syncs = syncs.clone();
+        WalSync::start(move || {
+            if syncs.fetch_add(1, Ordering::SeqCst) < failing {
+                Err(io::Error::other("EIO"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_group_is_answered_in_order_after_a_sync_that_began_after_its_commit() {
         // `handed`: groups handed over so far; `synced_from`: `handed` when the last sync began.
@@ -162,12 +175,7 @@ mod tests {
     fn nothing_is_synced_for_groups_that_wrote_nothing() {
         let syncs = Arc::new(AtomicUsize::new(0));
         let log = Log::default();
-        let counter = syncs.clone();
-        let wal = WalSync::start(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        })
-        .unwrap();
+        let wal = counting(&syncs, 0);
         wal.committed(vec![answer("next_due", &log, &syncs)], false);
         wal.committed(vec![answer("oldest", &log, &syncs)], false);
         wal.finish();
@@ -179,16 +187,8 @@ mod tests {
     fn after_a_failed_sync_nothing_more_is_acknowledged() {
         let syncs = Arc::new(AtomicUsize::new(0));
         let log = Log::default();
-        let counter = syncs.clone();
-        let wal = WalSync::start(move || {
-            // The first sync fails, any later one would succeed.
-            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
-                Err(io::Error::other("EIO"))
-            } else {
-                Ok(())
-            }
-        })
-        .unwrap();
+        // The first sync fails, any later one would succeed.
+        let wal = counting(&syncs, 1);
         wal.committed(vec![answer("first", &log, &syncs)], true);
         while log.lock().unwrap().is_empty() {
             std::thread::sleep(std::time::Duration::from_millis(1));
