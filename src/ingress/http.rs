@@ -240,28 +240,56 @@ async fn customerio_webhook(
 }
 
 /// `GET /healthz`: 200 while serving (with paused integrations and their troubleshooting text),
-/// 503 once shutdown has begun.
+/// 503 once shutdown has begun or while the queue refuses everything until a restart.
 async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
-    let serving = s.serving.load(Ordering::SeqCst);
+    let fault = s.queue.fault();
+    let (code, status) = health_status(s.serving.load(Ordering::SeqCst), fault.is_some());
     let paused: Vec<Value> = s
         .delivery
         .paused()
         .into_iter()
         .map(|(id, p)| json!({"integration": id, "status": p.status, "hint": p.hint, "message": p.message, "since_ms": p.since_ms}))
         .collect();
-    let code = if serving {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
     let body = json!({
-        "status": if serving { "serving" } else { "not_serving" },
+        "status": status,
         "rules_version": s.ingest.rules().current().version().to_string(),
         "queue_depth": s.queue.depth(),
-        "queue": {"backend": s.queue.backend(), "connected": s.queue.connected()},
+        "queue": {"backend": s.queue.backend(), "connected": s.queue.connected(), "fault": fault},
         "paused_integrations": paused,
         "calls_in_flight_limit": s.delivery.limits(),
         "lytics_outages": s.delivery.outages(),
     });
     (code, Json(body))
+}
+
+/// The health answer's code and status: serving, or not (shutting down, or a queue that
+/// refuses everything until a restart, which orchestrators should act on).
+fn health_status(serving: bool, queue_fault: bool) -> (StatusCode, &'static str) {
+    match (serving, queue_fault) {
+        (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "failing"),
+        (true, false) => (StatusCode::OK, "serving"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "not_serving"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_while_the_queue_refuses_everything() {
+        assert_eq!(health_status(true, false), (StatusCode::OK, "serving"));
+        assert_eq!(
+            health_status(false, false),
+            (StatusCode::SERVICE_UNAVAILABLE, "not_serving")
+        );
+        assert_eq!(
+            health_status(true, true),
+            (StatusCode::SERVICE_UNAVAILABLE, "failing")
+        );
+        assert_eq!(
+            health_status(false, true),
+            (StatusCode::SERVICE_UNAVAILABLE, "failing")
+        );
+    }
 }

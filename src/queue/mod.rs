@@ -245,6 +245,11 @@ pub trait Queue: Send + Sync + 'static {
     /// The backend's name, as configured (`embedded`, `memory`, `nats`).
     fn backend(&self) -> &'static str;
 
+    /// Why the backend refuses every operation until the relay restarts, if it does.
+    fn fault(&self) -> Option<String> {
+        None
+    }
+
     /// Whether the backend can reach its store right now (a local store always can).
     fn connected(&self) -> bool {
         true

@@ -29,7 +29,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, Counts, Limits};
-use super::wal_sync::{Pending, WalSync};
+use super::wal_sync::{Failure, Pending, WalSync};
 use super::{
     Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
 };
@@ -120,6 +120,8 @@ pub struct SqliteQueue {
     ops: mpsc::Sender<Op>,
     depth: Arc<AtomicUsize>,
     work: Arc<Notify>,
+    /// Set once the log could not be synced.
+    failure: Failure,
     /// Checkpoints run, by whom.
     #[cfg(test)]
     checkpoints: Arc<Counts>,
@@ -129,14 +131,16 @@ impl SqliteQueue {
     /// Opens (or creates) the queue at `path`; every stored record waits again, whatever a
     /// previous process had leased.
     pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
-        Self::open_with(path, capacity, dedup_window, Limits::DEFAULT)
+        Self::open_with(path, capacity, dedup_window, Limits::DEFAULT, WalSync::for_file)
     }
 
+    /// `open`, with the checkpoint limits and the way the log is synced given.
     fn open_with(
         path: &Path,
         capacity: usize,
         dedup_window: Duration,
         checkpoints: Limits,
+        syncer: impl FnOnce(std::fs::File) -> Result<WalSync, QueueError>,
     ) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -152,7 +156,8 @@ impl SqliteQueue {
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
-        let synced = WalSync::for_file(open_log(path)?)?;
+        let synced = syncer(open_log(path)?)?;
+        let failure = synced.failure();
         let counts = Arc::new(Counts::default());
         let checkpointer = Checkpointer::start(path, &mut conn, checkpoints, counts.clone())?;
         let depth = Arc::new(AtomicUsize::new(schedule.waiting()));
@@ -177,6 +182,7 @@ impl SqliteQueue {
             ops: tx,
             depth,
             work,
+            failure,
             #[cfg(test)]
             checkpoints: counts,
         })
@@ -287,6 +293,10 @@ impl Queue for SqliteQueue {
 
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.failure.get().cloned()
     }
 }
 
@@ -1005,6 +1015,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_the_log_fails_to_sync_nothing_is_acknowledged_and_the_queue_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open_with(
+            &dir.path().join("queue.sqlite3"),
+            100,
+            Duration::from_secs(3600),
+            Limits::DEFAULT,
+            |_| WalSync::start(|| Err(std::io::Error::other("EIO"))),
+        )
+        .unwrap();
+        assert_eq!(q.fault(), None);
+        let refused = q
+            .enqueue(vec![event("k1", vec![rec("a", "1")])])
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("restart the relay"), "{refused}");
+        let fault = q.fault().expect("the queue reports the failure");
+        assert!(fault.contains("EIO"), "{fault}");
+        // Later operations, even those that write nothing, are refused too.
+        assert!(q.enqueue(vec![event("k2", vec![rec("a", "2")])]).await.is_err());
+        assert!(q.lease(10, &HashSet::new()).await.is_err());
+    }
+
+    #[tokio::test]
     async fn the_log_is_copied_off_the_writer_stays_bounded_and_is_the_file_synced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");
@@ -1014,7 +1048,14 @@ mod tests {
             passes: 4,
             max: 256,
         };
-        let q = SqliteQueue::open_with(&path, 100_000, Duration::from_secs(3600), limits).unwrap();
+        let q = SqliteQueue::open_with(
+            &path,
+            100_000,
+            Duration::from_secs(3600),
+            limits,
+            WalSync::for_file,
+        )
+        .unwrap();
         // A handle like the one the syncer flushes, opened at the same moment.
         let log = open_log(&path).unwrap();
         let big = |id: String| NewRecord {

@@ -20,6 +20,7 @@
 use std::fs::File;
 use std::io;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use super::QueueError;
@@ -40,17 +41,32 @@ struct Group {
 pub(super) struct WalSync {
     groups: SyncSender<Group>,
     thread: JoinHandle<()>,
+    failure: Failure,
 }
+
+/// Why the log could not be synced, once it could not; shared with whoever reports health.
+pub(super) type Failure = Arc<OnceLock<String>>;
 
 impl WalSync {
     /// Starts the syncer thread, which makes commits durable with `sync` (the log's fdatasync).
     pub fn start(sync: impl FnMut() -> io::Result<()> + Send + 'static) -> Result<WalSync, QueueError> {
         let (groups, committed) = sync_channel(GROUPS_IN_FLIGHT);
+        let failure = Failure::default();
+        let failed = failure.clone();
         let thread = std::thread::Builder::new()
             .name("queue-sync".into())
-            .spawn(move || sync_and_answer(&committed, sync))
+            .spawn(move || sync_and_answer(&committed, sync, &failed))
             .map_err(|e| QueueError::Store(format!("cannot start the queue's log syncer: {e}")))?;
-        Ok(WalSync { groups, thread })
+        Ok(WalSync {
+            groups,
+            thread,
+            failure,
+        })
+    }
+
+    /// Set once a sync has failed, with the error every later answer carries.
+    pub fn failure(&self) -> Failure {
+        self.failure.clone()
     }
 
     /// Starts a syncer for the log file `wal`.
@@ -72,7 +88,7 @@ impl WalSync {
 
     /// Answers every group handed over, then stops the thread.
     pub fn finish(self) {
-        let WalSync { groups, thread } = self;
+        let WalSync { groups, thread, .. } = self;
         drop(groups);
         if thread.join().is_err() {
             tracing::error!("the queue's log syncer stopped abnormally");
@@ -81,7 +97,7 @@ impl WalSync {
 }
 
 /// The syncer thread: take every group committed so far, sync once, answer them in order.
-fn sync_and_answer(committed: &Receiver<Group>, mut sync: impl FnMut() -> io::Result<()>) {
+fn sync_and_answer(committed: &Receiver<Group>, mut sync: impl FnMut() -> io::Result<()>, failure: &Failure) {
     let mut failed: Option<QueueError> = None;
     while let Ok(first) = committed.recv() {
         let mut groups = vec![first];
@@ -91,9 +107,9 @@ fn sync_and_answer(committed: &Receiver<Group>, mut sync: impl FnMut() -> io::Re
             && let Err(e) = sync()
         {
             tracing::error!(error = %e, "cannot sync the queue's log; nothing more is acknowledged until the relay restarts");
-            failed = Some(QueueError::Store(format!(
-                "cannot sync the queue's log ({e}); restart the relay"
-            )));
+            let message = format!("cannot sync the queue's log ({e}); restart the relay");
+            let _ = failure.set(message.clone());
+            failed = Some(QueueError::Store(message));
         }
         for answer in groups.into_iter().flat_map(|g| g.answers) {
             answer(failed.as_ref());
@@ -189,6 +205,8 @@ mod tests {
         let log = Log::default();
         // The first sync fails, any later one would succeed.
         let wal = counting(&syncs, 1);
+        let failure = wal.failure();
+        assert!(failure.get().is_none());
         wal.committed(vec![answer("first", &log, &syncs)], true);
         while log.lock().unwrap().is_empty() {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -203,6 +221,11 @@ mod tests {
             syncs.load(Ordering::SeqCst),
             1,
             "no sync is tried after a failure"
+        );
+        assert!(
+            failure
+                .get()
+                .is_some_and(|m| m.contains("EIO") && m.contains("restart"))
         );
     }
 }
