@@ -284,6 +284,15 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
+    let stop_fault_watch = CancellationToken::new();
+    let fault_watch_task = tokio::spawn(report_queue_fault(
+        {
+            let queue = queue.clone();
+            move || queue.fault()
+        },
+        health.clone(),
+        stop_fault_watch.clone(),
+    ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
@@ -399,6 +408,8 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = if queue.durable() { 0 } else { queue.depth() };
+    stop_fault_watch.cancel();
+    let _ = fault_watch_task.await;
     stop_reloader.cancel();
     let _ = reloader_task.await;
     stop_follower.cancel();
@@ -426,4 +437,88 @@ pub async fn run(
         );
     }
     Ok(Report { graceful })
+}
+
+/// Turns gRPC health to NOT_SERVING once the queue refuses everything until a restart (`fault`
+/// says why), as `/healthz` does, so orchestrators probing either restart the relay. Checks
+/// every second until `stop`; a fault is for good, so the watch then ends.
+async fn report_queue_fault(
+    fault: impl Fn() -> Option<String>,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if let Some(why) = fault() {
+            tracing::error!(reason = %why, "health NOT_SERVING: the queue refuses every event until the relay restarts");
+            health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
+            health.set_service_status("", ServingStatus::NotServing).await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_server::Health;
+
+    use super::*;
+
+    async fn status(service: &impl Health, name: &str) -> Status {
+        let answer = service
+            .check(tonic::Request::new(HealthCheckRequest { service: name.into() }))
+            .await
+            .unwrap();
+        answer.into_inner().status()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_health_stops_serving_once_the_queue_reports_a_fault() {
+        let health = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let fault = Arc::new(Mutex::new(None::<String>));
+        let stop = CancellationToken::new();
+        let watch = tokio::spawn(report_queue_fault(
+            {
+                let fault = fault.clone();
+                move || fault.lock().unwrap().clone()
+            },
+            health,
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(status(&service, "").await, Status::Serving);
+        *fault.lock().unwrap() = Some("cannot sync the queue's log (EIO); restart the relay".into());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(status(&service, "").await, Status::NotServing);
+        assert_eq!(
+            status(&service, "lytics_relay.v1.IngestService").await,
+            Status::NotServing
+        );
+        assert!(watch.is_finished(), "a fault is for good: the watch ends");
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fault_watch_ends_when_told_to() {
+        let health = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        health.set_service_status("", ServingStatus::Serving).await;
+        let stop = CancellationToken::new();
+        let watch = tokio::spawn(report_queue_fault(|| None, health, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.cancel();
+        watch.await.unwrap();
+        assert_eq!(status(&service, "").await, Status::Serving);
+    }
 }
