@@ -244,6 +244,10 @@ async fn customerio_webhook(
 async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
     let fault = s.queue.fault();
     let (code, status) = health_status(s.serving.load(Ordering::SeqCst), fault.is_some());
+    let mut queue = json!({"backend": s.queue.backend(), "connected": s.queue.connected()});
+    if let Some(why) = fault {
+        queue["fault"] = json!(why);
+    }
     let paused: Vec<Value> = s
         .delivery
         .paused()
@@ -254,7 +258,7 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         "status": status,
         "rules_version": s.ingest.rules().current().version().to_string(),
         "queue_depth": s.queue.depth(),
-        "queue": {"backend": s.queue.backend(), "connected": s.queue.connected(), "fault": fault},
+        "queue": queue,
         "paused_integrations": paused,
         "calls_in_flight_limit": s.delivery.limits(),
         "lytics_outages": s.delivery.outages(),
