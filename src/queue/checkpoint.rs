@@ -26,6 +26,7 @@ use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, ErrorCode};
 
 use super::QueueError;
+use super::wal_sync::{Failure, fail};
 
 /// When the log is copied, in log frames (one page each).
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +74,7 @@ impl Checkpointer {
         writer: &mut Connection,
         limits: Limits,
         counts: Arc<Counts>,
+        failure: Failure,
     ) -> Result<Checkpointer, QueueError> {
         let conn = Connection::open(path)
             .map_err(|e| QueueError::Store(format!("cannot open the checkpointer's connection: {e}")))?;
@@ -92,6 +94,7 @@ impl Checkpointer {
             tail: tail.clone(),
             limits,
             counts: counts.clone(),
+            failure: failure.clone(),
         };
         writer
             .wal_hook(Some(move |wal: &mut Wal, frames: c_int| {
@@ -101,7 +104,7 @@ impl Checkpointer {
             .map_err(|e| QueueError::Store(format!("cannot hook the queue's log: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("queue-checkpoint".into())
-            .spawn(move || copy_when_asked(&conn, &asked, &tail, limits, &counts))
+            .spawn(move || copy_when_asked(&conn, &asked, &tail, limits, &counts, &failure))
             .map_err(|e| QueueError::Store(format!("cannot start the queue checkpointer: {e}")))?;
         Ok(Checkpointer { thread })
     }
@@ -121,6 +124,7 @@ struct Hook {
     tail: Arc<AtomicBool>,
     limits: Limits,
     counts: Arc<Counts>,
+    failure: Failure,
 }
 
 impl Hook {
@@ -139,9 +143,10 @@ impl Hook {
                 Ok(_) => {
                     self.counts.writer.fetch_add(1, Ordering::Relaxed);
                 }
-                // The checkpointer is copying; the next commit tries again.
+                // The checkpointer is copying; a later commit asks it again (or, past the hard
+                // limit, tries again itself).
                 Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
-                Err(e) => tracing::warn!(error = %e, frames, "the queue writer could not checkpoint its log"),
+                Err(e) => failed_checkpoint(&self.failure, &e, "the queue writer"),
             }
         } else {
             // Full means the checkpointer has been asked already.
@@ -158,6 +163,7 @@ fn copy_when_asked(
     tail: &AtomicBool,
     limits: Limits,
     counts: &Counts,
+    failure: &Failure,
 ) {
     while asked.recv().is_ok() {
         let mut copied_to: c_int = 0;
@@ -179,11 +185,49 @@ fn copy_when_asked(
                 // The writer is copying past the hard limit.
                 Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "the queue checkpointer could not copy the log; the writer copies it");
+                    failed_checkpoint(failure, &e, "the queue checkpointer");
                     break;
                 }
             }
         }
+        // Asks made while copying are answered by this run.
+        while asked.try_recv().is_ok() {}
         tail.store(true, Ordering::Release);
+    }
+}
+
+/// A checkpoint that failed on I/O may have been where SQLite met (and consumed) an error
+/// writing the log or the database, so it counts as a failed sync; other errors are logged and
+/// the checkpoint is tried again later.
+fn failed_checkpoint(failure: &Failure, e: &rusqlite::Error, who: &str) {
+    if e.sqlite_error_code() == Some(ErrorCode::SystemIoFailure) {
+        fail(failure, format!("{who} could not checkpoint the log ({e})"));
+    } else {
+        tracing::warn!(error = %e, "{who} could not checkpoint the log; it is tried again later");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::ffi;
+
+    use super::*;
+
+    fn error(extended_code: c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(extended_code), None)
+    }
+
+    #[test]
+    fn a_checkpoint_that_fails_on_io_counts_as_a_failed_sync() {
+        let failure = Failure::default();
+        failed_checkpoint(&failure, &error(ffi::SQLITE_BUSY), "test");
+        failed_checkpoint(&failure, &error(ffi::SQLITE_NOMEM), "test");
+        assert!(failure.get().is_none(), "not an I/O error: tried again later");
+        failed_checkpoint(&failure, &error(ffi::SQLITE_IOERR_FSYNC), "test");
+        let why = failure.get().expect("an I/O error is a fault");
+        assert!(
+            why.contains("could not checkpoint") && why.contains("restart the relay"),
+            "{why}"
+        );
     }
 }

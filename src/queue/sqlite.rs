@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::types::{FromSqlError, Type};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, Counts, Limits};
@@ -115,6 +115,25 @@ enum Op {
     Oldest(Reply<Option<i64>>),
 }
 
+impl Op {
+    /// Answers the operation with `e` without doing it.
+    fn refuse(self, e: &QueueError) {
+        let e = e.clone();
+        match self {
+            Op::Enqueue(_, reply) => drop(reply.send(Err(e))),
+            Op::Lease(_, _, reply) => drop(reply.send(Err(e))),
+            Op::Ack(_, reply) => drop(reply.send(Err(e))),
+            Op::Retry(_, _, reply) => drop(reply.send(Err(e))),
+            Op::DeadLetter(_, _, reply) => drop(reply.send(Err(e))),
+            Op::DeadLetters(_, reply) => drop(reply.send(Err(e))),
+            Op::Replay(_, reply) => drop(reply.send(Err(e))),
+            Op::NextDue(_, reply) => drop(reply.send(Err(e))),
+            Op::Expedite(_, reply) => drop(reply.send(Err(e))),
+            Op::Oldest(reply) => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 /// The SQLite-backed queue.
 pub struct SqliteQueue {
     ops: mpsc::Sender<Op>,
@@ -156,10 +175,11 @@ impl SqliteQueue {
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
-        let synced = syncer(open_log(path)?)?;
+        let synced = syncer(open_log(&conn)?)?;
         let failure = synced.failure();
         let counts = Arc::new(Counts::default());
-        let checkpointer = Checkpointer::start(path, &mut conn, checkpoints, counts.clone())?;
+        let checkpointer =
+            Checkpointer::start(path, &mut conn, checkpoints, counts.clone(), failure.clone())?;
         let depth = Arc::new(AtomicUsize::new(schedule.waiting()));
         let work = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(PENDING_MAX);
@@ -195,14 +215,19 @@ impl SqliteQueue {
     }
 }
 
-/// Opens the log file of the database at `path` for syncing it, and syncs the directory entry
-/// of a log SQLite has just created (SQLite would do so at its first sync of the log, which
-/// `synchronous=NORMAL` leaves to checkpoints).
-fn open_log(path: &Path) -> Result<std::fs::File, QueueError> {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
+/// Opens the log file of `conn`'s database for syncing it, and syncs the directory entry of a
+/// log SQLite has just created (SQLite would do so at its first sync of the log, which
+/// `synchronous=NORMAL` leaves to checkpoints). The name is the one SQLite gives the log: its
+/// full path of the database (symbolic links resolved) with `-wal` appended.
+fn open_log(conn: &Connection) -> Result<std::fs::File, QueueError> {
+    let db = conn
+        .path()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| QueueError::Store("the queue's database has no file".into()))?;
+    let path = Path::new(db);
+    let name = format!("{db}-wal");
     let wal = std::fs::File::open(&name)
-        .map_err(|e| QueueError::Store(format!("cannot open the queue's log `{}`: {e}", name.display())))?;
+        .map_err(|e| QueueError::Store(format!("cannot open the queue's log `{name}`: {e}")))?;
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -496,6 +521,15 @@ impl Writer {
     /// Runs a group of operations in one transaction and answers them once the commit is
     /// durable (or at once, if it failed).
     fn group(&mut self, ops: Vec<Op>) {
+        // The log may have lost writes: nothing is done, so a sender's retry is not stored twice
+        // while it is told each time that its event was not.
+        if let Some(why) = self.synced.failed() {
+            let refused = QueueError::Store(why.clone());
+            for op in ops {
+                op.refuse(&refused);
+            }
+            return;
+        }
         let changes_before = self.conn.total_changes();
         let mut depth = self.depth.load(Ordering::Relaxed);
         let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
@@ -507,7 +541,11 @@ impl Writer {
         let mut taken = Vec::new();
         let schedule = &mut self.schedule;
         let result = (|| -> Result<(), rusqlite::Error> {
-            let txn = self.conn.transaction()?;
+            // Immediate: the write lock is taken (waiting out a checkpointer that briefly holds
+            // it) before anything is read, never in the middle of the transaction.
+            let txn = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             for op in ops {
                 match op {
                     Op::Enqueue(events, reply) => {
@@ -1036,6 +1074,43 @@ mod tests {
         // Later operations, even those that write nothing, are refused too.
         assert!(q.enqueue(vec![event("k2", vec![rec("a", "2")])]).await.is_err());
         assert!(q.lease(10, &HashSet::new()).await.is_err());
+        // What was refused after the failure was not stored either: only the first event, whose
+        // commit preceded the failed sync, is there after a restart.
+        drop(q);
+        let mut reopened = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Ok(q) =
+                SqliteQueue::open(&dir.path().join("queue.sqlite3"), 100, Duration::from_secs(3600))
+            {
+                reopened = Some(q);
+                break;
+            }
+        }
+        let q = reopened.unwrap();
+        let stored = q.lease(10, &HashSet::new()).await.unwrap();
+        let ids: Vec<&str> = stored.iter().map(|r| &*r.record.event_id).collect();
+        assert_eq!(ids, ["1"]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_opened_through_a_symbolic_link_syncs_the_log_sqlite_writes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        let real = dir.path().join("real/queue.sqlite3");
+        let link = dir.path().join("queue.sqlite3");
+        Connection::open(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let q = SqliteQueue::open(&link, 100, Duration::from_secs(3600)).unwrap();
+        q.enqueue(vec![event("k", vec![rec("a", "1")])]).await.unwrap();
+        let log = open_log(&Connection::open(&link).unwrap()).unwrap();
+        let written = std::fs::metadata(dir.path().join("real/queue.sqlite3-wal")).unwrap();
+        assert_eq!(log.metadata().unwrap().ino(), written.ino());
+        assert!(
+            !dir.path().join("queue.sqlite3-wal").exists(),
+            "SQLite keeps the log beside the real file"
+        );
     }
 
     #[tokio::test]
@@ -1057,7 +1132,7 @@ mod tests {
         )
         .unwrap();
         // A handle like the one the syncer flushes, opened at the same moment.
-        let log = open_log(&path).unwrap();
+        let log = open_log(&Connection::open(&path).unwrap()).unwrap();
         let big = |id: String| NewRecord {
             body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
             ..rec("a", &id)

@@ -44,7 +44,9 @@ pub(super) struct WalSync {
     failure: Failure,
 }
 
-/// Why the log could not be synced, once it could not; shared with whoever reports health.
+/// Why the log could not be synced, once it could not; shared with the writer (which then
+/// refuses every operation), the checkpointer (which sets it when a checkpoint's I/O fails) and
+/// whoever reports health.
 pub(super) type Failure = Arc<OnceLock<String>>;
 
 impl WalSync {
@@ -67,6 +69,11 @@ impl WalSync {
     /// Set once a sync has failed, with the error every later answer carries.
     pub fn failure(&self) -> Failure {
         self.failure.clone()
+    }
+
+    /// Why nothing more is acknowledged, once that is so.
+    pub fn failed(&self) -> Option<&String> {
+        self.failure.get()
     }
 
     /// Starts a syncer for the log file `wal`.
@@ -98,22 +105,28 @@ impl WalSync {
 
 /// The syncer thread: take every group committed so far, sync once, answer them in order.
 fn sync_and_answer(committed: &Receiver<Group>, mut sync: impl FnMut() -> io::Result<()>, failure: &Failure) {
-    let mut failed: Option<QueueError> = None;
     while let Ok(first) = committed.recv() {
         let mut groups = vec![first];
         groups.extend(committed.try_iter());
-        if failed.is_none()
+        if failure.get().is_none()
             && groups.iter().any(|g| g.wrote)
             && let Err(e) = sync()
         {
-            tracing::error!(error = %e, "cannot sync the queue's log; nothing more is acknowledged until the relay restarts");
-            let message = format!("cannot sync the queue's log ({e}); restart the relay");
-            let _ = failure.set(message.clone());
-            failed = Some(QueueError::Store(message));
+            fail(failure, format!("cannot sync the queue's log ({e})"));
         }
+        let failed = failure.get().map(|why| QueueError::Store(why.clone()));
         for answer in groups.into_iter().flat_map(|g| g.answers) {
             answer(failed.as_ref());
         }
+    }
+}
+
+/// Records that the log may have lost what was written to it (a failed sync, here or in a
+/// checkpoint): from now on nothing is acknowledged until the relay restarts.
+pub(super) fn fail(failure: &Failure, what: String) {
+    let message = format!("{what}; restart the relay");
+    if failure.set(message.clone()).is_ok() {
+        tracing::error!(error = %message, "the queue's log may have lost writes; nothing more is acknowledged until the relay restarts");
     }
 }
 
