@@ -8,8 +8,10 @@
 //! writer), pass after pass until a pass finds few new frames, and then leaves that short tail
 //! to the writer. The writer's own `PASSIVE` checkpoint after its next commit copies the tail,
 //! which leaves the whole log copied, so the next transaction writes the log from its start
-//! again. Past a hard limit the writer copies the log itself, as autocheckpoint did, so the log
-//! stays bounded however far the checkpointer falls behind.
+//! again. Past a hard limit the writer copies the log itself after each commit, as
+//! autocheckpoint did, whenever the checkpointer is not in the middle of a pass (two
+//! checkpoints cannot run at once), so the log outgrows the limit only for as long as one pass
+//! takes, and not at all if the checkpointer stops.
 //!
 //! Durability is unchanged: a checkpoint copies committed frames only, and SQLite syncs the log
 //! before and the database after copying, whichever connection runs it.
