@@ -224,14 +224,11 @@ fn open_log(conn: &Connection) -> Result<std::fs::File, QueueError> {
         .path()
         .filter(|p| !p.is_empty())
         .ok_or_else(|| QueueError::Store("the queue's database has no file".into()))?;
-    let path = Path::new(db);
     let name = format!("{db}-wal");
     let wal = std::fs::File::open(&name)
         .map_err(|e| QueueError::Store(format!("cannot open the queue's log `{name}`: {e}")))?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    // SQLite's path is a full one, so it always has a parent.
+    let dir = Path::new(db).parent().unwrap_or(Path::new("/"));
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
         QueueError::Store(format!(
             "cannot sync the queue's directory `{}`: {e}",
