@@ -2,6 +2,8 @@
 //!
 //! Input: records to hold. Output: due records by lease. Due order is (due time, arrival), so
 //! records of one integration and stream leave in the order they arrived unless retried.
+//! Waiting records are kept per integration, so a lease or the next-due question costs the
+//! same however many records a paused (skipped) integration holds.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,14 +25,55 @@ const DEAD_LETTER_CAP: usize = 10_000;
 struct State {
     next_id: RecordId,
     next_dead: i64,
-    /// Keyed by (due time, id): the first entries are the next due.
-    waiting: BTreeMap<(i64, RecordId), QueuedRecord>,
+    /// Per integration, keyed by (due time, id): the first entries are the next due.
+    waiting: HashMap<Arc<str>, BTreeMap<(i64, RecordId), QueuedRecord>>,
+    /// Records in `waiting`.
+    waiting_len: usize,
     /// Leased record ids, with when each record was accepted (for the queue-age metric).
     leased: HashMap<RecordId, i64>,
     dead: VecDeque<DeadLetter>,
     /// Dedup keys and when they were stored, oldest first.
     seen: HashMap<Arc<str>, i64>,
     seen_order: VecDeque<(i64, Arc<str>)>,
+}
+
+impl State {
+    fn depth(&self) -> usize {
+        self.waiting_len + self.leased.len()
+    }
+
+    fn wait(&mut self, due_ms: i64, record: QueuedRecord) {
+        self.waiting
+            .entry(record.record.integration.clone())
+            .or_default()
+            .insert((due_ms, record.id), record);
+        self.waiting_len += 1;
+    }
+
+    /// Takes up to `max` records due at `now`, not of a `skip` integration, earliest first.
+    fn take(&mut self, max: usize, skip: &HashSet<String>, now: i64) -> Vec<QueuedRecord> {
+        let mut active: Vec<_> = self
+            .waiting
+            .iter_mut()
+            .filter(|(i, w)| !w.is_empty() && !skip.contains(&***i))
+            .map(|(_, w)| w)
+            .collect();
+        let mut taken = Vec::new();
+        while taken.len() < max {
+            let best = active
+                .iter()
+                .enumerate()
+                .filter_map(|(n, w)| w.first_key_value().map(|(k, _)| (n, *k)))
+                .filter(|(_, (due, _))| *due <= now)
+                .min_by_key(|(_, k)| *k);
+            let Some((n, _)) = best else { break };
+            if let Some((_, r)) = active[n].pop_first() {
+                taken.push(r);
+            }
+        }
+        self.waiting_len -= taken.len();
+        taken
+    }
 }
 
 /// A bounded in-memory queue.
@@ -90,7 +133,7 @@ impl Queue for MemoryQueue {
                 }
                 duplicates.push(dup);
             }
-            let depth = s.waiting.len() + s.leased.len();
+            let depth = s.depth();
             if fresh > 0 && depth + fresh > self.capacity {
                 return Err(QueueError::Full {
                     capacity: self.capacity,
@@ -107,8 +150,8 @@ impl Queue for MemoryQueue {
                 for record in e.records {
                     s.next_id += 1;
                     let id = s.next_id;
-                    s.waiting.insert(
-                        (now, id),
+                    s.wait(
+                        now,
                         QueuedRecord {
                             id,
                             record,
@@ -118,8 +161,7 @@ impl Queue for MemoryQueue {
                     );
                 }
             }
-            self.depth
-                .store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
+            self.depth.store(s.depth(), Ordering::Relaxed);
         }
         self.work.notify_one();
         Ok(duplicates)
@@ -128,20 +170,9 @@ impl Queue for MemoryQueue {
     async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError> {
         let now = now_ms();
         let mut s = self.state();
-        let keys: Vec<(i64, RecordId)> = s
-            .waiting
-            .iter()
-            .take_while(|((due, _), _)| *due <= now)
-            .filter(|(_, r)| !skip.contains(&*r.record.integration))
-            .take(max)
-            .map(|(k, _)| *k)
-            .collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            if let Some(r) = s.waiting.remove(&k) {
-                s.leased.insert(r.id, r.record.accepted_ms);
-                out.push(r);
-            }
+        let out = s.take(max, skip, now);
+        for r in &out {
+            s.leased.insert(r.id, r.record.accepted_ms);
         }
         Ok(out)
     }
@@ -151,8 +182,7 @@ impl Queue for MemoryQueue {
         for id in ids {
             s.leased.remove(id);
         }
-        self.depth
-            .store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
+        self.depth.store(s.depth(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -171,7 +201,7 @@ impl Queue for MemoryQueue {
                     r.attempts += 1;
                 }
                 r.history.push(attempt.clone());
-                s.waiting.insert((due_ms, r.id), r);
+                s.wait(due_ms, r);
             }
         }
         self.work.notify_one();
@@ -195,8 +225,7 @@ impl Queue for MemoryQueue {
                 at_ms: now,
             });
         }
-        self.depth
-            .store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
+        self.depth.store(s.depth(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -221,8 +250,8 @@ impl Queue for MemoryQueue {
             for d in &replay {
                 s.next_id += 1;
                 let id = s.next_id;
-                s.waiting.insert(
-                    (now, id),
+                s.wait(
+                    now,
                     QueuedRecord {
                         id,
                         record: d.queued.record.clone(),
@@ -231,8 +260,7 @@ impl Queue for MemoryQueue {
                     },
                 );
             }
-            self.depth
-                .store(s.waiting.len() + s.leased.len(), Ordering::Relaxed);
+            self.depth.store(s.depth(), Ordering::Relaxed);
             replay.len()
         };
         self.work.notify_one();
@@ -247,18 +275,15 @@ impl Queue for MemoryQueue {
         let n = {
             let mut s = self.state();
             let now = now_ms();
-            let later: Vec<(i64, RecordId)> = s
-                .waiting
-                .iter()
-                .filter(|((due, _), r)| *due > now && &*r.record.integration == integration)
-                .map(|(k, _)| *k)
-                .collect();
-            for k in &later {
-                if let Some(r) = s.waiting.remove(k) {
-                    s.waiting.insert((now, k.1), r);
+            match s.waiting.get_mut(integration) {
+                Some(w) => {
+                    let later = w.split_off(&(now.saturating_add(1), RecordId::MIN));
+                    let n = later.len();
+                    w.extend(later.into_iter().map(|((_, id), r)| ((now, id), r)));
+                    n
                 }
+                None => 0,
             }
-            later.len()
         };
         if n > 0 {
             self.work.notify_one();
@@ -270,8 +295,9 @@ impl Queue for MemoryQueue {
         let s = self.state();
         Ok(s.waiting
             .iter()
-            .find(|(_, r)| !skip.contains(&*r.record.integration))
-            .map(|((due, _), _)| *due))
+            .filter(|(i, _)| !skip.contains(&***i))
+            .filter_map(|(_, w)| w.first_key_value().map(|((due, _), _)| *due))
+            .min())
     }
 
     fn depth(&self) -> usize {
@@ -285,7 +311,11 @@ impl Queue for MemoryQueue {
     async fn oldest_accepted_ms(&self) -> Result<Option<i64>, QueueError> {
         // A scan: this backend is bounded and in memory, and only a metrics scrape asks.
         let s = self.state();
-        let waiting = s.waiting.values().map(|r| (r.id, r.record.accepted_ms));
+        let waiting = s
+            .waiting
+            .values()
+            .flatten()
+            .map(|(_, r)| (r.id, r.record.accepted_ms));
         let leased = s.leased.iter().map(|(id, at)| (*id, *at));
         Ok(waiting.chain(leased).min_by_key(|(id, _)| *id).map(|(_, at)| at))
     }
@@ -353,6 +383,35 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(q.depth(), 2);
+    }
+
+    #[tokio::test]
+    async fn leases_interleave_integrations_by_due_time_and_expedite_brings_retries_forward() {
+        let q = q(10);
+        for (key, integration) in [("1", "a"), ("2", "b"), ("3", "a"), ("4", "b")] {
+            q.enqueue(vec![event(key, vec![rec(integration)])]).await.unwrap();
+        }
+        let leased = q.lease(3, &HashSet::new()).await.unwrap();
+        let order: Vec<(&str, RecordId)> = leased.iter().map(|r| (&*r.record.integration, r.id)).collect();
+        assert_eq!(order, vec![("a", 1), ("b", 2), ("a", 3)]);
+        let attempt = Attempt {
+            at_ms: 0,
+            status: Some(401),
+            detail: "x".into(),
+        };
+        q.retry(leased, now_ms() + 60_000, attempt, false).await.unwrap();
+        let rest = q.lease(10, &HashSet::new()).await.unwrap();
+        assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(
+            q.next_due(&HashSet::new()).await.unwrap().map(|d| d > now_ms()),
+            Some(true)
+        );
+        assert_eq!(q.expedite("a").await.unwrap(), 2);
+        let skip_b = HashSet::from(["b".to_string()]);
+        assert!(q.next_due(&skip_b).await.unwrap().is_some_and(|d| d <= now_ms()));
+        let again = q.lease(10, &skip_b).await.unwrap();
+        assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(q.depth(), 4, "leased records count until acked");
     }
 
     #[tokio::test]
