@@ -201,7 +201,7 @@ fn copy_when_asked(
 /// A checkpoint that failed on I/O may have been where SQLite met (and consumed) an error
 /// writing the log or the database, so it counts as a failed sync; other errors are logged and
 /// the checkpoint is tried again later.
-fn failed_checkpoint(failure: &Failure, e: &rusqlite::Error, who: &str) {
+pub(super) fn failed_checkpoint(failure: &Failure, e: &rusqlite::Error, who: &str) {
     if e.sqlite_error_code() == Some(ErrorCode::SystemIoFailure) {
         fail(failure, format!("{who} could not checkpoint the log ({e})"));
     } else {

@@ -15,6 +15,10 @@
 //! so a process that dies releases every lease and its records are delivered again
 //! (at-least-once). Records this process enqueued are also kept in memory until leased, so in
 //! steady state delivery never reads a record back. Never delivers and never maps.
+//!
+//! Disk: SQLite reuses the pages of delivered records but never gives them back, so after a
+//! backlog drains the writer compacts the database ([`Compaction`]: `VACUUM`, then a `TRUNCATE`
+//! checkpoint that also empties the log).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -52,6 +56,36 @@ const LINGER_NAPS: u32 = 4;
 const PENDING_MAX: usize = 65_536;
 /// Bytes of enqueued records kept in memory for delivery to lease without reading them back.
 const FRESH_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// When the writer gives a drained backlog's disk back. Delivered records leave their pages free
+/// inside the database file; SQLite reuses them for later records but never shrinks the file, so
+/// an outage's backlog (1.6 KB a record: a million records is 1.6 GB) would hold its disk for
+/// good. Once the queue is nearly empty and most of the file is free, the writer runs `VACUUM`
+/// (which copies only what is left: a few records, dedup keys, dead letters) and then a
+/// `TRUNCATE` checkpoint, which moves the result into the database file, shrinks it, and empties
+/// the log. Operations wait meanwhile (a few milliseconds for an empty queue).
+#[derive(Clone, Copy, Debug)]
+struct Compaction {
+    /// The free pages are worth at least this many bytes and at least half the file...
+    min_free_bytes: i64,
+    /// ...while at most this many records are queued...
+    max_depth: usize,
+    /// ...looked at no more often than this.
+    every_ms: i64,
+}
+
+/// What is left is copied in memory up to this size, else through a temporary file.
+const COMPACT_IN_MEMORY_BYTES: i64 = 64 * 1024 * 1024;
+/// After a failed compaction, the next try waits this long.
+const COMPACT_RETRY_MS: i64 = 3_600_000;
+
+impl Compaction {
+    const DEFAULT: Compaction = Compaction {
+        min_free_bytes: 128 * 1024 * 1024,
+        max_depth: 1_000,
+        every_ms: 10_000,
+    };
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -150,15 +184,21 @@ impl SqliteQueue {
     /// Opens (or creates) the queue at `path`; every stored record waits again, whatever a
     /// previous process had leased.
     pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
-        Self::open_with(path, capacity, dedup_window, Limits::DEFAULT, WalSync::for_file)
+        Self::open_with(
+            path,
+            capacity,
+            dedup_window,
+            (Limits::DEFAULT, Compaction::DEFAULT),
+            WalSync::for_file,
+        )
     }
 
-    /// `open`, with the checkpoint limits and the way the log is synced given.
+    /// `open`, with the checkpoint limits, when to compact, and the way the log is synced given.
     fn open_with(
         path: &Path,
         capacity: usize,
         dedup_window: Duration,
-        checkpoints: Limits,
+        (checkpoints, compaction): (Limits, Compaction),
         syncer: impl FnOnce(std::fs::File) -> Result<WalSync, QueueError>,
     ) -> Result<Self, QueueError> {
         if let Some(dir) = path.parent() {
@@ -192,6 +232,8 @@ impl SqliteQueue {
             depth: depth.clone(),
             work: work.clone(),
             last_expiry_ms: 0,
+            compaction,
+            last_compaction_check_ms: 0,
             schedule,
         };
         std::thread::Builder::new()
@@ -332,6 +374,8 @@ struct Writer {
     depth: Arc<AtomicUsize>,
     work: Arc<Notify>,
     last_expiry_ms: i64,
+    compaction: Compaction,
+    last_compaction_check_ms: i64,
     schedule: Schedule,
 }
 
@@ -620,6 +664,12 @@ impl Writer {
                 if woke {
                     self.work.notify_one();
                 }
+                if depth <= self.compaction.max_depth
+                    && now - self.last_compaction_check_ms >= self.compaction.every_ms
+                {
+                    self.last_compaction_check_ms = now;
+                    self.compact_if_mostly_free();
+                }
             }
             Some(e) => {
                 for answer in answers {
@@ -627,6 +677,66 @@ impl Writer {
                 }
             }
         }
+    }
+}
+
+impl Writer {
+    /// Compacts the database when [`Compaction`] says its free pages are worth giving back.
+    /// Committed operations are unaffected: `VACUUM` keeps every row and its id, and the
+    /// checkpoint syncs the log before copying it and the database after.
+    fn compact_if_mostly_free(&mut self) {
+        let pages = |conn: &Connection| -> Result<(i64, i64, i64), rusqlite::Error> {
+            let read = |pragma: &str| conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get::<_, i64>(0));
+            Ok((read("freelist_count")?, read("page_count")?, read("page_size")?))
+        };
+        let (free, total, page_size) = match pages(&self.conn) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the queue's free pages; not compacting");
+                return;
+            }
+        };
+        if free.saturating_mul(page_size) < self.compaction.min_free_bytes || free * 2 < total {
+            return;
+        }
+        let started = std::time::Instant::now();
+        // VACUUM builds its copy of what is left in a temporary database: in memory when that is
+        // small, else in a temporary file (SQLITE_TMPDIR, else /var/tmp or /tmp).
+        let live = (total - free).saturating_mul(page_size);
+        let vacuumed = if live <= COMPACT_IN_MEMORY_BYTES {
+            self.conn.execute_batch("VACUUM;")
+        } else {
+            let r = self.conn.execute_batch("PRAGMA temp_store = FILE; VACUUM;");
+            if let Err(e) = self.conn.execute_batch("PRAGMA temp_store = MEMORY;") {
+                tracing::warn!(error = %e, "cannot set the queue's temp_store back to memory");
+            }
+            r
+        };
+        if let Err(e) = vacuumed {
+            tracing::warn!(error = %e, "cannot compact the queue's database; tried again in an hour");
+            self.last_compaction_check_ms = now_ms().saturating_add(COMPACT_RETRY_MS);
+            return;
+        }
+        match self
+            .conn
+            .wal_checkpoint_v2(Some("main"), rusqlite::wal::CheckpointMode::TRUNCATE)
+        {
+            Ok(_) => {}
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                tracing::info!("the compacted queue is copied into its file by later checkpoints");
+            }
+            Err(e) => {
+                super::checkpoint::failed_checkpoint(&self.synced.failure(), &e, "the queue writer");
+                return;
+            }
+        }
+        let after = pages(&self.conn).map(|(_, total, _)| total).unwrap_or(0);
+        tracing::info!(
+            freed_mib = (total - after) * page_size / (1024 * 1024),
+            left_mib = after * page_size / (1024 * 1024),
+            took_ms = started.elapsed().as_millis() as u64,
+            "compacted the queue's database after its backlog drained"
+        );
     }
 }
 
@@ -1056,7 +1166,7 @@ mod tests {
             &dir.path().join("queue.sqlite3"),
             100,
             Duration::from_secs(3600),
-            Limits::DEFAULT,
+            (Limits::DEFAULT, Compaction::DEFAULT),
             |_| WalSync::start(|| Err(std::io::Error::other("EIO"))),
         )
         .unwrap();
@@ -1088,6 +1198,108 @@ mod tests {
         let stored = q.lease(10, &HashSet::new()).await.unwrap();
         let ids: Vec<&str> = stored.iter().map(|r| &*r.record.event_id).collect();
         assert_eq!(ids, ["1"]);
+    }
+
+    #[tokio::test]
+    async fn a_drained_backlog_gives_its_disk_back_and_what_is_left_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let wal = dir.path().join("queue.sqlite3-wal");
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let compaction = Compaction {
+            min_free_bytes: 1024 * 1024,
+            max_depth: 10,
+            every_ms: 0,
+        };
+        let open = || {
+            SqliteQueue::open_with(
+                &path,
+                100_000,
+                Duration::from_secs(3600),
+                (Limits::DEFAULT, compaction),
+                WalSync::for_file,
+            )
+            .unwrap()
+        };
+        let q = open();
+        let big = |id: String| NewRecord {
+            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
+            ..rec("a", &id)
+        };
+        // A backlog of 2,000 records of 4 KB.
+        for call in 0..20 {
+            let records = (0..100).map(|i| big(format!("{call}-{i}"))).collect();
+            q.enqueue(vec![event(&format!("k{call}"), records)])
+                .await
+                .unwrap();
+        }
+        let mut leased = Vec::new();
+        loop {
+            let chunk = q.lease(500, &HashSet::new()).await.unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            leased.extend(chunk);
+        }
+        assert_eq!(leased.len(), 2000);
+        let backlog = size(&path) + size(&wal);
+        assert!(backlog > 8 * 1024 * 1024, "{backlog} bytes");
+        // Five records wait for a retry, one is a dead letter, the rest is delivered: first all
+        // but 50, which is still more than compaction leaves alone.
+        let later: Vec<QueuedRecord> = leased.drain(..5).collect();
+        let kept: Vec<String> = later.iter().map(|r| r.record.event_id.to_string()).collect();
+        let attempt = Attempt {
+            at_ms: 1,
+            status: Some(503),
+            detail: "unavailable".into(),
+        };
+        q.retry(later, now_ms() + 3_600_000, attempt, true).await.unwrap();
+        q.dead_letter(leased.drain(..1).collect(), "rejected".into())
+            .await
+            .unwrap();
+        let acked: Vec<RecordId> = leased.iter().map(|r| r.id).collect();
+        q.ack(&acked[50..]).await.unwrap();
+        // The writer runs operations in order: this one is answered after any compaction.
+        q.next_due(&HashSet::new()).await.unwrap();
+        assert!(
+            size(&path) + size(&wal) >= backlog,
+            "55 records queued: not compacted"
+        );
+        q.ack(&acked[..50]).await.unwrap();
+        q.next_due(&HashSet::new()).await.unwrap();
+        let compacted = size(&path) + size(&wal);
+        assert!(
+            compacted < 1024 * 1024,
+            "database {} and log {} bytes after the backlog drained",
+            size(&path),
+            size(&wal)
+        );
+        // What was left is all there, in this process and after a restart.
+        assert_eq!(q.depth(), 5);
+        drop(q);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let q = open();
+        assert_eq!(q.expedite("a").await.unwrap(), 5);
+        let mut back: Vec<String> = q
+            .lease(100, &HashSet::new())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.record.event_id.to_string())
+            .collect();
+        back.sort();
+        let mut kept = kept;
+        kept.sort();
+        assert_eq!(back, kept);
+        let dead = q
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, "rejected");
     }
 
     #[tokio::test]
@@ -1124,7 +1336,7 @@ mod tests {
             &path,
             100_000,
             Duration::from_secs(3600),
-            limits,
+            (limits, Compaction::DEFAULT),
             WalSync::for_file,
         )
         .unwrap();
