@@ -1274,7 +1274,15 @@ mod tests {
             size(&path),
             size(&wal)
         );
-        // What was left is all there, in this process and after a restart.
+        // The queue goes on (its cached statements are prepared again for the new schema
+        // version), and what was left is all there, in this process and after a restart.
+        q.enqueue(vec![event("after", vec![rec("b", "after")])])
+            .await
+            .unwrap();
+        let after = q.lease(10, &HashSet::new()).await.unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(&*after[0].record.event_id, "after");
+        q.ack(&[after[0].id]).await.unwrap();
         assert_eq!(q.depth(), 5);
         drop(q);
         tokio::time::sleep(Duration::from_millis(100)).await;
