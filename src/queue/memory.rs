@@ -25,7 +25,8 @@ const DEAD_LETTER_CAP: usize = 10_000;
 struct State {
     next_id: RecordId,
     next_dead: i64,
-    /// Per integration, keyed by (due time, id): the first entries are the next due.
+    /// Per integration (those configured, so a map left empty is kept for the next records),
+    /// keyed by (due time, id): the first entries are the next due.
     waiting: HashMap<Arc<str>, BTreeMap<(i64, RecordId), QueuedRecord>>,
     /// Records in `waiting`.
     waiting_len: usize,
@@ -43,11 +44,14 @@ impl State {
     }
 
     fn wait(&mut self, due_ms: i64, record: QueuedRecord) {
-        self.waiting
+        let replaced = self
+            .waiting
             .entry(record.record.integration.clone())
             .or_default()
             .insert((due_ms, record.id), record);
-        self.waiting_len += 1;
+        if replaced.is_none() {
+            self.waiting_len += 1;
+        }
     }
 
     /// Takes up to `max` records due at `now`, not of a `skip` integration, earliest first.
