@@ -92,6 +92,7 @@ pub struct Metrics {
     rule_reloads: Counter,
     queue_depth: Gauge,
     queue_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    queue_disk_bytes: Gauge,
     live_watchers: Gauge,
     live_lost: Counter,
     live_lost_sync: std::sync::Mutex<()>,
@@ -128,6 +129,7 @@ impl Metrics {
             rule_reloads: Counter::default(),
             queue_depth: Gauge::default(),
             queue_oldest_age: Gauge::default(),
+            queue_disk_bytes: Gauge::default(),
             live_watchers: Gauge::default(),
             live_lost: Counter::default(),
             live_lost_sync: std::sync::Mutex::new(()),
@@ -194,6 +196,11 @@ impl Metrics {
             "queue_oldest_age_seconds",
             "Age of the record queued first (0 when the queue is empty)",
             m.queue_oldest_age.clone(),
+        );
+        registry.register(
+            "queue_disk_bytes",
+            "Bytes of the embedded queue's database and log on disk (0 for other backends)",
+            m.queue_disk_bytes.clone(),
         );
         registry.register(
             "live_watchers",
@@ -288,6 +295,11 @@ impl Metrics {
             }
         };
         self.queue_oldest_age.set(age);
+        self.queue_disk_bytes.set(
+            queue
+                .disk_bytes()
+                .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        );
         self.live_watchers
             .set(i64::try_from(bus.watchers()).unwrap_or(i64::MAX));
         {

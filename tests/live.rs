@@ -388,5 +388,7 @@ async fn metrics_count_events_records_calls_and_the_queue() {
     assert!(get(r#"lytics_relay_lytics_call_duration_seconds_count{integration="lytics"}"#) >= 1.0);
     assert_eq!(get("lytics_relay_queue_depth"), 0.0);
     assert_eq!(get("lytics_relay_queue_oldest_age_seconds"), 0.0);
+    // The embedded queue's database (at least its schema's pages) and log.
+    assert!(get("lytics_relay_queue_disk_bytes") >= 16_384.0);
     assert_eq!(get("lytics_relay_rule_reloads_total"), 0.0);
 }

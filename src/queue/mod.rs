@@ -254,4 +254,9 @@ pub trait Queue: Send + Sync + 'static {
     fn connected(&self) -> bool {
         true
     }
+
+    /// Bytes the queue's files take on this machine's disk, for a backend that keeps any.
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
 }

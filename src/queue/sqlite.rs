@@ -177,6 +177,8 @@ pub struct SqliteQueue {
     work: Arc<Notify>,
     /// Set once the log could not be synced.
     failure: Failure,
+    /// The database and its log, as SQLite names them.
+    files: [std::path::PathBuf; 2],
     /// Checkpoints run, by whom.
     #[cfg(test)]
     checkpoints: Arc<Counts>,
@@ -218,6 +220,9 @@ impl SqliteQueue {
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
         let synced = syncer(open_log(&conn)?)?;
+        // Named as `open_log` found them (it fails for a database without a file).
+        let db = conn.path().unwrap_or_default();
+        let files = [db.into(), format!("{db}-wal").into()];
         let failure = synced.failure();
         let counts = Arc::new(Counts::default());
         let checkpointer =
@@ -248,6 +253,7 @@ impl SqliteQueue {
             depth,
             work,
             failure,
+            files,
             #[cfg(test)]
             checkpoints: counts,
         })
@@ -364,6 +370,16 @@ impl Queue for SqliteQueue {
 
     fn fault(&self) -> Option<String> {
         self.failure.get().cloned()
+    }
+
+    fn disk_bytes(&self) -> Option<u64> {
+        Some(
+            self.files
+                .iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum(),
+        )
     }
 }
 
@@ -1269,6 +1285,7 @@ mod tests {
         assert_eq!(leased.len(), 2000);
         let backlog = size(&path) + size(&wal);
         assert!(backlog > 8 * 1024 * 1024, "{backlog} bytes");
+        assert_eq!(q.disk_bytes(), Some(backlog));
         let inode = |p: &Path| {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(p).unwrap().ino()
@@ -1298,6 +1315,7 @@ mod tests {
         q.ack(&acked[..50]).await.unwrap();
         q.next_due(&HashSet::new()).await.unwrap();
         let compacted = size(&path) + size(&wal);
+        assert_eq!(q.disk_bytes(), Some(compacted));
         assert!(
             compacted < 1024 * 1024,
             "database {} and log {} bytes after the backlog drained",
