@@ -1385,6 +1385,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_a_reader_kept_from_emptying_is_emptied_at_a_later_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let wal = dir.path().join("queue.sqlite3-wal");
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let compaction = Compaction {
+            min_free_bytes: 1024 * 1024,
+            max_depth: 10,
+            every: Duration::ZERO,
+        };
+        let q = SqliteQueue::open_with(
+            &path,
+            100_000,
+            Duration::from_secs(3600),
+            (Limits::DEFAULT, compaction),
+            WalSync::for_file,
+        )
+        .unwrap();
+        let big = |id: String| NewRecord {
+            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
+            ..rec("a", &id)
+        };
+        for call in 0..20 {
+            let records = (0..100).map(|i| big(format!("{call}-{i}"))).collect();
+            q.enqueue(vec![event(&format!("k{call}"), records)])
+                .await
+                .unwrap();
+        }
+        let leased = q.lease(5000, &HashSet::new()).await.unwrap();
+        assert_eq!(leased.len(), 2000);
+        // A reader in the middle of a transaction: the database can be compacted, but the log
+        // cannot be emptied under it (the writer waits out its busy timeout, then gives up).
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2000);
+        let ids: Vec<RecordId> = leased.iter().map(|r| r.id).collect();
+        q.ack(&ids).await.unwrap();
+        q.next_due(&HashSet::new()).await.unwrap();
+        let free: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(free, 0, "the database was compacted");
+        assert!(
+            size(&wal) > 8 * 1024 * 1024,
+            "the log is still full: {}",
+            size(&wal)
+        );
+        // Once the reader is done, the next look empties the log although nothing is free now.
+        reader.execute_batch("COMMIT").unwrap();
+        q.next_due(&HashSet::new()).await.unwrap();
+        assert_eq!(size(&wal), 0);
+        assert!(size(&path) < 1024 * 1024, "{}", size(&path));
+    }
+
+    #[tokio::test]
     async fn a_queue_opened_through_a_symbolic_link_syncs_the_log_sqlite_writes() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
