@@ -1200,6 +1200,56 @@ mod tests {
         SqliteQueue::open(&dir.join("queue.sqlite3"), 100, Duration::from_secs(3600)).unwrap()
     }
 
+    /// Opens the queue again once the dropped one's writer has let go of the file.
+    async fn reopen(open: impl Fn() -> Result<SqliteQueue, QueueError>) -> SqliteQueue {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Ok(q) = open() {
+                return q;
+            }
+        }
+        panic!("the queue could not be opened again");
+    }
+
+    /// Compaction that looks after every group, at a 1 MiB scale.
+    const EAGER: Compaction = Compaction {
+        min_free_bytes: 1024 * 1024,
+        max_depth: 10,
+        every: Duration::ZERO,
+    };
+
+    fn open_eager(path: &Path) -> Result<SqliteQueue, QueueError> {
+        SqliteQueue::open_with(
+            path,
+            100_000,
+            Duration::from_secs(3600),
+            (Limits::DEFAULT, EAGER),
+            WalSync::for_file,
+        )
+    }
+
+    fn file_size(p: &Path) -> u64 {
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// A record of about 4 KB.
+    fn big(id: &str) -> NewRecord {
+        NewRecord {
+            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
+            ..rec("a", id)
+        }
+    }
+
+    /// Queues a backlog of 2,000 records of 4 KB, in 20 calls.
+    async fn queue_backlog(q: &SqliteQueue) {
+        for call in 0..20 {
+            let records = (0..100).map(|i| big(&format!("{call}-{i}"))).collect();
+            q.enqueue(vec![event(&format!("k{call}"), records)])
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn after_the_log_fails_to_sync_nothing_is_acknowledged_and_the_queue_says_why() {
         let dir = tempfile::tempdir().unwrap();
@@ -1225,17 +1275,9 @@ mod tests {
         // What was refused after the failure was not stored either: only the first event, whose
         // commit preceded the failed sync, is there after a restart.
         drop(q);
-        let mut reopened = None;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if let Ok(q) =
-                SqliteQueue::open(&dir.path().join("queue.sqlite3"), 100, Duration::from_secs(3600))
-            {
-                reopened = Some(q);
-                break;
-            }
-        }
-        let q = reopened.unwrap();
+        let q =
+            reopen(|| SqliteQueue::open(&dir.path().join("queue.sqlite3"), 100, Duration::from_secs(3600)))
+                .await;
         let stored = q.lease(10, &HashSet::new()).await.unwrap();
         let ids: Vec<&str> = stored.iter().map(|r| &*r.record.event_id).collect();
         assert_eq!(ids, ["1"]);
@@ -1246,34 +1288,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");
         let wal = dir.path().join("queue.sqlite3-wal");
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let compaction = Compaction {
-            min_free_bytes: 1024 * 1024,
-            max_depth: 10,
-            every: Duration::ZERO,
-        };
-        let open = || {
-            SqliteQueue::open_with(
-                &path,
-                100_000,
-                Duration::from_secs(3600),
-                (Limits::DEFAULT, compaction),
-                WalSync::for_file,
-            )
-            .unwrap()
-        };
-        let q = open();
-        let big = |id: String| NewRecord {
-            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
-            ..rec("a", &id)
-        };
-        // A backlog of 2,000 records of 4 KB.
-        for call in 0..20 {
-            let records = (0..100).map(|i| big(format!("{call}-{i}"))).collect();
-            q.enqueue(vec![event(&format!("k{call}"), records)])
-                .await
-                .unwrap();
-        }
+        let size = file_size;
+        let q = open_eager(&path).unwrap();
+        queue_backlog(&q).await;
         let mut leased = Vec::new();
         loop {
             let chunk = q.lease(500, &HashSet::new()).await.unwrap();
@@ -1355,21 +1372,7 @@ mod tests {
         q.retry(back, now_ms() + 3_600_000, attempt, true).await.unwrap();
         assert_eq!(q.depth(), 5);
         drop(q);
-        let mut reopened = None;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if let Ok(q) = SqliteQueue::open_with(
-                &path,
-                100_000,
-                Duration::from_secs(3600),
-                (Limits::DEFAULT, compaction),
-                WalSync::for_file,
-            ) {
-                reopened = Some(q);
-                break;
-            }
-        }
-        let q = reopened.unwrap();
+        let q = reopen(|| open_eager(&path)).await;
         assert_eq!(q.expedite("a").await.unwrap(), 5);
         let back = q.lease(100, &HashSet::new()).await.unwrap();
         assert_eq!(event_ids(&back), kept, "after a restart");
@@ -1389,30 +1392,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");
         let wal = dir.path().join("queue.sqlite3-wal");
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let compaction = Compaction {
-            min_free_bytes: 1024 * 1024,
-            max_depth: 10,
-            every: Duration::ZERO,
-        };
-        let q = SqliteQueue::open_with(
-            &path,
-            100_000,
-            Duration::from_secs(3600),
-            (Limits::DEFAULT, compaction),
-            WalSync::for_file,
-        )
-        .unwrap();
-        let big = |id: String| NewRecord {
-            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
-            ..rec("a", &id)
-        };
-        for call in 0..20 {
-            let records = (0..100).map(|i| big(format!("{call}-{i}"))).collect();
-            q.enqueue(vec![event(&format!("k{call}"), records)])
-                .await
-                .unwrap();
-        }
+        let size = file_size;
+        let q = open_eager(&path).unwrap();
+        queue_backlog(&q).await;
         let leased = q.lease(5000, &HashSet::new()).await.unwrap();
         assert_eq!(leased.len(), 2000);
         // A reader in the middle of a transaction: the database can be compacted, but the log
@@ -1483,14 +1465,10 @@ mod tests {
         .unwrap();
         // A handle like the one the syncer flushes, opened at the same moment.
         let log = open_log(&Connection::open(&path).unwrap()).unwrap();
-        let big = |id: String| NewRecord {
-            body: Bytes::from(format!("{{\"id\":\"{id}\",\"pad\":\"{}\"}}", "x".repeat(4000))),
-            ..rec("a", &id)
-        };
         // 600 commits of ~40 KB: some 1,500 frames of 16 KiB, six times the hard limit.
         let mut acked = 0;
         for call in 0..600 {
-            let records = (0..10).map(|i| big(format!("{call}-{i}"))).collect();
+            let records = (0..10).map(|i| big(&format!("{call}-{i}"))).collect();
             q.enqueue(vec![event(&format!("k{call}"), records)])
                 .await
                 .unwrap();
