@@ -8,7 +8,10 @@
 //! - `batch.bin`: a `lytics_relay.v1.SendBatchRequest` holding `--batch` copies of it.
 //!
 //! The fixture's `messageId` is dropped (unless `--keep-message-id`), so the relay generates a
-//! fresh id per event and replaying the same body is never deduplicated.
+//! fresh id per event and replaying the same body is never deduplicated. With
+//! `--message-id-placeholder` every event carries [`PLACEHOLDER`] as its `messageId` instead:
+//! `loadgen --unique-message-ids` overwrites each with a new id per call, so the relay's dedup
+//! (what senders who set `messageId` always go through) is measured too.
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +35,14 @@ struct Args {
     /// Keep the fixture's `messageId` (then every replay after the first is a duplicate).
     #[arg(long)]
     keep_message_id: bool,
+    /// Give every event the `messageId` placeholder that `loadgen --unique-message-ids` replaces.
+    #[arg(long, conflicts_with = "keep_message_id")]
+    message_id_placeholder: bool,
 }
+
+/// The `messageId` `loadgen --unique-message-ids` looks for: as long as a UUID, so replacing it
+/// changes no length in the encoded message.
+pub const PLACEHOLDER: &str = "@@loadgen-message-id-placeholder@@@@";
 
 /// Builds a gRPC `Event` from canonical JSON.
 fn event(json: &Value) -> Event {
@@ -68,7 +78,9 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", args.fixture.display()))?;
     let json: Value = serde_json::from_str(&text).context("the fixture is not JSON")?;
     let mut ev = event(&json);
-    if !args.keep_message_id {
+    if args.message_id_placeholder {
+        ev.message_id = PLACEHOLDER.to_string();
+    } else if !args.keep_message_id {
         ev.message_id.clear();
     }
     std::fs::create_dir_all(&args.out_dir)

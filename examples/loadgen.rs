@@ -4,7 +4,9 @@
 //! `--calls` times over `--connections` HTTP/2 connections with at most `--concurrency` calls in
 //! flight, and stops early after `--max-secs`. It counts gRPC status codes and, for `Send` and
 //! `SendBatch`, the per-event outcomes (accepted, duplicate, ignored, rejected), and prints one
-//! JSON object on stdout.
+//! JSON object on stdout. With `--unique-message-ids` every call's events get new `messageId`s
+//! (the body must hold the `encode_frames --message-id-placeholder` placeholder), so no event is
+//! a duplicate and each one goes through the relay's dedup.
 //!
 //! Run: `cargo run --release --example loadgen -- --addr http://127.0.0.1:50051
 //!   --method /lytics_relay.v1.IngestService/SendBatch --body /tmp/frames/batch.bin --calls 1000`.
@@ -52,6 +54,56 @@ struct Args {
     /// Per-call deadline.
     #[arg(long, default_value_t = 60)]
     call_timeout_secs: u64,
+    /// Replace every `messageId` placeholder with a new id in each call.
+    #[arg(long)]
+    unique_message_ids: bool,
+}
+
+/// What `encode_frames --message-id-placeholder` puts in every event's `messageId`.
+const PLACEHOLDER: &[u8] = b"@@loadgen-message-id-placeholder@@@@";
+
+/// Where the placeholder occurs in `body`.
+fn placeholder_offsets(body: &[u8]) -> Vec<usize> {
+    let mut at = Vec::new();
+    let mut i = 0;
+    while i + PLACEHOLDER.len() <= body.len() {
+        if body[i..].starts_with(PLACEHOLDER) {
+            at.push(i);
+            i += PLACEHOLDER.len();
+        } else {
+            i += 1;
+        }
+    }
+    at
+}
+
+/// SplitMix64's finalizer: a bijection on `u64` that scatters consecutive inputs.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `body` with a new UUID-shaped id at each offset. Ids are as random-looking as SDKs' v4 UUIDs
+/// (so they land all over the relay's dedup index, as real traffic does) and never repeat: the
+/// first 64 bits are a bijection of `run` and a counter.
+fn with_unique_ids(body: &Bytes, offsets: &[usize], run: u64, counter: &AtomicU64) -> Bytes {
+    let mut out = body.to_vec();
+    for &at in offsets {
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let hi = mix((run << 40) ^ n);
+        let lo = mix(hi);
+        let id = format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            hi >> 32,
+            (hi >> 16) & 0xffff,
+            hi & 0xffff,
+            lo >> 48,
+            lo & 0xffff_ffff_ffff
+        );
+        out[at..at + PLACEHOLDER.len()].copy_from_slice(id.as_bytes());
+    }
+    Bytes::from(out)
 }
 
 /// Passes pre-encoded protobuf bytes through unchanged, both ways.
@@ -175,6 +227,23 @@ async fn main() -> anyhow::Result<()> {
         args.body.display()
     );
     let body = Bytes::from(framed).slice(5..);
+    let offsets = if args.unique_message_ids {
+        let at = placeholder_offsets(&body);
+        anyhow::ensure!(
+            !at.is_empty(),
+            "{} holds no messageId placeholder (encode it with --message-id-placeholder)",
+            args.body.display()
+        );
+        at
+    } else {
+        Vec::new()
+    };
+    let offsets = Arc::new(offsets);
+    // Ids differ between runs against the same relay (and its dedup window).
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs());
+    let ids = Arc::new(AtomicU64::new(0));
     let path = PathAndQuery::try_from(args.method.as_str()).context("--method is not a path")?;
     let kind = if args.method.ends_with("/SendBatch") {
         Kind::SendBatch
@@ -205,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
     for w in 0..args.concurrency.max(1) {
         let channel = channels[w % channels.len()].clone();
         let (next, tally, body, path) = (next.clone(), tally.clone(), body.clone(), path.clone());
+        let (offsets, ids) = (offsets.clone(), ids.clone());
         let calls = args.calls;
         workers.push(tokio::spawn(async move {
             let mut grpc = tonic::client::Grpc::new(channel);
@@ -213,7 +283,12 @@ async fn main() -> anyhow::Result<()> {
                 let t0 = Instant::now();
                 let answer = match grpc.ready().await {
                     Ok(()) => {
-                        grpc.unary(tonic::Request::new(body.clone()), path.clone(), RawCodec)
+                        let body = if offsets.is_empty() {
+                            body.clone()
+                        } else {
+                            with_unique_ids(&body, &offsets, run, &ids)
+                        };
+                        grpc.unary(tonic::Request::new(body), path.clone(), RawCodec)
                             .await
                     }
                     Err(e) => Err(Status::unavailable(format!("channel not ready: {e}"))),

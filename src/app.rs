@@ -178,11 +178,11 @@ pub async fn run(
     let queue: Arc<dyn Queue> = match settings.queue_backend {
         QueueBackend::Embedded => {
             let path = settings.data_dir.join("queue.sqlite3");
-            let q = SqliteQueue::open(&path, settings.queue_capacity, settings.dedup_window)?;
+            let q = SqliteQueue::open(&path, settings.queue_capacity, settings.dedup())?;
             tracing::info!(path = %path.display(), records = q.depth(), "durable queue opened; undelivered records resume");
             Arc::new(q)
         }
-        QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup_window)),
+        QueueBackend::Memory => Arc::new(MemoryQueue::new(settings.queue_capacity, settings.dedup())),
         QueueBackend::Nats => {
             let q = NatsQueue::connect(&settings.nats, settings.queue_capacity, settings.dedup_window)
                 .await

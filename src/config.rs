@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::cli::ServeArgs;
 use crate::integration::{AccountId, Secret, StreamName};
-use crate::queue::NatsOptions;
+use crate::queue::{Dedup, NatsOptions};
 
 /// The Lytics API.
 pub const LYTICS_URL: &str = "https://api.lytics.io";
@@ -158,6 +158,8 @@ pub struct FileQueue {
     pub backend: Option<String>,
     /// How long an event id is remembered to drop duplicates.
     pub dedup_window_secs: Option<u64>,
+    /// The most event ids remembered (embedded and memory backends; ~25 bytes of memory each).
+    pub dedup_max_ids: Option<usize>,
     /// NATS server URLs (`nats://host:port`), for `backend: nats`.
     pub urls: Option<Vec<String>>,
     /// A NATS credentials file.
@@ -296,6 +298,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// How long event ids are remembered to drop duplicates.
     pub dedup_window: Duration,
+    /// The most event ids the embedded and memory queues remember.
+    pub dedup_max_ids: usize,
     /// The Signal HTTP ingestion secret; without it `/v1/events` and `/v1/batch` refuse.
     pub signal_secret: Option<Secret>,
     /// How far a Signal `X-Timestamp` may be from now.
@@ -333,6 +337,7 @@ impl Settings {
             live_buffer: crate::live::DEFAULT_BUFFER,
             shutdown_grace: Duration::from_secs(10),
             dedup_window: Duration::from_secs(7 * 24 * 3600),
+            dedup_max_ids: Dedup::DEFAULT_MAX_IDS,
             signal_secret: None,
             signal_tolerance: Duration::from_secs(300),
             customerio_signing_key: None,
@@ -366,6 +371,14 @@ impl fmt::Display for ConfigError {
 }
 
 impl Settings {
+    /// The dedup settings of the embedded and memory queues.
+    pub fn dedup(&self) -> Dedup {
+        Dedup {
+            window: self.dedup_window,
+            max_ids: self.dedup_max_ids,
+        }
+    }
+
     /// Merges flags/environment over the file over defaults and validates the result.
     pub fn build(args: &ServeArgs, file: FileConfig) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
@@ -540,6 +553,13 @@ impl Settings {
         if queue_capacity == 0 {
             bad("queue.capacity", "must be at least 1".into());
         }
+        let dedup_max_ids = file.queue.dedup_max_ids.unwrap_or(Dedup::DEFAULT_MAX_IDS);
+        if dedup_max_ids < 1_000 {
+            bad(
+                "queue.dedup_max_ids",
+                "must be at least 1000 (each id takes about 25 bytes of memory)".into(),
+            );
+        }
         let fq = &file.queue;
         let urls: Vec<String> = if args.queue_url.is_empty() {
             fq.urls.clone().unwrap_or_default()
@@ -664,6 +684,7 @@ impl Settings {
             live_buffer,
             shutdown_grace: Duration::from_secs(file.shutdown_grace_secs.unwrap_or(10)),
             dedup_window: Duration::from_secs(file.queue.dedup_window_secs.unwrap_or(7 * 24 * 3600)),
+            dedup_max_ids,
             signal_secret: args
                 .signal_secret
                 .clone()
@@ -759,6 +780,28 @@ mod tests {
         assert!(keys.iter().any(|k| k.starts_with("queue.user")), "{keys:?}");
         let file: FileConfig = serde_yaml::from_str("queue: { backend: nats }").unwrap();
         assert!(Settings::build(&ServeArgs::default(), file).is_err());
+    }
+
+    #[test]
+    fn the_dedup_bound_is_read_and_checked() {
+        let s = Settings::build(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(s.dedup().max_ids, Dedup::DEFAULT_MAX_IDS);
+        assert_eq!(s.dedup().window, Duration::from_secs(7 * 24 * 3600));
+        let file: FileConfig =
+            serde_yaml::from_str("queue: { dedup_max_ids: 50000000, dedup_window_secs: 86400 }").unwrap();
+        let s = Settings::build(&ServeArgs::default(), file).unwrap();
+        assert_eq!(
+            s.dedup(),
+            Dedup {
+                window: Duration::from_secs(86400),
+                max_ids: 50_000_000
+            }
+        );
+        let file: FileConfig = serde_yaml::from_str("queue: { dedup_max_ids: 10 }").unwrap();
+        let err = Settings::build(&ServeArgs::default(), file).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].key, "queue.dedup_max_ids");
+        assert!(err.0[0].message.contains("at least 1000"), "{}", err.0[0].message);
     }
 
     #[test]

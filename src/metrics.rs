@@ -93,6 +93,7 @@ pub struct Metrics {
     queue_depth: Gauge,
     queue_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     queue_disk_bytes: Gauge,
+    dedup_ids: Gauge,
     live_watchers: Gauge,
     live_lost: Counter,
     live_lost_sync: std::sync::Mutex<()>,
@@ -130,6 +131,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             queue_oldest_age: Gauge::default(),
             queue_disk_bytes: Gauge::default(),
+            dedup_ids: Gauge::default(),
             live_watchers: Gauge::default(),
             live_lost: Counter::default(),
             live_lost_sync: std::sync::Mutex::new(()),
@@ -201,6 +203,11 @@ impl Metrics {
             "queue_disk_bytes",
             "Bytes of the embedded queue's database and log on disk (0 for other backends)",
             m.queue_disk_bytes.clone(),
+        );
+        registry.register(
+            "dedup_ids",
+            "Event ids the relay's dedup index remembers (0 for the nats backend, whose server keeps them)",
+            m.dedup_ids.clone(),
         );
         registry.register(
             "live_watchers",
@@ -299,6 +306,11 @@ impl Metrics {
             queue
                 .disk_bytes()
                 .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        );
+        self.dedup_ids.set(
+            queue
+                .dedup_ids()
+                .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
         );
         self.live_watchers
             .set(i64::try_from(bus.watchers()).unwrap_or(i64::MAX));

@@ -330,6 +330,7 @@ async fn metrics_count_events_records_calls_and_the_queue() {
     let before = scrape(&relay).await;
     assert_eq!(before["lytics_relay_rule_reloads_total"], 0.0);
     assert_eq!(before["lytics_relay_queue_depth"], 0.0);
+    assert_eq!(before["lytics_relay_dedup_ids"], 0.0);
     let mut client = relay.client().await;
     let group = event(json!({"type": "group", "userId": "u-1", "groupId": "g", "messageId": "m-group"}));
     // Its record is over Lytics' 16 KB record limit, so the rules' record is dropped.
@@ -390,5 +391,8 @@ async fn metrics_count_events_records_calls_and_the_queue() {
     assert_eq!(get("lytics_relay_queue_oldest_age_seconds"), 0.0);
     // The embedded queue's database (at least its schema's pages) and log.
     assert!(get("lytics_relay_queue_disk_bytes") >= 16_384.0);
+    // The dedup index remembers m-1 and m-2, the events that queued records (the group event
+    // mapped to nothing and the big one's record was dropped, so a retry of them may map again).
+    assert_eq!(get("lytics_relay_dedup_ids"), 2.0);
     assert_eq!(get("lytics_relay_rule_reloads_total"), 0.0);
 }

@@ -13,15 +13,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{
-    Attempt, DEDUP_CAP, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId,
-};
+use super::dedup::{Dedup, HashSetOf, Seen, key_hash};
+use super::{Attempt, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
 use crate::timefmt::now_ms;
 
 /// Dead letters kept in memory; older ones are forgotten first.
 const DEAD_LETTER_CAP: usize = 10_000;
 
-#[derive(Default)]
 struct State {
     next_id: RecordId,
     next_dead: i64,
@@ -33,9 +31,8 @@ struct State {
     /// Leased record ids, with when each record was accepted (for the queue-age metric).
     leased: HashMap<RecordId, i64>,
     dead: VecDeque<DeadLetter>,
-    /// Dedup keys and when they were stored, oldest first.
-    seen: HashMap<Arc<str>, i64>,
-    seen_order: VecDeque<(i64, Arc<str>)>,
+    /// Dedup keys accepted within the window.
+    seen: Seen,
 }
 
 impl State {
@@ -83,20 +80,25 @@ impl State {
 /// A bounded in-memory queue.
 pub struct MemoryQueue {
     capacity: usize,
-    dedup_window_ms: i64,
     state: Mutex<State>,
     depth: AtomicUsize,
     work: Notify,
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` records and remembering event ids for
-    /// `dedup_window`.
-    pub fn new(capacity: usize, dedup_window: Duration) -> Self {
+    /// A queue holding at most `capacity` records and remembering event ids as `dedup` says.
+    pub fn new(capacity: usize, dedup: impl Into<Dedup>) -> Self {
         MemoryQueue {
             capacity,
-            dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                next_id: 0,
+                next_dead: 0,
+                waiting: HashMap::new(),
+                waiting_len: 0,
+                leased: HashMap::new(),
+                dead: VecDeque::new(),
+                seen: Seen::new(dedup.into()),
+            }),
             depth: AtomicUsize::new(0),
             work: Notify::new(),
         }
@@ -114,24 +116,16 @@ impl Queue for MemoryQueue {
         {
             let mut s = self.state();
             let now = now_ms();
-            // Forget keys older than the window, and the oldest beyond the cap.
-            while let Some((at, _)) = s.seen_order.front() {
-                if now - *at <= self.dedup_window_ms && s.seen_order.len() <= DEDUP_CAP {
-                    break;
-                }
-                if let Some((at, key)) = s.seen_order.pop_front()
-                    && s.seen.get(&key) == Some(&at)
-                {
-                    s.seen.remove(&key);
-                }
-            }
+            // Forget keys older than the window, and the oldest beyond the bound.
+            s.seen.expire(now);
             let mut fresh = 0;
-            let mut in_call = HashSet::new();
-            for e in &events {
-                let dup = e
-                    .dedup_key
-                    .as_ref()
-                    .is_some_and(|k| s.seen.contains_key(k) || !in_call.insert(k.clone()));
+            let mut in_call = HashSetOf::default();
+            let keys: Vec<_> = events
+                .iter()
+                .map(|e| e.dedup_key.as_deref().map(key_hash))
+                .collect();
+            for (e, key) in events.iter().zip(&keys) {
+                let dup = key.is_some_and(|k| s.seen.contains(k) || !in_call.insert(k));
                 if !dup {
                     fresh += e.records.len();
                 }
@@ -143,13 +137,12 @@ impl Queue for MemoryQueue {
                     capacity: self.capacity,
                 });
             }
-            for (e, dup) in events.into_iter().zip(&duplicates) {
+            for ((e, dup), key) in events.into_iter().zip(&duplicates).zip(keys) {
                 if *dup || e.records.is_empty() {
                     continue;
                 }
-                if let Some(key) = e.dedup_key {
-                    s.seen.insert(key.clone(), now);
-                    s.seen_order.push_back((now, key));
+                if let Some(key) = key {
+                    s.seen.insert(key, now, 0);
                 }
                 for record in e.records {
                     s.next_id += 1;
@@ -306,6 +299,10 @@ impl Queue for MemoryQueue {
 
     fn depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
+    }
+
+    fn dedup_ids(&self) -> Option<usize> {
+        Some(self.state().seen.len())
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

@@ -9,6 +9,7 @@
 //! never maps events.
 
 mod checkpoint;
+mod dedup;
 mod memory;
 mod nats;
 mod sqlite;
@@ -20,12 +21,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use dedup::Dedup;
 pub use memory::MemoryQueue;
 pub use nats::{NatsOptions, NatsQueue};
 pub use sqlite::SqliteQueue;
-
-/// The most dedup keys a backend keeps; past it the oldest are forgotten first.
-pub const DEDUP_CAP: usize = 2_000_000;
 
 use crate::rules::Source;
 
@@ -257,6 +256,12 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Bytes the queue's files take on this machine's disk, for a backend that keeps any.
     fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// Event ids this process's dedup index remembers, for a backend that keeps one (NATS's is
+    /// in the server).
+    fn dedup_ids(&self) -> Option<usize> {
         None
     }
 }

@@ -16,6 +16,11 @@
 //! (at-least-once). Records this process enqueued are also kept in memory until leased, so in
 //! steady state delivery never reads a record back. Never delivers and never maps.
 //!
+//! Dedup: the ids accepted within the window are kept in memory ([`Seen`], see `dedup.rs`), so
+//! a lookup reads nothing. To rebuild that index at start, each transaction that accepts events
+//! with ids appends one `dedup_log` row (its time and the ids' hashes), and rows whose ids are
+//! all forgotten are deleted from the front: the log is written sequentially, never indexed.
+//!
 //! Disk: SQLite reuses the pages of delivered records but never gives them back, so after a
 //! backlog drains the writer compacts the database ([`Compaction`]: `VACUUM`, then a `TRUNCATE`
 //! checkpoint that also empties the log).
@@ -33,6 +38,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, Counts, Limits};
+use super::dedup::{Dedup, HashSetOf, KeyHash, Seen, key_hash};
 use super::wal_sync::{Failure, Pending, WalSync};
 use super::{
     Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
@@ -52,6 +58,8 @@ const LINGER_UNTIL_RECORDS: usize = 256;
 /// ...and at most this long, in `LINGER_NAPS` naps.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 const LINGER_NAPS: u32 = 4;
+/// How often at most the dedup bound's early forgetting is warned about.
+const EARLY_WARNING_EVERY: Duration = Duration::from_secs(600);
 /// Operations waiting for the writer; callers wait for room beyond this.
 const PENDING_MAX: usize = 65_536;
 /// Bytes of enqueued records kept in memory for delivery to lease without reading them back.
@@ -109,8 +117,7 @@ CREATE TABLE IF NOT EXISTS records (
     due_ms INTEGER NOT NULL
 );
 DROP INDEX IF EXISTS records_due;
-CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS dedup_at ON dedup (at_ms);
+CREATE TABLE IF NOT EXISTS dedup_log (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, keys BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     integration TEXT NOT NULL,
@@ -139,7 +146,8 @@ const RECORD_COLUMNS: &str = "id, integration, stream, timestamp_field, rule, ru
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 enum Op {
-    Enqueue(Vec<EventRecords>, Reply<Vec<bool>>),
+    /// Events with the hashes of their dedup keys (computed by the caller, off the writer).
+    Enqueue(Vec<EventRecords>, Vec<Option<KeyHash>>, Reply<Vec<bool>>),
     Lease(usize, HashSet<String>, Reply<Vec<QueuedRecord>>),
     Ack(Vec<RecordId>, Reply<()>),
     Retry(Vec<QueuedRecord>, i64, Reply<()>),
@@ -156,7 +164,7 @@ impl Op {
     fn refuse(self, e: &QueueError) {
         let e = e.clone();
         match self {
-            Op::Enqueue(_, reply) => drop(reply.send(Err(e))),
+            Op::Enqueue(_, _, reply) => drop(reply.send(Err(e))),
             Op::Lease(_, _, reply) => drop(reply.send(Err(e))),
             Op::Ack(_, reply) => drop(reply.send(Err(e))),
             Op::Retry(_, _, reply) => drop(reply.send(Err(e))),
@@ -179,6 +187,8 @@ pub struct SqliteQueue {
     failure: Failure,
     /// The database and its log, as SQLite names them.
     files: [std::path::PathBuf; 2],
+    /// Event ids the dedup index remembers, as of the last commit.
+    dedup_ids: Arc<AtomicUsize>,
     /// Checkpoints run, by whom.
     #[cfg(test)]
     checkpoints: Arc<Counts>,
@@ -187,11 +197,11 @@ pub struct SqliteQueue {
 impl SqliteQueue {
     /// Opens (or creates) the queue at `path`; every stored record waits again, whatever a
     /// previous process had leased.
-    pub fn open(path: &Path, capacity: usize, dedup_window: Duration) -> Result<Self, QueueError> {
+    pub fn open(path: &Path, capacity: usize, dedup: impl Into<Dedup>) -> Result<Self, QueueError> {
         Self::open_with(
             path,
             capacity,
-            dedup_window,
+            dedup.into(),
             (Limits::DEFAULT, Compaction::DEFAULT),
             WalSync::for_file,
         )
@@ -201,7 +211,7 @@ impl SqliteQueue {
     fn open_with(
         path: &Path,
         capacity: usize,
-        dedup_window: Duration,
+        dedup: Dedup,
         (checkpoints, compaction): (Limits, Compaction),
         syncer: impl FnOnce(std::fs::File) -> Result<WalSync, QueueError>,
     ) -> Result<Self, QueueError> {
@@ -219,6 +229,8 @@ impl SqliteQueue {
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
+        let (seen, dedup_rows_forgotten) =
+            load_seen(&mut conn, dedup).map_err(|e| store("cannot read the dedup log", e))?;
         let synced = syncer(open_log(&conn)?)?;
         // Named as `open_log` found them (it fails for a database without a file).
         let db = conn.path().unwrap_or_default();
@@ -228,6 +240,7 @@ impl SqliteQueue {
         let checkpointer =
             Checkpointer::start(path, &mut conn, checkpoints, counts.clone(), failure.clone())?;
         let depth = Arc::new(AtomicUsize::new(schedule.waiting()));
+        let dedup_ids = Arc::new(AtomicUsize::new(seen.len()));
         let work = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(PENDING_MAX);
         let writer = Writer {
@@ -235,7 +248,11 @@ impl SqliteQueue {
             synced,
             checkpointer,
             capacity,
-            dedup_window_ms: i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX),
+            seen,
+            dedup_ids: dedup_ids.clone(),
+            dedup_rows_forgotten,
+            dedup_rows_deleted: dedup_rows_forgotten,
+            last_early_warning: None,
             depth: depth.clone(),
             work: work.clone(),
             last_expiry_ms: 0,
@@ -254,6 +271,7 @@ impl SqliteQueue {
             work,
             failure,
             files,
+            dedup_ids,
             #[cfg(test)]
             checkpoints: counts,
         })
@@ -264,6 +282,98 @@ impl SqliteQueue {
         self.ops.send(op(tx)).await.map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
+}
+
+/// Rebuilds the dedup index from `dedup_log`, forgetting (and deleting) what has expired;
+/// returns it with the last log row forgotten. A database from before the log keeps its ids:
+/// the newest `max_ids` of its `dedup` table move into the log first.
+fn load_seen(conn: &mut Connection, dedup: Dedup) -> Result<(Seen, i64), rusqlite::Error> {
+    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let former: i64 = txn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dedup'",
+        [],
+        |r| r.get(0),
+    )?;
+    if former > 0 {
+        let moved = move_former_dedup(&txn, dedup)?;
+        tracing::info!(
+            ids = moved,
+            "moved the dedup ids of the former dedup table into the dedup log"
+        );
+    }
+    let mut seen = Seen::new(dedup);
+    let mut forgotten = 0;
+    let now = now_ms();
+    {
+        let mut read = txn.prepare("SELECT id, at_ms, keys FROM dedup_log ORDER BY id")?;
+        let mut rows = read.query([])?;
+        while let Some(row) = rows.next()? {
+            let (id, at_ms): (i64, i64) = (row.get(0)?, row.get(1)?);
+            let keys = row.get_ref(2)?.as_blob()?;
+            if keys.len() % 16 != 0 {
+                return Err(rusqlite::Error::FromSqlConversionFailure(
+                    2,
+                    Type::Blob,
+                    format!(
+                        "dedup log row {id} holds {} bytes, not 16-byte hashes",
+                        keys.len()
+                    )
+                    .into(),
+                ));
+            }
+            for key in keys.chunks_exact(16) {
+                let mut hash = [0u8; 16];
+                hash.copy_from_slice(key);
+                seen.insert(u128::from_be_bytes(hash), at_ms, id);
+            }
+            // A log longer than the bound never holds much more than it in memory.
+            if seen.len() > seen.max_ids() {
+                forgotten = forgotten.max(seen.expire(now).last_row);
+            }
+        }
+    }
+    forgotten = forgotten.max(seen.expire(now).last_row);
+    if forgotten > 0 {
+        txn.execute("DELETE FROM dedup_log WHERE id <= ?1", params![forgotten])?;
+    }
+    txn.commit()?;
+    Ok((seen, forgotten))
+}
+
+/// Moves the keys of the former `dedup` table (one row a key, by text) still within the window,
+/// the newest `max_ids` at most, into `dedup_log`, a row per 4,096, and drops the table;
+/// returns how many moved.
+fn move_former_dedup(txn: &Transaction<'_>, dedup: Dedup) -> Result<usize, rusqlite::Error> {
+    let limit = i64::try_from(dedup.max_ids).unwrap_or(i64::MAX);
+    let window = i64::try_from(dedup.window.as_millis()).unwrap_or(i64::MAX);
+    let since: Option<i64> = txn
+        .query_row(
+            "SELECT at_ms FROM dedup ORDER BY at_ms DESC LIMIT 1 OFFSET ?1",
+            params![limit - 1],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut log = txn.prepare("INSERT INTO dedup_log (at_ms, keys) VALUES (?1, ?2)")?;
+    let mut read = txn.prepare("SELECT key, at_ms FROM dedup WHERE at_ms >= ?1 ORDER BY at_ms")?;
+    let since = since.unwrap_or(i64::MIN).max(now_ms().saturating_sub(window));
+    let mut rows = read.query(params![since])?;
+    let (mut chunk, mut newest, mut moved) = (Vec::new(), i64::MIN, 0);
+    while let Some(row) = rows.next()? {
+        let key: String = row.get(0)?;
+        chunk.extend_from_slice(&key_hash(&key).to_be_bytes());
+        // A row is as old as its newest key: each is remembered at least its window.
+        newest = newest.max(row.get(1)?);
+        moved += 1;
+        if chunk.len() == 4096 * 16 {
+            log.execute(params![newest, std::mem::take(&mut chunk)])?;
+        }
+    }
+    if !chunk.is_empty() {
+        log.execute(params![newest, chunk])?;
+    }
+    drop(rows);
+    txn.execute_batch("DROP TABLE dedup")?;
+    Ok(moved)
 }
 
 /// Opens the log file of `conn`'s database for syncing it, and syncs the directory entry of a
@@ -296,7 +406,11 @@ fn store(what: impl std::fmt::Display, e: rusqlite::Error) -> QueueError {
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
-        self.call(|r| Op::Enqueue(events, r)).await
+        let keys = events
+            .iter()
+            .map(|e| e.dedup_key.as_deref().map(key_hash))
+            .collect();
+        self.call(|r| Op::Enqueue(events, keys, r)).await
     }
 
     async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError> {
@@ -372,6 +486,10 @@ impl Queue for SqliteQueue {
         self.failure.get().cloned()
     }
 
+    fn dedup_ids(&self) -> Option<usize> {
+        Some(self.dedup_ids.load(Ordering::Relaxed))
+    }
+
     fn disk_bytes(&self) -> Option<u64> {
         Some(
             self.files
@@ -389,7 +507,16 @@ struct Writer {
     synced: WalSync,
     checkpointer: Checkpointer,
     capacity: usize,
-    dedup_window_ms: i64,
+    /// The dedup keys accepted within the window (committed ones only).
+    seen: Seen,
+    /// `seen`'s size, for metrics.
+    dedup_ids: Arc<AtomicUsize>,
+    /// `dedup_log` rows up to this id hold only forgotten keys...
+    dedup_rows_forgotten: i64,
+    /// ...and up to this one they are deleted.
+    dedup_rows_deleted: i64,
+    /// When the dedup bound last forgot keys younger than the window (warned about).
+    last_early_warning: Option<std::time::Instant>,
     depth: Arc<AtomicUsize>,
     work: Arc<Notify>,
     last_expiry_ms: i64,
@@ -601,7 +728,16 @@ impl Writer {
         // should it fail).
         let mut staged: Vec<Waiting> = Vec::new();
         let mut taken = Vec::new();
+        // Dedup keys this transaction stores.
+        let mut marked = Marked::default();
+        if now - self.last_expiry_ms > 1000 {
+            self.last_expiry_ms = now;
+            self.forget_expired_keys(now);
+        }
+        let forgotten = self.dedup_rows_forgotten;
+        let delete_forgotten = forgotten > self.dedup_rows_deleted;
         let schedule = &mut self.schedule;
+        let seen = &self.seen;
         let result = (|| -> Result<(), rusqlite::Error> {
             // Immediate: the write lock is taken (waiting out a checkpointer that briefly holds
             // it) before anything is read, never in the middle of the transaction.
@@ -610,13 +746,13 @@ impl Writer {
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             for op in ops {
                 match op {
-                    Op::Enqueue(events, reply) => {
+                    Op::Enqueue(events, keys, reply) => {
                         let r = enqueue(
                             &txn,
-                            events,
+                            (events, keys),
                             now,
                             self.capacity,
-                            self.dedup_window_ms,
+                            (seen, &mut marked),
                             &mut depth,
                             &mut staged,
                         );
@@ -656,12 +792,15 @@ impl Writer {
                     Op::Oldest(reply) => answers.push(pending(reply, oldest(&txn))),
                 }
             }
-            if now - self.last_expiry_ms > 1000 {
-                self.last_expiry_ms = now;
-                txn.execute(
-                    "DELETE FROM dedup WHERE at_ms < ?1",
-                    params![now.saturating_sub(self.dedup_window_ms)],
-                )?;
+            if !marked.order.is_empty() {
+                let keys: Vec<u8> = marked.order.iter().flat_map(|k| k.to_be_bytes()).collect();
+                txn.prepare_cached("INSERT INTO dedup_log (at_ms, keys) VALUES (?1, ?2)")?
+                    .execute(params![now, keys])?;
+                marked.row = txn.last_insert_rowid();
+            }
+            if delete_forgotten {
+                txn.prepare_cached("DELETE FROM dedup_log WHERE id <= ?1")?
+                    .execute(params![forgotten])?;
             }
             txn.commit()
         })();
@@ -671,6 +810,13 @@ impl Writer {
                 self.depth.store(depth, Ordering::Relaxed);
                 for w in staged {
                     self.schedule.wait(w);
+                }
+                for key in marked.order {
+                    self.seen.insert(key, now, marked.row);
+                }
+                self.dedup_ids.store(self.seen.len(), Ordering::Relaxed);
+                if delete_forgotten {
+                    self.dedup_rows_deleted = forgotten;
                 }
             }
             Some(e) => {
@@ -703,6 +849,32 @@ impl Writer {
 }
 
 impl Writer {
+    /// Forgets the dedup keys past the window (or the bound); the next transaction deletes
+    /// their log rows.
+    fn forget_expired_keys(&mut self, now: i64) {
+        let expired = self.seen.expire(now);
+        self.dedup_rows_forgotten = self.dedup_rows_forgotten.max(expired.last_row);
+        let Some((forgotten, left)) = expired.early else {
+            return;
+        };
+        let at = std::time::Instant::now();
+        if self
+            .last_early_warning
+            .is_some_and(|t| at.duration_since(t) < EARLY_WARNING_EVERY)
+        {
+            return;
+        }
+        self.last_early_warning = Some(at);
+        tracing::warn!(
+            forgotten,
+            remembered_secs = left.as_secs(),
+            max_ids = self.seen.max_ids(),
+            "the dedup index is full (queue.dedup_max_ids): event ids were forgotten before the dedup \
+             window ran out, so a sender retrying one of them now gets it accepted twice; raise \
+             queue.dedup_max_ids (about 25 bytes of memory an id) or shorten queue.dedup_window_secs"
+        );
+    }
+
     /// Compacts the database when [`Compaction`] says its free pages are worth giving back, or
     /// empties the log a compaction left full.
     /// Committed operations are unaffected: `VACUUM` keeps every row and its id, and the
@@ -785,7 +957,7 @@ impl Writer {
 fn records_in(ops: &[Op]) -> usize {
     ops.iter()
         .map(|op| match op {
-            Op::Enqueue(events, _) => events.iter().map(|e| e.records.len()).sum::<usize>().max(1),
+            Op::Enqueue(events, _, _) => events.iter().map(|e| e.records.len()).sum::<usize>().max(1),
             _ => 1,
         })
         .sum()
@@ -795,32 +967,30 @@ fn sql(e: rusqlite::Error) -> QueueError {
     store("queue operation failed", e)
 }
 
+/// The dedup keys one transaction stores, in one `dedup_log` row.
+#[derive(Default)]
+struct Marked {
+    keys: HashSetOf,
+    /// In the order they were marked.
+    order: Vec<KeyHash>,
+    /// The log row, once written.
+    row: i64,
+}
+
 fn enqueue(
     txn: &Transaction<'_>,
-    events: Vec<EventRecords>,
+    (events, keys): (Vec<EventRecords>, Vec<Option<KeyHash>>),
     now: i64,
     capacity: usize,
-    window_ms: i64,
+    (seen, marked): (&Seen, &mut Marked),
     depth: &mut usize,
     staged: &mut Vec<Waiting>,
 ) -> Result<Vec<bool>, QueueError> {
-    let mut seen = txn
-        .prepare_cached("SELECT at_ms FROM dedup WHERE key = ?1")
-        .map_err(sql)?;
-    let mut in_call = HashSet::new();
+    let mut in_call = HashSetOf::default();
     let mut duplicates = Vec::with_capacity(events.len());
     let mut fresh = 0;
-    for e in &events {
-        let dup = match &e.dedup_key {
-            None => false,
-            Some(key) => {
-                let stored: Option<i64> = seen
-                    .query_row(params![&**key], |r| r.get(0))
-                    .optional()
-                    .map_err(sql)?;
-                stored.is_some_and(|at| now - at <= window_ms) || !in_call.insert(key.clone())
-            }
-        };
+    for (e, key) in events.iter().zip(&keys) {
+        let dup = key.is_some_and(|k| seen.contains(k) || marked.keys.contains(&k) || !in_call.insert(k));
         if !dup {
             fresh += e.records.len();
         }
@@ -829,9 +999,6 @@ fn enqueue(
     if fresh > 0 && *depth + fresh > capacity {
         return Err(QueueError::Full { capacity });
     }
-    let mut mark = txn
-        .prepare_cached("INSERT OR REPLACE INTO dedup (key, at_ms) VALUES (?1, ?2)")
-        .map_err(sql)?;
     let mut insert = txn
         .prepare_cached(
             "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
@@ -839,12 +1006,13 @@ fn enqueue(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .map_err(sql)?;
-    for (e, dup) in events.into_iter().zip(&duplicates) {
+    for ((e, dup), key) in events.into_iter().zip(&duplicates).zip(keys) {
         if *dup || e.records.is_empty() {
             continue;
         }
-        if let Some(key) = &e.dedup_key {
-            mark.execute(params![&**key, now]).map_err(sql)?;
+        if let Some(key) = key {
+            marked.keys.insert(key);
+            marked.order.push(key);
         }
         for r in e.records {
             insert
@@ -1222,7 +1390,7 @@ mod tests {
         SqliteQueue::open_with(
             path,
             100_000,
-            Duration::from_secs(3600),
+            Duration::from_secs(3600).into(),
             (Limits::DEFAULT, EAGER),
             WalSync::for_file,
         )
@@ -1256,7 +1424,7 @@ mod tests {
         let q = SqliteQueue::open_with(
             &dir.path().join("queue.sqlite3"),
             100,
-            Duration::from_secs(3600),
+            Duration::from_secs(3600).into(),
             (Limits::DEFAULT, Compaction::DEFAULT),
             |_| WalSync::start(|| Err(std::io::Error::other("EIO"))),
         )
@@ -1458,7 +1626,7 @@ mod tests {
         let q = SqliteQueue::open_with(
             &path,
             100_000,
-            Duration::from_secs(3600),
+            Duration::from_secs(3600).into(),
             (limits, Compaction::DEFAULT),
             WalSync::for_file,
         )
@@ -1527,7 +1695,11 @@ mod tests {
         let enqueue = |records: usize| {
             let (reply, _) = oneshot::channel();
             let records = (0..records).map(|i| rec("a", &i.to_string())).collect();
-            Op::Enqueue(vec![event("k", records), event("l", Vec::new())], reply)
+            Op::Enqueue(
+                vec![event("k", records), event("l", Vec::new())],
+                vec![None, None],
+                reply,
+            )
         };
         let ack = || Op::Ack(vec![1, 2, 3], oneshot::channel().0);
         // Two batch calls of 100 records and an ack: 201, against 3 operations.
@@ -1620,6 +1792,94 @@ mod tests {
             vec![true]
         );
         assert_eq!(q.depth(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_sends_of_one_id_store_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Arc::new(open(dir.path()));
+        // Calls that reach the writer together share a transaction: the id one of them marks
+        // is a duplicate for the others before anything commits.
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move { q.enqueue(vec![event("same", vec![rec("a", "same")])]).await })
+            })
+            .collect();
+        let mut fresh = 0;
+        for c in calls {
+            fresh += c.await.unwrap().unwrap().iter().filter(|dup| !**dup).count();
+        }
+        assert_eq!(fresh, 1);
+        assert_eq!(q.depth(), 1);
+        assert_eq!(q.dedup_ids(), Some(1));
+    }
+
+    /// Rows of the dedup log.
+    fn dedup_log_rows(dir: &Path) -> i64 {
+        Connection::open(dir.join("queue.sqlite3"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM dedup_log", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn ids_past_the_window_leave_memory_and_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let q = SqliteQueue::open(&path, 100, Duration::from_millis(50)).unwrap();
+        q.enqueue(vec![event("e1", vec![rec("a", "e1")])]).await.unwrap();
+        q.enqueue(vec![event("e2", vec![rec("a", "e2")])]).await.unwrap();
+        assert_eq!(q.dedup_ids(), Some(2));
+        assert_eq!(dedup_log_rows(dir.path()), 2);
+        // Past the window, and past the writer's once-a-second look at it.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        q.enqueue(vec![event("e3", vec![rec("a", "e3")])]).await.unwrap();
+        assert_eq!(q.dedup_ids(), Some(1));
+        assert_eq!(
+            dedup_log_rows(dir.path()),
+            1,
+            "the forgotten ids' rows are deleted"
+        );
+        assert_eq!(
+            q.enqueue(vec![
+                event("e1", vec![rec("a", "e1")]),
+                event("e3", vec![rec("a", "e3")])
+            ])
+            .await
+            .unwrap(),
+            vec![false, true]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_remembers_at_most_the_bound_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let bounded = Dedup {
+            window: Duration::from_secs(3600),
+            max_ids: 16,
+        };
+        {
+            let q = SqliteQueue::open(&path, 100, bounded).unwrap();
+            let events = (0..40)
+                .map(|n| event(&format!("k{n}"), vec![rec("a", "k")]))
+                .collect();
+            q.enqueue(events).await.unwrap();
+        }
+        let q = reopen(|| SqliteQueue::open(&path, 100, bounded)).await;
+        // Generations of 7 ids: the oldest go until at most 16 are left.
+        assert_eq!(q.dedup_ids(), Some(12));
+        assert_eq!(
+            q.enqueue(vec![
+                event("k39", vec![rec("a", "k")]),
+                event("k28", vec![rec("a", "k")]),
+                event("k27", vec![rec("a", "k")])
+            ])
+            .await
+            .unwrap(),
+            vec![true, true, false]
+        );
     }
 
     #[tokio::test]
@@ -1874,12 +2134,42 @@ mod tests {
                  CREATE INDEX records_due ON records (leased, due_ms, id);
                  INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source,
                    event_id, event_type, body, input, accepted_ms, attempts, due_ms, leased)
-                 VALUES ('a', '', '_ts', 'r', 'v0', 'signal', 'old', 'track', X'7B7D', X'7B7D', 1, 2, 0, 1);",
+                 VALUES ('a', '', '_ts', 'r', 'v0', 'signal', 'old', 'track', X'7B7D', X'7B7D', 1, 2, 0, 1);
+                 CREATE TABLE dedup (key TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
+                 CREATE INDEX dedup_at ON dedup (at_ms);
+                 INSERT INTO dedup (key, at_ms) VALUES ('expired', 1);",
+            )
+            .unwrap();
+            // An id the previous schema stored a minute ago.
+            conn.execute(
+                "INSERT INTO dedup (key, at_ms) VALUES ('seen', ?1)",
+                params![now_ms() - 60_000],
             )
             .unwrap();
         }
         let q = open(dir.path());
         assert_eq!(q.depth(), 1);
+        // Its ids moved into the dedup log: the one within the window is still a duplicate.
+        assert_eq!(q.dedup_ids(), Some(1));
+        assert_eq!(dedup_log_rows(dir.path()), 1);
+        assert_eq!(
+            q.enqueue(vec![
+                event("seen", vec![rec("a", "seen")]),
+                event("expired", vec![rec("a", "expired")]),
+            ])
+            .await
+            .unwrap(),
+            vec![true, false]
+        );
+        let former: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('dedup', 'dedup_at')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(former, 0, "the former table and its index are gone");
         q.enqueue(vec![event("new", vec![rec("a", "new")])])
             .await
             .unwrap();
@@ -1887,11 +2177,13 @@ mod tests {
         let ids: Vec<&str> = leased.iter().map(|r| &*r.record.event_id).collect();
         assert_eq!(
             ids,
-            ["old", "new"],
+            ["old", "expired", "new"],
             "the record leased by the old process is due again, first"
         );
         assert_eq!(leased[0].attempts, 2);
-        q.ack(&[leased[0].id, leased[1].id]).await.unwrap();
+        q.ack(&leased.iter().map(|r| r.id).collect::<Vec<_>>())
+            .await
+            .unwrap();
         assert_eq!(q.depth(), 0);
     }
 }
