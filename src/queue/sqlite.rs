@@ -58,8 +58,9 @@ const LINGER_UNTIL_RECORDS: usize = 256;
 /// ...and at most this long, in `LINGER_NAPS` naps.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 const LINGER_NAPS: u32 = 4;
-/// How often at most the dedup bound's early forgetting is warned about.
-const EARLY_WARNING_EVERY: Duration = Duration::from_secs(600);
+/// How often at most the dedup bound's early forgetting is warned about: under steady traffic
+/// above the bound it happens all the time, and once a day says it.
+const EARLY_WARNING_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// Operations waiting for the writer; callers wait for room beyond this.
 const PENDING_MAX: usize = 65_536;
 /// Bytes of enqueued records kept in memory for delivery to lease without reading them back.
