@@ -174,6 +174,30 @@ async fn acknowledged_events_survive_repeated_kill_9() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Every acknowledged id is remembered through the kills: each was stored with its event,
+    // so sending any of them again is a duplicate.
+    let mut client = IngestServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let mut sample: Vec<String> = acked.iter().cloned().collect();
+    sample.sort_unstable();
+    let step = (sample.len() / 500).max(1);
+    let sample: Vec<String> = sample.into_iter().step_by(step).collect();
+    for ids in sample.chunks(100) {
+        let statuses = make(
+            &mut client,
+            &Call {
+                ids: ids.to_vec(),
+                batch: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            statuses.iter().all(|s| *s == pb::IngestStatus::Duplicate as i32),
+            "acknowledged ids sent again: {statuses:?}"
+        );
+    }
     relay.kill();
     let lost: Vec<&String> = acked.difference(&delivered).take(10).collect();
     let duplicates = counts.values().filter(|n| **n > 1).count();

@@ -10,16 +10,18 @@
 //! the transaction that accepts the events, one log row holding the hashes it added, from which
 //! the index is rebuilt after a restart.
 //!
-//! Keys are kept in generations, each covering an eighth of the window (or an eighth of
-//! `max_ids`, whichever fills first): a generation is forgotten whole once its newest key is
-//! older than the window, so a key is remembered for at least the window and at most an eighth
-//! longer, and expiry costs nothing per key. Past `max_ids` the oldest generations are
+//! Keys are kept in generations, each covering an eighth of the window or holding about an
+//! eighth of `max_ids` (the nearest count that fills a hash table), whichever comes first: a
+//! generation is forgotten whole once its newest key is older than the window, so a key is
+//! remembered for at least the window and at most an eighth longer (plus the second between two
+//! looks), and expiry costs nothing per key. Past `max_ids` the oldest generations are
 //! forgotten first, shortening the window; [`Seen::expire`] reports it. Memory: a 16-byte hash in
 //! a hash table, 19.4 bytes a key in a generation closed full, ~25 on average (2 million keys:
 //! ~40-50 MB).
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -62,38 +64,82 @@ impl From<Duration> for Dedup {
     }
 }
 
-/// The largest number of keys at most `n` (and at least 7) that fills a hash table exactly:
-/// the table holds 7/8 of a power of two before it doubles, so a generation closed at that
-/// size costs ~19.4 bytes a key (16-byte hash, 1 control byte, 1/8 free), not up to twice that.
+/// The number of keys nearest to `n` (at least 7) that fills a hash table exactly: the table
+/// holds 7/8 of a power of two before it doubles, so a generation closed at that size costs
+/// ~19.4 bytes a key (16-byte hash, 1 control byte, 1/8 free), not up to twice that. Nearest
+/// by ratio, so a bound makes between ~5.7 and ~11.3 generations, each a lookup.
 fn full_table(n: usize) -> usize {
-    let mut buckets = 8usize;
-    while buckets.saturating_mul(2) / 8 * 7 <= n {
-        buckets *= 2;
+    // Full sizes are 7 * 2^k (7/8 of 8 * 2^k buckets).
+    let mut below = 7usize;
+    while below.saturating_mul(2) <= n {
+        below *= 2;
     }
-    buckets / 8 * 7
+    let above = below.saturating_mul(2);
+    // above / n < n / below
+    if n >= 7 && (above as u128) * (below as u128) < (n as u128) * (n as u128) {
+        above
+    } else {
+        below
+    }
 }
 
-/// Hashes a [`KeyHash`] by its low bits: they are already uniformly distributed.
-#[derive(Default)]
-pub(super) struct PassThrough(u64);
+/// A process-wide secret: where a key lands in a table cannot be chosen by a sender who picks
+/// ids (hashes are public: SHA-256 of the id), so nobody can make lookups walk long probe chains.
+fn table_seed() -> (u64, u64) {
+    static SEED: OnceLock<(u64, u64)> = OnceLock::new();
+    *SEED.get_or_init(|| (rand::random::<u64>() | 1, rand::random::<u64>()))
+}
 
-impl Hasher for PassThrough {
+/// Hashes a [`KeyHash`] for a table: both halves, mixed with [`table_seed`] (a folded 128-bit
+/// multiply, as foldhash does).
+pub(super) struct Keyed {
+    seed: (u64, u64),
+    state: u64,
+}
+
+impl Hasher for Keyed {
     fn finish(&self) -> u64 {
-        self.0
+        self.state
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+            self.write_u64(u64::from(*b));
         }
     }
+    fn write_u64(&mut self, v: u64) {
+        let product = u128::from(self.state ^ v ^ self.seed.1) * u128::from(self.seed.0);
+        // Truncations intended: the two halves of the product, folded.
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
     fn write_u128(&mut self, v: u128) {
-        // Truncation intended: the low 64 bits of a hash.
-        self.0 = v as u64;
+        // Truncations intended: the two halves of the key.
+        self.write_u64(v as u64);
+        self.write_u64((v >> 64) as u64);
+    }
+}
+
+/// Builds [`Keyed`] hashers with the process's seed.
+#[derive(Clone, Copy)]
+pub(super) struct KeyedState((u64, u64));
+
+impl Default for KeyedState {
+    fn default() -> Self {
+        KeyedState(table_seed())
+    }
+}
+
+impl BuildHasher for KeyedState {
+    type Hasher = Keyed;
+    fn build_hasher(&self) -> Keyed {
+        Keyed {
+            seed: self.0,
+            state: 0,
+        }
     }
 }
 
 /// A set of key hashes.
-pub(super) type HashSetOf = HashSet<KeyHash, BuildHasherDefault<PassThrough>>;
+pub(super) type HashSetOf = HashSet<KeyHash, KeyedState>;
 
 /// Keys accepted within one stretch of time.
 struct Generation {
@@ -111,7 +157,7 @@ struct Generation {
 /// What [`Seen::expire`] forgot.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Expired {
-    /// Log rows up to this one hold only forgotten keys (0: none forgotten).
+    /// Log rows up to this one hold only forgotten keys (0: no row to delete).
     pub last_row: i64,
     /// Keys forgotten before the window ran out (the `max_ids` bound), and the age of the
     /// newest of them: the window the bound left.
@@ -262,12 +308,19 @@ mod tests {
     #[test]
     fn generations_close_where_their_table_is_full() {
         assert_eq!(full_table(0), 7);
-        assert_eq!(full_table(13), 7);
+        assert_eq!(full_table(9), 7);
+        assert_eq!(full_table(10), 14);
         assert_eq!(full_table(14), 14);
         assert_eq!(full_table(250_000), 229_376);
+        assert_eq!(full_table(450_000), 458_752);
         let mut table = HashSetOf::default();
         table.extend(0..229_376u128);
         assert_eq!(table.capacity(), 229_376, "2^18 buckets, 7/8 of them used");
+        // Whatever the bound, a lookup checks between 6 and 12 generations.
+        for max_ids in [1_000usize, 2_000_000, 2_600_000, 3_600_000, 50_000_000] {
+            let generations = max_ids.div_ceil(full_table(max_ids / 8));
+            assert!((6..=12).contains(&generations), "{max_ids}: {generations}");
+        }
     }
 
     #[test]

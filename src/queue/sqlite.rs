@@ -256,7 +256,7 @@ impl SqliteQueue {
             last_early_warning: None,
             depth: depth.clone(),
             work: work.clone(),
-            last_expiry_ms: 0,
+            next_expiry: std::time::Instant::now(),
             compaction,
             next_compaction_check: std::time::Instant::now(),
             log_to_empty: false,
@@ -304,6 +304,7 @@ fn load_seen(conn: &mut Connection, dedup: Dedup) -> Result<(Seen, i64), rusqlit
     }
     let mut seen = Seen::new(dedup);
     let mut forgotten = 0;
+    let mut early = 0;
     let now = now_ms();
     {
         let mut read = txn.prepare("SELECT id, at_ms, keys FROM dedup_log ORDER BY id")?;
@@ -329,11 +330,23 @@ fn load_seen(conn: &mut Connection, dedup: Dedup) -> Result<(Seen, i64), rusqlit
             }
             // A log longer than the bound never holds much more than it in memory.
             if seen.len() > seen.max_ids() {
-                forgotten = forgotten.max(seen.expire(now).last_row);
+                let expired = seen.expire(now);
+                forgotten = forgotten.max(expired.last_row);
+                early += expired.early.map_or(0, |(n, _)| n);
             }
         }
     }
-    forgotten = forgotten.max(seen.expire(now).last_row);
+    let expired = seen.expire(now);
+    forgotten = forgotten.max(expired.last_row);
+    early += expired.early.map_or(0, |(n, _)| n);
+    if early > 0 {
+        tracing::warn!(
+            forgotten = early,
+            max_ids = seen.max_ids(),
+            "the dedup log held more ids of the window than queue.dedup_max_ids: the oldest were \
+             forgotten, so a sender retrying one of them now gets it accepted twice"
+        );
+    }
     if forgotten > 0 {
         txn.execute("DELETE FROM dedup_log WHERE id <= ?1", params![forgotten])?;
     }
@@ -358,16 +371,21 @@ fn move_former_dedup(txn: &Transaction<'_>, dedup: Dedup) -> Result<usize, rusql
     let mut read = txn.prepare("SELECT key, at_ms FROM dedup WHERE at_ms >= ?1 ORDER BY at_ms")?;
     let since = since.unwrap_or(i64::MIN).max(now_ms().saturating_sub(window));
     let mut rows = read.query(params![since])?;
-    let (mut chunk, mut newest, mut moved) = (Vec::new(), i64::MIN, 0);
+    // A row is as old as its newest key, so each key is remembered at least its window; a row
+    // spans at most an eighth of the window, so at most that much longer.
+    let span = (window / 8).max(1);
+    let (mut chunk, mut oldest, mut newest, mut moved) = (Vec::new(), i64::MIN, i64::MIN, 0);
     while let Some(row) = rows.next()? {
-        let key: String = row.get(0)?;
-        chunk.extend_from_slice(&key_hash(&key).to_be_bytes());
-        // A row is as old as its newest key: each is remembered at least its window.
-        newest = newest.max(row.get(1)?);
-        moved += 1;
-        if chunk.len() == 4096 * 16 {
+        let (key, at_ms): (String, i64) = (row.get(0)?, row.get(1)?);
+        if !chunk.is_empty() && (chunk.len() == 4096 * 16 || at_ms.saturating_sub(oldest) >= span) {
             log.execute(params![newest, std::mem::take(&mut chunk)])?;
         }
+        if chunk.is_empty() {
+            oldest = at_ms;
+        }
+        chunk.extend_from_slice(&key_hash(&key).to_be_bytes());
+        newest = newest.max(at_ms);
+        moved += 1;
     }
     if !chunk.is_empty() {
         log.execute(params![newest, chunk])?;
@@ -520,7 +538,9 @@ struct Writer {
     last_early_warning: Option<std::time::Instant>,
     depth: Arc<AtomicUsize>,
     work: Arc<Notify>,
-    last_expiry_ms: i64,
+    /// When the writer next forgets expired dedup ids (once a second, by the monotonic clock:
+    /// a wall clock stepped back must not stop expiry and with it the bound).
+    next_expiry: std::time::Instant,
     compaction: Compaction,
     next_compaction_check: std::time::Instant,
     /// A compaction's `TRUNCATE` checkpoint gave up (a checkpointer pass was running).
@@ -731,8 +751,9 @@ impl Writer {
         let mut taken = Vec::new();
         // Dedup keys this transaction stores.
         let mut marked = Marked::default();
-        if now - self.last_expiry_ms > 1000 {
-            self.last_expiry_ms = now;
+        let at = std::time::Instant::now();
+        if at >= self.next_expiry {
+            self.next_expiry = at + Duration::from_secs(1);
             self.forget_expired_keys(now);
         }
         let forgotten = self.dedup_rows_forgotten;
@@ -756,7 +777,7 @@ impl Writer {
                             (seen, &mut marked),
                             &mut depth,
                             &mut staged,
-                        );
+                        )?;
                         woke |= r.as_ref().is_ok_and(|d| d.iter().any(|dup| !dup));
                         answers.push(pending(reply, r));
                     }
@@ -978,6 +999,9 @@ struct Marked {
     row: i64,
 }
 
+/// Queues `events` unless they would overflow `capacity` (an `Ok(Err(Full))`, before anything is
+/// written). A failed statement is an `Err` that must fail the whole transaction: the call's
+/// records would be partly stored and its ids marked, so a retry would be refused as a duplicate.
 fn enqueue(
     txn: &Transaction<'_>,
     (events, keys): (Vec<EventRecords>, Vec<Option<KeyHash>>),
@@ -986,7 +1010,7 @@ fn enqueue(
     (seen, marked): (&Seen, &mut Marked),
     depth: &mut usize,
     staged: &mut Vec<Waiting>,
-) -> Result<Vec<bool>, QueueError> {
+) -> Result<Result<Vec<bool>, QueueError>, rusqlite::Error> {
     let mut in_call = HashSetOf::default();
     let mut duplicates = Vec::with_capacity(events.len());
     let mut fresh = 0;
@@ -998,15 +1022,13 @@ fn enqueue(
         duplicates.push(dup);
     }
     if fresh > 0 && *depth + fresh > capacity {
-        return Err(QueueError::Full { capacity });
+        return Ok(Err(QueueError::Full { capacity }));
     }
-    let mut insert = txn
-        .prepare_cached(
-            "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
+    let mut insert = txn.prepare_cached(
+        "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
              event_type, body, input, traceparent, accepted_ms, due_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )
-        .map_err(sql)?;
+    )?;
     for ((e, dup), key) in events.into_iter().zip(&duplicates).zip(keys) {
         if *dup || e.records.is_empty() {
             continue;
@@ -1016,23 +1038,21 @@ fn enqueue(
             marked.order.push(key);
         }
         for r in e.records {
-            insert
-                .execute(params![
-                    &*r.integration,
-                    &*r.stream,
-                    &*r.timestamp_field,
-                    &*r.rule,
-                    &*r.rules_version,
-                    r.source.as_str(),
-                    &*r.event_id,
-                    &*r.event_type,
-                    &r.body[..],
-                    &r.input[..],
-                    r.traceparent.as_deref(),
-                    r.accepted_ms,
-                    now,
-                ])
-                .map_err(sql)?;
+            insert.execute(params![
+                &*r.integration,
+                &*r.stream,
+                &*r.timestamp_field,
+                &*r.rule,
+                &*r.rules_version,
+                r.source.as_str(),
+                &*r.event_id,
+                &*r.event_type,
+                &r.body[..],
+                &r.input[..],
+                r.traceparent.as_deref(),
+                r.accepted_ms,
+                now,
+            ])?;
             let id = txn.last_insert_rowid();
             staged.push(Waiting {
                 integration: r.integration.clone(),
@@ -1048,7 +1068,7 @@ fn enqueue(
         }
     }
     *depth += fresh;
-    Ok(duplicates)
+    Ok(Ok(duplicates))
 }
 
 /// Leases from the schedule: records kept in memory need no read, the others are read by id.
@@ -1816,6 +1836,70 @@ mod tests {
         assert_eq!(q.dedup_ids(), Some(1));
     }
 
+    #[test]
+    fn an_id_marked_earlier_in_the_same_transaction_is_a_duplicate() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let txn = conn.transaction().unwrap();
+        let seen = Seen::new(Duration::from_secs(60).into());
+        let mut marked = Marked::default();
+        let (mut depth, mut staged) = (0, Vec::new());
+        let mut call = |key: &str| {
+            let events = vec![event(key, vec![rec("a", key)])];
+            let keys = vec![Some(key_hash(key))];
+            enqueue(
+                &txn,
+                (events, keys),
+                1,
+                100,
+                (&seen, &mut marked),
+                &mut depth,
+                &mut staged,
+            )
+            .unwrap()
+            .unwrap()
+        };
+        assert_eq!(call("k"), vec![false]);
+        assert_eq!(
+            call("k"),
+            vec![true],
+            "marked by the first call, not yet committed"
+        );
+        assert_eq!(call("l"), vec![false]);
+        assert_eq!(marked.order, vec![key_hash("k"), key_hash("l")]);
+        assert_eq!((depth, staged.len()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_records_fail_to_store_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        // A statement failing halfway through a call, as a full disk would make it.
+        Connection::open(dir.path().join("queue.sqlite3"))
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON records WHEN NEW.event_id = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+            )
+            .unwrap();
+        let call = q
+            .enqueue(vec![
+                event("a", vec![rec("a", "a")]),
+                event("p", vec![rec("a", "poison")]),
+            ])
+            .await;
+        assert!(call.is_err(), "{call:?}");
+        // The sender retries the call without its bad event: the first one was not stored, so
+        // it is not a duplicate, and the queue holds exactly it.
+        assert_eq!(
+            q.enqueue(vec![event("a", vec![rec("a", "a")])]).await.unwrap(),
+            vec![false]
+        );
+        assert_eq!(q.depth(), 1);
+        assert_eq!(q.dedup_ids(), Some(1));
+        assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 1);
+    }
+
     /// Rows of the dedup log.
     fn dedup_log_rows(dir: &Path) -> i64 {
         Connection::open(dir.join("queue.sqlite3"))
@@ -2141,26 +2225,30 @@ mod tests {
                  INSERT INTO dedup (key, at_ms) VALUES ('expired', 1);",
             )
             .unwrap();
-            // An id the previous schema stored a minute ago.
-            conn.execute(
-                "INSERT INTO dedup (key, at_ms) VALUES ('seen', ?1)",
-                params![now_ms() - 60_000],
-            )
-            .unwrap();
+            // Ids the previous schema stored 50, 49 and 1 minute ago.
+            for (key, minutes) in [("older", 50), ("old", 49), ("seen", 1)] {
+                conn.execute(
+                    "INSERT INTO dedup (key, at_ms) VALUES (?1, ?2)",
+                    params![key, now_ms() - minutes * 60_000],
+                )
+                .unwrap();
+            }
         }
         let q = open(dir.path());
         assert_eq!(q.depth(), 1);
-        // Its ids moved into the dedup log: the one within the window is still a duplicate.
-        assert_eq!(q.dedup_ids(), Some(1));
-        assert_eq!(dedup_log_rows(dir.path()), 1);
+        // Its ids within the window moved into the dedup log, in rows spanning at most an eighth
+        // of the (one-hour) window, so none is remembered much longer than it would have been.
+        assert_eq!(q.dedup_ids(), Some(3));
+        assert_eq!(dedup_log_rows(dir.path()), 2);
         assert_eq!(
             q.enqueue(vec![
                 event("seen", vec![rec("a", "seen")]),
+                event("older", vec![rec("a", "older")]),
                 event("expired", vec![rec("a", "expired")]),
             ])
             .await
             .unwrap(),
-            vec![true, false]
+            vec![true, true, false]
         );
         let former: i64 = Connection::open(&path)
             .unwrap()
