@@ -64,6 +64,7 @@ const EARLY_WARNING_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// Operations waiting for the writer; callers wait for room beyond this.
 const PENDING_MAX: usize = 65_536;
 /// Bytes of enqueued records kept in memory for delivery to lease without reading them back.
+/// Records past it go back to the enqueuing caller to be freed there.
 const FRESH_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// When the writer gives a drained backlog's disk back. Delivered records leave their pages free
@@ -148,7 +149,7 @@ type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 enum Op {
     /// Events with the hashes of their dedup keys (computed by the caller, off the writer).
-    Enqueue(Vec<EventRecords>, Vec<Option<KeyHash>>, Reply<Vec<bool>>),
+    Enqueue(Vec<EventRecords>, Vec<Option<KeyHash>>, Reply<Enqueued>),
     Lease(usize, HashSet<String>, Reply<Vec<QueuedRecord>>),
     Ack(Vec<RecordId>, Reply<()>),
     Retry(Vec<QueuedRecord>, i64, Reply<()>),
@@ -429,7 +430,10 @@ impl Queue for SqliteQueue {
             .iter()
             .map(|e| e.dedup_key.as_deref().map(key_hash))
             .collect();
-        self.call(|r| Op::Enqueue(events, keys, r)).await
+        let enqueued = self.call(|r| Op::Enqueue(events, keys, r)).await?;
+        // Freed here, on the thread that most likely allocated them, not on the writer.
+        drop(enqueued.spare);
+        Ok(enqueued.duplicates)
     }
 
     async fn lease(&self, max: usize, skip: &HashSet<String>) -> Result<Vec<QueuedRecord>, QueueError> {
@@ -759,6 +763,8 @@ impl Writer {
         let forgotten = self.dedup_rows_forgotten;
         let delete_forgotten = forgotten > self.dedup_rows_deleted;
         let schedule = &mut self.schedule;
+        // Bytes of new records this transaction may keep in memory for their lease.
+        let mut room = FRESH_MAX_BYTES.saturating_sub(schedule.fresh_bytes);
         let seen = &self.seen;
         let result = (|| -> Result<(), rusqlite::Error> {
             // Immediate: the write lock is taken (waiting out a checkpointer that briefly holds
@@ -776,9 +782,9 @@ impl Writer {
                             self.capacity,
                             (seen, &mut marked),
                             &mut depth,
-                            &mut staged,
+                            (&mut staged, &mut room),
                         )?;
-                        woke |= r.as_ref().is_ok_and(|d| d.iter().any(|dup| !dup));
+                        woke |= r.as_ref().is_ok_and(|e| e.duplicates.iter().any(|dup| !dup));
                         answers.push(pending(reply, r));
                     }
                     Op::Lease(max, skip, reply) => {
@@ -999,6 +1005,13 @@ struct Marked {
     row: i64,
 }
 
+/// What an enqueue answers: which events were duplicates, and the records stored but not kept
+/// in memory (past [`FRESH_MAX_BYTES`]), handed back for the caller to drop.
+struct Enqueued {
+    duplicates: Vec<bool>,
+    spare: Vec<NewRecord>,
+}
+
 /// Queues `events` unless they would overflow `capacity` (an `Ok(Err(Full))`, before anything is
 /// written). A failed statement is an `Err` that must fail the whole transaction: the call's
 /// records would be partly stored and its ids marked, so a retry would be refused as a duplicate.
@@ -1009,10 +1022,11 @@ fn enqueue(
     capacity: usize,
     (seen, marked): (&Seen, &mut Marked),
     depth: &mut usize,
-    staged: &mut Vec<Waiting>,
-) -> Result<Result<Vec<bool>, QueueError>, rusqlite::Error> {
+    (staged, room): (&mut Vec<Waiting>, &mut usize),
+) -> Result<Result<Enqueued, QueueError>, rusqlite::Error> {
     let mut in_call = HashSetOf::default();
     let mut duplicates = Vec::with_capacity(events.len());
+    let mut spare = Vec::new();
     let mut fresh = 0;
     for (e, key) in events.iter().zip(&keys) {
         let dup = key.is_some_and(|k| seen.contains(k) || marked.keys.contains(&k) || !in_call.insert(k));
@@ -1054,21 +1068,30 @@ fn enqueue(
                 now,
             ])?;
             let id = txn.last_insert_rowid();
-            staged.push(Waiting {
-                integration: r.integration.clone(),
-                due_ms: now,
-                id,
-                record: Some(QueuedRecord {
+            let integration = r.integration.clone();
+            let size = r.body.len() + r.input.len();
+            let record = if size <= *room {
+                *room -= size;
+                Some(QueuedRecord {
                     id: u64::try_from(id).unwrap_or(0),
                     record: r,
                     attempts: 0,
                     history: Vec::new(),
-                }),
+                })
+            } else {
+                spare.push(r);
+                None
+            };
+            staged.push(Waiting {
+                integration,
+                due_ms: now,
+                id,
+                record,
             });
         }
     }
     *depth += fresh;
-    Ok(Ok(duplicates))
+    Ok(Ok(Enqueued { duplicates, spare }))
 }
 
 /// Leases from the schedule: records kept in memory need no read, the others are read by id.
@@ -1843,7 +1866,8 @@ mod tests {
         let txn = conn.transaction().unwrap();
         let seen = Seen::new(Duration::from_secs(60).into());
         let mut marked = Marked::default();
-        let (mut depth, mut staged) = (0, Vec::new());
+        // Room in memory for one record of 18 bytes (body and input).
+        let (mut depth, mut staged, mut room) = (0, Vec::new(), 18);
         let mut call = |key: &str| {
             let events = vec![event(key, vec![rec("a", key)])];
             let keys = vec![Some(key_hash(key))];
@@ -1854,20 +1878,25 @@ mod tests {
                 100,
                 (&seen, &mut marked),
                 &mut depth,
-                &mut staged,
+                (&mut staged, &mut room),
             )
             .unwrap()
             .unwrap()
         };
-        assert_eq!(call("k"), vec![false]);
+        let first = call("k");
+        assert_eq!((first.duplicates, first.spare.len()), (vec![false], 0));
         assert_eq!(
-            call("k"),
+            call("k").duplicates,
             vec![true],
             "marked by the first call, not yet committed"
         );
-        assert_eq!(call("l"), vec![false]);
+        let third = call("l");
+        assert_eq!(third.duplicates, vec![false]);
         assert_eq!(marked.order, vec![key_hash("k"), key_hash("l")]);
-        assert_eq!((depth, staged.len()), (2, 2));
+        assert_eq!((depth, staged.len(), room), (2, 2, 0));
+        // The second record is stored but not kept: it goes back to its caller to be freed.
+        assert!(staged[0].record.is_some() && staged[1].record.is_none());
+        assert_eq!(&*third.spare[0].event_id, "l");
     }
 
     #[tokio::test]
