@@ -113,6 +113,11 @@ impl MemoryQueue {
 impl Queue for MemoryQueue {
     async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
         let mut duplicates = Vec::with_capacity(events.len());
+        // Hashed before the lock is taken.
+        let keys: Vec<_> = events
+            .iter()
+            .map(|e| e.dedup_key.as_deref().map(key_hash))
+            .collect();
         {
             let mut s = self.state();
             let now = now_ms();
@@ -120,10 +125,6 @@ impl Queue for MemoryQueue {
             s.seen.expire(now);
             let mut fresh = 0;
             let mut in_call = HashSetOf::default();
-            let keys: Vec<_> = events
-                .iter()
-                .map(|e| e.dedup_key.as_deref().map(key_hash))
-                .collect();
             for (e, key) in events.iter().zip(&keys) {
                 let dup = key.is_some_and(|k| s.seen.contains(k) || !in_call.insert(k));
                 if !dup {
