@@ -791,25 +791,30 @@ impl Writer {
                         let r = lease(&txn, schedule, max, &skip, now, &mut taken);
                         answers.push(pending(reply, r));
                     }
+                    // A statement failing in a change fails the whole transaction (every
+                    // operation in it is answered with the error), so no change is left half
+                    // done: a record copied to the dead letters but not deleted, a call's
+                    // records partly stored with its ids marked.
                     Op::Ack(ids, reply) => {
-                        let r = ack(&txn, &ids, &mut depth);
-                        answers.push(pending(reply, r));
+                        ack(&txn, &ids, &mut depth)?;
+                        answers.push(pending(reply, Ok(())));
                     }
                     Op::Retry(records, due, reply) => {
                         woke = true;
-                        answers.push(pending(reply, retry(&txn, &records, due, &mut staged)));
+                        retry(&txn, &records, due, &mut staged)?;
+                        answers.push(pending(reply, Ok(())));
                     }
                     Op::DeadLetter(records, reason, reply) => {
-                        let r = dead_letter(&txn, &records, &reason, now, &mut depth);
-                        answers.push(pending(reply, r));
+                        dead_letter(&txn, &records, &reason, now, &mut depth)?;
+                        answers.push(pending(reply, Ok(())));
                     }
                     Op::DeadLetters(filter, reply) => {
                         answers.push(pending(reply, dead_letters(&txn, &filter)))
                     }
                     Op::Replay(ids, reply) => {
                         woke = true;
-                        let r = replay(&txn, &ids, now, &mut depth, &mut staged);
-                        answers.push(pending(reply, r));
+                        let n = replay(&txn, &ids, now, &mut depth, &mut staged)?;
+                        answers.push(pending(reply, Ok(n)));
                     }
                     Op::NextDue(skip, reply) => answers.push(pending(reply, Ok(schedule.next_due(&skip)))),
                     Op::Expedite(integration, reply) => {
@@ -1208,16 +1213,14 @@ fn read_record(row: &rusqlite::Row<'_>, names: &mut Names) -> Result<QueuedRecor
 
 /// Deletes acked records; a run of consecutive ids (what a batch usually is) goes in one
 /// statement, which walks the table once instead of seeking every row.
-fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(), QueueError> {
-    let mut stmt = txn
-        .prepare_cached("DELETE FROM records WHERE id BETWEEN ?1 AND ?2")
-        .map_err(sql)?;
+fn ack(txn: &Transaction<'_>, ids: &[RecordId], depth: &mut usize) -> Result<(), rusqlite::Error> {
+    let mut stmt = txn.prepare_cached("DELETE FROM records WHERE id BETWEEN ?1 AND ?2")?;
     let mut sorted: Vec<i64> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).collect();
     sorted.sort_unstable();
     sorted.dedup();
     for run in sorted.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
         if let (Some(first), Some(last)) = (run.first(), run.last()) {
-            let n = stmt.execute(params![first, last]).map_err(sql)?;
+            let n = stmt.execute(params![first, last])?;
             *depth = depth.saturating_sub(n);
         }
     }
@@ -1229,14 +1232,13 @@ fn retry(
     records: &[QueuedRecord],
     due: i64,
     staged: &mut Vec<Waiting>,
-) -> Result<(), QueueError> {
-    let mut stmt = txn
-        .prepare_cached("UPDATE records SET attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1")
-        .map_err(sql)?;
+) -> Result<(), rusqlite::Error> {
+    let mut stmt =
+        txn.prepare_cached("UPDATE records SET attempts = ?2, history = ?3, due_ms = ?4 WHERE id = ?1")?;
     for r in records {
         let id = i64::try_from(r.id).unwrap_or(-1);
         let history = serde_json::to_string(&r.history).unwrap_or_else(|_| "[]".into());
-        if stmt.execute(params![id, r.attempts, history, due]).map_err(sql)? > 0 {
+        if stmt.execute(params![id, r.attempts, history, due])? > 0 {
             staged.push(Waiting {
                 integration: r.record.integration.clone(),
                 due_ms: due,
@@ -1254,7 +1256,7 @@ fn dead_letter(
     reason: &str,
     now: i64,
     depth: &mut usize,
-) -> Result<(), QueueError> {
+) -> Result<(), rusqlite::Error> {
     // The stored row is copied in place, as `replay` copies back: only what changed in memory
     // (the resolved stream, attempts, history) and the verdict travel as parameters.
     let mut insert = txn
@@ -1263,18 +1265,13 @@ fn dead_letter(
              event_type, body, input, traceparent, accepted_ms, attempts, history, reason, at_ms) \
              SELECT integration, ?2, timestamp_field, rule, rules_version, source, event_id, event_type, body, \
              input, traceparent, accepted_ms, ?3, ?4, ?5, ?6 FROM records WHERE id = ?1",
-        )
-        .map_err(sql)?;
-    let mut delete = txn
-        .prepare_cached("DELETE FROM records WHERE id = ?1")
-        .map_err(sql)?;
+        )?;
+    let mut delete = txn.prepare_cached("DELETE FROM records WHERE id = ?1")?;
     for q in records {
         let id = i64::try_from(q.id).unwrap_or(-1);
         let history = serde_json::to_string(&q.history).unwrap_or_else(|_| "[]".into());
-        insert
-            .execute(params![id, &*q.record.stream, q.attempts, history, reason, now])
-            .map_err(sql)?;
-        let n = delete.execute(params![id]).map_err(sql)?;
+        insert.execute(params![id, &*q.record.stream, q.attempts, history, reason, now])?;
+        let n = delete.execute(params![id])?;
         *depth = depth.saturating_sub(n);
     }
     Ok(())
@@ -1335,25 +1332,21 @@ fn replay(
     now: i64,
     depth: &mut usize,
     staged: &mut Vec<Waiting>,
-) -> Result<usize, QueueError> {
+) -> Result<usize, rusqlite::Error> {
     let mut copy = txn
         .prepare_cached(
             "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
              event_type, body, input, traceparent, accepted_ms, due_ms) \
              SELECT integration, stream, timestamp_field, rule, rules_version, source, event_id, event_type, body, \
              input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1 RETURNING id, integration",
-        )
-        .map_err(sql)?;
-    let mut delete = txn
-        .prepare_cached("DELETE FROM dead_letters WHERE id = ?1")
-        .map_err(sql)?;
+        )?;
+    let mut delete = txn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
     let mut n = 0;
     for id in ids {
         let copied: Option<(i64, String)> = copy
             .query_row(params![id, now], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
-            .map_err(sql)?;
-        delete.execute(params![id]).map_err(sql)?;
+            .optional()?;
+        delete.execute(params![id])?;
         if let Some((new_id, integration)) = copied {
             n += 1;
             staged.push(Waiting {
@@ -1927,6 +1920,45 @@ mod tests {
         assert_eq!(q.depth(), 1);
         assert_eq!(q.dedup_ids(), Some(1));
         assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_that_fails_halfway_leaves_every_record_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![
+            event("a", vec![rec("a", "a")]),
+            event("p", vec![rec("a", "poison")]),
+        ])
+        .await
+        .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        // The first record moves to the dead letters; the second one's delete fails.
+        Connection::open(dir.path().join("queue.sqlite3"))
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE DELETE ON records WHEN OLD.event_id = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+            )
+            .unwrap();
+        assert!(q.dead_letter(leased.clone(), "rejected".into()).await.is_err());
+        let dead = q
+            .dead_letters(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(dead.is_empty(), "half a dead letter was kept: {dead:?}");
+        assert_eq!(q.depth(), 2);
+        // The records are still queued: delivery can retry them.
+        let attempt = Attempt {
+            at_ms: 9,
+            status: Some(400),
+            detail: "rejected".into(),
+        };
+        q.retry(leased, 0, attempt, false).await.unwrap();
+        assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 2);
     }
 
     /// Rows of the dedup log.
