@@ -37,6 +37,14 @@ pub(super) fn key_hash(key: &str) -> KeyHash {
     u128::from_be_bytes(first)
 }
 
+/// The hashes of `events`' dedup keys (none for an event whose id the relay made up).
+pub(super) fn key_hashes(events: &[super::EventRecords]) -> Vec<Option<KeyHash>> {
+    events
+        .iter()
+        .map(|e| e.dedup_key.as_deref().map(key_hash))
+        .collect()
+}
+
 /// Generations per window (and per `max_ids`).
 const GENERATIONS: i64 = 8;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::dedup::{Dedup, HashSetOf, Seen, key_hash};
+use super::dedup::{Dedup, HashSetOf, Seen, key_hashes};
 use super::{Attempt, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
 use crate::timefmt::now_ms;
 
@@ -114,10 +114,7 @@ impl Queue for MemoryQueue {
     async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
         let mut duplicates = Vec::with_capacity(events.len());
         // Hashed before the lock is taken.
-        let keys: Vec<_> = events
-            .iter()
-            .map(|e| e.dedup_key.as_deref().map(key_hash))
-            .collect();
+        let keys = key_hashes(&events);
         {
             let mut s = self.state();
             let now = now_ms();

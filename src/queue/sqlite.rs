@@ -38,7 +38,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, Counts, Limits};
-use super::dedup::{Dedup, HashSetOf, KeyHash, Seen, key_hash};
+use super::dedup::{Dedup, HashSetOf, KeyHash, Seen, key_hash, key_hashes};
 use super::wal_sync::{Failure, Pending, WalSync};
 use super::{
     Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
@@ -231,8 +231,7 @@ impl SqliteQueue {
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
-        let (seen, dedup_rows_forgotten) =
-            load_seen(&mut conn, dedup).map_err(|e| store("cannot read the dedup log", e))?;
+        let seen = load_seen(&mut conn, dedup).map_err(|e| store("cannot read the dedup log", e))?;
         let synced = syncer(open_log(&conn)?)?;
         // Named as `open_log` found them (it fails for a database without a file).
         let db = conn.path().unwrap_or_default();
@@ -252,8 +251,7 @@ impl SqliteQueue {
             capacity,
             seen,
             dedup_ids: dedup_ids.clone(),
-            dedup_rows_forgotten,
-            dedup_rows_deleted: dedup_rows_forgotten,
+            dedup_rows_to_delete: 0,
             last_early_warning: None,
             depth: depth.clone(),
             work: work.clone(),
@@ -286,10 +284,9 @@ impl SqliteQueue {
     }
 }
 
-/// Rebuilds the dedup index from `dedup_log`, forgetting (and deleting) what has expired;
-/// returns it with the last log row forgotten. A database from before the log keeps its ids:
+/// Rebuilds the dedup index from `dedup_log`, forgetting (and deleting) what has expired. A database from before the log keeps its ids:
 /// the newest `max_ids` of its `dedup` table move into the log first.
-fn load_seen(conn: &mut Connection, dedup: Dedup) -> Result<(Seen, i64), rusqlite::Error> {
+fn load_seen(conn: &mut Connection, dedup: Dedup) -> Result<Seen, rusqlite::Error> {
     let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let former: i64 = txn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dedup'",
@@ -352,7 +349,7 @@ fn load_seen(conn: &mut Connection, dedup: Dedup) -> Result<(Seen, i64), rusqlit
         txn.execute("DELETE FROM dedup_log WHERE id <= ?1", params![forgotten])?;
     }
     txn.commit()?;
-    Ok((seen, forgotten))
+    Ok(seen)
 }
 
 /// Moves the keys of the former `dedup` table (one row a key, by text) still within the window,
@@ -426,10 +423,7 @@ fn store(what: impl std::fmt::Display, e: rusqlite::Error) -> QueueError {
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn enqueue(&self, events: Vec<EventRecords>) -> Result<Vec<bool>, QueueError> {
-        let keys = events
-            .iter()
-            .map(|e| e.dedup_key.as_deref().map(key_hash))
-            .collect();
+        let keys = key_hashes(&events);
         let enqueued = self.call(|r| Op::Enqueue(events, keys, r)).await?;
         // Freed here, on the thread that most likely allocated them, not on the writer.
         drop(enqueued.spare);
@@ -534,10 +528,8 @@ struct Writer {
     seen: Seen,
     /// `seen`'s size, for metrics.
     dedup_ids: Arc<AtomicUsize>,
-    /// `dedup_log` rows up to this id hold only forgotten keys...
-    dedup_rows_forgotten: i64,
-    /// ...and up to this one they are deleted.
-    dedup_rows_deleted: i64,
+    /// `dedup_log` rows up to this id hold only forgotten keys and are not deleted yet (0: none).
+    dedup_rows_to_delete: i64,
     /// When the dedup bound last forgot keys younger than the window (warned about).
     last_early_warning: Option<std::time::Instant>,
     depth: Arc<AtomicUsize>,
@@ -601,13 +593,12 @@ impl Schedule {
         self.by_integration.values().map(BTreeSet::len).sum()
     }
 
+    /// `w` waits; its record, if it has one, is kept in memory (the caller staged it within
+    /// the room [`FRESH_MAX_BYTES`] leaves).
     fn wait(&mut self, w: Waiting) {
         if let Some(record) = w.record {
-            let size = record.record.body.len() + record.record.input.len();
-            if self.fresh_bytes + size <= FRESH_MAX_BYTES {
-                self.fresh_bytes += size;
-                self.fresh.insert(w.id, record);
-            }
+            self.fresh_bytes += record.record.body.len() + record.record.input.len();
+            self.fresh.insert(w.id, record);
         }
         match self.by_integration.get_mut(&*w.integration) {
             Some(set) => {
@@ -760,8 +751,7 @@ impl Writer {
             self.next_expiry = at + Duration::from_secs(1);
             self.forget_expired_keys(now);
         }
-        let forgotten = self.dedup_rows_forgotten;
-        let delete_forgotten = forgotten > self.dedup_rows_deleted;
+        let forgotten = self.dedup_rows_to_delete;
         let schedule = &mut self.schedule;
         // Bytes of new records this transaction may keep in memory for their lease.
         let mut room = FRESH_MAX_BYTES.saturating_sub(schedule.fresh_bytes);
@@ -831,7 +821,7 @@ impl Writer {
                     .execute(params![now, keys])?;
                 marked.row = txn.last_insert_rowid();
             }
-            if delete_forgotten {
+            if forgotten > 0 {
                 txn.prepare_cached("DELETE FROM dedup_log WHERE id <= ?1")?
                     .execute(params![forgotten])?;
             }
@@ -848,9 +838,7 @@ impl Writer {
                     self.seen.insert(key, now, marked.row);
                 }
                 self.dedup_ids.store(self.seen.len(), Ordering::Relaxed);
-                if delete_forgotten {
-                    self.dedup_rows_deleted = forgotten;
-                }
+                self.dedup_rows_to_delete = 0;
             }
             Some(e) => {
                 tracing::error!(error = %e, "queue transaction failed; its operations were refused");
@@ -886,7 +874,7 @@ impl Writer {
     /// their log rows.
     fn forget_expired_keys(&mut self, now: i64) {
         let expired = self.seen.expire(now);
-        self.dedup_rows_forgotten = self.dedup_rows_forgotten.max(expired.last_row);
+        self.dedup_rows_to_delete = self.dedup_rows_to_delete.max(expired.last_row);
         let Some((forgotten, left)) = expired.early else {
             return;
         };
@@ -1852,6 +1840,18 @@ mod tests {
         assert_eq!(q.dedup_ids(), Some(1));
     }
 
+    /// Makes every `operation` (INSERT, DELETE) of a record whose event id is `poison` fail, as
+    /// a full disk would; `row` is the trigger's name for that record (NEW, OLD).
+    fn fail_on_poison(dir: &Path, operation: &str, row: &str) {
+        Connection::open(dir.join("queue.sqlite3"))
+            .unwrap()
+            .execute_batch(&format!(
+                "CREATE TRIGGER poison BEFORE {operation} ON records WHEN {row}.event_id = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'no room'); END;"
+            ))
+            .unwrap();
+    }
+
     #[test]
     fn an_id_marked_earlier_in_the_same_transaction_is_a_duplicate() {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -1897,13 +1897,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = open(dir.path());
         // A statement failing halfway through a call, as a full disk would make it.
-        Connection::open(dir.path().join("queue.sqlite3"))
-            .unwrap()
-            .execute_batch(
-                "CREATE TRIGGER poison BEFORE INSERT ON records WHEN NEW.event_id = 'poison'
-                 BEGIN SELECT RAISE(ABORT, 'no room'); END;",
-            )
-            .unwrap();
+        fail_on_poison(dir.path(), "INSERT", "NEW");
         let call = q
             .enqueue(vec![
                 event("a", vec![rec("a", "a")]),
@@ -1934,13 +1928,7 @@ mod tests {
         .unwrap();
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
         // The first record moves to the dead letters; the second one's delete fails.
-        Connection::open(dir.path().join("queue.sqlite3"))
-            .unwrap()
-            .execute_batch(
-                "CREATE TRIGGER poison BEFORE DELETE ON records WHEN OLD.event_id = 'poison'
-                 BEGIN SELECT RAISE(ABORT, 'no room'); END;",
-            )
-            .unwrap();
+        fail_on_poison(dir.path(), "DELETE", "OLD");
         assert!(q.dead_letter(leased.clone(), "rejected".into()).await.is_err());
         let dead = q
             .dead_letters(DeadLetterFilter {
