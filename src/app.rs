@@ -365,6 +365,7 @@ pub async fn run(
                 metrics,
                 queue: queue.clone(),
                 bus: live.clone(),
+                delivery: delivery_state.clone(),
             }));
         // As for gRPC: answers go out at once, not after the previous one is acknowledged.
         let listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {

@@ -5,6 +5,7 @@
 //! integration ids, source names, HTTP status codes and outcome names: never a secret, never
 //! anything taken from an event.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::delivery::{DeliveryState, Pause};
 use crate::live::{LiveBus, Outcome};
 use crate::queue::{Queue, QueuedRecord};
 use crate::rules::Source;
@@ -64,6 +66,16 @@ struct CallLabels {
     status: String,
 }
 
+/// Labels of a paused integration: why, and what to do about it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PausedLabels {
+    integration: String,
+    /// The HTTP status that paused it (0: paused by an operator).
+    status: String,
+    /// The seed's troubleshooting text.
+    hint: String,
+}
+
 /// Labels of the Lytics call latency.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IntegrationLabels {
@@ -87,6 +99,8 @@ pub struct Metrics {
     retried: Family<RecordLabels, Counter>,
     dead_lettered: Family<RecordLabels, Counter>,
     paused: Family<RecordLabels, Counter>,
+    rejected: Family<IntegrationLabels, Counter>,
+    integration_paused: Family<PausedLabels, Gauge>,
     calls: Family<CallLabels, Counter>,
     latency: Family<IntegrationLabels, Histogram, fn() -> Histogram>,
     rule_reloads: Counter,
@@ -125,6 +139,8 @@ impl Metrics {
             retried: Family::default(),
             dead_lettered: Family::default(),
             paused: Family::default(),
+            rejected: Family::default(),
+            integration_paused: Family::default(),
             calls: Family::default(),
             latency: Family::new_with_constructor(call_latency),
             rule_reloads: Counter::default(),
@@ -173,6 +189,16 @@ impl Metrics {
             "records_paused",
             "Records held without spending an attempt because a setup error paused their integration",
             m.paused.clone(),
+        );
+        registry.register(
+            "records_rejected",
+            "Records Lytics rejected inside a 200 answer (rejected_count above zero): partial failures",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "integration_paused",
+            "1 for each integration whose delivery is paused, labelled with the status that paused it and the troubleshooting text",
+            m.integration_paused.clone(),
         );
         registry.register(
             "lytics_calls",
@@ -284,13 +310,37 @@ impl Metrics {
         }
     }
 
+    /// Counts records Lytics rejected inside a 200 (`rejected_count`).
+    pub fn rejected(&self, integration: &str, records: u64) {
+        self.rejected
+            .get_or_create(&IntegrationLabels {
+                integration: integration.to_string(),
+            })
+            .inc_by(records);
+    }
+
     /// Counts a rule set swapped in while running.
     pub fn rule_reloaded(&self) {
         self.rule_reloads.inc();
     }
 
-    /// The exposition, with the queue and the live bus read now.
-    pub async fn render(&self, queue: &dyn Queue, bus: &LiveBus) -> Result<String, std::fmt::Error> {
+    /// The exposition, with the queue, the live bus and the paused integrations read now.
+    pub async fn render(
+        &self,
+        queue: &dyn Queue,
+        bus: &LiveBus,
+        paused: &HashMap<String, Pause>,
+    ) -> Result<String, std::fmt::Error> {
+        self.integration_paused.clear();
+        for (integration, p) in paused {
+            self.integration_paused
+                .get_or_create(&PausedLabels {
+                    integration: integration.clone(),
+                    status: p.status.to_string(),
+                    hint: p.hint.clone(),
+                })
+                .set(1);
+        }
         self.queue_depth
             .set(i64::try_from(queue.depth()).unwrap_or(i64::MAX));
         let age = match queue.oldest_accepted_ms().await {
@@ -345,6 +395,8 @@ pub struct MetricsState {
     pub queue: Arc<dyn Queue>,
     /// The live bus, for its watchers.
     pub bus: LiveBus,
+    /// Delivery, for its paused integrations.
+    pub delivery: Arc<DeliveryState>,
 }
 
 /// `GET /metrics`, to merge into the HTTP router.
@@ -353,7 +405,11 @@ pub fn router(state: MetricsState) -> Router {
 }
 
 async fn scrape(State(s): State<MetricsState>) -> Response {
-    match s.metrics.render(s.queue.as_ref(), &s.bus).await {
+    match s
+        .metrics
+        .render(s.queue.as_ref(), &s.bus, &s.delivery.paused())
+        .await
+    {
         Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
@@ -435,5 +491,32 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn paused_integrations_and_partial_failures_are_exported() {
+        let m = Metrics::new();
+        m.rejected("a", 3);
+        m.rejected("a", 2);
+        let queue = crate::queue::MemoryQueue::new(10, Duration::from_secs(60));
+        let bus = LiveBus::new(16);
+        let pause = |status: u16, hint: &str| Pause {
+            status,
+            hint: hint.into(),
+            message: String::new(),
+            since_ms: 0,
+            manual: false,
+        };
+        let paused = HashMap::from([("b".to_string(), pause(401, "invalid API token"))]);
+        let text = m.render(&queue, &bus, &paused).await.unwrap();
+        for line in [
+            r#"lytics_relay_records_rejected_total{integration="a"} 5"#,
+            r#"lytics_relay_integration_paused{integration="b",status="401",hint="invalid API token"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Resumed: the series goes away with the pause.
+        let text = m.render(&queue, &bus, &HashMap::new()).await.unwrap();
+        assert!(!text.contains("lytics_relay_integration_paused{"), "{text}");
     }
 }

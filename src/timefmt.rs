@@ -23,6 +23,21 @@ pub fn now_ms() -> i64 {
     base_ms + i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
+/// A duration in the largest whole unit that states it exactly: `24 h`, `90 min`, `45 s`,
+/// `1500 ms`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let (secs, ms) = (d.as_secs(), d.as_millis());
+    if ms % 1000 != 0 || secs == 0 {
+        format!("{ms} ms")
+    } else if secs % 3600 == 0 {
+        format!("{} h", secs / 3600)
+    } else if secs % 60 == 0 {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
 /// Parses an ISO-8601 / RFC 3339 time; a time without an offset is taken as UTC.
 pub fn parse_iso_ms(text: &str) -> Option<i64> {
     let text = text.trim();
@@ -83,6 +98,17 @@ pub fn hour_of_day(ms: i64) -> Option<u32> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn durations_read_in_their_largest_exact_unit() {
+        use std::time::Duration;
+        let h = |d: Duration| human_duration(d);
+        assert_eq!(h(Duration::from_secs(24 * 3600)), "24 h");
+        assert_eq!(h(Duration::from_secs(90 * 60)), "90 min");
+        assert_eq!(h(Duration::from_secs(45)), "45 s");
+        assert_eq!(h(Duration::from_millis(1500)), "1500 ms");
+        assert_eq!(h(Duration::ZERO), "0 ms");
+    }
 
     #[test]
     fn reads_every_time_shape_senders_use() {

@@ -303,11 +303,14 @@ async fn faults_for_a_while_lose_nothing(backend: Backend) {
         throttle_rate: 0.3,
         drop_rate: 0.2,
         latency_ms: 20,
+        slow_rate: 0.2,
+        slow_ms: 1_000,
         ..Faults::default()
     });
+    // The default retry policy (5 attempts), and a request timeout the slow answers exceed.
     let (mut settings, _fx) = settings_on(backend, &emu.url(), TOKEN).await;
-    settings.delivery.max_attempts = 1000;
     settings.delivery.batch_max_records = 50;
+    settings.delivery.request_timeout = Duration::from_millis(300);
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     let mut client = relay.client().await;
     for chunk in 0..10 {
@@ -316,8 +319,10 @@ async fn faults_for_a_while_lose_nothing(backend: Backend) {
             .collect();
         client.send_batch(pb::SendBatchRequest { events }).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let faulted = emu.emulator.stats().faulted;
     emu.emulator.set_faults(Faults::default());
+    assert!(faulted >= 5, "the emulator injected faults: {faulted}");
     let records = emu.wait_for_records(STREAM, 1000).await;
     let ids: std::collections::HashSet<&str> = records
         .iter()

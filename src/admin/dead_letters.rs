@@ -73,6 +73,7 @@ pub fn dead_letter_pb(d: &DeadLetter) -> pb::DeadLetter {
                 at_ms: a.at_ms,
                 status: a.status.map(u32::from).unwrap_or(0),
                 detail: a.detail.clone(),
+                kind: a.kind.as_str().into(),
             })
             .collect(),
         trace_id: r

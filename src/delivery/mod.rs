@@ -5,7 +5,11 @@
 //! written back to the queue. Policy:
 //! - 2xx: delivered; a `rejected_count` above zero is logged and counted as a partial failure.
 //! - 408, 429, 5xx, timeouts, connection errors: retried with full-jitter exponential backoff,
-//!   until `max_attempts` or `max_retry_age`, then dead-lettered.
+//!   then dead-lettered once `max_attempts` are spent or the record has been retried for
+//!   `max_retry_age`. Only a failure that may be the record's own spends an attempt: a call
+//!   that fails while Lytics is down for the whole integration (an outage hold) or answers 429
+//!   defers its records without spending one, so an outage or throttling is bounded by
+//!   `max_retry_age` alone.
 //! - 401, 403, 404, 400 naming the account: a setup error. The integration pauses with the
 //!   seed's troubleshooting text; its records stay queued without spending attempts; a periodic
 //!   `dryrun` probe (or a config change) resumes it.
@@ -32,9 +36,9 @@ use crate::integration::{Integration, Integrations};
 use crate::live::{self, CallResult};
 use crate::lytics::{self, CollectSender, CollectTarget, LyticsClient, Outcome};
 use crate::monitor::Monitor;
-use crate::queue::{Attempt, Queue, QueuedRecord};
+use crate::queue::{Attempt, AttemptKind, Queue, QueuedRecord};
 use crate::telemetry::{Telemetry, fail_span, names};
-use crate::timefmt::now_ms;
+use crate::timefmt::{self, now_ms};
 use backoff::Backoff;
 
 /// The longest the dispatcher sleeps without news from the queue.
@@ -602,7 +606,7 @@ impl Delivery {
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
         let status = call.status;
-        self.track_outage(integration, &outcome);
+        let outage = self.track_outage(integration, &outcome);
         match outcome {
             Outcome::Delivered {
                 rejected_count,
@@ -623,6 +627,9 @@ impl Delivery {
                 c.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 if rejected_count > 0 {
                     c.rejected_in_200.fetch_add(rejected_count, Ordering::Relaxed);
+                    self.monitor
+                        .metrics()
+                        .rejected(integration.id.as_str(), rejected_count);
                     tracing::warn!(
                         integration = %integration.id,
                         stream = %batch[0].record.stream,
@@ -635,7 +642,14 @@ impl Delivery {
                 None
             }
             Outcome::Retry { reason, status } => {
-                self.retry(batch, status, reason, &call).await;
+                // Lytics down for the whole integration, or throttling it, says nothing about
+                // these records: they wait without spending an attempt.
+                let kind = if outage.is_some() || status == Some(429) {
+                    AttemptKind::Deferred
+                } else {
+                    AttemptKind::Spent
+                };
+                self.retry(batch, status, reason, &call, kind).await;
                 None
             }
             Outcome::Setup {
@@ -670,6 +684,7 @@ impl Delivery {
                         at_ms: now_ms(),
                         status,
                         detail: reason.clone(),
+                        kind: AttemptKind::Spent,
                     },
                 );
                 self.dead_letter(batch, reason).await;
@@ -679,56 +694,83 @@ impl Delivery {
     }
 
     /// Counts retryable failures in a row (a 429 is Lytics answering, not failing) and logs
-    /// when an outage hold begins, grows or ends.
-    fn track_outage(&self, integration: &Integration, outcome: &Outcome) {
+    /// when an outage hold begins, grows or ends. Returns the outage this call's failure is
+    /// part of, if any.
+    fn track_outage(&self, integration: &Integration, outcome: &Outcome) -> Option<Outage> {
         let id = integration.id.as_str();
         match outcome {
             Outcome::Retry { reason, status } if *status != Some(429) => {
-                if let Some(o) = self.state.call_failed(id, &self.backoff) {
+                let outage = self.state.call_failed(id, &self.backoff);
+                if let Some(o) = outage {
                     tracing::warn!(
                         integration = id,
                         failed_calls = o.failed_calls,
                         hold_ms = o.hold_until_ms - now_ms(),
                         %reason,
-                        "Lytics keeps failing: holding delivery, then probing with one call at a time; events stay queued"
+                        "Lytics keeps failing: holding delivery, then probing with one call at a time; events stay queued without spending attempts"
                     );
                 }
+                outage
             }
             _ => {
                 if self.state.call_answered(id) {
                     tracing::info!(integration = id, "Lytics answers again: the outage hold is over");
                 }
+                None
             }
         }
     }
 
-    async fn retry(&self, batch: Vec<QueuedRecord>, status: Option<u16>, reason: String, call: &CallResult) {
+    /// A retryable failure: the records go back with backoff, or to the dead-letter queue once
+    /// their attempts are spent (`kind` [`AttemptKind::Spent`] spends one) or they have been
+    /// retried for `max_retry_age`.
+    async fn retry(
+        &self,
+        batch: Vec<QueuedRecord>,
+        status: Option<u16>,
+        reason: String,
+        call: &CallResult,
+        kind: AttemptKind,
+    ) {
         let now = now_ms();
         let max_age = i64::try_from(self.settings.max_retry_age.as_millis()).unwrap_or(i64::MAX);
-        let (give_up, again): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
-            r.attempts + 1 >= self.settings.max_attempts || now - r.record.accepted_ms >= max_age
-        });
-        if !give_up.is_empty() {
-            let n = give_up.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
+        let mut exhausted = Vec::new();
+        let mut aged = Vec::new();
+        let mut again = Vec::new();
+        for r in batch {
+            if kind == AttemptKind::Spent && r.attempts + 1 >= self.settings.max_attempts {
+                exhausted.push(r);
+            } else if r.retrying_since().is_some_and(|since| now - since >= max_age) {
+                aged.push(r);
+            } else {
+                again.push(r);
+            }
+        }
+        let attempt = Attempt {
+            at_ms: now,
+            status,
+            detail: reason.clone(),
+            kind,
+        };
+        if !exhausted.is_empty() {
+            let n = exhausted.iter().map(|r| r.attempts + 1).max().unwrap_or(1);
             let why = format!("gave up after {n} attempt(s): {reason}");
-            self.monitor
-                .settled(&give_up, live::Outcome::DeadLettered, call, &why);
-            let give_up = with_attempt(
-                give_up,
-                Attempt {
-                    at_ms: now,
-                    status,
-                    detail: reason.clone(),
-                },
+            self.give_up(exhausted, &attempt, why, call).await;
+        }
+        if !aged.is_empty() {
+            let why = format!(
+                "gave up after retrying for {} (max_retry_age): {reason}",
+                timefmt::human_duration(self.settings.max_retry_age)
             );
-            self.dead_letter(give_up, why).await;
+            self.give_up(aged, &attempt, why, call).await;
         }
         if again.is_empty() {
             return;
         }
-        // Records retried together share one draw, so the batch stays together.
-        let attempts = again.iter().map(|r| r.attempts).max().unwrap_or(0);
-        let delay = self.backoff.delay(attempts, &mut rand::rng());
+        // Records retried together share one draw, so the batch stays together. The backoff
+        // grows with every failure of the run, spent or deferred.
+        let failures = again.iter().map(QueuedRecord::failures_in_run).max().unwrap_or(0);
+        let delay = self.backoff.delay(failures, &mut rand::rng());
         let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
         self.state
             .backing_off
@@ -739,17 +781,36 @@ impl Delivery {
             .counters
             .retried
             .fetch_add(again.len() as u64, Ordering::Relaxed);
-        tracing::info!(records = again.len(), attempt = attempts + 1, delay_ms = delay.as_millis() as u64, %reason, "retrying later");
-        let next = format!("{reason}; next attempt in {} ms", delay.as_millis());
-        self.monitor.settled(&again, live::Outcome::Retrying, call, &next);
-        let attempt = Attempt {
-            at_ms: now,
-            status,
-            detail: reason,
+        let spent =
+            again.iter().map(|r| r.attempts).max().unwrap_or(0) + u32::from(kind == AttemptKind::Spent);
+        tracing::info!(
+            records = again.len(),
+            failures = failures + 1,
+            attempts_spent = spent,
+            attempt = kind.as_str(),
+            delay_ms = delay.as_millis() as u64,
+            %reason,
+            "retrying later"
+        );
+        let next = match kind {
+            AttemptKind::Spent => format!("{reason}; next attempt in {} ms", delay.as_millis()),
+            _ => format!(
+                "{reason}; Lytics is down or throttling, so no attempt is spent; next attempt in {} ms",
+                delay.as_millis()
+            ),
         };
-        if let Err(e) = self.queue.retry(again, due, attempt, true).await {
+        self.monitor.settled(&again, live::Outcome::Retrying, call, &next);
+        if let Err(e) = self.queue.retry(again, due, attempt).await {
             tracing::error!(error = %e, "cannot reschedule records");
         }
+    }
+
+    /// Dead-letters records with the failed attempt appended to their history.
+    async fn give_up(&self, records: Vec<QueuedRecord>, attempt: &Attempt, why: String, call: &CallResult) {
+        self.monitor
+            .settled(&records, live::Outcome::DeadLettered, call, &why);
+        let records = with_attempt(records, attempt.clone());
+        self.dead_letter(records, why).await;
     }
 
     /// Lytics answered again: records of the integration waiting out a backoff become due now,
@@ -779,8 +840,9 @@ impl Delivery {
             at_ms: now_ms(),
             status: None,
             detail: "held: integration paused".into(),
+            kind: AttemptKind::Held,
         };
-        if let Err(e) = self.queue.retry(batch, now_ms(), attempt, false).await {
+        if let Err(e) = self.queue.retry(batch, now_ms(), attempt).await {
             tracing::error!(error = %e, "cannot hold records");
         }
     }
@@ -853,7 +915,9 @@ fn with_attempt(records: Vec<QueuedRecord>, attempt: Attempt) -> Vec<QueuedRecor
     records
         .into_iter()
         .map(|mut r| {
-            r.attempts += 1;
+            if attempt.kind == AttemptKind::Spent {
+                r.attempts += 1;
+            }
             r.history.push(attempt.clone());
             r
         })

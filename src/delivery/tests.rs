@@ -9,7 +9,7 @@ use reqwest::Url;
 use super::*;
 use crate::integration::{AccountId, IntegrationId, Secret, StreamName};
 use crate::lytics::{Reply, TransportError};
-use crate::queue::{DeadLetterFilter, EventRecords, MemoryQueue, NewRecord};
+use crate::queue::{AttemptKind, DeadLetterFilter, EventRecords, MemoryQueue, NewRecord};
 
 /// Answers collect calls from a script (then the last answer forever) and records when each
 /// call came, in virtual milliseconds.
@@ -140,32 +140,110 @@ async fn retries_on_temporary_errors_with_growing_jittered_backoff() {
     assert_eq!(queue.depth(), 0, "delivered and acked");
 }
 
-#[tokio::test(start_paused = true)]
-async fn fails_on_exhausted_attempts_into_the_dead_letter_queue() {
-    let lytics = Scripted::new(&[], 503);
-    let queue = run(settings(), lytics.clone(), |q| q.depth() == 0).await;
-    assert_eq!(lytics.calls().len(), 5, "max_attempts calls, then no more");
-    let dead = queue
+/// Fails (503) every call carrying the poison record, takes every other call.
+#[derive(Default)]
+struct PoisonFails {
+    poison_calls: Mutex<Vec<i64>>,
+    delivered: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl CollectSender for PoisonFails {
+    async fn post(&self, _url: Url, _token: &Secret, body: Bytes) -> Result<Reply, TransportError> {
+        let poison = body.windows(6).any(|w| w == b"poison");
+        let (status, body) = if poison {
+            self.poison_calls.lock().unwrap().push(now_ms());
+            (503, r#"{"status":503,"message":"unavailable"}"#)
+        } else {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            (
+                200,
+                r#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#,
+            )
+        };
+        Ok(Reply {
+            status,
+            body: Bytes::from_static(body.as_bytes()),
+            latency: Duration::ZERO,
+        })
+    }
+}
+
+async fn dead_letters(queue: &MemoryQueue) -> Vec<crate::queue::DeadLetter> {
+    queue
         .dead_letters(DeadLetterFilter {
             limit: 10,
             ..Default::default()
         })
         .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_whose_calls_fail_while_others_succeed_spends_its_attempts_into_the_dead_letter_queue() {
+    let lytics = Arc::new(PoisonFails::default());
+    let queue = Arc::new(MemoryQueue::new(100, Duration::from_secs(60)));
+    let poison = NewRecord {
+        body: Bytes::from_static(br#"{"poison":true}"#),
+        ..record()
+    };
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: Some(Arc::from("poison")),
+            records: vec![poison],
+        }])
+        .await
         .unwrap();
+    let s = DeliverySettings {
+        batch_max_records: 1,
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    // Good records keep arriving, so Lytics is answering: no outage, each failure is the record's.
+    let mut good = 0;
+    while dead_letters(&queue).await.is_empty() && good < 200 {
+        good += 1;
+        queue.enqueue(vec![event(&format!("good{good}"))]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        lytics.poison_calls.lock().unwrap().len(),
+        5,
+        "max_attempts calls, then no more"
+    );
+    let dead = dead_letters(&queue).await;
     assert_eq!(dead.len(), 1);
     assert!(
         dead[0].reason.starts_with("gave up after 5 attempt(s)"),
         "{}",
         dead[0].reason
     );
-    assert_eq!(dead[0].queued.history.len(), 5);
+    let kinds: Vec<_> = dead[0].queued.history.iter().map(|a| a.kind).collect();
+    assert_eq!(kinds, vec![AttemptKind::Spent; 5]);
+    assert_eq!(dead[0].queued.attempts, 5);
+    assert_eq!(
+        lytics.delivered.load(Ordering::Relaxed),
+        good,
+        "every good record arrived"
+    );
 }
 
 #[tokio::test(start_paused = true)]
-async fn gives_up_when_the_retry_age_runs_out_even_with_attempts_left() {
+async fn an_outage_spends_no_attempts_and_the_retry_age_bounds_it() {
+    // Lytics never answers: the first two failed calls spend attempts, then the outage hold
+    // defers the record without spending more, until it has been retried for an hour.
     let lytics = Scripted::new(&[], 503);
     let s = DeliverySettings {
-        max_attempts: 1_000,
+        max_attempts: 3,
         max_retry_age: Duration::from_secs(3600),
         backoff_max: Duration::from_secs(600),
         ..settings()
@@ -178,18 +256,45 @@ async fn gives_up_when_the_retry_age_runs_out_even_with_attempts_left() {
         elapsed < 3_600_000 + 700_000,
         "gave up within one backoff step of the age limit: {elapsed} ms"
     );
-    assert_eq!(
-        queue
-            .dead_letters(DeadLetterFilter {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .len(),
-        1
+    let dead = dead_letters(&queue).await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .reason
+            .starts_with("gave up after retrying for 1 h (max_retry_age)"),
+        "{}",
+        dead[0].reason
     );
-    assert!(lytics.calls().len() < 1_000);
+    let q = &dead[0].queued;
+    assert_eq!(
+        q.attempts, 2,
+        "only the failures before the outage spent attempts"
+    );
+    assert_eq!(q.history.len(), lytics.calls().len());
+    assert!(q.history[..2].iter().all(|a| a.kind == AttemptKind::Spent));
+    assert!(q.history[2..].iter().all(|a| a.kind == AttemptKind::Deferred));
+    assert!(lytics.calls().len() > 3, "{} calls", lytics.calls().len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_or_throttling_longer_than_the_attempts_loses_nothing() {
+    for (status, failures) in [(503, 12), (429, 12)] {
+        let lytics = Scripted::new(&vec![status; failures], 200);
+        let s = DeliverySettings {
+            max_attempts: 3,
+            ..settings()
+        };
+        let queue = run(s, lytics.clone(), |q| q.depth() == 0).await;
+        assert_eq!(
+            lytics.calls().len(),
+            failures + 1,
+            "{status}: retried until Lytics took it"
+        );
+        assert!(
+            dead_letters(&queue).await.is_empty(),
+            "{status}: nothing dead-lettered"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -493,5 +598,60 @@ async fn each_batch_holds_one_stream_and_timestamp_field_with_own_stream_records
             ("s".into(), "_ts".into(), r#"[{"n":1},{"n":3},{"n":6}]"#.into()),
             ("s".into(), "ts2".into(), r#"[{"n":4}]"#.into()),
         ]
+    );
+}
+
+/// Takes every call but reports one record of each rejected (`rejected_count: 1`).
+struct RejectsOne;
+
+#[async_trait::async_trait]
+impl CollectSender for RejectsOne {
+    async fn post(&self, _url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
+        Ok(Reply {
+            status: 200,
+            body: Bytes::from_static(
+                br#"{"status":200,"message":"success","data":{"message_count":2,"rejected_count":1}}"#,
+            ),
+            latency: Duration::ZERO,
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_200_with_rejected_records_is_a_partial_failure_in_metrics_and_the_live_view() {
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue.enqueue(vec![event("a"), event("b")]).await.unwrap();
+    let bus = crate::live::LiveBus::new(16);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let mut watcher = bus.subscribe(crate::live::Filter::default());
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings())
+        .unwrap()
+        .with_monitor(Monitor::new(bus.clone(), metrics.clone()))
+        .with_sender(Arc::new(RejectsOne));
+    let state = delivery.state();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(state.counters.rejected_in_200.load(Ordering::Relaxed), 1);
+    let text = metrics
+        .render(queue.as_ref(), &bus, &state.paused())
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"lytics_relay_records_rejected_total{integration="lytics"} 1"#),
+        "{text}"
+    );
+    let Some(crate::live::Seen::Event(seen)) = watcher.next().await else {
+        panic!("no live event")
+    };
+    assert!(
+        seen.detail
+            .contains("partial failure: Lytics rejected 1 record(s)"),
+        "{:?}",
+        seen.detail
     );
 }

@@ -21,6 +21,11 @@ pub struct Faults {
     /// Answer 400 to any collect request holding a record with `"_poison": true`, as Lytics
     /// answers a payload it cannot take (a poison record).
     pub reject_poison: bool,
+    /// Share (0 to 1) of collect requests answered only after a further `slow_ms`: slow
+    /// answers, which a relay with a shorter request timeout sees as timeouts.
+    pub slow_rate: f64,
+    /// The further delay of a slow answer, in milliseconds.
+    pub slow_ms: u64,
 }
 
 impl Faults {
@@ -30,6 +35,7 @@ impl Faults {
             ("error_rate", self.error_rate),
             ("throttle_rate", self.throttle_rate),
             ("drop_rate", self.drop_rate),
+            ("slow_rate", self.slow_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("`{name}` must be between 0 and 1, got {rate}"));
@@ -49,6 +55,8 @@ impl Faults {
             latency_ms: self.latency_ms,
             drop_rate: clamp(self.drop_rate),
             reject_poison: self.reject_poison,
+            slow_rate: clamp(self.slow_rate),
+            slow_ms: self.slow_ms,
         }
     }
 }
@@ -64,6 +72,14 @@ pub enum FaultAction {
     Error(u16),
     /// Answer 429.
     Throttle,
+}
+
+/// The delay added to one request: the latency of every request, and `slow_ms` more for a
+/// slow answer.
+pub fn delay_ms(faults: &Faults, rng: &mut impl rand::Rng) -> (u64, bool) {
+    let slow = faults.slow_rate > 0.0 && rng.random_bool(faults.slow_rate.min(1.0));
+    let extra = if slow { faults.slow_ms } else { 0 };
+    (faults.latency_ms.saturating_add(extra), slow)
 }
 
 /// Decides one request's fate. The faults are drawn in turn (drop, then error, then throttle),
@@ -114,6 +130,8 @@ mod tests {
             drop_rate: 1.0,
             latency_ms: 0,
             reject_poison: false,
+            slow_rate: 0.0,
+            slow_ms: 0,
         };
         assert!(decide_many(all).iter().all(|a| *a == FaultAction::Drop));
         let errors = decide_many(Faults {
@@ -128,6 +146,22 @@ mod tests {
         for status in [500, 502, 503] {
             assert!(errors.contains(&FaultAction::Error(status)));
         }
+    }
+
+    #[test]
+    fn a_share_of_answers_comes_slow() {
+        let faults = Faults {
+            latency_ms: 5,
+            slow_rate: 0.25,
+            slow_ms: 1000,
+            ..Faults::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let delays: Vec<(u64, bool)> = (0..1000).map(|_| delay_ms(&faults, &mut rng)).collect();
+        let slow = delays.iter().filter(|(_, slow)| *slow).count();
+        assert!((150..350).contains(&slow), "{slow}");
+        assert!(delays.iter().all(|&(d, slow)| d == if slow { 1005 } else { 5 }));
+        assert_eq!(delay_ms(&Faults::default(), &mut rng), (0, false));
     }
 
     #[test]

@@ -448,12 +448,14 @@ impl Emulator {
         let faults = self.faults();
         let stats = &self.inner.stats;
         stats.collect_requests.fetch_add(1, Ordering::Relaxed);
-        let action = faults::decide(&faults, &mut rand::rng());
-        if action != FaultAction::Pass {
+        let mut rng = rand::rng();
+        let action = faults::decide(&faults, &mut rng);
+        let (delay_ms, slow) = faults::delay_ms(&faults, &mut rng);
+        if action != FaultAction::Pass || slow {
             stats.faulted.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(?action, "emulator injected a fault");
+            tracing::debug!(?action, slow, "emulator injected a fault");
         }
-        (Duration::from_millis(faults.latency_ms), action)
+        (Duration::from_millis(delay_ms), action)
     }
 
     /// Whether this emulator only counts records (see [`Emulator::sink`]).

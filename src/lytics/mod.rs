@@ -275,6 +275,24 @@ struct BodyData {
     rejected_count: Option<u64>,
 }
 
+/// Whether a 400's message is about the account (the `account_id` sent), not the payload:
+/// "invalid account id", "unknown account", "account not found". A payload error that merely
+/// mentions a record field called `account` is not.
+fn names_the_account(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "account id",
+        "account_id",
+        "accountid",
+        "invalid account",
+        "unknown account",
+        "account not found",
+        "no such account",
+    ]
+    .iter()
+    .any(|phrase| m.contains(phrase))
+}
+
 /// Classifies an answer, reading the body of a 2xx too (a 200 whose body reports an error is
 /// not a success).
 pub fn classify(result: &Result<Reply, TransportError>) -> Outcome {
@@ -319,7 +337,7 @@ pub fn classify(result: &Result<Reply, TransportError>) -> Outcome {
             hint: HINT_404,
             message,
         },
-        400 if message.to_ascii_lowercase().contains("account") => Outcome::Setup {
+        400 if names_the_account(&message) => Outcome::Setup {
             status,
             hint: HINT_400_ACCOUNT,
             message,
@@ -420,6 +438,31 @@ mod tests {
                 Outcome::Setup { hint, .. } => assert_eq!(hint, want),
                 other => panic!("{status}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_400_about_the_payload_that_mentions_an_account_field_is_not_a_setup_error() {
+        for message in [
+            "field `account` must be a string",
+            "record 3: account is too long",
+        ] {
+            let body = format!(r#"{{"status":400,"message":"{message}"}}"#);
+            assert!(
+                matches!(classify(&reply(400, &body)), Outcome::BadPayload { .. }),
+                "{message}"
+            );
+        }
+        for message in [
+            "invalid account id `other`: check Account > Account Settings",
+            "Unknown account",
+            "account not found",
+        ] {
+            let body = format!(r#"{{"status":400,"message":"{message}"}}"#);
+            assert!(
+                matches!(classify(&reply(400, &body)), Outcome::Setup { .. }),
+                "{message}"
+            );
         }
     }
 

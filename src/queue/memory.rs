@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::dedup::{Dedup, HashSetOf, Seen, key_hashes};
-use super::{Attempt, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord, RecordId};
+use super::{
+    Attempt, AttemptKind, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord,
+    RecordId,
+};
 use crate::timefmt::now_ms;
 
 /// Dead letters kept in memory; older ones are forgotten first.
@@ -186,8 +189,8 @@ impl Queue for MemoryQueue {
         records: Vec<QueuedRecord>,
         due_ms: i64,
         attempt: Attempt,
-        count_attempt: bool,
     ) -> Result<(), QueueError> {
+        let count_attempt = attempt.kind == AttemptKind::Spent;
         {
             let mut s = self.state();
             for mut r in records {
@@ -373,8 +376,9 @@ mod tests {
             at_ms: 0,
             status: Some(503),
             detail: "x".into(),
+            kind: AttemptKind::Spent,
         };
-        q.retry(leased, now_ms() + 60_000, attempt, true).await.unwrap();
+        q.retry(leased, now_ms() + 60_000, attempt).await.unwrap();
         assert!(
             q.lease(10, &HashSet::from(["a".to_string()]))
                 .await
@@ -397,8 +401,9 @@ mod tests {
             at_ms: 0,
             status: Some(401),
             detail: "x".into(),
+            kind: AttemptKind::Held,
         };
-        q.retry(leased, now_ms() + 60_000, attempt, false).await.unwrap();
+        q.retry(leased, now_ms() + 60_000, attempt).await.unwrap();
         let rest = q.lease(10, &HashSet::new()).await.unwrap();
         assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
         assert_eq!(

@@ -110,6 +110,29 @@ pub struct QueuedRecord {
     pub history: Vec<Attempt>,
 }
 
+impl QueuedRecord {
+    /// The failures (spent or deferred) since the record was last held or replayed, oldest
+    /// first: its current run of retries.
+    fn retry_run(&self) -> &[Attempt] {
+        let start = self
+            .history
+            .iter()
+            .rposition(|a| a.kind == AttemptKind::Held)
+            .map_or(0, |i| i + 1);
+        &self.history[start..]
+    }
+
+    /// When the current run of retries began (its first failure), if there is one.
+    pub fn retrying_since(&self) -> Option<i64> {
+        self.retry_run().first().map(|a| a.at_ms)
+    }
+
+    /// Failures in the current run of retries: the exponent of the next backoff.
+    pub fn failures_in_run(&self) -> u32 {
+        u32::try_from(self.retry_run().len()).unwrap_or(u32::MAX)
+    }
+}
+
 /// One delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attempt {
@@ -119,6 +142,37 @@ pub struct Attempt {
     pub status: Option<u16>,
     /// What happened.
     pub detail: String,
+    /// What the attempt did to the record's retries (histories stored before this field read
+    /// as [`AttemptKind::Spent`]).
+    #[serde(default)]
+    pub kind: AttemptKind,
+}
+
+/// What a failed attempt does to a record's retries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptKind {
+    /// A failure that may be the record's own (a 5xx, 408, timeout or connection error while
+    /// Lytics otherwise answers): it spends one of `max_attempts`.
+    #[default]
+    Spent,
+    /// A failure of Lytics as a whole (a call during an outage hold, a 429): retried with
+    /// backoff and bounded by `max_retry_age`, without spending an attempt.
+    Deferred,
+    /// Put back while the integration is paused (a setup error): spends no attempt and
+    /// restarts the retry clock.
+    Held,
+}
+
+impl AttemptKind {
+    /// The name shown in histories (`spent`, `deferred`, `held`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptKind::Spent => "spent",
+            AttemptKind::Deferred => "deferred",
+            AttemptKind::Held => "held",
+        }
+    }
 }
 
 /// A record given up on.
@@ -199,14 +253,12 @@ pub trait Queue: Send + Sync + 'static {
     async fn ack(&self, ids: &[RecordId]) -> Result<(), QueueError>;
 
     /// Records go back to the queue, due at `due_ms`, with the attempt appended to their
-    /// history. `count_attempt` false returns them without spending an attempt (a paused
-    /// integration).
+    /// history; an attempt of kind [`AttemptKind::Spent`] adds one to their `attempts`.
     async fn retry(
         &self,
         records: Vec<QueuedRecord>,
         due_ms: i64,
         attempt: Attempt,
-        count_attempt: bool,
     ) -> Result<(), QueueError>;
 
     /// Records are given up on, with the reason.
@@ -263,5 +315,47 @@ pub trait Queue: Send + Sync + 'static {
     /// in the server).
     fn dedup_ids(&self) -> Option<usize> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(at_ms: i64, kind: AttemptKind) -> Attempt {
+        Attempt {
+            at_ms,
+            status: Some(503),
+            detail: "x".into(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn the_retry_clock_runs_from_the_first_failure_after_the_last_hold() {
+        let mut q = QueuedRecord {
+            id: 1,
+            record: NewRecord::sample("lytics"),
+            attempts: 0,
+            history: Vec::new(),
+        };
+        assert_eq!((q.retrying_since(), q.failures_in_run()), (None, 0));
+        q.history = vec![
+            attempt(10, AttemptKind::Spent),
+            attempt(20, AttemptKind::Deferred),
+        ];
+        assert_eq!((q.retrying_since(), q.failures_in_run()), (Some(10), 2));
+        q.history.push(attempt(30, AttemptKind::Held));
+        assert_eq!((q.retrying_since(), q.failures_in_run()), (None, 0));
+        q.history.push(attempt(40, AttemptKind::Deferred));
+        assert_eq!((q.retrying_since(), q.failures_in_run()), (Some(40), 1));
+    }
+
+    #[test]
+    fn histories_stored_before_attempt_kinds_read_as_spent() {
+        let old: Attempt = serde_json::from_str(r#"{"at_ms":1,"status":503,"detail":"x"}"#).unwrap();
+        assert_eq!(old.kind, AttemptKind::Spent);
+        let json = serde_json::to_string(&attempt(1, AttemptKind::Deferred)).unwrap();
+        assert!(json.contains(r#""kind":"deferred""#), "{json}");
     }
 }

@@ -36,7 +36,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
+    Attempt, AttemptKind, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError,
+    QueuedRecord, RecordId,
 };
 use crate::integration::Secret;
 use crate::rules::Source;
@@ -549,8 +550,8 @@ impl Queue for NatsQueue {
         records: Vec<QueuedRecord>,
         due_ms: i64,
         attempt: Attempt,
-        count_attempt: bool,
     ) -> Result<(), QueueError> {
+        let count_attempt = attempt.kind == AttemptKind::Spent;
         let inner = &self.inner;
         let delay = Duration::from_millis(u64::try_from(due_ms - now_ms()).unwrap_or(0));
         let mut first_error = None;

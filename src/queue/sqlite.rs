@@ -41,7 +41,8 @@ use super::checkpoint::{Checkpointer, Counts, Limits};
 use super::dedup::{Dedup, HashSetOf, KeyHash, Seen, key_hash, key_hashes};
 use super::wal_sync::{Failure, Pending, WalSync};
 use super::{
-    Attempt, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError, QueuedRecord, RecordId,
+    Attempt, AttemptKind, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError,
+    QueuedRecord, RecordId,
 };
 use crate::rules::Source;
 use crate::timefmt::now_ms;
@@ -443,8 +444,8 @@ impl Queue for SqliteQueue {
         records: Vec<QueuedRecord>,
         due_ms: i64,
         attempt: Attempt,
-        count_attempt: bool,
     ) -> Result<(), QueueError> {
+        let count_attempt = attempt.kind == AttemptKind::Spent;
         let records = records
             .into_iter()
             .map(|mut q| {
@@ -1509,8 +1510,9 @@ mod tests {
             at_ms: 1,
             status: Some(503),
             detail: "unavailable".into(),
+            kind: AttemptKind::Spent,
         };
-        q.retry(later, now_ms() + 3_600_000, attempt, true).await.unwrap();
+        q.retry(later, now_ms() + 3_600_000, attempt).await.unwrap();
         q.dead_letter(leased.drain(..1).collect(), "rejected".into())
             .await
             .unwrap();
@@ -1561,8 +1563,9 @@ mod tests {
             at_ms: 2,
             status: Some(503),
             detail: "unavailable".into(),
+            kind: AttemptKind::Spent,
         };
-        q.retry(back, now_ms() + 3_600_000, attempt, true).await.unwrap();
+        q.retry(back, now_ms() + 3_600_000, attempt).await.unwrap();
         assert_eq!(q.depth(), 5);
         drop(q);
         let q = reopen(|| open_eager(&path)).await;
@@ -1752,8 +1755,9 @@ mod tests {
                 at_ms: 9,
                 status: Some(503),
                 detail: "busy".into(),
+                kind: AttemptKind::Spent,
             };
-            q.retry(leased, 0, attempt, true).await.unwrap();
+            q.retry(leased, 0, attempt).await.unwrap();
             let leased = q.lease(10, &HashSet::new()).await.unwrap();
             assert_eq!(leased.len(), 2, "the retried record is due again");
             // The process "dies" holding both leases.
@@ -1944,8 +1948,9 @@ mod tests {
             at_ms: 9,
             status: Some(400),
             detail: "rejected".into(),
+            kind: AttemptKind::Held,
         };
-        q.retry(leased, 0, attempt, false).await.unwrap();
+        q.retry(leased, 0, attempt).await.unwrap();
         assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 2);
     }
 
@@ -2050,8 +2055,9 @@ mod tests {
             at_ms: 0,
             status: None,
             detail: "x".into(),
+            kind: AttemptKind::Spent,
         };
-        q.retry(leased, now_ms() + 60_000, attempt, true).await.unwrap();
+        q.retry(leased, now_ms() + 60_000, attempt).await.unwrap();
         let due = q.next_due(&skip).await.unwrap().unwrap();
         assert!(due > now_ms() + 50_000);
         assert!(q.next_due(&HashSet::new()).await.unwrap().unwrap() <= now_ms());
@@ -2131,10 +2137,9 @@ mod tests {
             at_ms: 0,
             status: Some(503),
             detail: "x".into(),
+            kind: AttemptKind::Spent,
         };
-        q.retry(leased, now_ms() + 3_600_000, attempt, true)
-            .await
-            .unwrap();
+        q.retry(leased, now_ms() + 3_600_000, attempt).await.unwrap();
         assert!(q.lease(10, &HashSet::new()).await.unwrap().is_empty());
         assert_eq!(q.expedite("a").await.unwrap(), 1);
         let due = q.lease(10, &HashSet::new()).await.unwrap();
@@ -2233,10 +2238,9 @@ mod tests {
                 at_ms: 0,
                 status: Some(503),
                 detail: "x".into(),
+                kind: AttemptKind::Spent,
             };
-            q.retry(leased, now_ms() + 3_600_000, attempt, true)
-                .await
-                .unwrap();
+            q.retry(leased, now_ms() + 3_600_000, attempt).await.unwrap();
             assert_eq!(q.expedite("a").await.unwrap(), 1);
             assert_eq!(q.expedite("a").await.unwrap(), 0, "already due");
         }
