@@ -389,6 +389,11 @@ pub async fn run(
     // Open watches would hold the servers open: end them.
     live.close();
     stop_servers.cancel();
+    // A durable queue keeps what is not delivered: delivery starts no new call and its calls
+    // in flight get the grace period alongside the servers, so the whole shutdown fits in it.
+    if queue.durable() {
+        stop_delivery.cancel();
+    }
     let servers_done = tokio::time::timeout(settings.shutdown_grace, async {
         let _ = grpc_task.await;
         let _ = http_task.await;
@@ -396,8 +401,6 @@ pub async fn run(
     .await
     .is_ok();
 
-    // The in-memory queue loses what it holds at exit, so delivery gets the rest of the grace
-    // period to empty it.
     // A durable queue keeps what is left for the next start; the in-memory one loses it, so
     // delivery gets the rest of the grace period to empty it (a paused integration cannot).
     let deadline = started + settings.shutdown_grace;
@@ -416,7 +419,16 @@ pub async fn run(
     stop_follower.cancel();
     let _ = follower_task.await;
     stop_delivery.cancel();
-    let delivery_done = delivery_task.await.unwrap_or(false);
+    // Whatever is left of the grace period (delivery bounds its own calls by the whole period).
+    let abort_delivery = delivery_task.abort_handle();
+    let delivery_done =
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), delivery_task).await {
+            Ok(done) => done.unwrap_or(false),
+            Err(_) => {
+                abort_delivery.abort();
+                false
+            }
+        };
     stop_emulator.cancel();
     if let Some(t) = emulator_task {
         let _ = t.await;

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
@@ -115,4 +115,95 @@ fn sigterm_stops_the_relay_gracefully() {
             .is_some_and(|m| m.contains("shutdown complete: graceful"))),
         "{log}"
     );
+}
+
+/// SIGTERM while a Lytics call hangs: the relay refuses new events, stops within the grace
+/// period, says the shutdown was not graceful, and the cut-off event is delivered after the
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_lytics_call_in_flight_stops_within_the_grace_and_keeps_the_event() {
+    use lytics_relay::emulator::Faults;
+    use lytics_relay::proto::v1 as pb;
+    use lytics_relay::proto::v1::ingest_service_client::IngestServiceClient;
+    use std::time::{Duration, Instant};
+
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(Faults {
+        latency_ms: 10_000,
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.yaml");
+    std::fs::write(&config, "shutdown_grace_secs: 1\n").unwrap();
+    let url = emu.url();
+    let args = [
+        "--lytics-url",
+        url.as_str(),
+        "--lytics-api-token",
+        TOKEN,
+        "--lytics-account-id",
+        ACCOUNT,
+        "--lytics-stream",
+        STREAM,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let data = dir.path().join("data");
+    let mut relay = Spawned::start(&data, &args);
+    let mut client = IngestServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let sent = json!({"type": "track", "event": "Cut", "userId": "u", "messageId": "cut-1"});
+    client
+        .send(pb::SendRequest {
+            event: Some(event(sent)),
+        })
+        .await
+        .unwrap();
+    // The collect call is in flight (the emulator holds it for 10 s).
+    let waiting = Instant::now();
+    while emu.emulator.stats().collect_requests == 0 {
+        assert!(waiting.elapsed() < Duration::from_secs(10), "no collect call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let (code, log) = tokio::task::spawn_blocking(move || {
+        let code = relay.terminate();
+        (code, relay.log())
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(code, Some(2), "a shutdown that cut a call off exits 2\n{log}");
+    assert!(
+        took < Duration::from_millis(2_500),
+        "stopped {took:?} after SIGTERM, with a 1 s grace\n{log}"
+    );
+    let lines: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let said = |text: &str| {
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains(text)))
+    };
+    assert!(
+        said("shutting down: health NOT_SERVING, refusing new events"),
+        "{log}"
+    );
+    assert!(said("shutdown complete: not graceful"), "{log}");
+    assert!(
+        client
+            .send(pb::SendRequest {
+                event: Some(event(json!({"type": "track", "event": "Late", "userId": "u"}))),
+            })
+            .await
+            .is_err(),
+        "nothing is accepted once stopped"
+    );
+
+    emu.emulator.set_faults(Faults::default());
+    let relay = Spawned::start(&data, &args);
+    let records = emu.wait_for_records(STREAM, 1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["message_id"], "cut-1");
+    drop(relay);
 }
