@@ -15,6 +15,8 @@ use crate::telemetry::parse_traceparent;
 /// Dead letters per page by default, and at most.
 const PAGE: usize = 50;
 const PAGE_MAX: usize = 500;
+/// Dead letters one replay call puts back at most.
+pub const REPLAY_MAX: usize = 10_000;
 
 /// The service.
 #[derive(Clone)]
@@ -126,7 +128,16 @@ impl DeadLetterService for DeadLetters {
         request: tonic::Request<pb::ReplayDeadLettersRequest>,
     ) -> Result<tonic::Response<pb::ReplayDeadLettersResponse>, tonic::Status> {
         let req = request.into_inner();
-        let ids = if req.ids.is_empty() {
+        // Replays obey the queue's bound as ingest does.
+        let capacity = self.queue.capacity();
+        let room = capacity.saturating_sub(self.queue.depth());
+        let short_of_room = |n: String| {
+            tonic::Status::resource_exhausted(format!(
+                "replaying {n} dead letter(s) would put the queue past its capacity of {capacity} \
+                 records (room for {room} now); replay fewer, or again as the queue drains"
+            ))
+        };
+        let (ids, more) = if req.ids.is_empty() {
             let Some(f) = req.filter else {
                 return Err(ApiError::field(
                     "ids",
@@ -134,26 +145,124 @@ impl DeadLetterService for DeadLetters {
                 )
                 .into());
             };
+            let allowed = room.min(REPLAY_MAX);
             let mut f = filter(Some(f));
-            f.limit = usize::MAX >> 1;
-            self.queue
-                .dead_letters(f)
+            f.limit = allowed + 1;
+            let mut ids = self
+                .queue
+                .dead_letter_ids(f)
                 .await
-                .map_err(crate::ingest::queue_error)?
-                .into_iter()
-                .map(|d| d.id)
-                .collect()
+                .map_err(crate::ingest::queue_error)?;
+            let more = ids.len() > allowed;
+            if more && allowed == 0 {
+                return Err(short_of_room("the matching".into()));
+            }
+            ids.truncate(allowed);
+            (ids, more)
+        } else if req.ids.len() > REPLAY_MAX {
+            return Err(ApiError::field(
+                "ids",
+                format!(
+                    "holds {} ids; at most {REPLAY_MAX} are replayed per call",
+                    req.ids.len()
+                ),
+            )
+            .into());
+        } else if req.ids.len() > room {
+            return Err(short_of_room(req.ids.len().to_string()));
         } else {
-            req.ids
+            (req.ids, false)
         };
         let replayed = self
             .queue
             .replay(&ids)
             .await
             .map_err(crate::ingest::queue_error)?;
-        tracing::info!(replayed, "dead letters replayed");
+        tracing::info!(replayed, more, "dead letters replayed");
         Ok(tonic::Response::new(pb::ReplayDeadLettersResponse {
             replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+            more,
         }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test should fail loudly at the broken step")]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::queue::{EventRecords, MemoryQueue, NewRecord};
+
+    async fn dead_letter(queue: &MemoryQueue, n: usize, tag: &str) {
+        let events = (0..n)
+            .map(|i| EventRecords {
+                dedup_key: Some(Arc::from(format!("{tag}{i}"))),
+                records: vec![NewRecord::sample("lytics")],
+            })
+            .collect();
+        queue.enqueue(events).await.unwrap();
+        let leased = queue.lease(n, &HashSet::new()).await.unwrap();
+        queue.dead_letter(leased, "gave up".into()).await.unwrap();
+    }
+
+    async fn replay(
+        svc: &DeadLetters,
+        ids: Vec<i64>,
+    ) -> Result<pb::ReplayDeadLettersResponse, tonic::Status> {
+        let filter = ids.is_empty().then(pb::DeadLetterFilter::default);
+        svc.replay_dead_letters(tonic::Request::new(pb::ReplayDeadLettersRequest { ids, filter }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn replays_keep_within_the_queues_capacity() {
+        let queue = Arc::new(MemoryQueue::new(5, Duration::from_secs(60)));
+        dead_letter(&queue, 5, "a").await;
+        dead_letter(&queue, 3, "b").await;
+        queue
+            .enqueue(vec![EventRecords {
+                dedup_key: None,
+                records: vec![NewRecord::sample("lytics"), NewRecord::sample("lytics")],
+            }])
+            .await
+            .unwrap();
+        let svc = DeadLetters::new(queue.clone());
+        // Room for 3: by ids, 4 are refused whole.
+        let ids: Vec<i64> = queue
+            .dead_letter_ids(DeadLetterFilter {
+                limit: 4,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let refused = replay(&svc, ids).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused
+                .message()
+                .contains("capacity of 5 records (room for 3 now)"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(queue.depth(), 2);
+        // By filter: as many as there is room for, and `more`.
+        let r = replay(&svc, Vec::new()).await.unwrap();
+        assert_eq!((r.replayed, r.more), (3, true));
+        assert_eq!(queue.depth(), 5);
+        let full = replay(&svc, Vec::new()).await.unwrap_err();
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        // Drained: the rest goes back, and nothing more matches.
+        let leased = queue.lease(5, &HashSet::new()).await.unwrap();
+        queue
+            .ack(&leased.iter().map(|r| r.id).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        let r = replay(&svc, Vec::new()).await.unwrap();
+        assert_eq!((r.replayed, r.more), (5, false));
+        let too_many = replay(&svc, (0..=REPLAY_MAX as i64).collect()).await.unwrap_err();
+        assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
     }
 }

@@ -302,6 +302,10 @@ impl Queue for MemoryQueue {
         self.depth.load(Ordering::Relaxed)
     }
 
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     fn dedup_ids(&self) -> Option<usize> {
         Some(self.state().seen.len())
     }

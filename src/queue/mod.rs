@@ -271,6 +271,19 @@ pub trait Queue: Send + Sync + 'static {
     /// how many were found.
     async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError>;
 
+    /// The ids of the dead letters `filter` matches, newest first, without reading the records.
+    async fn dead_letter_ids(&self, filter: DeadLetterFilter) -> Result<Vec<i64>, QueueError> {
+        Ok(self
+            .dead_letters(filter)
+            .await?
+            .into_iter()
+            .map(|d| d.id)
+            .collect())
+    }
+
+    /// The most records the queue holds (`queue.capacity`).
+    fn capacity(&self) -> usize;
+
     /// True when an accepted record survives a crash of the process.
     fn durable(&self) -> bool;
 

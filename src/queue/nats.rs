@@ -758,6 +758,10 @@ impl Queue for NatsQueue {
         self.inner.depth.load(Ordering::Relaxed)
     }
 
+    fn capacity(&self) -> usize {
+        self.inner.capacity
+    }
+
     async fn wait_for_work(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.inner.work.notified()).await;
     }

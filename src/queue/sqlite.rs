@@ -156,6 +156,7 @@ enum Op {
     Retry(Vec<QueuedRecord>, i64, Reply<()>),
     DeadLetter(Vec<QueuedRecord>, String, Reply<()>),
     DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
+    DeadLetterIds(DeadLetterFilter, Reply<Vec<i64>>),
     Replay(Vec<i64>, Reply<usize>),
     NextDue(HashSet<String>, Reply<Option<i64>>),
     Expedite(String, Reply<usize>),
@@ -173,6 +174,7 @@ impl Op {
             Op::Retry(_, _, reply) => drop(reply.send(Err(e))),
             Op::DeadLetter(_, _, reply) => drop(reply.send(Err(e))),
             Op::DeadLetters(_, reply) => drop(reply.send(Err(e))),
+            Op::DeadLetterIds(_, reply) => drop(reply.send(Err(e))),
             Op::Replay(_, reply) => drop(reply.send(Err(e))),
             Op::NextDue(_, reply) => drop(reply.send(Err(e))),
             Op::Expedite(_, reply) => drop(reply.send(Err(e))),
@@ -192,6 +194,8 @@ pub struct SqliteQueue {
     files: [std::path::PathBuf; 2],
     /// Event ids the dedup index remembers, as of the last commit.
     dedup_ids: Arc<AtomicUsize>,
+    /// The most records it holds.
+    capacity: usize,
     /// Checkpoints run, by whom.
     #[cfg(test)]
     checkpoints: Arc<Counts>,
@@ -273,6 +277,7 @@ impl SqliteQueue {
             failure,
             files,
             dedup_ids,
+            capacity,
             #[cfg(test)]
             checkpoints: counts,
         })
@@ -469,6 +474,14 @@ impl Queue for SqliteQueue {
 
     async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
         self.call(|r| Op::Replay(ids.to_vec(), r)).await
+    }
+
+    async fn dead_letter_ids(&self, filter: DeadLetterFilter) -> Result<Vec<i64>, QueueError> {
+        self.call(|r| Op::DeadLetterIds(filter, r)).await
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
     }
 
     async fn expedite(&self, integration: &str) -> Result<usize, QueueError> {
@@ -801,6 +814,9 @@ impl Writer {
                     }
                     Op::DeadLetters(filter, reply) => {
                         answers.push(pending(reply, dead_letters(&txn, &filter)))
+                    }
+                    Op::DeadLetterIds(filter, reply) => {
+                        answers.push(pending(reply, dead_letter_ids(&txn, &filter)))
                     }
                     Op::Replay(ids, reply) => {
                         woke = true;
@@ -1266,8 +1282,9 @@ fn dead_letter(
     Ok(())
 }
 
-fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
-    let mut query = format!("SELECT {RECORD_COLUMNS}, reason, at_ms FROM dead_letters WHERE 1 = 1");
+/// The query for the dead letters `f` selects, newest first, reading `columns`.
+fn dead_letter_query(columns: &str, f: &DeadLetterFilter) -> (String, Vec<Box<dyn rusqlite::ToSql>>) {
+    let mut query = format!("SELECT {columns} FROM dead_letters WHERE 1 = 1");
     let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
     let mut add = |clause: &str, v: Box<dyn rusqlite::ToSql>, query: &mut String| {
         values.push(v);
@@ -1296,6 +1313,21 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
         Box::new(i64::try_from(f.limit).unwrap_or(i64::MAX)),
         &mut query,
     );
+    (query, values)
+}
+
+fn dead_letter_ids(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<i64>, QueueError> {
+    let (query, values) = dead_letter_query("id", f);
+    let mut stmt = txn.prepare(&query).map_err(sql)?;
+    let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
+    stmt.query_map(refs.as_slice(), |row| row.get(0))
+        .map_err(sql)?
+        .collect::<Result<Vec<i64>, _>>()
+        .map_err(sql)
+}
+
+fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError> {
+    let (query, values) = dead_letter_query(&format!("{RECORD_COLUMNS}, reason, at_ms"), f);
     let mut stmt = txn.prepare(&query).map_err(sql)?;
     let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
     let mut names = Names::default();
@@ -2109,6 +2141,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(only_b.len(), 1);
+        let count = |f: DeadLetterFilter| {
+            let q = &q;
+            async move {
+                let f = DeadLetterFilter { limit: 10, ..f };
+                let ids = q.dead_letter_ids(f.clone()).await.unwrap();
+                let listed: Vec<i64> = q.dead_letters(f).await.unwrap().iter().map(|d| d.id).collect();
+                assert_eq!(ids, listed, "the ids query selects what the listing does");
+                ids.len()
+            }
+        };
+        let now = now_ms();
+        assert_eq!(count(DeadLetterFilter::default()).await, 2);
+        let stream = |s: &str| DeadLetterFilter {
+            stream: Some(s.into()),
+            ..Default::default()
+        };
+        assert_eq!((count(stream("s")).await, count(stream("other")).await), (2, 0));
+        let since = |t: i64| DeadLetterFilter {
+            since_ms: Some(t),
+            ..Default::default()
+        };
+        let until = |t: i64| DeadLetterFilter {
+            until_ms: Some(t),
+            ..Default::default()
+        };
+        assert_eq!(
+            (count(since(now - 60_000)).await, count(since(now + 60_000)).await),
+            (2, 0)
+        );
+        assert_eq!(
+            (count(until(now + 60_000)).await, count(until(now - 60_000)).await),
+            (2, 0)
+        );
         assert_eq!(q.replay(&[refused[0].id]).await.unwrap(), 1);
         assert_eq!(q.depth(), 1);
         let again = q.lease(10, &HashSet::new()).await.unwrap();
