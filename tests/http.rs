@@ -141,3 +141,56 @@ async fn bad_input_gets_the_same_codes_as_grpc_as_json_errors() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_a_json_error_and_accepts_again_once_drained() {
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        error_rate: 1.0,
+        ..Default::default()
+    });
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.signal_secret = Some(lytics_relay::integration::Secret::new(SECRET));
+    settings.queue_capacity = 2;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let track =
+        |id: &str| json!({"type": "track", "event": "Full", "userId": "u", "messageId": id}).to_string();
+    for id in ["q1", "q2"] {
+        let (status, body) = post(&relay, "/v1/events", track(id), true).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let ts = now_ms();
+    let body = track("q3");
+    let r = reqwest::Client::new()
+        .post(relay.http_url("/v1/events"))
+        .header("content-type", "application/json")
+        .header("X-Timestamp", ts.to_string())
+        .header("X-Signature", signature(&body, ts))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().get("retry-after").is_some(), "{:?}", r.headers());
+    let error: Value = r.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"),
+        "{error}"
+    );
+    emu.emulator.set_faults(Default::default());
+    emu.wait_for_records(STREAM, 2).await;
+    let mut accepted = false;
+    for _ in 0..200 {
+        if post(&relay, "/v1/events", track("q3"), true).await.0 == 200 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(accepted, "accepted again once the queue drained");
+    emu.wait_for_records(STREAM, 3).await;
+    relay.stop().await;
+}

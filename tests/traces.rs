@@ -73,17 +73,7 @@ fn int(span: &Span, key: &str) -> i64 {
 
 #[tokio::test]
 async fn every_lytics_call_has_a_span_linked_to_the_ingest_that_caused_it() {
-    let receiver = Receiver::default();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stop_rx.await;
-            }),
-    );
+    let (receiver, otlp, stop_tx) = receive_spans().await;
 
     let emu = EmulatorHandle::start().await;
     let (settings, _dir) = settings(&emu.url(), TOKEN);
@@ -165,6 +155,85 @@ async fn every_lytics_call_has_a_span_linked_to_the_ingest_that_caused_it() {
             );
         }
     }
+}
+
+/// A receiver of OTLP spans on loopback; the sender stops it.
+async fn receive_spans() -> (Receiver, std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let receiver = Receiver::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop_rx.await;
+            }),
+    );
+    (receiver, otlp, stop_tx)
+}
+
+#[tokio::test]
+async fn a_call_made_after_a_restart_links_to_the_ingest_before_it() {
+    let (receiver, otlp, stop) = receive_spans().await;
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        error_rate: 1.0,
+        ..Default::default()
+    });
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let endpoint = format!("http://{otlp}");
+    let relay = RelayHandle::start(
+        settings.clone(),
+        Telemetry::with_endpoint(&endpoint, 4096, 0.0).unwrap(),
+    )
+    .await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(pb::SendRequest {
+        event: Some(event(json!({"type": "page", "userId": "u2"}))),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01").parse().unwrap(),
+    );
+    relay.client().await.send(request).await.unwrap();
+    while emu.emulator.stats().faulted == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+
+    // A new process on the same data directory delivers the stored record.
+    emu.emulator.set_faults(Default::default());
+    let relay = RelayHandle::start(settings, Telemetry::with_endpoint(&endpoint, 4096, 0.0).unwrap()).await;
+    emu.wait_for_records(STREAM, 1).await;
+    relay.stop().await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (ingest, delivered) = loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let ingest = spans.iter().find(|s| s.name == names::SPAN_INGEST).cloned();
+        let delivered = spans
+            .iter()
+            .find(|s| s.name == names::SPAN_LYTICS_COLLECT && int(s, names::HTTP_RESPONSE_STATUS_CODE) == 200)
+            .cloned();
+        if let (Some(i), Some(d)) = (ingest, delivered) {
+            break (i, d);
+        }
+        assert!(Instant::now() < deadline, "spans not received");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = stop.send(());
+    assert_eq!(hex(&ingest.trace_id), trace_id);
+    assert_eq!(delivered.links.len(), 1);
+    assert_eq!(
+        delivered.links[0].trace_id, ingest.trace_id,
+        "linked across the restart"
+    );
+    assert_eq!(delivered.links[0].span_id, ingest.span_id);
+    assert!(
+        int(&delivered, names::LYTICS_ATTEMPT) >= 2,
+        "a retry of the stored record"
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {

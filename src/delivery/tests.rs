@@ -655,3 +655,40 @@ async fn a_200_with_rejected_records_is_a_partial_failure_in_metrics_and_the_liv
         seen.detail
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_integration_holds_its_records_without_spending_attempts_until_a_probe_passes() {
+    // The call and the first probes find a bad token; then Lytics takes the token.
+    let lytics = Scripted::new(&[401; 6], 200);
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue.enqueue(vec![event("a")]).await.unwrap();
+    let s = DeliverySettings {
+        max_attempts: 1,
+        probe_interval: Duration::from_secs(30),
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let state = delivery.state();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let pause = state.paused().get("lytics").cloned().expect("paused");
+    assert_eq!(pause.status, 401);
+    assert_eq!(pause.hint, lytics::HINT_401);
+    assert_eq!(lytics.calls().len(), 4, "one call, then a probe every 30 s");
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert!(state.paused().is_empty(), "a passing probe resumed it");
+    assert!(dead_letters(&queue).await.is_empty(), "no attempt was spent");
+    let calls = lytics.calls();
+    assert_eq!(
+        calls.len(),
+        8,
+        "six refusals, the probe that passed, the delivery: {calls:?}"
+    );
+}
