@@ -102,8 +102,9 @@ async fn acknowledged_events_survive_repeated_kill_9() {
                         Err(_) => return (Some(call), None),
                     }
                 }
+                // Sends until the kill cuts a call off (the bound is only a safety net).
                 let mut i = 0;
-                while Instant::now() < deadline && i < 100_000 {
+                while Instant::now() < deadline + Duration::from_secs(30) && i < 100_000 {
                     let id = format!("r{round}-{base}-{i}");
                     let call = if i % 3 == 0 {
                         Call {
@@ -152,6 +153,7 @@ async fn acknowledged_events_survive_repeated_kill_9() {
         next += 10_000_000;
     }
     let acked = acked.lock().unwrap().clone();
+    assert!(retried > 0, "no call was cut off by a kill and sent again");
     assert!(
         acked.len() > 100,
         "the load generator got {} events acknowledged",

@@ -67,6 +67,26 @@ mod tests {
     }
 
     #[test]
+    fn delays_grow_with_the_attempt_averaging_half_the_ceiling() {
+        let b = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(60)).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let means: Vec<f64> = (0..5)
+            .map(|attempt| {
+                let total: f64 = (0..2000).map(|_| b.delay(attempt, &mut rng).as_secs_f64()).sum();
+                total / 2000.0
+            })
+            .collect();
+        for (attempt, mean) in means.iter().enumerate() {
+            let half_ceiling = b.ceiling(attempt as u32).as_secs_f64() / 2.0;
+            assert!(
+                (mean / half_ceiling - 1.0).abs() < 0.1,
+                "attempt {attempt}: mean {mean} s, expected about {half_ceiling} s"
+            );
+        }
+        assert!(means.windows(2).all(|w| w[1] > w[0] * 1.6), "{means:?}");
+    }
+
+    #[test]
     fn invalid_policies_are_refused() {
         assert!(Backoff::try_new(Duration::ZERO, Duration::from_secs(1)).is_err());
         assert!(Backoff::try_new(Duration::from_secs(2), Duration::from_secs(1)).is_err());
