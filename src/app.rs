@@ -403,10 +403,12 @@ pub async fn run(
 
     // A durable queue keeps what is left for the next start; the in-memory one loses it, so
     // delivery gets the rest of the grace period to empty it (a paused integration cannot).
+    // A fifth of the period is kept for the calls in flight when the draining stops.
     let deadline = started + settings.shutdown_grace;
+    let drain_until = started + settings.shutdown_grace * 4 / 5;
     while !queue.durable()
         && queue.depth() > 0
-        && Instant::now() < deadline
+        && Instant::now() < drain_until
         && delivery_state.paused().is_empty()
     {
         tokio::time::sleep(Duration::from_millis(20)).await;

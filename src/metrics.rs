@@ -1,9 +1,10 @@
 //! Prometheus metrics, served at `GET /metrics` on the HTTP port (OpenMetrics text format).
 //!
 //! Input: counts from ingest and delivery (through [`crate::monitor::Monitor`]), and at scrape
-//! time the queue's depth and oldest record. Output: the text exposition. Label values are only
-//! integration ids, source names, HTTP status codes and outcome names: never a secret, never
-//! anything taken from an event.
+//! time the queue's depth and oldest record and the paused integrations. Output: the text
+//! exposition. Label values are only integration ids, source names, HTTP status codes, outcome
+//! names and the relay's own troubleshooting texts: never a secret, never anything taken from
+//! an event.
 
 use std::collections::HashMap;
 use std::sync::Arc;

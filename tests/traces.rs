@@ -197,7 +197,9 @@ async fn a_call_made_after_a_restart_links_to_the_ingest_before_it() {
         format!("00-{trace_id}-b7ad6b7169203331-01").parse().unwrap(),
     );
     relay.client().await.send(request).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
     while emu.emulator.stats().faulted == 0 {
+        assert!(Instant::now() < deadline, "no collect call reached Lytics");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     relay.stop().await;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::normalize::json_to_struct;
 use crate::proto::v1 as pb;
 use crate::proto::v1::dead_letter_service_server::DeadLetterService;
@@ -131,11 +131,19 @@ impl DeadLetterService for DeadLetters {
         // Replays obey the queue's bound as ingest does.
         let capacity = self.queue.capacity();
         let room = capacity.saturating_sub(self.queue.depth());
-        let short_of_room = |n: String| {
-            tonic::Status::resource_exhausted(format!(
-                "replaying {n} dead letter(s) would put the queue past its capacity of {capacity} \
-                 records (room for {room} now); replay fewer, or again as the queue drains"
-            ))
+        let short_of_room = |n: String| -> tonic::Status {
+            ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "replaying {n} dead letter(s) would put the queue past its capacity of \
+                         {capacity} records (room for {room} now); replay fewer, or again as the \
+                         queue drains"
+                    ),
+                )
+            }
+            .into()
         };
         let (ids, more) = if req.ids.is_empty() {
             let Some(f) = req.filter else {

@@ -105,8 +105,12 @@ pub struct DeliveryCounters {
 #[derive(Debug, Default)]
 pub struct DeliveryState {
     paused: Mutex<HashMap<String, Pause>>,
-    /// Integrations with records waiting out a backoff.
-    backing_off: Mutex<HashSet<String>>,
+    /// When each integration last resumed from a pause (unix ms): its records' retry clocks
+    /// run from then at the earliest, so a pause does not count as time spent retrying.
+    resumed_ms: Mutex<HashMap<String, i64>>,
+    /// Integrations whose retries come forward at their next success: every one at start,
+    /// and one whose calls fail into an outage.
+    expedite_at_success: Mutex<HashSet<String>>,
     limits: Mutex<HashMap<String, limit::Aimd>>,
     /// Integrations whose last calls all failed with retryable errors (Lytics down).
     outages: Mutex<HashMap<String, Outage>>,
@@ -259,11 +263,30 @@ impl DeliveryState {
 
     /// Resumes an integration (its config changed, or a probe succeeded).
     pub fn resume(&self, id: &str) -> bool {
-        self.paused
+        let resumed = self
+            .paused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id)
-            .is_some()
+            .is_some();
+        if resumed {
+            self.resumed_ms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_string(), now_ms());
+        }
+        resumed
+    }
+
+    /// Since when `record` has been retried, leaving out any pause of its integration.
+    fn retrying_since(&self, record: &QueuedRecord) -> Option<i64> {
+        let since = record.retrying_since()?;
+        let resumed = self.resumed_ms.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            resumed
+                .get(&*record.record.integration)
+                .map_or(since, |&r| since.max(r)),
+        )
     }
 }
 
@@ -325,9 +348,9 @@ impl Delivery {
     /// whether they all did.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> bool {
         // Records a previous run left backing off keep their due times; the first success of
-        // each integration brings them forward, as for retries scheduled in this run.
+        // each integration brings them forward, as the success ending an outage does.
         self.state
-            .backing_off
+            .expedite_at_success
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(self.integrations.snapshot().iter().map(|i| i.id.to_string()));
@@ -340,7 +363,7 @@ impl Delivery {
         let prober = {
             let d = self.clone();
             let s = shutdown.clone();
-            tokio::spawn(async move { d.probe_paused(s).await })
+            tokio::spawn(async move { d.probe_stalled(s).await })
         };
         'outer: loop {
             // Sleep until new work arrives or the next retry falls due.
@@ -606,6 +629,7 @@ impl Delivery {
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
         let status = call.status;
+        let outcome = self.confirm_account_error(integration, outcome).await;
         let outage = self.track_outage(integration, &outcome);
         match outcome {
             Outcome::Delivered {
@@ -693,15 +717,44 @@ impl Delivery {
         }
     }
 
+    /// A 400 naming the account pauses the integration only if Lytics refuses the account
+    /// itself: when a `dryrun` call with the same settings passes, the 400 was about the
+    /// payload (a record field that mentions an account), and the batch is split like any bad
+    /// payload. Otherwise such a batch would pause, pass the probe, resume and fail again
+    /// forever.
+    async fn confirm_account_error(&self, integration: &Integration, outcome: Outcome) -> Outcome {
+        match outcome {
+            Outcome::Setup {
+                status: 400,
+                message,
+                hint,
+            } => match probe(self.client.as_ref(), integration).await {
+                Ok(()) => Outcome::BadPayload { status: 400, message },
+                Err(_) => Outcome::Setup {
+                    status: 400,
+                    message,
+                    hint,
+                },
+            },
+            other => other,
+        }
+    }
+
     /// Counts retryable failures in a row (a 429 is Lytics answering, not failing) and logs
     /// when an outage hold begins, grows or ends. Returns the outage this call's failure is
-    /// part of, if any.
+    /// part of, if any. An outage marks the integration's retries to come forward at the
+    /// success that ends it.
     fn track_outage(&self, integration: &Integration, outcome: &Outcome) -> Option<Outage> {
         let id = integration.id.as_str();
         match outcome {
             Outcome::Retry { reason, status } if *status != Some(429) => {
                 let outage = self.state.call_failed(id, &self.backoff);
                 if let Some(o) = outage {
+                    self.state
+                        .expedite_at_success
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.to_string());
                     tracing::warn!(
                         integration = id,
                         failed_calls = o.failed_calls,
@@ -740,7 +793,11 @@ impl Delivery {
         for r in batch {
             if kind == AttemptKind::Spent && r.attempts + 1 >= self.settings.max_attempts {
                 exhausted.push(r);
-            } else if r.retrying_since().is_some_and(|since| now - since >= max_age) {
+            } else if self
+                .state
+                .retrying_since(&r)
+                .is_some_and(|since| now - since >= max_age)
+            {
                 aged.push(r);
             } else {
                 again.push(r);
@@ -772,11 +829,6 @@ impl Delivery {
         let failures = again.iter().map(QueuedRecord::failures_in_run).max().unwrap_or(0);
         let delay = self.backoff.delay(failures, &mut rand::rng());
         let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-        self.state
-            .backing_off
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(again[0].record.integration.to_string());
         self.state
             .counters
             .retried
@@ -813,12 +865,15 @@ impl Delivery {
         self.dead_letter(records, why).await;
     }
 
-    /// Lytics answered again: records of the integration waiting out a backoff become due now,
-    /// so a recovery drains the backlog at once instead of over the longest backoff.
+    /// Lytics answers again after an outage (or for the first time since the relay started):
+    /// records of the integration waiting out a backoff become due now, so a recovery drains
+    /// the backlog at once instead of over the longest backoff. Only then: while Lytics merely
+    /// fails now and then, bringing every retry forward at each success would spend the
+    /// records' attempts as fast as calls fail.
     async fn expedite_retries(&self, integration: &Integration) {
         let was_backing_off = self
             .state
-            .backing_off
+            .expedite_at_success
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(integration.id.as_str());
@@ -886,8 +941,11 @@ impl Delivery {
         }
     }
 
-    /// Probes paused integrations with a `dryrun` call and resumes those that answer 2xx.
-    async fn probe_paused(&self, shutdown: CancellationToken) {
+    /// Every `probe_interval`, probes with a `dryrun` call the paused integrations (resuming
+    /// those that answer 2xx) and those in an outage whose hold is over (ending the outage,
+    /// which brings their retries forward, when Lytics answers 2xx). Records deferred through a
+    /// long outage wait out long backoffs; the probe notices the recovery without them.
+    async fn probe_stalled(&self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -904,6 +962,25 @@ impl Delivery {
                 if probe(self.client.as_ref(), &integration).await.is_ok() {
                     tracing::info!(integration = %id, "probe succeeded; delivery resumed");
                     self.state.resume(&id);
+                }
+            }
+            let now = now_ms();
+            for (id, outage) in self.state.outages() {
+                if outage.failed_calls < OUTAGE_AFTER_FAILED_CALLS || outage.hold_until_ms > now {
+                    continue;
+                }
+                let Some(integration) = self.integrations.get(&id) else {
+                    continue;
+                };
+                match probe(self.client.as_ref(), &integration).await {
+                    Ok(()) => {
+                        if self.state.call_answered(&id) {
+                            tracing::info!(integration = %id, "Lytics answers a dryrun probe: the outage hold is over");
+                        }
+                        self.expedite_retries(&integration).await;
+                    }
+                    // The hold stays as it is: due records still go out one call at a time.
+                    Err(reason) => tracing::debug!(integration = %id, %reason, "outage probe failed"),
                 }
             }
         }
