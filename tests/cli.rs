@@ -136,18 +136,8 @@ async fn sigterm_with_a_lytics_call_in_flight_stops_within_the_grace_and_keeps_t
     let config = dir.path().join("relay.yaml");
     std::fs::write(&config, "shutdown_grace_secs: 1\n").unwrap();
     let url = emu.url();
-    let args = [
-        "--lytics-url",
-        url.as_str(),
-        "--lytics-api-token",
-        TOKEN,
-        "--lytics-account-id",
-        ACCOUNT,
-        "--lytics-stream",
-        STREAM,
-        "--config",
-        config.to_str().unwrap(),
-    ];
+    let mut args = lytics_flags(&url).to_vec();
+    args.extend(["--config", config.to_str().unwrap()]);
     let data = dir.path().join("data");
     let mut relay = Spawned::start(&data, &args);
     let mut client = IngestServiceClient::connect(format!("http://{}", relay.grpc))

@@ -18,19 +18,7 @@ const ROUNDS: usize = 10;
 
 /// Starts the built binary on port 0, delivering to the test's emulator.
 fn spawn(data_dir: &std::path::Path, emulator: &str) -> Spawned {
-    Spawned::start(
-        data_dir,
-        &[
-            "--lytics-url",
-            emulator,
-            "--lytics-api-token",
-            TOKEN,
-            "--lytics-account-id",
-            ACCOUNT,
-            "--lytics-stream",
-            STREAM,
-        ],
-    )
+    Spawned::start(data_dir, &lytics_flags(emulator))
 }
 
 /// A call a sender makes: the ids of its events, and whether it is a `SendBatch`.

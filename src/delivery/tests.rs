@@ -55,12 +55,17 @@ impl CollectSender for Scripted {
         } else {
             r#"{"status":503,"message":"unavailable"}"#
         };
-        Ok(Reply {
-            status,
-            body: Bytes::from_static(body.as_bytes()),
-            latency: Duration::ZERO,
-        })
+        answer(status, body.as_bytes())
     }
+}
+
+/// A Lytics answer with `status` and `body`, at once.
+fn answer(status: u16, body: &'static [u8]) -> Result<Reply, TransportError> {
+    Ok(Reply {
+        status,
+        body: Bytes::from_static(body),
+        latency: Duration::ZERO,
+    })
 }
 
 fn record() -> NewRecord {
@@ -161,11 +166,7 @@ impl CollectSender for PoisonFails {
                 r#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#,
             )
         };
-        Ok(Reply {
-            status,
-            body: Bytes::from_static(body.as_bytes()),
-            latency: Duration::ZERO,
-        })
+        answer(status, body.as_bytes())
     }
 }
 
@@ -526,11 +527,7 @@ impl CollectSender for Recording {
     async fn post(&self, url: Url, _token: &Secret, body: Bytes) -> Result<Reply, TransportError> {
         self.calls.lock().unwrap().push((url, body));
         let body = r#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#;
-        Ok(Reply {
-            status: 200,
-            body: Bytes::from_static(body.as_bytes()),
-            latency: Duration::ZERO,
-        })
+        answer(200, body.as_bytes())
     }
 }
 
@@ -608,13 +605,10 @@ struct RejectsOne;
 #[async_trait::async_trait]
 impl CollectSender for RejectsOne {
     async fn post(&self, _url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
-        Ok(Reply {
-            status: 200,
-            body: Bytes::from_static(
-                br#"{"status":200,"message":"success","data":{"message_count":2,"rejected_count":1}}"#,
-            ),
-            latency: Duration::ZERO,
-        })
+        answer(
+            200,
+            br#"{"status":200,"message":"success","data":{"message_count":2,"rejected_count":1}}"#,
+        )
     }
 }
 
@@ -797,11 +791,7 @@ impl CollectSender for AccountRefused {
                 br#"{"status":400,"message":"invalid account id in record 0"}"#,
             )
         };
-        Ok(Reply {
-            status,
-            body: Bytes::from_static(body),
-            latency: Duration::ZERO,
-        })
+        answer(status, body)
     }
 }
 

@@ -196,6 +196,21 @@ pub async fn admin_token(dir: &std::path::Path) -> String {
     panic!("the relay wrote no admin token");
 }
 
+/// `serve` flags delivering to the test emulator at `url` with the test's token, account and
+/// stream.
+pub fn lytics_flags(url: &str) -> [&str; 8] {
+    [
+        "--lytics-url",
+        url,
+        "--lytics-api-token",
+        TOKEN,
+        "--lytics-account-id",
+        ACCOUNT,
+        "--lytics-stream",
+        STREAM,
+    ]
+}
+
 /// The relay binary run as a child process on loopback port 0, its JSON log captured.
 pub struct Spawned {
     pub child: std::process::Child,
