@@ -942,9 +942,9 @@ impl Delivery {
     }
 
     /// Every `probe_interval`, probes with a `dryrun` call the paused integrations (resuming
-    /// those that answer 2xx) and those in an outage whose hold is over (ending the outage,
-    /// which brings their retries forward, when Lytics answers 2xx). Records deferred through a
-    /// long outage wait out long backoffs; the probe notices the recovery without them.
+    /// those that answer 2xx) and those in an outage whose hold is over (bringing their retries
+    /// forward when Lytics answers 2xx). Records deferred through a long outage wait out long
+    /// backoffs; the probe notices the recovery without them.
     async fn probe_stalled(&self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
@@ -972,14 +972,14 @@ impl Delivery {
                 let Some(integration) = self.integrations.get(&id) else {
                     continue;
                 };
+                // A passing dryrun brings the retries forward, so the next call (still one at a
+                // time) carries records; only a call with records ends the outage, since a Lytics
+                // that validates but cannot take records is still down for them.
                 match probe(self.client.as_ref(), &integration).await {
                     Ok(()) => {
-                        if self.state.call_answered(&id) {
-                            tracing::info!(integration = %id, "Lytics answers a dryrun probe: the outage hold is over");
-                        }
+                        tracing::info!(integration = %id, "Lytics answers a dryrun probe: retrying the held records now");
                         self.expedite_retries(&integration).await;
                     }
-                    // The hold stays as it is: due records still go out one call at a time.
                     Err(reason) => tracing::debug!(integration = %id, %reason, "outage probe failed"),
                 }
             }

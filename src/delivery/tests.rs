@@ -730,9 +730,10 @@ async fn a_lone_failure_waits_out_its_backoff_while_other_calls_succeed() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_dryrun_probe_ends_an_outage_and_brings_every_retry_forward() {
+async fn a_dryrun_probe_finds_lytics_back_and_brings_every_retry_forward() {
     // Three calls fail: an outage. Every record then waits out up to an hour; the probe after
-    // the 30 s hold finds Lytics back and brings them all forward.
+    // the 30 s hold finds Lytics back and brings them all forward, and the first call with
+    // records ends the outage.
     let lytics = Scripted::new(&[503, 503, 503], 200);
     let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
     queue
@@ -828,4 +829,57 @@ async fn a_400_naming_the_account_pauses_only_when_a_dryrun_confirms_it() {
             assert_eq!(queue.depth(), 1, "held");
         }
     }
+}
+
+/// Passes every `dryrun` call and fails every call with records (503): a Lytics that validates
+/// but cannot take records.
+#[derive(Default)]
+struct DryrunOnly {
+    record_calls: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl CollectSender for DryrunOnly {
+    async fn post(&self, url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
+        if url.query_pairs().any(|(k, v)| k == "dryrun" && v == "true") {
+            return answer(
+                200,
+                br#"{"status":200,"message":"success","data":{"message_count":0}}"#,
+            );
+        }
+        self.record_calls.fetch_add(1, Ordering::Relaxed);
+        answer(503, br#"{"status":503,"message":"unavailable"}"#)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn passing_dryruns_do_not_end_an_outage_that_calls_with_records_still_meet() {
+    let lytics = Arc::new(DryrunOnly::default());
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue.enqueue(vec![event("a")]).await.unwrap();
+    let s = DeliverySettings {
+        max_attempts: 3,
+        probe_interval: Duration::from_secs(10),
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let state = delivery.state();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    stop.cancel();
+    task.await.unwrap();
+    let calls = lytics.record_calls.load(Ordering::Relaxed);
+    assert!(
+        calls > 10,
+        "the record was retried after each passing probe: {calls} calls"
+    );
+    assert!(
+        dead_letters(&queue).await.is_empty(),
+        "failures in the outage spent no attempt (max_attempts 3)"
+    );
+    assert_eq!(queue.depth(), 1);
+    assert!(state.outages().contains_key("lytics"), "still in an outage");
 }
