@@ -413,7 +413,6 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let left = if queue.durable() { 0 } else { queue.depth() };
     stop_fault_watch.cancel();
     let _ = fault_watch_task.await;
     stop_reloader.cancel();
@@ -431,6 +430,8 @@ pub async fn run(
                 false
             }
         };
+    // What the memory queue still holds once delivery is done is lost with the process.
+    let left = if queue.durable() { 0 } else { queue.depth() };
     stop_emulator.cancel();
     if let Some(t) = emulator_task {
         let _ = t.await;

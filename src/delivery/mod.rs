@@ -10,9 +10,9 @@
 //!   that fails while Lytics is down for the whole integration (an outage hold) or answers 429
 //!   defers its records without spending one, so an outage or throttling is bounded by
 //!   `max_retry_age` alone.
-//! - 401, 403, 404, 400 naming the account: a setup error. The integration pauses with the
-//!   seed's troubleshooting text; its records stay queued without spending attempts; a periodic
-//!   `dryrun` probe (or a config change) resumes it.
+//! - 401, 403, 404, 400 naming the account (when a `dryrun` call confirms it): a setup error.
+//!   The integration pauses with the seed's troubleshooting text; its records stay queued
+//!   without spending attempts; a periodic `dryrun` probe (or a config change) resumes it.
 //! - Other 400s: the batch is split to isolate the bad records; only they are dead-lettered.
 //!
 //! Never maps events and never holds records outside the queue's lease.
@@ -157,7 +157,9 @@ impl DeliveryState {
             outages
                 .iter()
                 .filter(|(id, o)| {
-                    o.hold_until_ms > now || limits.get(id.as_str()).is_some_and(|a| a.in_flight() > 0)
+                    o.failed_calls >= OUTAGE_AFTER_FAILED_CALLS
+                        && (o.hold_until_ms > now
+                            || limits.get(id.as_str()).is_some_and(|a| a.in_flight() > 0))
                 })
                 .map(|(id, _)| id.clone()),
         );
@@ -276,6 +278,21 @@ impl DeliveryState {
                 .insert(id.to_string(), now_ms());
         }
         resumed
+    }
+
+    /// Resumes `id` if it is still paused by `probed` (not since re-paused or paused by an
+    /// operator while the probe ran).
+    fn resume_probed(&self, id: &str, probed: &Pause) -> bool {
+        let current = self
+            .paused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        match current {
+            Some(p) if !p.manual && p.since_ms == probed.since_ms => self.resume(id),
+            _ => false,
+        }
     }
 
     /// Since when `record` has been retried, leaving out any pause of its integration.
@@ -728,9 +745,16 @@ impl Delivery {
                 status: 400,
                 message,
                 hint,
-            } => match probe(self.client.as_ref(), integration).await {
-                Ok(()) => Outcome::BadPayload { status: 400, message },
-                Err(_) => Outcome::Setup {
+            } => match probe_outcome(self.client.as_ref(), integration).await {
+                Ok(Outcome::Delivered { .. }) => Outcome::BadPayload { status: 400, message },
+                // Undecided: the batch is retried, and the confirmation with it.
+                Ok(Outcome::Retry { status, reason }) => Outcome::Retry {
+                    status,
+                    reason: format!(
+                        "Lytics answered 400 ({message}), and the dryrun call to tell whether the account is wrong failed: {reason}"
+                    ),
+                },
+                Ok(Outcome::Setup { .. } | Outcome::BadPayload { .. }) | Err(_) => Outcome::Setup {
                     status: 400,
                     message,
                     hint,
@@ -870,7 +894,8 @@ impl Delivery {
     /// the backlog at once instead of over the longest backoff. Only then: while Lytics merely
     /// fails now and then, bringing every retry forward at each success would spend the
     /// records' attempts as fast as calls fail.
-    async fn expedite_retries(&self, integration: &Integration) {
+    /// Returns how many records came forward.
+    async fn expedite_retries(&self, integration: &Integration) -> usize {
         let was_backing_off = self
             .state
             .expedite_at_success
@@ -878,15 +903,32 @@ impl Delivery {
             .unwrap_or_else(|e| e.into_inner())
             .remove(integration.id.as_str());
         if !was_backing_off {
-            return;
+            return 0;
         }
         match self.queue.expedite(integration.id.as_str()).await {
-            Ok(0) => {}
+            Ok(0) => 0,
             Ok(n) => {
-                tracing::info!(integration = %integration.id, records = n, "Lytics answers again: retries are due now")
+                tracing::info!(integration = %integration.id, records = n, "Lytics answers again: retries are due now");
+                n
             }
-            Err(e) => tracing::warn!(error = %e, "cannot bring retries forward"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot bring retries forward");
+                0
+            }
         }
+    }
+
+    /// Whether the queue holds a record of integration `id` that is not in flight (when the
+    /// queue cannot tell, it is taken to).
+    async fn has_queued(&self, id: &str) -> bool {
+        let others: HashSet<String> = self
+            .integrations
+            .snapshot()
+            .iter()
+            .map(|i| i.id.to_string())
+            .filter(|other| other != id)
+            .collect();
+        !matches!(self.queue.next_due(&others).await, Ok(None))
     }
 
     /// Puts records back without spending an attempt (their integration is paused).
@@ -959,17 +1001,23 @@ impl Delivery {
                     self.state.resume(&id);
                     continue;
                 };
-                if probe(self.client.as_ref(), &integration).await.is_ok() {
+                if probe(self.client.as_ref(), &integration).await.is_ok()
+                    && self.state.resume_probed(&id, &pause)
+                {
                     tracing::info!(integration = %id, "probe succeeded; delivery resumed");
-                    self.state.resume(&id);
                 }
             }
             let now = now_ms();
+            let paused = self.state.paused();
             for (id, outage) in self.state.outages() {
-                if outage.failed_calls < OUTAGE_AFTER_FAILED_CALLS || outage.hold_until_ms > now {
+                if outage.failed_calls < OUTAGE_AFTER_FAILED_CALLS
+                    || outage.hold_until_ms > now
+                    || paused.contains_key(&id)
+                {
                     continue;
                 }
                 let Some(integration) = self.integrations.get(&id) else {
+                    self.state.call_answered(&id);
                     continue;
                 };
                 // A passing dryrun brings the retries forward, so the next call (still one at a
@@ -977,8 +1025,14 @@ impl Delivery {
                 // that validates but cannot take records is still down for them.
                 match probe(self.client.as_ref(), &integration).await {
                     Ok(()) => {
-                        tracing::info!(integration = %id, "Lytics answers a dryrun probe: retrying the held records now");
-                        self.expedite_retries(&integration).await;
+                        // With no record of the integration queued, no call with records is
+                        // coming to end the outage: the probe ends it.
+                        if self.expedite_retries(&integration).await == 0
+                            && !self.has_queued(&id).await
+                            && self.state.call_answered(&id)
+                        {
+                            tracing::info!(integration = %id, "Lytics answers a dryrun probe and no record waits: the outage hold is over");
+                        }
                     }
                     Err(reason) => tracing::debug!(integration = %id, %reason, "outage probe failed"),
                 }
@@ -1004,6 +1058,17 @@ fn with_attempt(records: Vec<QueuedRecord>, attempt: Attempt) -> Vec<QueuedRecor
 /// A `dryrun` collect call with no records: checks token, stream and account without storing
 /// anything. `Err` carries the setup hint or the failure.
 pub async fn probe(client: &dyn CollectSender, integration: &Integration) -> Result<(), String> {
+    match probe_outcome(client, integration).await? {
+        Outcome::Delivered { .. } => Ok(()),
+        Outcome::Setup { status, hint, .. } => Err(format!("{status}: {hint}")),
+        Outcome::Retry { reason, .. } => Err(reason),
+        Outcome::BadPayload { status, message } => Err(format!("{status}: {message}")),
+    }
+}
+
+/// How Lytics answers a `dryrun` collect call with no records; `Err` when the integration's
+/// URL cannot be used.
+async fn probe_outcome(client: &dyn CollectSender, integration: &Integration) -> Result<Outcome, String> {
     let target = CollectTarget {
         base_url: &integration.base_url,
         stream: integration.stream_name.as_str(),
@@ -1015,12 +1080,7 @@ pub async fn probe(client: &dyn CollectSender, integration: &Integration) -> Res
     let result = client
         .post(url, &integration.api_token, bytes::Bytes::from_static(b"[]"))
         .await;
-    match lytics::classify(&result) {
-        Outcome::Delivered { .. } => Ok(()),
-        Outcome::Setup { status, hint, .. } => Err(format!("{status}: {hint}")),
-        Outcome::Retry { reason, .. } => Err(reason),
-        Outcome::BadPayload { status, message } => Err(format!("{status}: {message}")),
-    }
+    Ok(lytics::classify(&result))
 }
 
 #[cfg(test)]

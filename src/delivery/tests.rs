@@ -771,39 +771,48 @@ async fn a_dryrun_probe_finds_lytics_back_and_brings_every_retry_forward() {
     assert!(dead_letters(&queue).await.is_empty());
 }
 
-/// Answers every collect call 400 with a message naming the account; `dryrun` calls pass when
-/// `account_ok` (the 400 was about the records), else get the same 400.
+/// How [`AccountRefused`] answers `dryrun` calls.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dryrun {
+    /// 200: the 400 was about the records.
+    Passes,
+    /// The same 400: the account is wrong.
+    Refused,
+    /// 503: undecided.
+    Unavailable,
+}
+
+/// Answers every collect call 400 with a message naming the account, and `dryrun` calls as told.
 struct AccountRefused {
-    account_ok: bool,
+    dryrun: Dryrun,
 }
 
 #[async_trait::async_trait]
 impl CollectSender for AccountRefused {
     async fn post(&self, url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
         let dryrun = url.query_pairs().any(|(k, v)| k == "dryrun" && v == "true");
-        let (status, body): (u16, &'static [u8]) = if dryrun && self.account_ok {
-            (
+        match (dryrun, self.dryrun) {
+            (true, Dryrun::Passes) => answer(
                 200,
                 br#"{"status":200,"message":"success","data":{"message_count":0}}"#,
-            )
-        } else {
-            (
+            ),
+            (true, Dryrun::Unavailable) => answer(503, br#"{"status":503,"message":"unavailable"}"#),
+            _ => answer(
                 400,
                 br#"{"status":400,"message":"invalid account id in record 0"}"#,
-            )
-        };
-        answer(status, body)
+            ),
+        }
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_400_naming_the_account_pauses_only_when_a_dryrun_confirms_it() {
-    for account_ok in [false, true] {
+    for dryrun in [Dryrun::Refused, Dryrun::Passes, Dryrun::Unavailable] {
         let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
         queue.enqueue(vec![event("a")]).await.unwrap();
         let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings())
             .unwrap()
-            .with_sender(Arc::new(AccountRefused { account_ok }));
+            .with_sender(Arc::new(AccountRefused { dryrun }));
         let state = delivery.state();
         let stop = CancellationToken::new();
         let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
@@ -811,22 +820,30 @@ async fn a_400_naming_the_account_pauses_only_when_a_dryrun_confirms_it() {
         stop.cancel();
         task.await.unwrap();
         let dead = dead_letters(&queue).await;
-        if account_ok {
-            assert!(
-                state.paused().is_empty(),
-                "the account is fine: not a setup error"
-            );
-            assert_eq!(dead.len(), 1, "the record itself was refused");
-            assert!(
-                dead[0].reason.starts_with("Lytics refused the record (400)"),
-                "{}",
-                dead[0].reason
-            );
-        } else {
-            let pause = state.paused().get("lytics").cloned().expect("paused");
-            assert_eq!(pause.hint, lytics::HINT_400_ACCOUNT);
-            assert!(dead.is_empty());
-            assert_eq!(queue.depth(), 1, "held");
+        match dryrun {
+            Dryrun::Passes => {
+                assert!(
+                    state.paused().is_empty(),
+                    "the account is fine: not a setup error"
+                );
+                assert_eq!(dead.len(), 1, "the record itself was refused");
+                assert!(
+                    dead[0].reason.starts_with("Lytics refused the record (400)"),
+                    "{}",
+                    dead[0].reason
+                );
+            }
+            Dryrun::Refused => {
+                let pause = state.paused().get("lytics").cloned().expect("paused");
+                assert_eq!(pause.hint, lytics::HINT_400_ACCOUNT);
+                assert!(dead.is_empty());
+                assert_eq!(queue.depth(), 1, "held");
+            }
+            Dryrun::Unavailable => {
+                assert!(state.paused().is_empty(), "undecided: not paused");
+                assert!(dead.is_empty(), "undecided: retried, not refused");
+                assert_eq!(queue.depth(), 1, "waiting for a retry");
+            }
         }
     }
 }
@@ -882,4 +899,42 @@ async fn passing_dryruns_do_not_end_an_outage_that_calls_with_records_still_meet
     );
     assert_eq!(queue.depth(), 1);
     assert!(state.outages().contains_key("lytics"), "still in an outage");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passing_dryrun_ends_an_outage_with_no_record_left_to_retry() {
+    // Collect calls keep failing: three records start an outage, then each runs out of retry
+    // age (1 ms) at its next failure. With nothing left to send, a passing probe ends it.
+    let lytics = Arc::new(DryrunOnly::default());
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue
+        .enqueue(vec![event("a"), event("b"), event("c")])
+        .await
+        .unwrap();
+    let s = DeliverySettings {
+        batch_max_records: 1,
+        max_attempts: 100,
+        max_retry_age: Duration::from_millis(1),
+        probe_interval: Duration::from_secs(10),
+        ..settings()
+    };
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
+        .unwrap()
+        .with_sender(lytics.clone());
+    let state = delivery.state();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    while lytics.record_calls.load(Ordering::Relaxed) < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state.outages().contains_key("lytics"));
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(state.outages().contains_key("lytics"), "no call has succeeded");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(dead_letters(&queue).await.len(), 3);
+    assert!(state.outages().is_empty(), "the passing probe ended the outage");
 }
