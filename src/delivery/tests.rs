@@ -68,6 +68,25 @@ fn answer(status: u16, body: &'static [u8]) -> Result<Reply, TransportError> {
     })
 }
 
+/// Delivery from `queue` to `sender`, running until `stop` is cancelled.
+fn start(
+    queue: &Arc<MemoryQueue>,
+    settings: DeliverySettings,
+    sender: Arc<dyn CollectSender>,
+) -> (
+    Arc<DeliveryState>,
+    CancellationToken,
+    tokio::task::JoinHandle<bool>,
+) {
+    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings)
+        .unwrap()
+        .with_sender(sender);
+    let state = delivery.state();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    (state, stop, task)
+}
+
 fn record() -> NewRecord {
     NewRecord {
         accepted_ms: now_ms(),
@@ -112,11 +131,7 @@ async fn run(
         }])
         .await
         .unwrap();
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings)
-        .unwrap()
-        .with_sender(sender);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (_, stop, task) = start(&queue, settings, sender);
     for _ in 0..100_000 {
         if until(&queue) {
             break;
@@ -199,11 +214,7 @@ async fn a_record_whose_calls_fail_while_others_succeed_spends_its_attempts_into
         batch_max_records: 1,
         ..settings()
     };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
-        .unwrap()
-        .with_sender(lytics.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (_, stop, task) = start(&queue, s, lytics.clone());
     // Good records keep arriving, so Lytics is answering: no outage, each failure is the record's.
     let mut good = 0;
     while dead_letters(&queue).await.is_empty() && good < 2000 {
@@ -378,11 +389,7 @@ async fn the_first_success_since_start_brings_retries_forward() {
 
 /// Delivers from `queue` until it is empty, then stops delivery.
 async fn deliver_all(queue: Arc<MemoryQueue>, settings: DeliverySettings, sender: Arc<Scripted>) {
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings)
-        .unwrap()
-        .with_sender(sender);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (_, stop, task) = start(&queue, settings, sender);
     while queue.depth() > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -468,12 +475,7 @@ async fn a_lytics_outage_holds_delivery_and_probes_with_one_call_at_a_time() {
         max_in_flight: 4,
         ..settings()
     };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
-        .unwrap()
-        .with_sender(lytics.clone());
-    let state = delivery.state();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (state, stop, task) = start(&queue, s, lytics.clone());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let outage = state.outages().get("lytics").copied();
     assert_eq!(
@@ -560,11 +562,7 @@ async fn each_batch_holds_one_stream_and_timestamp_field_with_own_stream_records
         .await
         .unwrap();
     let lytics = Arc::new(Recording::default());
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings())
-        .unwrap()
-        .with_sender(lytics.clone());
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (_, stop, task) = start(&queue, settings(), lytics.clone());
     for _ in 0..1000 {
         if queue.depth() == 0 {
             break;
@@ -662,12 +660,7 @@ async fn a_paused_integration_holds_its_records_without_spending_attempts_until_
         probe_interval: Duration::from_secs(30),
         ..settings()
     };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
-        .unwrap()
-        .with_sender(lytics.clone());
-    let state = delivery.state();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (state, stop, task) = start(&queue, s, lytics.clone());
     tokio::time::sleep(Duration::from_secs(100)).await;
     let pause = state.paused().get("lytics").cloned().expect("paused");
     assert_eq!(pause.status, 401);
@@ -810,12 +803,7 @@ async fn a_400_naming_the_account_pauses_only_when_a_dryrun_confirms_it() {
     for dryrun in [Dryrun::Refused, Dryrun::Passes, Dryrun::Unavailable] {
         let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
         queue.enqueue(vec![event("a")]).await.unwrap();
-        let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), settings())
-            .unwrap()
-            .with_sender(Arc::new(AccountRefused { dryrun }));
-        let state = delivery.state();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+        let (state, stop, task) = start(&queue, settings(), Arc::new(AccountRefused { dryrun }));
         tokio::time::sleep(Duration::from_secs(5)).await;
         stop.cancel();
         task.await.unwrap();
@@ -879,12 +867,7 @@ async fn passing_dryruns_do_not_end_an_outage_that_calls_with_records_still_meet
         probe_interval: Duration::from_secs(10),
         ..settings()
     };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
-        .unwrap()
-        .with_sender(lytics.clone());
-    let state = delivery.state();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (state, stop, task) = start(&queue, s, lytics.clone());
     tokio::time::sleep(Duration::from_secs(600)).await;
     stop.cancel();
     task.await.unwrap();
@@ -918,12 +901,7 @@ async fn a_passing_dryrun_ends_an_outage_with_no_record_left_to_retry() {
         probe_interval: Duration::from_secs(10),
         ..settings()
     };
-    let delivery = Delivery::new(queue.clone(), integration(), Telemetry::disabled(), s)
-        .unwrap()
-        .with_sender(lytics.clone());
-    let state = delivery.state();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(delivery.run(stop.clone(), Duration::from_secs(1)));
+    let (state, stop, task) = start(&queue, s, lytics.clone());
     while lytics.record_calls.load(Ordering::Relaxed) < 3 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
