@@ -245,7 +245,7 @@ impl Default for DeliverySettings {
             linger: Duration::from_millis(100),
             max_attempts: 5,
             max_retry_age: Duration::from_secs(24 * 3600),
-            backoff_base: Duration::from_secs(2),
+            backoff_base: Duration::from_secs(30),
             backoff_max: Duration::from_secs(6 * 3600),
             request_timeout: Duration::from_secs(30),
             max_in_flight: 4,

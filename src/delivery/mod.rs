@@ -67,12 +67,14 @@ pub struct Pause {
 const OUTAGE_AFTER_FAILED_CALLS: u32 = 3;
 /// The longest an integration in an outage waits between calls.
 const OUTAGE_MAX_HOLD: Duration = Duration::from_secs(30);
+/// The first hold of an outage, doubled with each further failed call.
+const OUTAGE_FIRST_HOLD: Duration = Duration::from_secs(1);
 
 /// An integration whose calls keep failing with retryable errors.
 ///
 /// From the third failed call in a row, delivery holds the integration: no lease takes its
 /// records until `hold_until_ms`, and then a single call at a time probes Lytics, the hold
-/// doubling (from the backoff base, at most [`OUTAGE_MAX_HOLD`] and the backoff maximum) with
+/// doubling (from [`OUTAGE_FIRST_HOLD`], at most [`OUTAGE_MAX_HOLD`] and the backoff maximum) with
 /// each further failure. Without it, a down Lytics would see every queued record leased, sent,
 /// failed and rescheduled over and over, spending the relay's CPU and the records' attempts on
 /// calls that cannot succeed. Any answer that is not a retryable failure ends the outage.
@@ -182,9 +184,11 @@ impl DeliveryState {
         if o.failed_calls < OUTAGE_AFTER_FAILED_CALLS {
             return None;
         }
-        let hold = backoff
-            .ceiling(o.failed_calls - OUTAGE_AFTER_FAILED_CALLS)
-            .min(OUTAGE_MAX_HOLD);
+        let doublings = (o.failed_calls - OUTAGE_AFTER_FAILED_CALLS).min(31);
+        let hold = OUTAGE_FIRST_HOLD
+            .saturating_mul(1 << doublings)
+            .min(OUTAGE_MAX_HOLD)
+            .min(backoff.ceiling(u32::MAX));
         o.hold_until_ms = now_ms() + i64::try_from(hold.as_millis()).unwrap_or(i64::MAX / 2);
         Some(*o)
     }

@@ -756,10 +756,11 @@ async fn a_dryrun_probe_finds_lytics_back_and_brings_every_retry_forward() {
         "drained {took} ms after the outage began, not after the backoffs"
     );
     assert!(state.outages().is_empty());
-    assert_eq!(
-        lytics.calls().len(),
-        3 + 1 + 3,
-        "three failures, the probe, three deliveries"
+    // A record whose drawn backoff was short may end the outage before the probe does.
+    assert!(
+        (6..=7).contains(&lytics.calls().len()),
+        "three failures, the probe, three deliveries: {} calls",
+        lytics.calls().len()
     );
     assert!(dead_letters(&queue).await.is_empty());
 }
