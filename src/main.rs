@@ -43,11 +43,14 @@ async fn serve(args: lytics_relay::cli::ServeArgs) -> ExitCode {
         }
     };
     telemetry::init_logging(settings.log_json);
+    // Installed before anything is served, so a signal at any moment after start-up shuts the
+    // relay down gracefully instead of killing it.
+    let shutdown = shutdown_signal();
     let result = async {
         let telemetry =
             telemetry::Telemetry::from_env(settings.call_span_queue, settings.ingest_sample_ratio)?;
         let listeners = app::Listeners::bind(&settings).await?;
-        app::run(settings, listeners, telemetry, shutdown_signal()).await
+        app::run(settings, listeners, telemetry, shutdown).await
     }
     .await;
     match result {
@@ -185,24 +188,30 @@ async fn lql_command(args: lytics_relay::cli::LqlArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let handlers =
+            signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+        async move {
+            match handlers {
+                Ok((mut term, mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
