@@ -269,34 +269,29 @@ impl DeliveryState {
 
     /// Resumes an integration (its config changed, or a probe succeeded).
     pub fn resume(&self, id: &str) -> bool {
-        let resumed = self
-            .paused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .is_some();
-        if resumed {
-            self.resumed_ms
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.to_string(), now_ms());
-        }
-        resumed
+        self.resume_if(id, |_| true)
     }
 
     /// Resumes `id` if it is still paused by `probed` (not since re-paused or paused by an
     /// operator while the probe ran).
     fn resume_probed(&self, id: &str, probed: &Pause) -> bool {
-        let current = self
-            .paused
+        self.resume_if(id, |p| !p.manual && p.since_ms == probed.since_ms)
+    }
+
+    /// Resumes `id` if its pause passes `check`, deciding and removing under one lock.
+    fn resume_if(&self, id: &str, check: impl FnOnce(&Pause) -> bool) -> bool {
+        {
+            let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+            if !paused.get(id).is_some_and(check) {
+                return false;
+            }
+            paused.remove(id);
+        }
+        self.resumed_ms
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned();
-        match current {
-            Some(p) if !p.manual && p.since_ms == probed.since_ms => self.resume(id),
-            _ => false,
-        }
+            .insert(id.to_string(), now_ms());
+        true
     }
 
     /// Since when `record` has been retried, leaving out any pause of its integration.
