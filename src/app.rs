@@ -26,7 +26,7 @@ use crate::admin::integrations::IntegrationAdmin;
 use crate::admin::rules::RulesAdmin;
 use crate::admin::store::{IntegrationStore, NatsIntegrationStore, SqliteIntegrationStore};
 use crate::config::{self, QueueBackend, Settings};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, ProbeReporter};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::ingest::Ingest;
 use crate::ingress::grpc::IngestGrpc;
@@ -210,7 +210,7 @@ pub async fn run(
         settings.delivery.clone(),
     )
     .map_err(anyhow::Error::msg)?
-    .with_monitor(monitor);
+    .with_monitor(monitor.clone());
     let delivery_state = delivery.state();
 
     // Installed integrations persist beside the queue; the live set is rebuilt from them.
@@ -240,7 +240,11 @@ pub async fn run(
         own_emulator.map(|(e, _)| e),
     )
     .await
-    .map_err(|e| anyhow::anyhow!("cannot load installed integrations: {}", e.message))?;
+    .map_err(|e| anyhow::anyhow!("cannot load installed integrations: {}", e.message))?
+    .with_probe_reporter(ProbeReporter {
+        telemetry: telemetry.clone(),
+        monitor: monitor.clone(),
+    });
     let stop_follower = CancellationToken::new();
     let follower_task = tokio::spawn(integration_admin.clone().follow(stop_follower.clone()));
     let stop_delivery = CancellationToken::new();

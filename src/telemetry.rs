@@ -52,6 +52,8 @@ pub mod names {
     pub const LYTICS_INTEGRATION: &str = "lytics.integration";
     /// The rule-set version of the records.
     pub const LYTICS_RULES_VERSION: &str = "lytics.rules_version";
+    /// `true` on a `dryrun` call (a probe of the integration's settings, with no records).
+    pub const LYTICS_DRYRUN: &str = "lytics.dryrun";
     /// Ingest attributes.
     pub const INGEST_SOURCE: &str = "lytics_relay.source";
     /// Events in the call.

@@ -241,3 +241,79 @@ async fn a_call_made_after_a_restart_links_to_the_ingest_before_it() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test]
+async fn a_dryrun_probe_of_a_paused_integration_has_its_span_and_is_counted() {
+    let (receiver, otlp, stop) = receive_spans().await;
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), "wrong-token");
+    let relay = RelayHandle::start(
+        settings,
+        Telemetry::with_endpoint(&format!("http://{otlp}"), 4096, 0.0).unwrap(),
+    )
+    .await;
+    relay
+        .client()
+        .await
+        .send(pb::SendRequest {
+            event: Some(event(json!({"type": "page", "userId": "u3"}))),
+        })
+        .await
+        .unwrap();
+    // The 401 pauses delivery; the prober then checks the token every 200 ms.
+    let metrics = relay.http_url("/metrics");
+    let calls = r#"lytics_relay_lytics_calls_total{integration="lytics",status="401"} "#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        let counted = text
+            .lines()
+            .find_map(|l| l.strip_prefix(calls))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+        if counted >= 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "probe calls not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (call, probes) = loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let collect: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.name == names::SPAN_LYTICS_COLLECT)
+            .collect();
+        let call = collect.iter().find(|s| attr(s, names::LYTICS_DRYRUN).is_none());
+        let probes: Vec<Span> = collect
+            .iter()
+            .filter(|s| attr(s, names::LYTICS_DRYRUN).is_some())
+            .map(|s| (*s).clone())
+            .collect();
+        if let Some(call) = call
+            && probes.len() >= 2
+        {
+            break ((*call).clone(), probes);
+        }
+        assert!(Instant::now() < deadline, "probe spans not received");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = stop.send(());
+    assert_eq!(int(&call, names::HTTP_RESPONSE_STATUS_CODE), 401);
+    assert_eq!(int(&call, names::LYTICS_BATCH_SIZE), 1);
+    for probe in &probes {
+        assert_eq!(
+            attr(probe, names::LYTICS_DRYRUN),
+            Some(&AnyValue::BoolValue(true))
+        );
+        assert_eq!(int(probe, names::HTTP_RESPONSE_STATUS_CODE), 401);
+        assert_eq!(int(probe, names::LYTICS_BATCH_SIZE), 0);
+        assert_eq!(text(probe, names::LYTICS_INTEGRATION), "lytics");
+        assert_eq!(probe.kind, 3, "a client span");
+        let url = text(probe, names::URL_FULL);
+        assert!(url.contains("dryrun=true"), "{url}");
+        assert!(!url.contains("wrong-token"), "{url}");
+        assert_eq!(probe.status.as_ref().unwrap().code, 2, "an error status");
+    }
+}

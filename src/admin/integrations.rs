@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{self, ConfigInput};
 use super::store::{IntegrationStore, StoreError, StoredIntegration};
-use crate::delivery::{DeliveryState, probe};
+use crate::delivery::{DeliveryState, ProbeReporter, probe};
 use crate::emulator::Emulator;
 use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
@@ -127,6 +127,8 @@ pub struct IntegrationAdmin {
     /// end to end without Lytics.
     emulator: Option<Emulator>,
     client: LyticsClient,
+    /// Where the connection tests' `dryrun` calls are reported.
+    probe_reporter: ProbeReporter,
 }
 
 fn store_error(e: StoreError) -> ApiError {
@@ -158,6 +160,7 @@ impl IntegrationAdmin {
             base_url,
             emulator,
             client,
+            probe_reporter: ProbeReporter::detached(),
         };
         let stored = admin.store.list().await.map_err(store_error)?;
         for s in &stored {
@@ -170,6 +173,13 @@ impl IntegrationAdmin {
         }
         admin.refresh(&stored);
         Ok(admin)
+    }
+
+    /// Reports the connection tests' `dryrun` calls to `reporter` (a span and the calls metric
+    /// each, as every Lytics call).
+    pub fn with_probe_reporter(mut self, reporter: ProbeReporter) -> Self {
+        self.probe_reporter = reporter;
+        self
     }
 
     fn refresh(&self, stored: &[StoredIntegration]) {
@@ -472,7 +482,7 @@ impl IntegrationAdmin {
     }
 
     async fn test(&self, integration: &Integration) -> ConnectionTest {
-        match probe(&self.client, integration).await {
+        match probe(&self.client, integration, &self.probe_reporter).await {
             Ok(()) => ConnectionTest {
                 ok: true,
                 detail: None,

@@ -349,6 +349,14 @@ impl Delivery {
         self
     }
 
+    /// Where this stage's `dryrun` calls are reported.
+    fn probe_reporter(&self) -> ProbeReporter {
+        ProbeReporter {
+            telemetry: self.telemetry.clone(),
+            monitor: self.monitor.clone(),
+        }
+    }
+
     /// Sends through `sender` instead of the HTTP client (tests script Lytics' answers).
     pub fn with_sender(mut self, sender: Arc<dyn CollectSender>) -> Self {
         self.client = sender;
@@ -559,26 +567,18 @@ impl Delivery {
         };
         let body = lytics::batch_body(batch.iter().map(|r| &r.record.body));
         let attempt = batch.iter().map(|r| r.attempts).max().unwrap_or(0);
+        let mut attrs = call_attributes(&url, &stream, integration, batch.len());
+        attrs.extend([
+            KeyValue::new(names::LYTICS_ATTEMPT, i64::from(attempt) + 1),
+            KeyValue::new(names::HTTP_REQUEST_RESEND_COUNT, i64::from(attempt)),
+            KeyValue::new(
+                names::LYTICS_RULES_VERSION,
+                first.record.rules_version.to_string(),
+            ),
+        ]);
         let mut span = self.telemetry.start_call(
             batch.iter().filter_map(|r| r.record.traceparent.as_deref()),
-            vec![
-                KeyValue::new(names::HTTP_REQUEST_METHOD, "POST"),
-                KeyValue::new(names::SERVER_ADDRESS, url.host_str().unwrap_or("").to_string()),
-                KeyValue::new(
-                    names::SERVER_PORT,
-                    i64::from(url.port_or_known_default().unwrap_or(0)),
-                ),
-                KeyValue::new(names::URL_FULL, url.to_string()),
-                KeyValue::new(names::LYTICS_STREAM, stream.to_string()),
-                KeyValue::new(names::LYTICS_INTEGRATION, integration.id.to_string()),
-                KeyValue::new(names::LYTICS_BATCH_SIZE, batch.len() as i64),
-                KeyValue::new(names::LYTICS_ATTEMPT, i64::from(attempt) + 1),
-                KeyValue::new(names::HTTP_REQUEST_RESEND_COUNT, i64::from(attempt)),
-                KeyValue::new(
-                    names::LYTICS_RULES_VERSION,
-                    first.record.rules_version.to_string(),
-                ),
-            ],
+            attrs,
         );
         self.state.counters.calls.fetch_add(1, Ordering::Relaxed);
         let started = tokio::time::Instant::now();
@@ -596,35 +596,7 @@ impl Delivery {
             matches!(outcome, Outcome::Delivered { .. }),
         );
         if let Some(s) = span.as_mut() {
-            match &result {
-                Ok(reply) => {
-                    s.set_attribute(KeyValue::new(
-                        names::HTTP_RESPONSE_STATUS_CODE,
-                        i64::from(reply.status),
-                    ));
-                    if reply.status >= 400 {
-                        fail_span(
-                            s,
-                            &reply.status.to_string(),
-                            format!("Lytics answered {}", reply.status),
-                        );
-                    }
-                }
-                Err(e) => fail_span(s, e.kind(), e.to_string()),
-            }
-            if let Outcome::Delivered {
-                message_count,
-                rejected_count,
-            } = &outcome
-            {
-                if let Some(m) = message_count {
-                    s.set_attribute(KeyValue::new(names::LYTICS_MESSAGE_COUNT, *m as i64));
-                }
-                s.set_attribute(KeyValue::new(
-                    names::LYTICS_REJECTED_COUNT,
-                    *rejected_count as i64,
-                ));
-            }
+            record_answer(s, &result, &outcome);
         }
         let status = result.as_ref().ok().map(|r| r.status);
         let split = self
@@ -744,7 +716,7 @@ impl Delivery {
                 status: 400,
                 message,
                 hint,
-            } => match probe_outcome(self.client.as_ref(), integration).await {
+            } => match probe_outcome(self.client.as_ref(), integration, &self.probe_reporter()).await {
                 Ok(Outcome::Delivered { .. }) => Outcome::BadPayload { status: 400, message },
                 // Undecided: the batch is retried, and the confirmation with it.
                 Ok(Outcome::Retry { status, reason }) => Outcome::Retry {
@@ -1000,7 +972,9 @@ impl Delivery {
                     self.state.resume(&id);
                     continue;
                 };
-                if probe(self.client.as_ref(), &integration).await.is_ok()
+                if probe(self.client.as_ref(), &integration, &self.probe_reporter())
+                    .await
+                    .is_ok()
                     && self.state.resume_probed(&id, &pause)
                 {
                     tracing::info!(integration = %id, "probe succeeded; delivery resumed");
@@ -1022,7 +996,7 @@ impl Delivery {
                 // A passing dryrun brings the retries forward, so the next call (still one at a
                 // time) carries records; only a call with records ends the outage, since a Lytics
                 // that validates but cannot take records is still down for them.
-                match probe(self.client.as_ref(), &integration).await {
+                match probe(self.client.as_ref(), &integration, &self.probe_reporter()).await {
                     Ok(()) => {
                         // With no record of the integration queued, no call with records is
                         // coming to end the outage: the probe ends it.
@@ -1054,10 +1028,33 @@ fn with_attempt(records: Vec<QueuedRecord>, attempt: Attempt) -> Vec<QueuedRecor
         .collect()
 }
 
+/// Where `dryrun` calls are reported, as every Lytics call is: a span, and the calls metric.
+#[derive(Clone, Debug)]
+pub struct ProbeReporter {
+    /// Exports the call's span.
+    pub telemetry: Telemetry,
+    /// Counts the call.
+    pub monitor: Monitor,
+}
+
+impl ProbeReporter {
+    /// Reports nowhere: spans off, metrics nobody reads.
+    pub fn detached() -> Self {
+        ProbeReporter {
+            telemetry: Telemetry::disabled(),
+            monitor: Monitor::detached(),
+        }
+    }
+}
+
 /// A `dryrun` collect call with no records: checks token, stream and account without storing
 /// anything. `Err` carries the setup hint or the failure.
-pub async fn probe(client: &dyn CollectSender, integration: &Integration) -> Result<(), String> {
-    match probe_outcome(client, integration).await? {
+pub async fn probe(
+    client: &dyn CollectSender,
+    integration: &Integration,
+    report: &ProbeReporter,
+) -> Result<(), String> {
+    match probe_outcome(client, integration, report).await? {
         Outcome::Delivered { .. } => Ok(()),
         Outcome::Setup { status, hint, .. } => Err(format!("{status}: {hint}")),
         Outcome::Retry { reason, .. } => Err(reason),
@@ -1067,19 +1064,96 @@ pub async fn probe(client: &dyn CollectSender, integration: &Integration) -> Res
 
 /// How Lytics answers a `dryrun` collect call with no records; `Err` when the integration's
 /// URL cannot be used.
-async fn probe_outcome(client: &dyn CollectSender, integration: &Integration) -> Result<Outcome, String> {
+async fn probe_outcome(
+    client: &dyn CollectSender,
+    integration: &Integration,
+    report: &ProbeReporter,
+) -> Result<Outcome, String> {
+    let stream = integration.stream_name.as_str();
     let target = CollectTarget {
         base_url: &integration.base_url,
-        stream: integration.stream_name.as_str(),
+        stream,
         account_id: integration.account_id.as_str(),
         timestamp_field: crate::rules::DEFAULT_TIMESTAMP_FIELD,
         dryrun: true,
     };
     let url = lytics::collect_url(&target)?;
+    let mut attrs = call_attributes(&url, stream, integration, 0);
+    attrs.push(KeyValue::new(names::LYTICS_DRYRUN, true));
+    let mut span = report.telemetry.start_call(std::iter::empty(), attrs);
+    let started = tokio::time::Instant::now();
     let result = client
         .post(url, &integration.api_token, bytes::Bytes::from_static(b"[]"))
         .await;
-    Ok(lytics::classify(&result))
+    report.monitor.called(
+        integration.id.as_str(),
+        result.as_ref().map(|r| r.status).map_err(|e| e.kind()),
+        started.elapsed(),
+    );
+    let outcome = lytics::classify(&result);
+    if let Some(mut s) = span.take() {
+        record_answer(&mut s, &result, &outcome);
+        s.end();
+    }
+    Ok(outcome)
+}
+
+/// The attributes every collect call's span carries.
+fn call_attributes(
+    url: &reqwest::Url,
+    stream: &str,
+    integration: &Integration,
+    records: usize,
+) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new(names::HTTP_REQUEST_METHOD, "POST"),
+        KeyValue::new(names::SERVER_ADDRESS, url.host_str().unwrap_or("").to_string()),
+        KeyValue::new(
+            names::SERVER_PORT,
+            i64::from(url.port_or_known_default().unwrap_or(0)),
+        ),
+        KeyValue::new(names::URL_FULL, url.to_string()),
+        KeyValue::new(names::LYTICS_STREAM, stream.to_string()),
+        KeyValue::new(names::LYTICS_INTEGRATION, integration.id.to_string()),
+        KeyValue::new(names::LYTICS_BATCH_SIZE, records as i64),
+    ]
+}
+
+/// Puts Lytics' answer (or the failure to get one) on a collect call's span.
+fn record_answer(
+    span: &mut opentelemetry_sdk::trace::Span,
+    result: &Result<lytics::Reply, lytics::TransportError>,
+    outcome: &Outcome,
+) {
+    match result {
+        Ok(reply) => {
+            span.set_attribute(KeyValue::new(
+                names::HTTP_RESPONSE_STATUS_CODE,
+                i64::from(reply.status),
+            ));
+            if reply.status >= 400 {
+                fail_span(
+                    span,
+                    &reply.status.to_string(),
+                    format!("Lytics answered {}", reply.status),
+                );
+            }
+        }
+        Err(e) => fail_span(span, e.kind(), e.to_string()),
+    }
+    if let Outcome::Delivered {
+        message_count,
+        rejected_count,
+    } = outcome
+    {
+        if let Some(m) = message_count {
+            span.set_attribute(KeyValue::new(names::LYTICS_MESSAGE_COUNT, *m as i64));
+        }
+        span.set_attribute(KeyValue::new(
+            names::LYTICS_REJECTED_COUNT,
+            *rejected_count as i64,
+        ));
+    }
 }
 
 #[cfg(test)]
