@@ -111,7 +111,10 @@ pub struct Metrics {
     dedup_ids: Gauge,
     live_watchers: Gauge,
     live_lost: Counter,
-    live_lost_sync: std::sync::Mutex<()>,
+    /// One scrape at a time: a scrape rebuilds the paused-integration series, which a concurrent
+    /// one would otherwise see missing, and moves the lost-events counter, which two at once
+    /// could move by the same loss twice.
+    render_sync: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -151,7 +154,7 @@ impl Metrics {
             dedup_ids: Gauge::default(),
             live_watchers: Gauge::default(),
             live_lost: Counter::default(),
-            live_lost_sync: std::sync::Mutex::new(()),
+            render_sync: tokio::sync::Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(
@@ -332,6 +335,7 @@ impl Metrics {
         bus: &LiveBus,
         paused: &HashMap<String, Pause>,
     ) -> Result<String, std::fmt::Error> {
+        let _one_at_a_time = self.render_sync.lock().await;
         self.integration_paused.clear();
         for (integration, p) in paused {
             self.integration_paused
@@ -365,14 +369,10 @@ impl Metrics {
         );
         self.live_watchers
             .set(i64::try_from(bus.watchers()).unwrap_or(i64::MAX));
-        {
-            // The bus counts; the counter follows it. One scrape at a time moves it, so
-            // concurrent scrapes cannot add the same loss twice.
-            let _one = self.live_lost_sync.lock().unwrap_or_else(|e| e.into_inner());
-            let (lost, counted) = (bus.lost(), self.live_lost.get());
-            if lost > counted {
-                self.live_lost.inc_by(lost - counted);
-            }
+        // The bus counts; the counter follows it.
+        let (lost, counted) = (bus.lost(), self.live_lost.get());
+        if lost > counted {
+            self.live_lost.inc_by(lost - counted);
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
@@ -519,5 +519,38 @@ mod tests {
         // Resumed: the series goes away with the pause.
         let text = m.render(&queue, &bus, &HashMap::new()).await.unwrap();
         assert!(!text.contains("lytics_relay_integration_paused{"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_scrapes_all_see_a_paused_integration() {
+        let m = Arc::new(Metrics::new());
+        let queue = Arc::new(crate::queue::MemoryQueue::new(10, Duration::from_secs(60)));
+        let bus = LiveBus::new(16);
+        let paused = Arc::new(HashMap::from([(
+            "b".to_string(),
+            Pause {
+                status: 404,
+                hint: "stream not found".into(),
+                message: String::new(),
+                since_ms: 0,
+                manual: false,
+            },
+        )]));
+        let mut scrapes = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (m, queue, bus, paused) = (m.clone(), queue.clone(), bus.clone(), paused.clone());
+            scrapes.spawn(async move {
+                let mut missing = 0;
+                for _ in 0..300 {
+                    let text = m.render(queue.as_ref(), &bus, &paused).await.unwrap();
+                    if !text.contains(r#"lytics_relay_integration_paused{integration="b""#) {
+                        missing += 1;
+                    }
+                }
+                missing
+            });
+        }
+        let missing: usize = scrapes.join_all().await.into_iter().sum();
+        assert_eq!(missing, 0, "scrapes that missed the paused integration");
     }
 }
