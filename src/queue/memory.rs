@@ -241,6 +241,11 @@ impl Queue for MemoryQueue {
     async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
         let n = {
             let mut s = self.state();
+            if s.depth() + ids.len() > self.capacity {
+                return Err(QueueError::Full {
+                    capacity: self.capacity,
+                });
+            }
             let now = now_ms();
             let (replay, keep): (Vec<DeadLetter>, Vec<DeadLetter>) =
                 s.dead.drain(..).partition(|d| ids.contains(&d.id));
@@ -365,6 +370,32 @@ mod tests {
         q.ack(&[leased[0].id]).await.unwrap();
         q.enqueue(vec![event("2", vec![rec("a")])]).await.unwrap();
         assert_eq!(q.depth(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_replay_past_capacity_is_refused_whole() {
+        let q = q(3);
+        q.enqueue(vec![event("1", vec![rec("a"), rec("a"), rec("a")])])
+            .await
+            .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        q.dead_letter(leased, "gave up".into()).await.unwrap();
+        q.enqueue(vec![event("2", vec![rec("a"), rec("a")])])
+            .await
+            .unwrap();
+        let all = DeadLetterFilter {
+            limit: 10,
+            ..Default::default()
+        };
+        let ids = q.dead_letter_ids(all.clone()).await.unwrap();
+        assert!(matches!(
+            q.replay(&ids).await,
+            Err(QueueError::Full { capacity: 3 })
+        ));
+        assert_eq!(q.depth(), 2);
+        assert_eq!(q.dead_letter_ids(all).await.unwrap(), ids);
+        assert_eq!(q.replay(&ids[..1]).await.unwrap(), 1);
+        assert_eq!(q.depth(), 3);
     }
 
     #[tokio::test]

@@ -268,7 +268,9 @@ pub trait Queue: Send + Sync + 'static {
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
 
     /// Puts dead letters back in the queue as new records (attempts reset, due now); returns
-    /// how many were found.
+    /// how many were found. Refuses them all with [`QueueError::Full`] when that many more
+    /// records could put the queue past its capacity, checked with the depth at the moment of
+    /// the replay.
     async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError>;
 
     /// The ids of the dead letters `filter` matches, newest first, without reading the records.

@@ -820,8 +820,14 @@ impl Writer {
                     }
                     Op::Replay(ids, reply) => {
                         woke = true;
-                        let n = replay(&txn, &ids, now, &mut depth, &mut staged)?;
-                        answers.push(pending(reply, Ok(n)));
+                        let r = if depth + ids.len() > self.capacity {
+                            Err(QueueError::Full {
+                                capacity: self.capacity,
+                            })
+                        } else {
+                            Ok(replay(&txn, &ids, now, &mut depth, &mut staged)?)
+                        };
+                        answers.push(pending(reply, r));
                     }
                     Op::NextDue(skip, reply) => answers.push(pending(reply, Ok(schedule.next_due(&skip)))),
                     Op::Expedite(integration, reply) => {
@@ -2093,6 +2099,51 @@ mod tests {
         let due = q.next_due(&skip).await.unwrap().unwrap();
         assert!(due > now_ms() + 50_000);
         assert!(q.next_due(&HashSet::new()).await.unwrap().unwrap() <= now_ms());
+    }
+
+    #[tokio::test]
+    async fn a_replay_past_capacity_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(&dir.path().join("queue.sqlite3"), 3, Duration::from_secs(3600)).unwrap();
+        q.enqueue(
+            (1..=3)
+                .map(|i| event(&i.to_string(), vec![rec("a", &i.to_string())]))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        q.dead_letter(leased, "gave up".into()).await.unwrap();
+        q.enqueue(vec![
+            event("4", vec![rec("a", "4")]),
+            event("5", vec![rec("a", "5")]),
+        ])
+        .await
+        .unwrap();
+        let ids = q
+            .dead_letter_ids(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 3);
+        assert!(matches!(
+            q.replay(&ids).await,
+            Err(QueueError::Full { capacity: 3 })
+        ));
+        assert_eq!(q.depth(), 2);
+        assert_eq!(
+            q.dead_letter_ids(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+            ids
+        );
+        assert_eq!(q.replay(&ids[..1]).await.unwrap(), 1);
+        assert_eq!(q.depth(), 3);
     }
 
     #[tokio::test]
