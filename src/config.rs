@@ -174,6 +174,8 @@ pub struct FileQueue {
     pub replicas: Option<usize>,
     /// Seconds a leased record stays hidden from other relays without news from its holder.
     pub ack_wait_secs: Option<u64>,
+    /// The longest a retry waits on the NATS server before a relay looks at it again (ms).
+    pub retry_recheck_ms: Option<u64>,
 }
 
 /// `telemetry:` in the config file.
@@ -626,6 +628,10 @@ impl Settings {
         if ack_wait.is_zero() {
             bad("queue.ack_wait_secs", "must be at least 1".into());
         }
+        let retry_recheck = Duration::from_millis(fq.retry_recheck_ms.unwrap_or(30_000));
+        if retry_recheck < Duration::from_millis(100) {
+            bad("queue.retry_recheck_ms", "must be at least 100".into());
+        }
         let nats = NatsOptions {
             urls,
             creds_file: args.queue_creds.clone().or(fq.creds_file.clone()),
@@ -639,6 +645,7 @@ impl Settings {
                 .map(Secret::new),
             replicas,
             ack_wait,
+            retry_recheck,
         };
         let call_span_queue = file.telemetry.call_span_queue.unwrap_or(65_536);
         if call_span_queue < 64 {

@@ -464,3 +464,97 @@ async fn an_integration_installed_on_one_replica_is_in_force_on_the_other() {
         r.stop().await;
     }
 }
+
+/// Leases until `n` records come back, or fails after `within`.
+async fn lease_until(
+    q: &lytics_relay::queue::NatsQueue,
+    n: usize,
+    within: Duration,
+) -> Vec<lytics_relay::queue::QueuedRecord> {
+    use lytics_relay::queue::Queue as _;
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n} records leased", got.len());
+        got.extend(q.lease(10, &Default::default()).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    got
+}
+
+/// Asserts that leases for `span` find nothing.
+async fn nothing_due_for(q: &lytics_relay::queue::NatsQueue, span: Duration) {
+    use lytics_relay::queue::Queue as _;
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        let leased = q.lease(10, &Default::default()).await.unwrap();
+        assert!(leased.is_empty(), "leased before due: {leased:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn nats_retries_come_forward_within_the_recheck_once_brought_forward() {
+    use lytics_relay::queue::{Attempt, AttemptKind, EventRecords, NewRecord, Queue as _};
+    use lytics_relay::queue::{NatsOptions, NatsQueue};
+    use lytics_relay::timefmt::now_ms;
+
+    let record = |integration: &str| NewRecord {
+        integration: integration.into(),
+        stream: "s".into(),
+        timestamp_field: "_ts".into(),
+        rule: "r".into(),
+        rules_version: "v".into(),
+        source: lytics_relay::rules::Source::Signal,
+        event_id: format!("e-{integration}").into(),
+        event_type: "track".into(),
+        body: bytes::Bytes::from_static(b"{}"),
+        input: bytes::Bytes::from_static(b"{}"),
+        traceparent: None,
+        accepted_ms: now_ms(),
+    };
+    let nats = NatsServer::start().await;
+    let options = NatsOptions {
+        urls: vec![nats.url()],
+        retry_recheck: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let q = NatsQueue::connect(&options, 100, Duration::from_secs(60))
+        .await
+        .unwrap();
+    q.enqueue(vec![EventRecords {
+        dedup_key: None,
+        records: vec![record("a"), record("b")],
+    }])
+    .await
+    .unwrap();
+    let leased = lease_until(&q, 2, Duration::from_secs(5)).await;
+    let deferred = |detail: &str| Attempt {
+        at_ms: now_ms(),
+        status: Some(503),
+        detail: detail.into(),
+        kind: AttemptKind::Deferred,
+    };
+    let an_hour = 3_600_000;
+    q.retry(leased, now_ms() + an_hour, deferred("Lytics down"))
+        .await
+        .unwrap();
+    // Due in an hour: looked at every 200 ms, and handed back each time.
+    nothing_due_for(&q, Duration::from_secs(1)).await;
+
+    // Lytics is back for `a`: its retry comes within the recheck; `b`'s keeps waiting.
+    q.expedite("a").await.unwrap();
+    let back = lease_until(&q, 1, Duration::from_secs(5)).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(&*back[0].record.integration, "a");
+    assert_eq!(back[0].attempts, 0, "a deferral spends no attempt");
+    assert_eq!(back[0].history.len(), 1);
+    assert_eq!(back[0].history[0].kind, AttemptKind::Deferred);
+
+    // A retry scheduled after that waits its own time again.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    q.retry(back, now_ms() + an_hour, deferred("down again"))
+        .await
+        .unwrap();
+    nothing_due_for(&q, Duration::from_secs(1)).await;
+}

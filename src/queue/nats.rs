@@ -78,6 +78,9 @@ pub struct NatsOptions {
     /// How long a leased record stays invisible to other replicas without news from its holder;
     /// a replica that dies loses its leases after this long. Holders send progress in between.
     pub ack_wait: Duration,
+    /// The longest a retry waits on the server before a replica looks at it again: how late,
+    /// at most, a retry comes once Lytics is back and delivery brings retries forward.
+    pub retry_recheck: Duration,
 }
 
 impl Default for NatsOptions {
@@ -90,6 +93,7 @@ impl Default for NatsOptions {
             token: None,
             replicas: 1,
             ack_wait: Duration::from_secs(30),
+            retry_recheck: Duration::from_secs(30),
         }
     }
 }
@@ -185,6 +189,11 @@ struct Inner {
     depth: AtomicUsize,
     connected: AtomicBool,
     work: Notify,
+    /// See [`NatsOptions::retry_recheck`].
+    retry_recheck: Duration,
+    /// When this replica last brought each integration's retries forward (unix ms): a retry
+    /// scheduled before then is due whatever its `due_ms`.
+    expedited: Mutex<HashMap<String, i64>>,
 }
 
 /// A queue on NATS JetStream, shared by every relay connected to the same streams.
@@ -291,6 +300,8 @@ impl NatsQueue {
             depth: AtomicUsize::new(usize::try_from(records.state.messages).unwrap_or(usize::MAX)),
             connected: AtomicBool::new(true),
             work: Notify::new(),
+            retry_recheck: options.retry_recheck,
+            expedited: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(refresh(inner.clone(), stream, stop.clone()));
@@ -346,6 +357,19 @@ async fn keep_leases(inner: Arc<Inner>, ack_wait: Duration, stop: CancellationTo
 }
 
 impl Inner {
+    /// True when this replica brought `env`'s integration's retries forward after the attempt
+    /// that scheduled `env`.
+    fn brought_forward(&self, env: &Envelope) -> bool {
+        let Some(scheduled) = env.history.last().map(|a| a.at_ms) else {
+            return false;
+        };
+        self.expedited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&env.integration)
+            .is_some_and(|&at| at >= scheduled)
+    }
+
     fn take(&self, ids: impl IntoIterator<Item = RecordId>) -> Vec<jetstream::Message> {
         let mut leased = self.leased.lock().unwrap_or_else(|e| e.into_inner());
         ids.into_iter().filter_map(|id| leased.remove(&id)).collect()
@@ -505,9 +529,9 @@ impl Queue for NatsQueue {
                 hand_back.push((m, delay));
                 continue;
             }
-            if env.due_ms > now {
+            if env.due_ms > now && !inner.brought_forward(&env) {
                 let delay = Duration::from_millis(u64::try_from(env.due_ms - now).unwrap_or(0));
-                hand_back.push((m, delay));
+                hand_back.push((m, delay.min(inner.retry_recheck)));
                 continue;
             }
             out.push(QueuedRecord {
@@ -712,6 +736,19 @@ impl Queue for NatsQueue {
 
     fn durable(&self) -> bool {
         true
+    }
+
+    /// Waiting retries are held by the server, out of reach: this marks the integration, and a
+    /// retry scheduled before the mark is delivered when a lease next meets it, which is within
+    /// `retry_recheck` (a retry is never handed back to the server for longer). How many that
+    /// brings forward is not known here; the answer is 0.
+    async fn expedite(&self, integration: &str) -> Result<usize, QueueError> {
+        self.inner
+            .expedited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(integration.to_string(), now_ms());
+        Ok(0)
     }
 
     /// Records of other replicas and delayed redeliveries are not visible without asking the
