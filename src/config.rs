@@ -787,6 +787,13 @@ mod tests {
         assert!(keys.iter().any(|k| k.starts_with("queue.user")), "{keys:?}");
         let file: FileConfig = serde_yaml::from_str("queue: { backend: nats }").unwrap();
         assert!(Settings::build(&ServeArgs::default(), file).is_err());
+        assert_eq!(s.nats.retry_recheck, Duration::from_secs(30));
+        let file: FileConfig = serde_yaml::from_str("queue: { retry_recheck_ms: 2000 }").unwrap();
+        let recheck = Settings::build(&args, file).unwrap().nats.retry_recheck;
+        assert_eq!(recheck, Duration::from_secs(2));
+        let file: FileConfig = serde_yaml::from_str("queue: { retry_recheck_ms: 10 }").unwrap();
+        let err = Settings::build(&args, file).unwrap_err();
+        assert!(err.0.iter().any(|p| p.key == "queue.retry_recheck_ms"), "{err:?}");
     }
 
     #[test]
