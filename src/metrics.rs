@@ -507,6 +507,7 @@ mod tests {
             message: String::new(),
             since_ms: 0,
             manual: false,
+            stream: None,
         };
         let paused = HashMap::from([("b".to_string(), pause(401, "invalid API token"))]);
         let text = m.render(&queue, &bus, &paused).await.unwrap();
@@ -534,6 +535,7 @@ mod tests {
                 message: String::new(),
                 since_ms: 0,
                 manual: false,
+                stream: None,
             },
         )]));
         let mut scrapes = tokio::task::JoinSet::new();

@@ -298,7 +298,10 @@ impl IntegrationAdmin {
             Some(p) if p.manual => ("paused".into(), Some(p.hint.clone())),
             Some(p) => (
                 "setup_error".into(),
-                Some(format!("Lytics answered {}: {}", p.status, p.hint)),
+                Some(match &p.stream {
+                    Some(stream) => format!("Lytics answered {} for stream `{stream}`: {}", p.status, p.hint),
+                    None => format!("Lytics answered {}: {}", p.status, p.hint),
+                }),
             ),
             None => match self.delivery.outages().get(id) {
                 Some(o) => (
@@ -482,7 +485,14 @@ impl IntegrationAdmin {
     }
 
     async fn test(&self, integration: &Integration) -> ConnectionTest {
-        match probe(&self.client, integration, &self.probe_reporter).await {
+        match probe(
+            &self.client,
+            integration,
+            integration.stream_name.as_str(),
+            &self.probe_reporter,
+        )
+        .await
+        {
             Ok(()) => ConnectionTest {
                 ok: true,
                 detail: None,

@@ -60,6 +60,9 @@ pub struct Pause {
     pub since_ms: i64,
     /// Paused by an operator (not by a Lytics answer): probes do not resume it.
     pub manual: bool,
+    /// The stream of the call Lytics refused, which the probe checks (a stream the rules chose
+    /// may not be the integration's own).
+    pub stream: Option<String>,
 }
 
 /// Retryable failures in a row (5xx, 408, timeouts, connection errors) after which an
@@ -260,6 +263,7 @@ impl DeliveryState {
             message: String::new(),
             since_ms: now_ms(),
             manual: true,
+            stream: None,
         };
         self.paused
             .lock()
@@ -560,7 +564,7 @@ impl Delivery {
         let url = match lytics::collect_url(&target) {
             Ok(u) => u,
             Err(e) => {
-                self.pause(integration, 0, "fix the Lytics URL of the integration", e);
+                self.pause(integration, None, (0, "fix the Lytics URL of the integration"), e);
                 self.hold(batch).await;
                 return None;
             }
@@ -617,7 +621,11 @@ impl Delivery {
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
         let status = call.status;
-        let outcome = self.confirm_account_error(integration, outcome).await;
+        let stream = batch.first().map_or_else(
+            || integration.stream_name.to_string(),
+            |r| r.record.stream.to_string(),
+        );
+        let outcome = self.confirm_account_error(integration, &stream, outcome).await;
         let outage = self.track_outage(integration, &outcome);
         match outcome {
             Outcome::Delivered {
@@ -671,7 +679,8 @@ impl Delivery {
             } => {
                 c.setup_errors.fetch_add(1, Ordering::Relaxed);
                 self.monitor.settled(&batch, live::Outcome::Paused, &call, hint);
-                self.pause(integration, status, hint, message);
+                let stream = batch.first().map(|r| r.record.stream.to_string());
+                self.pause(integration, stream, (status, hint), message);
                 self.hold(batch).await;
                 None
             }
@@ -710,13 +719,19 @@ impl Delivery {
     /// payload (a record field that mentions an account), and the batch is split like any bad
     /// payload. Otherwise such a batch would pause, pass the probe, resume and fail again
     /// forever.
-    async fn confirm_account_error(&self, integration: &Integration, outcome: Outcome) -> Outcome {
+    async fn confirm_account_error(
+        &self,
+        integration: &Integration,
+        stream: &str,
+        outcome: Outcome,
+    ) -> Outcome {
         match outcome {
             Outcome::Setup {
                 status: 400,
                 message,
                 hint,
-            } => match probe_outcome(self.client.as_ref(), integration, &self.probe_reporter()).await {
+            } => match probe_outcome(self.client.as_ref(), integration, stream, &self.probe_reporter()).await
+            {
                 Ok(Outcome::Delivered { .. }) => Outcome::BadPayload { status: 400, message },
                 // Undecided: the batch is retried, and the confirmation with it.
                 Ok(Outcome::Retry { status, reason }) => Outcome::Retry {
@@ -926,7 +941,13 @@ impl Delivery {
         }
     }
 
-    fn pause(&self, integration: &Integration, status: u16, hint: &str, message: String) {
+    fn pause(
+        &self,
+        integration: &Integration,
+        stream: Option<String>,
+        (status, hint): (u16, &str),
+        message: String,
+    ) {
         let first = self.state.pause(
             integration.id.as_str(),
             Pause {
@@ -935,12 +956,14 @@ impl Delivery {
                 message: message.clone(),
                 since_ms: now_ms(),
                 manual: false,
+                stream: stream.clone(),
             },
         );
         if first {
             tracing::error!(
                 integration = %integration.id,
                 status,
+                stream = stream.as_deref().unwrap_or(""),
                 lytics_message = %message,
                 "delivery paused: {hint}; events stay queued and delivery resumes when the config changes or a probe succeeds"
             );
@@ -972,7 +995,11 @@ impl Delivery {
                     self.state.resume(&id);
                     continue;
                 };
-                if probe(self.client.as_ref(), &integration, &self.probe_reporter())
+                let stream = pause
+                    .stream
+                    .as_deref()
+                    .unwrap_or(integration.stream_name.as_str());
+                if probe(self.client.as_ref(), &integration, stream, &self.probe_reporter())
                     .await
                     .is_ok()
                     && self.state.resume_probed(&id, &pause)
@@ -996,7 +1023,8 @@ impl Delivery {
                 // A passing dryrun brings the retries forward, so the next call (still one at a
                 // time) carries records; only a call with records ends the outage, since a Lytics
                 // that validates but cannot take records is still down for them.
-                match probe(self.client.as_ref(), &integration, &self.probe_reporter()).await {
+                let stream = integration.stream_name.as_str();
+                match probe(self.client.as_ref(), &integration, stream, &self.probe_reporter()).await {
                     Ok(()) => {
                         // With no record of the integration queued, no call with records is
                         // coming to end the outage: the probe ends it.
@@ -1047,14 +1075,15 @@ impl ProbeReporter {
     }
 }
 
-/// A `dryrun` collect call with no records: checks token, stream and account without storing
-/// anything. `Err` carries the setup hint or the failure.
+/// A `dryrun` collect call with no records to `stream`: checks token, stream and account without
+/// storing anything. `Err` carries the setup hint or the failure.
 pub async fn probe(
     client: &dyn CollectSender,
     integration: &Integration,
+    stream: &str,
     report: &ProbeReporter,
 ) -> Result<(), String> {
-    match probe_outcome(client, integration, report).await? {
+    match probe_outcome(client, integration, stream, report).await? {
         Outcome::Delivered { .. } => Ok(()),
         Outcome::Setup { status, hint, .. } => Err(format!("{status}: {hint}")),
         Outcome::Retry { reason, .. } => Err(reason),
@@ -1067,9 +1096,9 @@ pub async fn probe(
 async fn probe_outcome(
     client: &dyn CollectSender,
     integration: &Integration,
+    stream: &str,
     report: &ProbeReporter,
 ) -> Result<Outcome, String> {
-    let stream = integration.stream_name.as_str();
     let target = CollectTarget {
         base_url: &integration.base_url,
         stream,

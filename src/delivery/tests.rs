@@ -917,3 +917,80 @@ async fn a_passing_dryrun_ends_an_outage_with_no_record_left_to_retry() {
     assert_eq!(dead_letters(&queue).await.len(), 3);
     assert!(state.outages().is_empty(), "the passing probe ended the outage");
 }
+
+/// Lytics without the stream `other` (404) until it is created; the integration's own stream
+/// `s` exists. Counts the calls with records to `other` and the dryruns to each stream.
+#[derive(Default)]
+struct StreamMissing {
+    created: std::sync::atomic::AtomicBool,
+    sends_to_other: AtomicU64,
+    dryruns: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl CollectSender for StreamMissing {
+    async fn post(&self, url: Url, _token: &Secret, _body: Bytes) -> Result<Reply, TransportError> {
+        let stream = url.path().rsplit('/').next().unwrap_or("").to_string();
+        let dryrun = url.query_pairs().any(|(k, v)| k == "dryrun" && v == "true");
+        if dryrun {
+            self.dryruns.lock().unwrap().push(stream.clone());
+        } else if stream == "other" {
+            self.sends_to_other.fetch_add(1, Ordering::SeqCst);
+        }
+        if stream == "other" && !self.created.load(Ordering::SeqCst) {
+            return answer(404, br#"{"status":404,"message":"stream not found"}"#);
+        }
+        answer(
+            200,
+            br#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#,
+        )
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_404_for_a_stream_the_rules_chose_is_probed_on_that_stream() {
+    let lytics = Arc::new(StreamMissing::default());
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: None,
+            records: vec![NewRecord {
+                stream: "other".into(),
+                ..record()
+            }],
+        }])
+        .await
+        .unwrap();
+    let s = DeliverySettings {
+        probe_interval: Duration::from_secs(30),
+        ..settings()
+    };
+    let (state, stop, task) = start(&queue, s, lytics.clone());
+    // Paused, and it stays paused: the probe asks about `other`, which a dryrun on the
+    // integration's own stream would pass, resuming into the same 404 again and again.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let pause = state.paused().get("lytics").cloned().expect("paused");
+        assert_eq!((pause.status, pause.stream.as_deref()), (404, Some("other")));
+        assert_eq!(pause.hint, lytics::HINT_404);
+    }
+    assert_eq!(
+        lytics.sends_to_other.load(Ordering::SeqCst),
+        1,
+        "not sent again while paused"
+    );
+    let dryruns = lytics.dryruns.lock().unwrap().clone();
+    assert!(dryruns.len() >= 6, "{dryruns:?}");
+    assert!(dryruns.iter().all(|s| s == "other"), "{dryruns:?}");
+
+    // The stream is created in Lytics: the next probe passes and the record goes.
+    lytics.created.store(true, Ordering::SeqCst);
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert!(state.paused().is_empty());
+    assert_eq!(lytics.sends_to_other.load(Ordering::SeqCst), 2);
+    assert!(dead_letters(&queue).await.is_empty());
+}

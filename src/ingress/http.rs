@@ -252,7 +252,7 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         .delivery
         .paused()
         .into_iter()
-        .map(|(id, p)| json!({"integration": id, "status": p.status, "hint": p.hint, "message": p.message, "since_ms": p.since_ms}))
+        .map(|(id, p)| json!({"integration": id, "status": p.status, "hint": p.hint, "message": p.message, "stream": p.stream, "since_ms": p.since_ms}))
         .collect();
     let body = json!({
         "status": status,
