@@ -145,6 +145,7 @@ impl DeadLetterService for DeadLetters {
             }
             .into()
         };
+        let by_id = !req.ids.is_empty();
         let (ids, more) = if req.ids.is_empty() {
             let Some(f) = req.filter else {
                 return Err(ApiError::field(
@@ -186,10 +187,22 @@ impl DeadLetterService for DeadLetters {
             .replay(&ids)
             .await
             .map_err(crate::ingest::queue_error)?;
-        tracing::info!(replayed, more, "dead letters replayed");
-        Ok(tonic::Response::new(pb::ReplayDeadLettersResponse {
-            replayed: u32::try_from(replayed).unwrap_or(u32::MAX),
+        let found: std::collections::HashSet<i64> = replayed.iter().copied().collect();
+        let not_found: Vec<i64> = if by_id {
+            ids.iter().copied().filter(|id| !found.contains(id)).collect()
+        } else {
+            Vec::new()
+        };
+        tracing::info!(
+            replayed = replayed.len(),
             more,
+            not_found = not_found.len(),
+            "dead letters replayed"
+        );
+        Ok(tonic::Response::new(pb::ReplayDeadLettersResponse {
+            replayed: u32::try_from(replayed.len()).unwrap_or(u32::MAX),
+            more,
+            not_found,
         }))
     }
 }
@@ -272,5 +285,24 @@ mod tests {
         assert_eq!((r.replayed, r.more), (5, false));
         let too_many = replay(&svc, (0..=REPLAY_MAX as i64).collect()).await.unwrap_err();
         assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_replay_by_ids_names_the_ids_it_did_not_find() {
+        let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+        dead_letter(&queue, 2, "a").await;
+        let svc = DeadLetters::new(queue.clone());
+        let ids = queue
+            .dead_letter_ids(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let r = replay(&svc, vec![ids[0], 4242, ids[1]]).await.unwrap();
+        assert_eq!((r.replayed, r.not_found), (2, vec![4242]));
+        // Replayed already: nothing left under those ids.
+        let r = replay(&svc, ids.clone()).await.unwrap();
+        assert_eq!((r.replayed, r.not_found), (0, ids));
     }
 }

@@ -238,7 +238,7 @@ impl Queue for MemoryQueue {
             .collect())
     }
 
-    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
+    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
         let n = {
             let mut s = self.state();
             if s.depth() + ids.len() > self.capacity {
@@ -264,7 +264,7 @@ impl Queue for MemoryQueue {
                 );
             }
             self.depth.store(s.depth(), Ordering::Relaxed);
-            replay.len()
+            replay.iter().map(|d| d.id).collect()
         };
         self.work.notify_one();
         Ok(n)
@@ -394,7 +394,7 @@ mod tests {
         ));
         assert_eq!(q.depth(), 2);
         assert_eq!(q.dead_letter_ids(all).await.unwrap(), ids);
-        assert_eq!(q.replay(&ids[..1]).await.unwrap(), 1);
+        assert_eq!(q.replay(&ids[..1]).await.unwrap(), ids[..1]);
         assert_eq!(q.depth(), 3);
     }
 

@@ -268,10 +268,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
 
     /// Puts dead letters back in the queue as new records (attempts reset, due now); returns
-    /// how many were found. Refuses them all with [`QueueError::Full`] when that many more
+    /// the ids of those found (and replayed). Refuses them all with [`QueueError::Full`] when that many more
     /// records could put the queue past its capacity, checked with the depth at the moment of
     /// the replay.
-    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError>;
+    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError>;
 
     /// The ids of the dead letters `filter` matches, newest first, without reading the records.
     async fn dead_letter_ids(&self, filter: DeadLetterFilter) -> Result<Vec<i64>, QueueError> {

@@ -701,7 +701,7 @@ impl Queue for NatsQueue {
         Ok(out)
     }
 
-    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
+    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
         let inner = &self.inner;
         inner.check_connected()?;
         let stream = inner
@@ -709,7 +709,7 @@ impl Queue for NatsQueue {
             .get_stream(DEAD_STREAM)
             .await
             .map_err(|e| store("cannot open the dead-letter stream", e))?;
-        let mut n = 0;
+        let mut replayed = Vec::new();
         for id in ids {
             let Ok(seq) = u64::try_from(*id) else { continue };
             let Ok(m) = stream.get_raw_message(seq).await else {
@@ -728,10 +728,10 @@ impl Queue for NatsQueue {
                 .await
                 .map_err(|e| store("cannot delete a replayed dead letter", e))?;
             inner.depth.fetch_add(1, Ordering::Relaxed);
-            n += 1;
+            replayed.push(*id);
         }
         inner.work.notify_one();
-        Ok(n)
+        Ok(replayed)
     }
 
     fn durable(&self) -> bool {

@@ -157,7 +157,7 @@ enum Op {
     DeadLetter(Vec<QueuedRecord>, String, Reply<()>),
     DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
     DeadLetterIds(DeadLetterFilter, Reply<Vec<i64>>),
-    Replay(Vec<i64>, Reply<usize>),
+    Replay(Vec<i64>, Reply<Vec<i64>>),
     NextDue(HashSet<String>, Reply<Option<i64>>),
     Expedite(String, Reply<usize>),
     Oldest(Reply<Option<i64>>),
@@ -472,7 +472,7 @@ impl Queue for SqliteQueue {
         self.call(|r| Op::DeadLetters(filter, r)).await
     }
 
-    async fn replay(&self, ids: &[i64]) -> Result<usize, QueueError> {
+    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
         self.call(|r| Op::Replay(ids.to_vec(), r)).await
     }
 
@@ -1359,7 +1359,7 @@ fn replay(
     now: i64,
     depth: &mut usize,
     staged: &mut Vec<Waiting>,
-) -> Result<usize, rusqlite::Error> {
+) -> Result<Vec<i64>, rusqlite::Error> {
     let mut copy = txn
         .prepare_cached(
             "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
@@ -1368,14 +1368,14 @@ fn replay(
              input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1 RETURNING id, integration",
         )?;
     let mut delete = txn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
-    let mut n = 0;
+    let mut replayed = Vec::new();
     for id in ids {
         let copied: Option<(i64, String)> = copy
             .query_row(params![id, now], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         delete.execute(params![id])?;
         if let Some((new_id, integration)) = copied {
-            n += 1;
+            replayed.push(*id);
             staged.push(Waiting {
                 integration: Arc::from(integration),
                 due_ms: now,
@@ -1384,8 +1384,8 @@ fn replay(
             });
         }
     }
-    *depth += n;
-    Ok(n)
+    *depth += replayed.len();
+    Ok(replayed)
 }
 
 /// The `accepted_ms` of the lowest id: a primary-key lookup, where the lowest `accepted_ms`
@@ -2142,7 +2142,7 @@ mod tests {
             .unwrap(),
             ids
         );
-        assert_eq!(q.replay(&ids[..1]).await.unwrap(), 1);
+        assert_eq!(q.replay(&ids[..1]).await.unwrap(), ids[..1]);
         assert_eq!(q.depth(), 3);
     }
 
@@ -2225,7 +2225,7 @@ mod tests {
             (count(until(now + 60_000)).await, count(until(now - 60_000)).await),
             (2, 0)
         );
-        assert_eq!(q.replay(&[refused[0].id]).await.unwrap(), 1);
+        assert_eq!(q.replay(&[refused[0].id, 9999]).await.unwrap(), [refused[0].id]);
         assert_eq!(q.depth(), 1);
         let again = q.lease(10, &HashSet::new()).await.unwrap();
         assert_eq!(again[0].attempts, 0);
