@@ -730,11 +730,74 @@ impl Settings {
                 };
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| problem(format!("cannot read the file: {e}")))?;
-                serde_yaml::from_str(&text).map_err(|e| problem(format!("invalid config: {e}")))?
+                let (file, mut problems) =
+                    parse_file(&text).map_err(|e| problem(format!("invalid config: {e}")))?;
+                if !problems.is_empty() {
+                    // The keys that fit are still checked, so every problem shows at once.
+                    if let Err(ConfigError(more)) = Self::build(args, file) {
+                        problems.extend(more);
+                    }
+                    return Err(ConfigError(problems));
+                }
+                file
             }
         };
         Self::build(args, file)
     }
+}
+
+/// Reads the config file's YAML. A key that does not fit (unknown, or a value of the wrong
+/// type) is reported and left out rather than ending the reading, so the answer lists every such
+/// key, with the settings made of the others; within a section (`delivery:`, `queue:`, …) each
+/// key is judged on its own. `Err` only for text that is not YAML.
+fn parse_file(text: &str) -> Result<(FileConfig, Vec<ConfigProblem>), serde_yaml::Error> {
+    use serde_yaml::{Mapping, Value};
+    let value: Value = serde_yaml::from_str(text)?;
+    let top = match value {
+        Value::Null => return Ok((FileConfig::default(), Vec::new())),
+        Value::Mapping(m) => m,
+        other => return serde_yaml::from_value(other).map(|f| (f, Vec::new())),
+    };
+    let fits = |k: &Value, v: Value| {
+        serde_yaml::from_value::<FileConfig>(Value::Mapping(Mapping::from_iter([(k.clone(), v)])))
+    };
+    let name = |k: &Value| match k {
+        Value::String(s) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    let mut problems = Vec::new();
+    let mut kept = Mapping::new();
+    for (k, v) in top {
+        let Err(e) = fits(&k, v.clone()) else {
+            kept.insert(k, v);
+            continue;
+        };
+        match v {
+            // A section that exists: judge its keys one by one.
+            Value::Mapping(section) if fits(&k, Value::Mapping(Mapping::new())).is_ok() => {
+                let mut good = Mapping::new();
+                for (sk, sv) in section {
+                    let one = Value::Mapping(Mapping::from_iter([(sk.clone(), sv.clone())]));
+                    match fits(&k, one) {
+                        Ok(_) => {
+                            good.insert(sk, sv);
+                        }
+                        Err(e) => problems.push(ConfigProblem {
+                            key: format!("{}.{}", name(&k), name(&sk)),
+                            message: e.to_string(),
+                        }),
+                    }
+                }
+                kept.insert(k, Value::Mapping(good));
+            }
+            _ => problems.push(ConfigProblem {
+                key: name(&k),
+                message: e.to_string(),
+            }),
+        }
+    }
+    let file = serde_yaml::from_value(Value::Mapping(kept))?;
+    Ok((file, problems))
 }
 
 #[cfg(test)]
@@ -768,6 +831,48 @@ mod tests {
         assert!(keys.iter().any(|k| k.starts_with("lytics.stream")), "{keys:?}");
         assert!(keys.contains(&"delivery.batch_max_records"), "{keys:?}");
         assert!(keys.contains(&"delivery.max_attempts"), "{keys:?}");
+    }
+
+    #[test]
+    fn every_key_that_does_not_fit_the_file_is_reported_with_the_value_problems() {
+        let text = "foo: 1\ngrpc_addr: nope\ndelivery: { max_attempts: -1, batch_max_records: 0, bar: 2 }\nqueue: { backend: sqlite }\n";
+        let (file, problems) = parse_file(text).unwrap();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["foo", "delivery.max_attempts", "delivery.bar"]);
+        assert!(
+            problems[0].message.contains("unknown field `foo`"),
+            "{problems:?}"
+        );
+        assert!(problems[1].message.contains("-1"), "{problems:?}");
+        // What fits is kept, and checked.
+        assert_eq!(file.delivery.batch_max_records, Some(0));
+        let err = Settings::build(&ServeArgs::default(), file).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.iter().any(|k| k.starts_with("grpc_addr")), "{keys:?}");
+        assert!(keys.contains(&"delivery.batch_max_records"), "{keys:?}");
+        // Through `load`, all of them in one answer.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(&path, text).unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let err = Settings::load(&args).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "foo",
+            "delivery.max_attempts",
+            "delivery.bar",
+            "queue.backend",
+            "delivery.batch_max_records",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(keys.iter().any(|k| k.starts_with("grpc_addr")), "{keys:?}");
+        // Not YAML at all: one problem.
+        assert!(parse_file("a: [").is_err());
+        assert_eq!(parse_file("").unwrap().1.len(), 0);
     }
 
     #[test]
