@@ -98,7 +98,7 @@ impl SqliteIntegrationStore {
         let conn = Connection::open(path).map_err(err)?;
         restrict(path);
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;
              CREATE TABLE IF NOT EXISTS integrations (id TEXT PRIMARY KEY, body TEXT NOT NULL, created_ms INTEGER NOT NULL);",
         )
         .map_err(err)?;
@@ -118,6 +118,16 @@ impl SqliteIntegrationStore {
         })
         .await
         .map_err(err)?
+    }
+}
+
+/// A replaced or deleted integration's API token must not linger on disk: `secure_delete`
+/// zeroes what a write frees in the database, and copying the log into the database and
+/// emptying it (`TRUNCATE`) drops the log's copies of the old pages. Admin writes are rare, so
+/// the copy is cheap; should it fail (a reader holds the log), the next write tries again.
+fn forget_old_versions(c: &Connection) {
+    if let Err(e) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(error = %e, "cannot empty the integration store's log");
     }
 }
 
@@ -152,6 +162,7 @@ impl IntegrationStore for SqliteIntegrationStore {
                 params![i.id, body, i.created_ms],
             )
             .map_err(err)?;
+            forget_old_versions(c);
             Ok(())
         })
         .await
@@ -160,9 +171,12 @@ impl IntegrationStore for SqliteIntegrationStore {
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.with(move |c| {
-            Ok(c.execute("DELETE FROM integrations WHERE id = ?1", params![id])
+            let deleted = c
+                .execute("DELETE FROM integrations WHERE id = ?1", params![id])
                 .map_err(err)?
-                > 0)
+                > 0;
+            forget_old_versions(c);
+            Ok(deleted)
         })
         .await
     }
@@ -312,5 +326,44 @@ mod tests {
         assert_eq!(all, vec![sample("a")]);
         assert_eq!(s.get("a").await.unwrap(), Some(sample("a")));
         assert!(!format!("{:?}", all[0]).contains("secret-token"));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_or_deleted_token_is_not_left_in_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("integrations.sqlite3");
+        let on_disk = |token: &str| {
+            ["integrations.sqlite3", "integrations.sqlite3-wal"]
+                .iter()
+                .filter_map(|f| std::fs::read(dir.path().join(f)).ok())
+                .any(|bytes| bytes.windows(token.len()).any(|w| w == token.as_bytes()))
+        };
+        let s = SqliteIntegrationStore::open(&path).unwrap();
+        let with_token = |id: &str, token: &str| StoredIntegration {
+            api_token: token.into(),
+            ..sample(id)
+        };
+        s.put(with_token("a", "first-token-AAAA")).await.unwrap();
+        s.put(with_token("b", "other-token-BBBB")).await.unwrap();
+        assert!(on_disk("first-token-AAAA"));
+        // Rotated, then removed.
+        s.put(with_token("a", "second-token-CCCC")).await.unwrap();
+        assert!(
+            !on_disk("first-token-AAAA"),
+            "the replaced token is still on disk"
+        );
+        assert!(on_disk("second-token-CCCC"));
+        assert!(s.delete("a").await.unwrap());
+        assert!(
+            !on_disk("second-token-CCCC"),
+            "the deleted token is still on disk"
+        );
+        assert!(on_disk("other-token-BBBB"), "the other integration is kept");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

@@ -228,6 +228,10 @@ impl SqliteQueue {
         }
         let mut conn =
             Connection::open(path).map_err(|e| store(format!("cannot open `{}`", path.display()), e))?;
+        // Queued events carry personal data (emails, addresses): owner-only, as the admin token
+        // and the integration store are. SQLite gives its log and shared-memory files the
+        // database file's mode when it creates them.
+        restrict_to_owner(path);
         conn.execute_batch(
             "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF;
              PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
@@ -237,6 +241,11 @@ impl SqliteQueue {
             .map_err(|e| store("cannot create the schema", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
         let seen = load_seen(&mut conn, dedup).map_err(|e| store("cannot read the dedup log", e))?;
+        for suffix in ["-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            restrict_to_owner(Path::new(&file));
+        }
         let synced = syncer(open_log(&conn)?)?;
         // Named as `open_log` found them (it fails for a database without a file).
         let db = conn.path().unwrap_or_default();
@@ -420,6 +429,22 @@ fn open_log(conn: &Connection) -> Result<std::fs::File, QueueError> {
         ))
     })?;
     Ok(wal)
+}
+
+/// Makes `path` readable and writable by its owner only (a file already there may have been
+/// created before this was done).
+fn restrict_to_owner(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %path.display(), error = %e, "cannot make the queue file owner-only");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 fn store(what: impl std::fmt::Display, e: rusqlite::Error) -> QueueError {
@@ -2099,6 +2124,26 @@ mod tests {
         let due = q.next_due(&skip).await.unwrap().unwrap();
         assert!(due > now_ms() + 50_000);
         assert!(q.next_due(&HashSet::new()).await.unwrap().unwrap() <= now_ms());
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_queue_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        // A database made before (as the default umask leaves it) is restricted too.
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let q = SqliteQueue::open(&path, 10, Duration::from_secs(3600)).unwrap();
+        q.enqueue(vec![event("1", vec![rec("a", "1")])]).await.unwrap();
+        for name in ["queue.sqlite3", "queue.sqlite3-wal", "queue.sqlite3-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
     }
 
     #[tokio::test]
