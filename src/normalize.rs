@@ -298,8 +298,11 @@ pub fn signal_proto_event(
     if event.len() > max_bytes {
         return Err(too_large(field, event.len(), max_bytes));
     }
-    let decoded = pb::Event::decode(event)
-        .map_err(|e| ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {e}")))?;
+    let decoded = pb::Event::decode(event).map_err(|e| {
+        // prost names fields as Rust does (`Event.r#type`); the sender knows them as `type`.
+        let why = e.to_string().replace("r#", "");
+        ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {why}"))
+    })?;
     let checked = check_signal(&decoded, field)?;
     let mut doc = event_to_json(decoded);
     let filled = checked.fill_in(&mut doc, received_ms);
@@ -739,6 +742,15 @@ mod tests {
         assert_eq!(from_json.doc, e.doc);
         assert_eq!(input_json_bytes(&from_json.input), from_json.input);
         assert_eq!(input_json_bytes(&e.input), from_json.input);
+    }
+
+    #[test]
+    fn a_malformed_grpc_event_names_its_fields_as_the_proto_does() {
+        // Field 1 (`type`, a string) sent as a varint.
+        let err = signal_proto_event(&[0x08, 0x01], "event", 32 * 1024, 0).unwrap_err();
+        let why = &err.violations[0].description;
+        assert!(why.contains("Event.type"), "{why}");
+        assert!(!why.contains("r#"), "{why}");
     }
 
     #[test]

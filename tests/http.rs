@@ -106,6 +106,13 @@ async fn bad_input_gets_the_same_codes_as_grpc_as_json_errors() {
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], json!("invalid_argument"));
     assert_eq!(body["error"]["violations"][0]["field"], json!("type"));
+    // The gRPC request's shape, as a grpcurl user would paste it, is named.
+    let wrapped = json!({"event": {"type": "page", "userId": "u"}}).to_string();
+    let (status, body) = post(&relay, "/v1/events", wrapped, true).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["violations"][0]["field"], json!("event"));
+    let why = body["error"]["violations"][0]["description"].to_string();
+    assert!(why.contains("post the Signal event itself"), "{body}");
     let big = json!({"type": "page", "userId": "u", "properties": {"blob": "x".repeat(40_000)}}).to_string();
     let (status, body) = post(&relay, "/v1/events", big, true).await;
     assert_eq!(status, 413, "{body}");

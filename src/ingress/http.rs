@@ -140,7 +140,18 @@ async fn signal_event(
 ) -> Result<Json<Value>, ApiError> {
     let body = read_body(body, s.max_event_bytes).await?;
     verify_signal(&s, &headers, &body)?;
-    let event = normalize::signal_event(parse_json(&body)?, "", s.max_event_bytes, now_ms())?;
+    let value = parse_json(&body)?;
+    // `{"event": {…}}` is the gRPC request's shape (what grpcurl takes), not this endpoint's.
+    if let Value::Object(m) = &value
+        && m.len() == 1
+        && m.get("event").is_some_and(Value::is_object)
+    {
+        return Err(ApiError::field(
+            "event",
+            "post the Signal event itself as the body, not {\"event\": …} (that is the gRPC request's shape)",
+        ));
+    }
+    let event = normalize::signal_event(value, "", s.max_event_bytes, now_ms())?;
     let accepted = s
         .ingest
         .accept(vec![event], header(&headers, "traceparent"))

@@ -23,12 +23,14 @@ pub enum SignatureError {
     #[error("malformed `{0}` header")]
     Malformed(&'static str),
     /// The timestamp is outside the tolerance.
-    #[error("timestamp is {age_secs} s away from now, outside the {tolerance_secs} s tolerance")]
+    #[error("timestamp is {age_secs} s away from now, outside the {tolerance_secs} s tolerance{unit_hint}")]
     Stale {
         /// How far from now.
         age_secs: i64,
         /// The tolerance.
         tolerance_secs: i64,
+        /// What the timestamp looks like when it seems to be in the wrong unit, else empty.
+        unit_hint: &'static str,
     },
     /// The signature does not match.
     #[error("signature does not match the body")]
@@ -50,15 +52,20 @@ fn verify(
     mac.verify_slice(&expected).map_err(|_| SignatureError::Mismatch)
 }
 
-fn check_age(age_secs: i64, tolerance_secs: i64) -> Result<(), SignatureError> {
+fn check_age(age_secs: i64, tolerance_secs: i64, unit_hint: &'static str) -> Result<(), SignatureError> {
     if age_secs.abs() > tolerance_secs {
         return Err(SignatureError::Stale {
             age_secs,
             tolerance_secs,
+            unit_hint,
         });
     }
     Ok(())
 }
+
+/// Timestamps from this many seconds since the epoch on are far in the future (year 5138), and
+/// as milliseconds are in 1973: a number that size or larger is taken for milliseconds.
+const MILLIS_FROM: i64 = 100_000_000_000;
 
 /// Verifies a Customer.io reporting webhook.
 pub fn verify_customerio(
@@ -82,7 +89,12 @@ pub fn verify_customerio(
         sig,
         "X-CIO-Signature",
     )?;
-    check_age(now_secs - ts_num, tolerance_secs)
+    let unit_hint = if ts_num >= MILLIS_FROM {
+        " (`X-CIO-Timestamp` is in seconds since the epoch; this one looks like milliseconds)"
+    } else {
+        ""
+    };
+    check_age(now_secs - ts_num, tolerance_secs, unit_hint)
 }
 
 /// Verifies a Signal HTTP ingestion request.
@@ -106,7 +118,12 @@ pub fn verify_signal(
         sig,
         "X-Signature",
     )?;
-    check_age((now_ms - ts_ms) / 1000, tolerance_secs)
+    let unit_hint = if ts_ms.abs() < MILLIS_FROM {
+        " (`X-Timestamp` is in milliseconds since the epoch; this one looks like seconds)"
+    } else {
+        ""
+    };
+    check_age((now_ms - ts_ms) / 1000, tolerance_secs, unit_hint)
 }
 
 #[cfg(test)]
@@ -204,5 +221,31 @@ mod tests {
             ),
             Err(SignatureError::Malformed("X-Signature"))
         );
+    }
+
+    #[test]
+    fn a_timestamp_in_the_other_unit_is_named() {
+        let sign = |secret: &str, parts: &[&[u8]]| {
+            let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
+            for p in parts {
+                mac.update(p);
+            }
+            hex::encode(mac.finalize().into_bytes())
+        };
+        let body = br#"{"a":1}"#;
+        // Signal wants milliseconds; a sender giving seconds is told so.
+        let now_ms = 1_700_000_000_000;
+        let sig = format!("sha256={}", sign("s", &[b"1700000000", b".", body]));
+        let e = verify_signal("s", Some("1700000000"), Some(&sig), body, now_ms, 300).unwrap_err();
+        assert!(e.to_string().contains("`X-Timestamp` is in milliseconds"), "{e}");
+        // A stale timestamp in the right unit gets no such note.
+        let sig = format!("sha256={}", sign("s", &[b"1600000000000", b".", body]));
+        let e = verify_signal("s", Some("1600000000000"), Some(&sig), body, now_ms, 300).unwrap_err();
+        assert!(!e.to_string().contains("looks like"), "{e}");
+        // Customer.io signs seconds.
+        let sig = sign("k", &[b"v0:", b"1700000000000", b":", body]);
+        let e =
+            verify_customerio("k", Some("1700000000000"), Some(&sig), body, 1_700_000_000, 300).unwrap_err();
+        assert!(e.to_string().contains("`X-CIO-Timestamp` is in seconds"), "{e}");
     }
 }
