@@ -205,6 +205,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// axum's `Query`, refusing a query string that does not fit (`?limit=abc`) with the JSON error
+/// body every other refusal has, instead of axum's plain text.
+pub struct QueryOf<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for QueryOf<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(QueryOf(v)),
+            Err(e) => Err(ApiError::field("query", e.body_text())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

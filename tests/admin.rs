@@ -240,6 +240,13 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     );
     assert_eq!(rest["integrations"].as_array().unwrap().len(), 1);
     assert_eq!(rest["has_more"], json!(false));
+    // 0 is the default page; a query that does not parse gets the JSON error.
+    let (_, all) = api.call("GET", "/v1/admin/integrations?limit=0", None, None);
+    assert_eq!(all["integrations"].as_array().unwrap().len(), 2, "{all}");
+    let (s, bad) = api.call("GET", "/v1/admin/integrations?limit=abc", None, None);
+    assert_eq!(s, 400, "{bad}");
+    assert_eq!(bad["error"]["code"], json!("invalid_argument"), "{bad}");
+    assert_eq!(bad["error"]["violations"][0]["field"], json!("query"), "{bad}");
     let page = json!({"event": {"type": "page", "name": "Two", "userId": "both"}});
     let out = Command::new(&grpcurl)
         .args([

@@ -4,7 +4,7 @@
 //! one shape `{"error":{"code":"…","message":"…"}}`; lists page with `next_cursor` / `has_more`.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,7 @@ use super::AdminToken;
 use super::catalog;
 use super::integrations::{InstallRequest, IntegrationAdmin, UpdateRequest};
 use super::rules::RulesAdmin;
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, QueryOf};
 use crate::rules::Source;
 
 #[derive(Clone)]
@@ -96,9 +96,12 @@ struct Page {
     limit: Option<usize>,
 }
 
-async fn list(State(s): State<AdminState>, Query(p): Query<Page>) -> Result<Json<Value>, ApiError> {
+async fn list(State(s): State<AdminState>, QueryOf(p): QueryOf<Page>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(
-        s.admin.list(p.cursor.as_deref(), p.limit.unwrap_or(50)).await?
+        // 0 is the default page, as `page_size: 0` is over gRPC.
+        s.admin
+            .list(p.cursor.as_deref(), p.limit.filter(|n| *n > 0).unwrap_or(50))
+            .await?
     )))
 }
 

@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::{Filter, LiveBus, Seen};
 use crate::admin::AdminToken;
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, QueryOf};
 
 /// The page.
 const PAGE: &str = include_str!("page.html");
@@ -72,7 +72,7 @@ fn authorize(state: &LiveWeb, q: &LiveQuery) -> Result<(), ApiError> {
     }
 }
 
-async fn page(State(state): State<LiveWeb>, Query(q): Query<LiveQuery>) -> Result<Response, ApiError> {
+async fn page(State(state): State<LiveWeb>, QueryOf(q): QueryOf<LiveQuery>) -> Result<Response, ApiError> {
     authorize(&state, &q)?;
     Ok((
         [
@@ -91,7 +91,7 @@ async fn page(State(state): State<LiveWeb>, Query(q): Query<LiveQuery>) -> Resul
 
 async fn events(
     State(state): State<LiveWeb>,
-    Query(q): Query<LiveQuery>,
+    QueryOf(q): QueryOf<LiveQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     authorize(&state, &q)?;
     let filter = Filter::parse(&q.integration, &q.source, &q.event_type, &q.outcome)
