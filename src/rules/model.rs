@@ -122,6 +122,17 @@ pub enum FieldKind {
 }
 
 impl FieldKind {
+    /// False for a value that cannot be a field of this kind: an array or an object where one
+    /// value is declared (`string`, `int`, `number`, `date`, `bool`).
+    pub fn holds(self, value: &Value) -> bool {
+        match self {
+            FieldKind::String | FieldKind::Int | FieldKind::Number | FieldKind::Date | FieldKind::Bool => {
+                !matches!(value, Value::Array(_) | Value::Object(_))
+            }
+            FieldKind::StringSet | FieldKind::CountMap => true,
+        }
+    }
+
     /// Every kind with its name in rule files and LQL.
     pub const ALL: &'static [(&'static str, FieldKind)] = &[
         ("string", FieldKind::String),
@@ -519,6 +530,15 @@ impl Rule {
                     .try_fold(value.into_owned(), |v, t| t.apply(v))?,
             )
         };
+        if let Some(kind) = field.kind
+            && !kind.holds(&value)
+        {
+            return Err(format!(
+                "{} does not fit `kind: {}`",
+                crate::rules::transform::describe(&value),
+                kind.name()
+            ));
+        }
         if let Some(e) = explain {
             e.fields.push(FieldExplanation {
                 rule: self.name.clone(),

@@ -72,6 +72,49 @@ rules:
 }
 
 #[test]
+fn an_email_that_is_not_text_or_a_value_that_does_not_fit_its_kind_is_refused() {
+    let set = compile(
+        r#"
+source: signal
+identity: [user_id, email]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      email: { from: $.traits.email, transform: email }
+      plan: { from: $.traits.plan, kind: string }
+      score: { from: $.traits.score, kind: int, required: true }
+      _ts: { value: 1 }
+"#,
+    )
+    .unwrap();
+    let doc = |traits: Value| json!({"type": "identify", "userId": "u1", "traits": traits});
+    // Optional fields that do not fit are left out; the record goes without them.
+    let d = doc(json!({"email": 42, "plan": ["pro"], "score": 3}));
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(m.dropped, vec![]);
+    assert_eq!(
+        Value::Object(m.records[0].fields.to_map()),
+        json!({"user_id": "u1", "score": 3, "_ts": 1})
+    );
+    let d = doc(json!({"email": [" A@B.com", "c@d.COM"], "plan": "pro", "score": 3}));
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(
+        m.records[0].fields.to_map()["email"],
+        json!(["a@b.com", "c@d.com"])
+    );
+    // A required one refuses the record, saying why.
+    let d = doc(json!({"score": {"n": 3}}));
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert!(m.records.is_empty());
+    assert!(
+        m.dropped[0].reason.contains("an object does not fit `kind: int`"),
+        "{}",
+        m.dropped[0].reason
+    );
+}
+
+#[test]
 fn records_without_identifiers_are_refused_with_the_seed_hint() {
     let set = compile("source: signal\nidentity: [user_id]\nrules:\n  - name: r\n    fields:\n      user_id: $.userId\n      _ts: { value: 1 }\n").unwrap();
     let doc = json!({"type": "page"});

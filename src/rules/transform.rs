@@ -82,7 +82,11 @@ impl Transform {
             Transform::Lowercase => text(value, |s| s.to_lowercase()),
             Transform::Uppercase => text(value, |s| s.to_uppercase()),
             Transform::Trim => text(value, |s| s.trim().to_string()),
-            Transform::Email => text(value, |s| s.trim().to_lowercase()),
+            // A number or a boolean is not an address: refused, not passed on as one.
+            Transform::Email => match value {
+                Value::String(s) => Ok(Value::String(s.trim().to_lowercase())),
+                other => Err(fail(&other)),
+            },
             Transform::EpochMs => timefmt::value_to_ms(&value)
                 .map(Value::from)
                 .ok_or_else(|| fail(&value)),
