@@ -153,8 +153,9 @@ pub async fn run(
             ));
             tracing::info!(
                 emulator = %format!("http://{addr}"),
-                "no Lytics integration configured: delivering to the built-in Lytics emulator (account {}, stream {}); \
-                 set --lytics-api-token, --lytics-account-id and --lytics-stream (or LYTICS_RELAY_LYTICS_*) to deliver to Lytics",
+                "no Lytics integration given by flags, environment or config file: the built-in Lytics emulator runs, and \
+                 delivers as the default integration (account {}, stream {}) unless integrations installed over the admin API \
+                 replace it; set --lytics-api-token, --lytics-account-id and --lytics-stream (or LYTICS_RELAY_LYTICS_*) to deliver to Lytics",
                 config::EMULATOR_ACCOUNT,
                 config::EMULATOR_STREAM
             );

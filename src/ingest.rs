@@ -120,6 +120,11 @@ impl Ingest {
         &self.rules
     }
 
+    /// The integrations in force.
+    pub fn integrations(&self) -> &Integrations {
+        &self.integrations
+    }
+
     /// Maps and queues `events`; `traceparent` is the caller's W3C trace context, if any.
     ///
     /// `events` is read one event at a time, each mapped before the next is read: a door that

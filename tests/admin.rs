@@ -295,6 +295,11 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!(s, 204);
     let (s, b) = api.call("GET", &format!("/v1/admin/integrations/{second_id}"), None, None);
     assert_eq!((s, b["error"]["code"].as_str()), (404, Some("not_found")));
+    // Health shows delivery state for the integrations in force only.
+    let (_, health) = api.call("GET", "/healthz", None, None);
+    let limits = health["calls_in_flight_limit"].as_object().unwrap();
+    assert!(limits.contains_key(&id), "{health}");
+    assert!(!limits.contains_key(&second_id), "{health}");
 
     // Persistence: a restart keeps the installed integration.
     let log = relay.log();

@@ -172,6 +172,14 @@ impl IntegrationAdmin {
             }
         }
         admin.refresh(&stored);
+        if !stored.is_empty() {
+            let ids: Vec<&str> = stored.iter().map(|s| s.id.as_str()).collect();
+            tracing::info!(
+                integrations = ?ids,
+                replaces_default = admin.configured_is_default,
+                "integrations installed over the admin API are in force"
+            );
+        }
         Ok(admin)
     }
 

@@ -265,14 +265,26 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         .into_iter()
         .map(|(id, p)| json!({"integration": id, "status": p.status, "hint": p.hint, "message": p.message, "stream": p.stream, "since_ms": p.since_ms}))
         .collect();
+    // Delivery keeps state for integrations since replaced or removed: only those in force show.
+    let live: std::collections::HashSet<String> = s
+        .ingest
+        .integrations()
+        .snapshot()
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    let mut limits = s.delivery.limits();
+    limits.retain(|id, _| live.contains(id));
+    let mut outages = s.delivery.outages();
+    outages.retain(|id, _| live.contains(id));
     let body = json!({
         "status": status,
         "rules_version": s.ingest.rules().current().version().to_string(),
         "queue_depth": s.queue.depth(),
         "queue": queue,
         "paused_integrations": paused,
-        "calls_in_flight_limit": s.delivery.limits(),
-        "lytics_outages": s.delivery.outages(),
+        "calls_in_flight_limit": limits,
+        "lytics_outages": outages,
     });
     (code, Json(body))
 }
