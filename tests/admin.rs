@@ -433,6 +433,52 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 409);
+    // It can be paused and resumed, in memory: events wait meanwhile.
+    let r = post("/v1/admin/integrations/lytics/pause".into(), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(
+        (b["status"].as_str(), b["managed_by"].as_str()),
+        (Some("paused"), Some("config")),
+        "{b}"
+    );
+    let mut c = relay.client().await;
+    c.send(lytics_relay::proto::v1::SendRequest {
+        event: Some(event(
+            json!({"type": "page", "userId": "u", "messageId": "while-paused"}),
+        )),
+    })
+    .await
+    .unwrap();
+    // The installed integration (same account and stream) delivers it; the paused one holds it.
+    let sent = |emu: &EmulatorHandle| {
+        emu.emulator
+            .stream_events(STREAM)
+            .iter()
+            .filter(|r| r.record.get("message_id") == Some(&json!("while-paused")))
+            .count()
+    };
+    let wait_for = |n: usize| {
+        let emu = &emu;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while sent(emu) < n {
+                assert!(std::time::Instant::now() < deadline, "{n} deliveries expected");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sent(&emu), 1, "held by the pause");
+    let r = post("/v1/admin/integrations/lytics/resume".into(), json!({}))
+        .await
+        .unwrap();
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["status"].as_str(), Some("active"), "{b}");
+    wait_for(2).await;
     relay.stop().await;
 }
 

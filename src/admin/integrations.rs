@@ -461,6 +461,24 @@ impl IntegrationAdmin {
 
     /// Pauses (`true`) or resumes delivery of an installed integration; events stay queued.
     pub async fn set_paused(&self, id: &str, paused: bool) -> Result<IntegrationView, ApiError> {
+        // The integration from flags or the config file (or the emulator default) has no stored
+        // state to keep a pause in: it pauses here, until resumed or the relay restarts.
+        if let Some(c) = &self.configured
+            && c.id.as_str() == id
+            && self.live.get(id).is_some()
+        {
+            if paused {
+                self.delivery.pause_manual(id);
+            } else {
+                self.delivery.resume(id);
+            }
+            tracing::info!(
+                integration = id,
+                paused,
+                "configured integration paused or resumed until the relay restarts"
+            );
+            return Ok(self.view_configured(c));
+        }
         let mut s = self.stored(id).await?;
         s.paused = paused;
         s.updated_ms = now_ms();
