@@ -194,7 +194,10 @@ impl Ingest {
                         });
                         continue;
                     }
-                    answer.rules.push(record.rule.clone());
+                    // Each rule once, however many integrations it mapped the event for.
+                    if !answer.rules.contains(&record.rule) {
+                        answer.rules.push(record.rule.clone());
+                    }
                     answer.records += 1;
                     records.push(NewRecord {
                         integration: integration.id.as_arc(),

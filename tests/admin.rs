@@ -259,6 +259,10 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    // One event, two integrations: two records, the rule named once.
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["result"]["records"], json!(2), "{answer}");
+    assert_eq!(answer["result"]["rules"].as_array().unwrap().len(), 1, "{answer}");
     wait_stream(relay.emulator.as_deref().unwrap(), "datafly_events", 2);
     wait_stream(relay.emulator.as_deref().unwrap(), "customerio_events", 1);
 
