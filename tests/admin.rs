@@ -179,6 +179,10 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         "{b}"
     );
 
+    // The zero-setup default pauses (in memory); installing replaces it, and its pause with it.
+    let (s, paused) = api.call("POST", "/v1/admin/integrations/lytics/pause", None, None);
+    assert_eq!((s, paused["status"].as_str()), (200, Some("paused")), "{paused}");
+
     // The seed's install call, exactly as written.
     let (s, installed) = api.call(
         "POST",
@@ -191,6 +195,8 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!(installed["config"]["api_token"], json!("***"));
     assert_eq!(installed["config"]["stream_name"], json!("datafly_events"));
     assert_eq!(installed["status"], json!("active"));
+    let (_, health) = api.call("GET", "/healthz", None, None);
+    assert_eq!(health["paused_integrations"], json!([]), "{health}");
 
     // Testing step 1–2: an event via the Signal event API arrives in the stream.
     let grpcurl = std::env::var("GRPCURL")

@@ -192,10 +192,15 @@ impl IntegrationAdmin {
 
     fn refresh(&self, stored: &[StoredIntegration]) {
         let mut list = Vec::new();
-        if let Some(c) = &self.configured
-            && (!self.configured_is_default || stored.is_empty())
-        {
-            list.push(c.clone());
+        if let Some(c) = &self.configured {
+            if !self.configured_is_default || stored.is_empty() {
+                list.push(c.clone());
+            } else {
+                // Replaced by installed ones: a pause of it (kept in memory only) goes with it,
+                // or it would show in health and metrics, and hold a memory queue's drain at
+                // shutdown, with no way left to resume it.
+                self.delivery.resume(c.id.as_str());
+            }
         }
         list.extend(stored.iter().filter_map(|s| to_integration(s).ok()));
         self.live.replace(list);

@@ -988,13 +988,15 @@ impl Delivery {
                 _ = tokio::time::sleep(self.settings.probe_interval) => {}
             }
             for (id, pause) in self.state.paused() {
-                if pause.manual {
-                    continue;
-                }
+                // An integration no longer in force has nothing to deliver (a stored one stays
+                // in force while paused).
                 let Some(integration) = self.integrations.get(&id) else {
                     self.state.resume(&id);
                     continue;
                 };
+                if pause.manual {
+                    continue;
+                }
                 let stream = pause
                     .stream
                     .as_deref()
