@@ -9,7 +9,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::normalize::json_to_struct;
 use crate::proto::v1 as pb;
 use crate::proto::v1::dead_letter_service_server::DeadLetterService;
-use crate::queue::{DeadLetter, DeadLetterFilter, Queue};
+use crate::queue::{DeadLetter, DeadLetterFilter, Queue, QueueError};
 use crate::telemetry::parse_traceparent;
 
 /// Dead letters per page by default, and at most.
@@ -131,7 +131,7 @@ impl DeadLetterService for DeadLetters {
         // Replays obey the queue's bound as ingest does.
         let capacity = self.queue.capacity();
         let room = capacity.saturating_sub(self.queue.depth());
-        let short_of_room = |n: String| -> tonic::Status {
+        let short_of_room = |n: String, room: usize| -> tonic::Status {
             ApiError {
                 retry_after: Some(5),
                 ..ApiError::new(
@@ -164,7 +164,7 @@ impl DeadLetterService for DeadLetters {
                 .map_err(crate::ingest::queue_error)?;
             let more = ids.len() > allowed;
             if more && allowed == 0 {
-                return Err(short_of_room("the matching".into()));
+                return Err(short_of_room("the matching".into(), room));
             }
             ids.truncate(allowed);
             (ids, more)
@@ -177,16 +177,20 @@ impl DeadLetterService for DeadLetters {
                 ),
             )
             .into());
-        } else if req.ids.len() > room {
-            return Err(short_of_room(req.ids.len().to_string()));
         } else {
-            (req.ids, false)
+            // Each id once; the queue checks the room against the dead letters among them.
+            let mut seen = std::collections::HashSet::new();
+            let ids: Vec<i64> = req.ids.into_iter().filter(|id| seen.insert(*id)).collect();
+            (ids, false)
         };
-        let replayed = self
-            .queue
-            .replay(&ids)
-            .await
-            .map_err(crate::ingest::queue_error)?;
+        let replayed = match self.queue.replay(&ids).await {
+            Ok(r) => r,
+            Err(QueueError::Full { .. }) => {
+                let room = capacity.saturating_sub(self.queue.depth());
+                return Err(short_of_room(ids.len().to_string(), room));
+            }
+            Err(e) => return Err(crate::ingest::queue_error(e).into()),
+        };
         let found: std::collections::HashSet<i64> = replayed.iter().copied().collect();
         let not_found: Vec<i64> = if by_id {
             ids.iter().copied().filter(|id| !found.contains(id)).collect()

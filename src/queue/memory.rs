@@ -241,14 +241,16 @@ impl Queue for MemoryQueue {
     async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
         let n = {
             let mut s = self.state();
-            if s.depth() + ids.len() > self.capacity {
+            let wanted: HashSet<i64> = ids.iter().copied().collect();
+            let among = s.dead.iter().filter(|d| wanted.contains(&d.id)).count();
+            if s.depth() + among > self.capacity {
                 return Err(QueueError::Full {
                     capacity: self.capacity,
                 });
             }
             let now = now_ms();
             let (replay, keep): (Vec<DeadLetter>, Vec<DeadLetter>) =
-                s.dead.drain(..).partition(|d| ids.contains(&d.id));
+                s.dead.drain(..).partition(|d| wanted.contains(&d.id));
             s.dead = keep.into();
             for d in &replay {
                 s.next_id += 1;
@@ -394,7 +396,8 @@ mod tests {
         ));
         assert_eq!(q.depth(), 2);
         assert_eq!(q.dead_letter_ids(all).await.unwrap(), ids);
-        assert_eq!(q.replay(&ids[..1]).await.unwrap(), ids[..1]);
+        // Ids that are not dead letters take no room.
+        assert_eq!(q.replay(&[ids[0], 777, 778, ids[0]]).await.unwrap(), ids[..1]);
         assert_eq!(q.depth(), 3);
     }
 

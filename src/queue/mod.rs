@@ -268,9 +268,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, QueueError>;
 
     /// Puts dead letters back in the queue as new records (attempts reset, due now); returns
-    /// the ids of those found (and replayed). Refuses them all with [`QueueError::Full`] when that many more
-    /// records could put the queue past its capacity, checked with the depth at the moment of
-    /// the replay.
+    /// the ids of those found (and replayed). The embedded and memory queues refuse them all
+    /// with [`QueueError::Full`] when the dead letters among them would put the queue past its
+    /// capacity, checked with the depth at the moment of the replay; on NATS the stream's limit
+    /// stops the replay at the first record that does not fit.
     async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError>;
 
     /// The ids of the dead letters `filter` matches, newest first, without reading the records.

@@ -712,11 +712,19 @@ impl Queue for NatsQueue {
         let mut replayed = Vec::new();
         for id in ids {
             let Ok(seq) = u64::try_from(*id) else { continue };
-            let Ok(m) = stream.get_raw_message(seq).await else {
-                continue;
+            // Only "no such message" means not a dead letter; any other failure is the store's,
+            // and reporting it as not found would tell the operator a dead letter is gone.
+            let m = match stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => continue,
+                Err(e) => return Err(store("cannot read a dead letter to replay", e)),
             };
-            let Ok(d) = serde_json::from_slice::<DeadEnvelope>(&m.payload) else {
-                continue;
+            let d = match serde_json::from_slice::<DeadEnvelope>(&m.payload) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(sequence = seq, error = %e, "a message in the dead-letter stream is not a dead letter; not replayed");
+                    continue;
+                }
             };
             let fresh = Envelope::new(&d.record.record(), 0, Vec::new(), 0);
             inner
@@ -740,8 +748,10 @@ impl Queue for NatsQueue {
 
     /// Waiting retries are held by the server, out of reach: this marks the integration, and a
     /// retry scheduled before the mark is delivered when a lease next meets it, which is within
-    /// `retry_recheck` (a retry is never handed back to the server for longer). How many that
-    /// brings forward is not known here; the answer is 0.
+    /// `retry_recheck` (a lease never hands a retry back for longer). The exception is a retry
+    /// the full stream could not take: its original waits out the whole backoff, since its
+    /// history does not show the attempt. How many this brings forward is not known here; the
+    /// answer is 0.
     async fn expedite(&self, integration: &str) -> Result<usize, QueueError> {
         self.inner
             .expedited

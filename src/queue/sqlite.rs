@@ -845,7 +845,7 @@ impl Writer {
                     }
                     Op::Replay(ids, reply) => {
                         woke = true;
-                        let r = if depth + ids.len() > self.capacity {
+                        let r = if depth + dead_letters_among(&txn, &ids)? > self.capacity {
                             Err(QueueError::Full {
                                 capacity: self.capacity,
                             })
@@ -1376,6 +1376,18 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql)?;
     Ok(rows)
+}
+
+/// How many of `ids` (each counted once) are dead letters.
+fn dead_letters_among(txn: &Transaction<'_>, ids: &[i64]) -> Result<usize, rusqlite::Error> {
+    let mut exists = txn.prepare_cached("SELECT 1 FROM dead_letters WHERE id = ?1")?;
+    let mut n = 0;
+    for id in ids.iter().collect::<HashSet<_>>() {
+        if exists.exists(params![id])? {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 fn replay(
@@ -2187,7 +2199,8 @@ mod tests {
             .unwrap(),
             ids
         );
-        assert_eq!(q.replay(&ids[..1]).await.unwrap(), ids[..1]);
+        // Ids that are not dead letters take no room.
+        assert_eq!(q.replay(&[ids[0], 777, 778, ids[0]]).await.unwrap(), ids[..1]);
         assert_eq!(q.depth(), 3);
     }
 
