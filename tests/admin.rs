@@ -371,6 +371,17 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
             .contains("regenerate the token in Lytics Account > API Tokens"),
         "{b}"
     );
+    // The refused integration was never installed: its test call left no metric series.
+    let metrics = reqwest::get(relay.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains(r#"lytics_relay_lytics_calls_total{integration="lytics-"#),
+        "{metrics}"
+    );
     // A wrong stream installs (no test), then its test names the case-sensitive stream.
     body["config"]["api_token"] = json!(TOKEN);
     body["config"]["stream_name"] = json!("DATAFLY_EVENTS");

@@ -414,7 +414,8 @@ impl IntegrationAdmin {
             e.add_credentials(&stored.api_token, &stored.account_id);
         }
         if req.test_connection {
-            let t = self.test(&integration).await;
+            // Not installed yet (its id may never be): a span, but no metric series for it.
+            let t = self.test(&integration, false).await;
             if !t.ok {
                 return Err(ApiError::new(
                     ErrorCode::FailedPrecondition,
@@ -512,15 +513,26 @@ impl IntegrationAdmin {
             Some(i) => i,
             None => to_integration(&self.stored(id).await?)?,
         };
-        Ok(self.test(&integration).await)
+        Ok(self.test(&integration, true).await)
     }
 
-    async fn test(&self, integration: &Integration) -> ConnectionTest {
+    /// A `dryrun` call with `integration`'s settings; `counted` puts it in the calls metrics.
+    async fn test(&self, integration: &Integration, counted: bool) -> ConnectionTest {
+        let uncounted;
+        let report = if counted {
+            &self.probe_reporter
+        } else {
+            uncounted = ProbeReporter {
+                telemetry: self.probe_reporter.telemetry.clone(),
+                monitor: crate::monitor::Monitor::detached(),
+            };
+            &uncounted
+        };
         match probe(
             &self.client,
             integration,
             integration.stream_name.as_str(),
-            &self.probe_reporter,
+            report,
         )
         .await
         {
