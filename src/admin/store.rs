@@ -102,6 +102,10 @@ impl SqliteIntegrationStore {
              CREATE TABLE IF NOT EXISTS integrations (id TEXT PRIMARY KEY, body TEXT NOT NULL, created_ms INTEGER NOT NULL);",
         )
         .map_err(err)?;
+        // Free pages written before `secure_delete` may still hold old tokens: the store is a
+        // few rows, so rewriting it at each start costs nothing.
+        conn.execute_batch("VACUUM").map_err(err)?;
+        forget_old_versions(&conn);
         Ok(SqliteIntegrationStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -126,8 +130,11 @@ impl SqliteIntegrationStore {
 /// emptying it (`TRUNCATE`) drops the log's copies of the old pages. Admin writes are rare, so
 /// the copy is cheap; should it fail (a reader holds the log), the next write tries again.
 fn forget_old_versions(c: &Connection) {
-    if let Err(e) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-        tracing::warn!(error = %e, "cannot empty the integration store's log");
+    // The first column is 1 when a reader kept the log from being emptied.
+    match c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!("the integration store's log is in use; it is emptied at the next change"),
+        Err(e) => tracing::warn!(error = %e, "cannot empty the integration store's log"),
     }
 }
 
