@@ -282,6 +282,21 @@ impl DeliveryState {
         self.resume_if(id, |p| !p.manual && p.since_ms == probed.since_ms)
     }
 
+    /// Updates the reason of `id`'s pause if it is still the one `probed` (the probe found
+    /// another setup error), keeping its start so that later probes still match it.
+    fn repause_probed(&self, id: &str, probed: &Pause, status: u16, hint: &str, message: &str) -> bool {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        match paused.get_mut(id) {
+            Some(p) if !p.manual && p.since_ms == probed.since_ms => {
+                p.status = status;
+                p.hint = hint.to_string();
+                p.message = message.to_string();
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Resumes `id` if its pause passes `check`, deciding and removing under one lock.
     fn resume_if(&self, id: &str, check: impl FnOnce(&Pause) -> bool) -> bool {
         {
@@ -1001,12 +1016,25 @@ impl Delivery {
                     .stream
                     .as_deref()
                     .unwrap_or(integration.stream_name.as_str());
-                if probe(self.client.as_ref(), &integration, stream, &self.probe_reporter())
-                    .await
-                    .is_ok()
-                    && self.state.resume_probed(&id, &pause)
+                match probe_outcome(self.client.as_ref(), &integration, stream, &self.probe_reporter()).await
                 {
-                    tracing::info!(integration = %id, "probe succeeded; delivery resumed");
+                    Ok(Outcome::Delivered { .. }) => {
+                        if self.state.resume_probed(&id, &pause) {
+                            tracing::info!(integration = %id, "probe succeeded; delivery resumed");
+                        }
+                    }
+                    // Fixed one problem, found another (a token fixed, the stream still
+                    // missing): the pause says what is wrong now.
+                    Ok(Outcome::Setup {
+                        status,
+                        hint,
+                        message,
+                    }) if status != pause.status => {
+                        if self.state.repause_probed(&id, &pause, status, hint, &message) {
+                            tracing::error!(integration = %id, status, stream, lytics_message = %message, "still paused, for another reason: {hint}");
+                        }
+                    }
+                    _ => {}
                 }
             }
             let now = now_ms();

@@ -923,6 +923,8 @@ async fn a_passing_dryrun_ends_an_outage_with_no_record_left_to_retry() {
 #[derive(Default)]
 struct StreamMissing {
     created: std::sync::atomic::AtomicBool,
+    /// Every call answers 401 while set.
+    token_bad: std::sync::atomic::AtomicBool,
     sends_to_other: AtomicU64,
     dryruns: Mutex<Vec<String>>,
 }
@@ -936,6 +938,9 @@ impl CollectSender for StreamMissing {
             self.dryruns.lock().unwrap().push(stream.clone());
         } else if stream == "other" {
             self.sends_to_other.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.token_bad.load(Ordering::SeqCst) {
+            return answer(401, br#"{"status":401,"message":"invalid token"}"#);
         }
         if stream == "other" && !self.created.load(Ordering::SeqCst) {
             return answer(404, br#"{"status":404,"message":"stream not found"}"#);
@@ -992,5 +997,45 @@ async fn a_404_for_a_stream_the_rules_chose_is_probed_on_that_stream() {
     task.await.unwrap();
     assert!(state.paused().is_empty());
     assert_eq!(lytics.sends_to_other.load(Ordering::SeqCst), 2);
+    assert!(dead_letters(&queue).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_finds_another_setup_error_updates_the_pause() {
+    let lytics = Arc::new(StreamMissing::default());
+    lytics.token_bad.store(true, Ordering::SeqCst);
+    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+    queue
+        .enqueue(vec![EventRecords {
+            dedup_key: None,
+            records: vec![NewRecord {
+                stream: "other".into(),
+                ..record()
+            }],
+        }])
+        .await
+        .unwrap();
+    let s = DeliverySettings {
+        probe_interval: Duration::from_secs(30),
+        ..settings()
+    };
+    let (state, stop, task) = start(&queue, s, lytics.clone());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let first = state.paused().get("lytics").cloned().expect("paused");
+    assert_eq!((first.status, first.hint.as_str()), (401, lytics::HINT_401));
+    // The token is fixed; the stream is still missing: the next probe says so.
+    lytics.token_bad.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let now = state.paused().get("lytics").cloned().expect("still paused");
+    assert_eq!((now.status, now.hint.as_str()), (404, lytics::HINT_404));
+    assert_eq!(now.since_ms, first.since_ms, "the same pause");
+    // Then the stream is created: resumed and delivered.
+    lytics.created.store(true, Ordering::SeqCst);
+    while queue.depth() > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert!(state.paused().is_empty());
     assert!(dead_letters(&queue).await.is_empty());
 }
