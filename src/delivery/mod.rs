@@ -1018,10 +1018,8 @@ impl Delivery {
                     .unwrap_or(integration.stream_name.as_str());
                 match probe_outcome(self.client.as_ref(), &integration, stream, &self.probe_reporter()).await
                 {
-                    Ok(Outcome::Delivered { .. }) => {
-                        if self.state.resume_probed(&id, &pause) {
-                            tracing::info!(integration = %id, "probe succeeded; delivery resumed");
-                        }
+                    Ok(Outcome::Delivered { .. }) if self.state.resume_probed(&id, &pause) => {
+                        tracing::info!(integration = %id, "probe succeeded; delivery resumed");
                     }
                     // Fixed one problem, found another (a token fixed, the stream still
                     // missing): the pause says what is wrong now.
@@ -1029,10 +1027,10 @@ impl Delivery {
                         status,
                         hint,
                         message,
-                    }) if status != pause.status => {
-                        if self.state.repause_probed(&id, &pause, status, hint, &message) {
-                            tracing::error!(integration = %id, status, stream, lytics_message = %message, "still paused, for another reason: {hint}");
-                        }
+                    }) if status != pause.status
+                        && self.state.repause_probed(&id, &pause, status, hint, &message) =>
+                    {
+                        tracing::error!(integration = %id, status, stream, lytics_message = %message, "still paused, for another reason: {hint}");
                     }
                     _ => {}
                 }
