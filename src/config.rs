@@ -730,12 +730,27 @@ impl Settings {
                 };
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| problem(format!("cannot read the file: {e}")))?;
-                let (file, mut problems) =
-                    parse_file(&text).map_err(|e| problem(format!("invalid config: {e}")))?;
+                let (file, mut problems) = match serde_yaml::from_str::<FileConfig>(&text) {
+                    Ok(file) => (file, Vec::new()),
+                    Err(first) => {
+                        let (file, mut problems) =
+                            parse_file(&text).map_err(|e| problem(format!("invalid config: {e}")))?;
+                        // Alone, the problem keeps the position the whole-file reading gives.
+                        if let [only] = problems.as_mut_slice() {
+                            only.message = first.to_string();
+                        }
+                        (file, problems)
+                    }
+                };
                 if !problems.is_empty() {
-                    // The keys that fit are still checked, so every problem shows at once.
+                    // The keys that fit are still checked, so every problem shows at once; a
+                    // key left out is not reported again as missing.
                     if let Err(ConfigError(more)) = Self::build(args, file) {
-                        problems.extend(more);
+                        let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+                        problems.extend(
+                            more.into_iter()
+                                .filter(|p| !reported.iter().any(|k| p.key.starts_with(k.as_str()))),
+                        );
                     }
                     return Err(ConfigError(problems));
                 }
@@ -855,7 +870,7 @@ mod tests {
         let path = dir.path().join("relay.yaml");
         std::fs::write(&path, text).unwrap();
         let args = ServeArgs {
-            config: Some(path),
+            config: Some(path.clone()),
             ..ServeArgs::default()
         };
         let err = Settings::load(&args).unwrap_err();
@@ -870,6 +885,17 @@ mod tests {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
         assert!(keys.iter().any(|k| k.starts_with("grpc_addr")), "{keys:?}");
+        // One problem alone keeps its position in the file; a key left out for its type is not
+        // reported again as missing.
+        std::fs::write(
+            &path,
+            "grpc_addr: 127.0.0.1:1\nqueue: { backend: nats, urls: 7 }\n",
+        )
+        .unwrap();
+        let err = Settings::load(&args).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "queue.urls");
+        assert!(err.0[0].message.contains("line 2"), "{err}");
         // Not YAML at all: one problem.
         assert!(parse_file("a: [").is_err());
         assert_eq!(parse_file("").unwrap().1.len(), 0);
