@@ -333,11 +333,13 @@ impl Metrics {
         &self,
         queue: &dyn Queue,
         bus: &LiveBus,
-        paused: &HashMap<String, Pause>,
+        paused: impl FnOnce() -> HashMap<String, Pause>,
     ) -> Result<String, std::fmt::Error> {
         let _one_at_a_time = self.render_sync.lock().await;
+        // Read in turn, so a scrape that waited does not publish an older set than the last.
+        let paused = paused();
         self.integration_paused.clear();
-        for (integration, p) in paused {
+        for (integration, p) in &paused {
             self.integration_paused
                 .get_or_create(&PausedLabels {
                     integration: integration.clone(),
@@ -408,7 +410,7 @@ pub fn router(state: MetricsState) -> Router {
 async fn scrape(State(s): State<MetricsState>) -> Response {
     match s
         .metrics
-        .render(s.queue.as_ref(), &s.bus, &s.delivery.paused())
+        .render(s.queue.as_ref(), &s.bus, || s.delivery.paused())
         .await
     {
         Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
@@ -510,7 +512,7 @@ mod tests {
             stream: None,
         };
         let paused = HashMap::from([("b".to_string(), pause(401, "invalid API token"))]);
-        let text = m.render(&queue, &bus, &paused).await.unwrap();
+        let text = m.render(&queue, &bus, || paused.clone()).await.unwrap();
         for line in [
             r#"lytics_relay_records_rejected_total{integration="a"} 5"#,
             r#"lytics_relay_integration_paused{integration="b",status="401",hint="invalid API token"} 1"#,
@@ -518,7 +520,7 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         // Resumed: the series goes away with the pause.
-        let text = m.render(&queue, &bus, &HashMap::new()).await.unwrap();
+        let text = m.render(&queue, &bus, HashMap::new).await.unwrap();
         assert!(!text.contains("lytics_relay_integration_paused{"), "{text}");
     }
 
@@ -544,7 +546,10 @@ mod tests {
             scrapes.spawn(async move {
                 let mut missing = 0;
                 for _ in 0..300 {
-                    let text = m.render(queue.as_ref(), &bus, &paused).await.unwrap();
+                    let text = m
+                        .render(queue.as_ref(), &bus, || paused.as_ref().clone())
+                        .await
+                        .unwrap();
                     if !text.contains(r#"lytics_relay_integration_paused{integration="b""#) {
                         missing += 1;
                     }
