@@ -952,9 +952,17 @@ impl CollectSender for StreamMissing {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_404_for_a_stream_the_rules_chose_is_probed_on_that_stream() {
-    let lytics = Arc::new(StreamMissing::default());
+/// Queues one record for the stream `other` and starts delivery to `lytics`, probing every 30 s.
+async fn start_with_a_record_for_other(
+    lytics: &Arc<StreamMissing>,
+) -> (
+    Arc<MemoryQueue>,
+    (
+        Arc<DeliveryState>,
+        CancellationToken,
+        tokio::task::JoinHandle<bool>,
+    ),
+) {
     let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
     queue
         .enqueue(vec![EventRecords {
@@ -970,7 +978,14 @@ async fn a_404_for_a_stream_the_rules_chose_is_probed_on_that_stream() {
         probe_interval: Duration::from_secs(30),
         ..settings()
     };
-    let (state, stop, task) = start(&queue, s, lytics.clone());
+    let started = start(&queue, s, lytics.clone());
+    (queue, started)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_404_for_a_stream_the_rules_chose_is_probed_on_that_stream() {
+    let lytics = Arc::new(StreamMissing::default());
+    let (queue, (state, stop, task)) = start_with_a_record_for_other(&lytics).await;
     // Paused, and it stays paused: the probe asks about `other`, which a dryrun on the
     // integration's own stream would pass, resuming into the same 404 again and again.
     for _ in 0..20 {
@@ -1004,22 +1019,7 @@ async fn a_404_for_a_stream_the_rules_chose_is_probed_on_that_stream() {
 async fn a_probe_that_finds_another_setup_error_updates_the_pause() {
     let lytics = Arc::new(StreamMissing::default());
     lytics.token_bad.store(true, Ordering::SeqCst);
-    let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
-    queue
-        .enqueue(vec![EventRecords {
-            dedup_key: None,
-            records: vec![NewRecord {
-                stream: "other".into(),
-                ..record()
-            }],
-        }])
-        .await
-        .unwrap();
-    let s = DeliverySettings {
-        probe_interval: Duration::from_secs(30),
-        ..settings()
-    };
-    let (state, stop, task) = start(&queue, s, lytics.clone());
+    let (queue, (state, stop, task)) = start_with_a_record_for_other(&lytics).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let first = state.paused().get("lytics").cloned().expect("paused");
     assert_eq!((first.status, first.hint.as_str()), (401, lytics::HINT_401));
