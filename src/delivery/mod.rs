@@ -636,11 +636,10 @@ impl Delivery {
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
         let status = call.status;
-        let stream = batch.first().map_or_else(
-            || integration.stream_name.to_string(),
-            |r| r.record.stream.to_string(),
-        );
-        let outcome = self.confirm_account_error(integration, &stream, outcome).await;
+        let stream = batch
+            .first()
+            .map_or(integration.stream_name.as_str(), |r| &*r.record.stream);
+        let outcome = self.confirm_account_error(integration, stream, outcome).await;
         let outage = self.track_outage(integration, &outcome);
         match outcome {
             Outcome::Delivered {
