@@ -415,7 +415,11 @@ impl IntegrationAdmin {
         }
         if req.test_connection {
             // Not installed yet (its id may never be): a span, but no metric series for it.
-            let t = self.test(&integration, false).await;
+            let uncounted = ProbeReporter {
+                telemetry: self.probe_reporter.telemetry.clone(),
+                monitor: crate::monitor::Monitor::detached(),
+            };
+            let t = self.test(&integration, &uncounted).await;
             if !t.ok {
                 return Err(ApiError::new(
                     ErrorCode::FailedPrecondition,
@@ -513,21 +517,11 @@ impl IntegrationAdmin {
             Some(i) => i,
             None => to_integration(&self.stored(id).await?)?,
         };
-        Ok(self.test(&integration, true).await)
+        Ok(self.test(&integration, &self.probe_reporter).await)
     }
 
-    /// A `dryrun` call with `integration`'s settings; `counted` puts it in the calls metrics.
-    async fn test(&self, integration: &Integration, counted: bool) -> ConnectionTest {
-        let uncounted;
-        let report = if counted {
-            &self.probe_reporter
-        } else {
-            uncounted = ProbeReporter {
-                telemetry: self.probe_reporter.telemetry.clone(),
-                monitor: crate::monitor::Monitor::detached(),
-            };
-            &uncounted
-        };
+    /// A `dryrun` call with `integration`'s settings, reported to `report`.
+    async fn test(&self, integration: &Integration, report: &ProbeReporter) -> ConnectionTest {
         match probe(
             &self.client,
             integration,
