@@ -555,6 +555,41 @@ mod tests {
         }
     }
 
+    /// A length-delimited field `tag` holding `body`.
+    fn delimited_field(tag: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encoding::encode_key(tag, WireType::LengthDelimited, &mut out);
+        encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value_and_keys_come_out_sorted() {
+        // {"o": {"b": 1, "a": 2, "b": 3}}, entries in this order: no encoder of ours writes it.
+        let inner: Vec<u8> = [("b", json!(1)), ("a", json!(2)), ("b", json!(3))]
+            .into_iter()
+            .flat_map(|(k, v)| {
+                let entry = Entry {
+                    key: k.to_string(),
+                    value: JsonValue(v),
+                };
+                delimited_field(1, &entry.encode_to_vec())
+            })
+            .collect();
+        let mut entry = Vec::new();
+        encoding::string::encode(1, &"o".to_string(), &mut entry);
+        entry.extend(delimited_field(2, &delimited_field(kind::STRUCT, &inner)));
+        let bytes = delimited_field(1, &entry);
+        let want = json!({"o": {"a": 2, "b": 3}});
+        let fast = JsonStruct::decode(bytes.as_slice()).unwrap();
+        let general = JsonStruct::decode(OneByteChunks(&bytes)).unwrap();
+        assert_eq!(Value::Object(fast.0.clone()), want);
+        assert_eq!(Value::Object(general.0), want);
+        let keys: Vec<_> = fast.0["o"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["a", "b"]);
+    }
+
     #[test]
     fn malformed_structs_are_refused_on_both_paths() {
         let good = JsonStruct(match sample() {
