@@ -52,6 +52,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".lytics_relay.v1.StreamRequest",
             "crate::proto::raw::StreamRequest",
         )
+        .extern_path(
+            ".lytics_relay.v1.SendCustomerIoEventRequest",
+            "crate::proto::raw::SendCustomerIoEventRequest",
+        )
         .build_client(false)
         .build_server(true)
         .compile_fds(ingest_only)?;

@@ -21,6 +21,46 @@ use crate::timefmt;
 /// the others are accepted and, without a rule, ignored).
 pub const SIGNAL_TYPES: &[&str] = &["track", "page", "identify", "screen", "group", "alias"];
 
+/// How deep an event's objects and lists may nest, the event object itself being the first
+/// level. Every door checks it, so an event is accepted or refused alike over HTTP and gRPC:
+/// the decoders' own limits (protobuf's recursion limit, at about 50 levels of a `Struct`, and
+/// serde_json's, at 127) lie beyond it and would otherwise differ by door.
+pub const MAX_NESTING: usize = 32;
+
+/// True when `value`'s objects and lists nest more than `limit` deep.
+fn nests_deeper_than(value: &Value, limit: usize) -> bool {
+    match value {
+        Value::Object(m) => limit == 0 || m.values().any(|v| nests_deeper_than(v, limit - 1)),
+        Value::Array(items) => limit == 0 || items.iter().any(|v| nests_deeper_than(v, limit - 1)),
+        _ => false,
+    }
+}
+
+/// What a violation of [`MAX_NESTING`] says.
+fn too_deep_text() -> String {
+    format!(
+        "nests objects and lists more than {MAX_NESTING} levels deep (the event itself is the \
+         first level); flatten the deepest values"
+    )
+}
+
+/// The error for a body its decoder refused as too deeply nested, past [`MAX_NESTING`].
+pub fn too_deep(field: &str) -> ApiError {
+    ApiError::field(if field.is_empty() { "body" } else { field }, too_deep_text())
+}
+
+/// Refuses an event document nested past [`MAX_NESTING`], naming its top-level member that is.
+fn check_nesting(doc: &Value, field: &str) -> Result<(), ApiError> {
+    let Value::Object(m) = doc else {
+        return Ok(());
+    };
+    match m.iter().find(|(_, v)| nests_deeper_than(v, MAX_NESTING - 1)) {
+        None => Ok(()),
+        Some((key, _)) if field.is_empty() => Err(ApiError::field(key.clone(), too_deep_text())),
+        Some((key, _)) => Err(ApiError::field(format!("{field}.{key}"), too_deep_text())),
+    }
+}
+
 /// A validated event, ready for the rules.
 #[derive(Debug, Clone)]
 pub struct InboundEvent {
@@ -274,6 +314,7 @@ pub fn signal_event(
             "must be a JSON object (a Signal canonical event)",
         ));
     };
+    check_nesting(&doc, field)?;
     let filled = check_signal(m, field)?.fill_in(&mut doc, received_ms);
     let input = json_bytes(&doc);
     if input.len() > max_bytes {
@@ -299,12 +340,17 @@ pub fn signal_proto_event(
         return Err(too_large(field, event.len(), max_bytes));
     }
     let decoded = pb::Event::decode(event).map_err(|e| {
+        let why = e.to_string();
+        if why.contains("recursion limit reached") {
+            return too_deep(field);
+        }
         // prost names fields as Rust does (`Event.r#type`); the sender knows them as `type`.
-        let why = e.to_string().replace("r#", "");
+        let why = why.replace("r#", "");
         ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {why}"))
     })?;
     let checked = check_signal(&decoded, field)?;
     let mut doc = event_to_json(decoded);
+    check_nesting(&doc, field)?;
     let filled = checked.fill_in(&mut doc, received_ms);
     let mut input = Vec::with_capacity(1 + event.len() + filled.added.encoded_len());
     input.push(PROTO_INPUT);
@@ -515,6 +561,23 @@ pub fn too_large(field: &str, size: usize, max: usize) -> ApiError {
     }
 }
 
+/// Decodes a Customer.io webhook sent over gRPC (a `google.protobuf.Struct`) and validates it
+/// as [`customerio_event`] does.
+pub fn customerio_proto_webhook(
+    webhook: &[u8],
+    field: &str,
+    max_bytes: usize,
+) -> Result<InboundEvent, ApiError> {
+    let decoded = JsonStruct::decode(webhook).map_err(|e| {
+        let why = e.to_string();
+        if why.contains("recursion limit reached") {
+            return too_deep(field);
+        }
+        ApiError::field(field, format!("is not a valid google.protobuf.Struct: {why}"))
+    })?;
+    customerio_event(Value::Object(decoded.0), field, max_bytes)
+}
+
 /// Validates a Customer.io reporting webhook, current (`object_type` + `metric`) or legacy
 /// (`event_type`) format. The event type is `event_type`, or `<object_type>_<metric>`.
 pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<InboundEvent, ApiError> {
@@ -531,6 +594,7 @@ pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<Inb
             "must be a JSON object (a Customer.io reporting webhook)",
         ));
     };
+    check_nesting(&doc, field)?;
     let mut violations = Vec::new();
     let text = |k: &str| {
         m.get(k).and_then(|v| match v {
@@ -614,6 +678,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `depth` objects (or lists) nested in one another, a number innermost.
+    fn containers(depth: usize, lists: bool) -> Value {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = if lists { json!([v]) } else { json!({"k": v}) };
+        }
+        v
+    }
+
+    #[test]
+    fn both_doors_refuse_the_same_nesting_with_the_same_answer() {
+        for lists in [false, true] {
+            // Properties `depth` levels deep (they are an object: its members nest the rest).
+            let event = |depth: usize| json!({"type": "track", "event": "x", "userId": "u", "properties": {"deep": containers(depth - 1, lists)}});
+            let proto =
+                |doc: &Value| signal_proto_event(&json_to_event(doc).encode_to_vec(), "event", 1 << 20, 0);
+            // The event is the first level, so its properties may hold MAX_NESTING - 1.
+            let deepest = event(MAX_NESTING - 1);
+            assert!(
+                signal_event(deepest.clone(), "event", 1 << 20, 0).is_ok(),
+                "lists {lists}"
+            );
+            assert!(proto(&deepest).is_ok(), "lists {lists}");
+            // One more level, and far past protobuf's own limit (about 50): the same refusal.
+            for depth in [MAX_NESTING, 60] {
+                let doc = event(depth);
+                for (door, err) in [
+                    (
+                        "json",
+                        signal_event(doc.clone(), "event", 1 << 20, 0).unwrap_err(),
+                    ),
+                    ("proto", proto(&doc).unwrap_err()),
+                ] {
+                    assert_eq!(err.code, ErrorCode::InvalidArgument, "{door} {depth} {lists}");
+                    let v = &err.violations[0];
+                    assert!(v.field.starts_with("event"), "{door} {depth}: {v:?}");
+                    assert!(
+                        v.description.contains("more than 32 levels deep"),
+                        "{door} {depth}: {v:?}"
+                    );
+                }
+            }
+        }
+        let err = signal_event(
+            json!({"type": "page", "context": containers(40, false)}),
+            "",
+            1 << 20,
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(err.violations[0].field, "context");
+        let webhook = json!({"event_id": "e", "metric": "opened", "object_type": "email", "timestamp": 1, "data": containers(40, true)});
+        let err = customerio_event(webhook, "", 1 << 20).unwrap_err();
+        assert_eq!(err.violations[0].field, "data");
+        assert!(err.violations[0].description.contains("levels deep"));
     }
 
     #[test]

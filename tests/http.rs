@@ -113,6 +113,16 @@ async fn bad_input_gets_the_same_codes_as_grpc_as_json_errors() {
     assert_eq!(body["error"]["violations"][0]["field"], json!("event"));
     let why = body["error"]["violations"][0]["description"].to_string();
     assert!(why.contains("post the Signal event itself"), "{body}");
+    // Nesting: past the relay's limit, and past the JSON parser's own, the same kind of answer.
+    for (depth, field) in [(40, "properties"), (200, "body")] {
+        let deep = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let event = format!(r#"{{"type": "page", "userId": "u", "properties": {{"deep": {deep}}}}}"#);
+        let (status, body) = post(&relay, "/v1/events", event, true).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["violations"][0]["field"], json!(field), "{body}");
+        let why = body["error"]["violations"][0]["description"].to_string();
+        assert!(why.contains("more than 32 levels deep"), "{body}");
+    }
     let big = json!({"type": "page", "userId": "u", "properties": {"blob": "x".repeat(40_000)}}).to_string();
     let (status, body) = post(&relay, "/v1/events", big, true).await;
     assert_eq!(status, 413, "{body}");

@@ -143,6 +143,41 @@ async fn invalid_events_get_field_violations_and_nothing_is_queued() {
         too_big.message()
     );
     assert_eq!(violations(too_big), vec!["event"]);
+    // Nesting past the relay's limit, and past protobuf's own (about 50 levels): the same
+    // answer as over HTTP, for events and for Customer.io webhooks.
+    let nested = |depth: usize| {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = json!({"k": v});
+        }
+        v
+    };
+    for (depth, field) in [(40, "event.properties"), (60, "event")] {
+        let deep = json!({"type": "page", "userId": "u", "properties": nested(depth)});
+        let refused = client
+            .send(pb::SendRequest {
+                event: Some(event(deep)),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            refused.message().contains("more than 32 levels deep"),
+            "{refused:?}"
+        );
+        assert_eq!(violations(refused), vec![field]);
+    }
+    let webhook = json!({"event_id": "d", "object_type": "email", "metric": "opened", "timestamp": 1, "data": nested(60)});
+    let refused = client
+        .send_customer_io_event(pb::SendCustomerIoEventRequest {
+            webhook: lytics_relay::normalize::json_to_struct(&webhook),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("more than 32 levels deep"),
+        "{refused:?}"
+    );
+    assert_eq!(violations(refused), vec!["webhook"]);
 
     // A valid event after the bad ones is the only thing delivered.
     client

@@ -165,7 +165,7 @@ impl IngestService for IngestGrpc {
 
     async fn send_customer_io_event(
         &self,
-        request: Request<pb::SendCustomerIoEventRequest>,
+        request: Request<raw::SendCustomerIoEventRequest>,
     ) -> Result<Response<pb::SendCustomerIoEventResponse>, Status> {
         let tp = traceparent(&request);
         let webhook = request.into_inner().webhook.ok_or_else(|| {
@@ -174,11 +174,7 @@ impl IngestService for IngestGrpc {
                 "is required: send {\"webhook\": <the Customer.io JSON>}",
             )
         })?;
-        let event = normalize::customerio_event(
-            serde_json::Value::Object(webhook.0),
-            "webhook",
-            self.max_event_bytes,
-        )?;
+        let event = normalize::customerio_proto_webhook(&webhook, "webhook", self.max_event_bytes)?;
         let accepted = self.ingest.accept(vec![event], tp.as_deref()).await?;
         Ok(Response::new(pb::SendCustomerIoEventResponse {
             result: accepted.first().map(result_pb),

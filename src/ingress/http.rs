@@ -92,7 +92,12 @@ fn unauthenticated(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::field("body", format!("is not valid JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            return normalize::too_deep("body");
+        }
+        ApiError::field("body", format!("is not valid JSON: {e}"))
+    })
 }
 
 fn verify_signal(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {

@@ -1,5 +1,5 @@
-//! The request messages of `IngestService` as its server reads them: each `Event` stays the
-//! bytes it arrived as.
+//! The request messages of `IngestService` as its server reads them: each `Event` (and each
+//! Customer.io webhook) stays the bytes it arrived as.
 //!
 //! `Event event = 1` and `bytes event = 1` are the same on the wire (a length-delimited field),
 //! so these types decode any request a client encodes with the generated `SendRequest`,
@@ -34,6 +34,15 @@ pub struct StreamRequest {
     /// The encoded `Event`.
     #[prost(bytes = "bytes", optional, tag = "1")]
     pub event: Option<Bytes>,
+}
+
+/// `lytics_relay.v1.SendCustomerIoEventRequest`, its webhook undecoded, so that a webhook the
+/// door cannot decode is answered with a field violation like a bad event.
+#[derive(Clone, PartialEq, Message)]
+pub struct SendCustomerIoEventRequest {
+    /// The encoded `google.protobuf.Struct`.
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    pub webhook: Option<Bytes>,
 }
 
 #[cfg(test)]
@@ -97,6 +106,29 @@ mod tests {
         assert_eq!(
             pb::Event::decode(stream.event.as_deref().unwrap()).unwrap(),
             event("S")
+        );
+    }
+
+    #[test]
+    fn a_customer_io_webhook_decodes_to_its_struct_as_encoded() {
+        let mut data = serde_json::Map::new();
+        data.insert("email_address".into(), serde_json::json!("ada@example.com"));
+        let webhook = JsonStruct(data);
+        let wire = pb::SendCustomerIoEventRequest {
+            webhook: Some(webhook.clone()),
+        }
+        .encode_to_vec();
+        let raw = SendCustomerIoEventRequest::decode(&wire[..]).unwrap();
+        assert_eq!(
+            JsonStruct::decode(raw.webhook.as_deref().unwrap()).unwrap(),
+            webhook
+        );
+        let none = pb::SendCustomerIoEventRequest { webhook: None }.encode_to_vec();
+        assert!(
+            SendCustomerIoEventRequest::decode(&none[..])
+                .unwrap()
+                .webhook
+                .is_none()
         );
     }
 
