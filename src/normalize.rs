@@ -26,6 +26,11 @@ pub const SIGNAL_TYPES: &[&str] = &["track", "page", "identify", "screen", "grou
 /// the decoders' own limits (protobuf's recursion limit, at about 50 levels of a `Struct`, and
 /// serde_json's, at 127) lie beyond it and would otherwise differ by door.
 pub const MAX_NESTING: usize = 32;
+// The event message itself is one more level than what it holds.
+const _: () = assert!(
+    crate::proto::SHALLOW_NESTING < MAX_NESTING,
+    "a gRPC event the fast path decodes whole must be within the limit unchecked"
+);
 
 /// True when `value`'s objects and lists nest more than `limit` deep.
 fn nests_deeper_than(value: &Value, limit: usize) -> bool {
@@ -339,7 +344,8 @@ pub fn signal_proto_event(
     if event.len() > max_bytes {
         return Err(too_large(field, event.len(), max_bytes));
     }
-    let decoded = pb::Event::decode(event).map_err(|e| {
+    let (decoded, shallow) = crate::proto::decode_noting_depth(|| pb::Event::decode(event));
+    let decoded = decoded.map_err(|e| {
         let why = e.to_string();
         if why.contains("recursion limit reached") {
             return too_deep(field);
@@ -350,7 +356,11 @@ pub fn signal_proto_event(
     })?;
     let checked = check_signal(&decoded, field)?;
     let mut doc = event_to_json(decoded);
-    check_nesting(&doc, field)?;
+    // A document the decoder's fast path took whole is shallow enough; walking every event's
+    // document would cost 1.7% of ingesting it.
+    if !shallow {
+        check_nesting(&doc, field)?;
+    }
     let filled = checked.fill_in(&mut doc, received_ms);
     let mut input = Vec::with_capacity(1 + event.len() + filled.added.encoded_len());
     input.push(PROTO_INPUT);

@@ -5,7 +5,7 @@
 mod json;
 pub mod raw;
 
-pub use json::{JsonStruct, JsonValue};
+pub use json::{JsonStruct, JsonValue, SHALLOW_NESTING, decode_noting_depth};
 
 /// Package `lytics_relay.v1`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -12,10 +12,32 @@
 //! keys sorted (as `prost_types::Struct`'s `BTreeMap` does), and a repeated key keeps its last
 //! value (as proto3 maps do).
 
+use std::cell::Cell;
+
 use bytes::{Buf, BufMut};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
 use serde_json::{Map, Value};
+
+/// How many levels a decoded document can nest when every `Struct` entry in it was decoded by
+/// the fast path: an entry's value nests at most [`slice::MAX_DEPTH`] + 1 levels below the
+/// `Struct` holding it, and that `Struct` sits one level below the message that holds it.
+pub const SHALLOW_NESTING: usize = slice::MAX_DEPTH as usize + 2;
+
+thread_local! {
+    /// Set when a `Struct` entry is decoded by the general path; see [`decode_noting_depth`].
+    static GENERAL_PATH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `decode` (a message holding `Struct`s) and answers with its result and whether every
+/// `Struct` entry in it took the fast path, so that what it decoded nests at most
+/// [`SHALLOW_NESTING`] levels below the message: a caller that limits nesting checks the
+/// document only when this is false (rarely: deep values, or a message split across buffers).
+pub fn decode_noting_depth<T>(decode: impl FnOnce() -> T) -> (T, bool) {
+    GENERAL_PATH.with(|g| g.set(false));
+    let decoded = decode();
+    (decoded, !GENERAL_PATH.with(Cell::get))
+}
 
 /// `google.protobuf.Struct`: a JSON object.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -294,6 +316,7 @@ impl Message for JsonStruct {
             buf.advance(used);
             return Ok(());
         }
+        GENERAL_PATH.with(|g| g.set(true));
         let mut entry = Entry::default();
         merge_contiguous(wire_type, &mut entry, buf, ctx)?;
         self.0.insert(entry.key, entry.value.0);
@@ -588,6 +611,25 @@ mod tests {
         assert_eq!(Value::Object(general.0), want);
         let keys: Vec<_> = fast.0["o"].as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, ["a", "b"]);
+    }
+
+    #[test]
+    fn the_fast_path_notes_when_an_entry_needed_the_general_one() {
+        let bytes = |v: Value| match v {
+            Value::Object(map) => JsonStruct(map).encode_to_vec(),
+            _ => unreachable!(),
+        };
+        let shallow = bytes(nested(10));
+        let (decoded, fast) = decode_noting_depth(|| JsonStruct::decode(shallow.as_slice()));
+        assert!(decoded.is_ok() && fast);
+        // Past the fast path's depth, and split across buffers: noted, then cleared again.
+        let deep = bytes(nested(25));
+        let (decoded, fast) = decode_noting_depth(|| JsonStruct::decode(deep.as_slice()));
+        assert!(decoded.is_ok() && !fast);
+        let (decoded, fast) = decode_noting_depth(|| JsonStruct::decode(OneByteChunks(&shallow)));
+        assert!(decoded.is_ok() && !fast);
+        let (_, fast) = decode_noting_depth(|| JsonStruct::decode(shallow.as_slice()));
+        assert!(fast);
     }
 
     #[test]
