@@ -1135,7 +1135,9 @@ fn enqueue(
     Ok(Ok(Enqueued { duplicates, spare }))
 }
 
-/// Leases from the schedule: records kept in memory need no read, the others are read by id.
+/// Leases from the schedule: records kept in memory need no read; the others are read in runs
+/// of consecutive ids (a backlog is leased in id order), one range scan per run rather than one
+/// lookup per record. The lease keeps the schedule's order.
 fn lease(
     txn: &Transaction<'_>,
     schedule: &mut Schedule,
@@ -1145,21 +1147,41 @@ fn lease(
     taken_in_group: &mut Vec<(Arc<str>, Slot)>,
 ) -> Result<Vec<QueuedRecord>, QueueError> {
     let taken = schedule.take(max, skip, now);
-    let mut out = Vec::with_capacity(taken.len());
+    let mut slots: Vec<Option<QueuedRecord>> = Vec::with_capacity(taken.len());
+    let mut unread: Vec<i64> = Vec::new();
+    for (_, (_, id)) in &taken {
+        let fresh = schedule.take_fresh(*id);
+        if fresh.is_none() {
+            unread.push(*id);
+        }
+        slots.push(fresh);
+    }
     let mut read = || -> Result<(), rusqlite::Error> {
-        let mut by_id = txn.prepare_cached(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"))?;
+        if unread.is_empty() {
+            return Ok(());
+        }
+        unread.sort_unstable();
+        let mut by_range = txn.prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE id BETWEEN ?1 AND ?2 ORDER BY id"
+        ))?;
         let mut names = Names::default();
-        for (_, (_, id)) in &taken {
-            match schedule.take_fresh(*id) {
-                Some(r) => out.push(r),
-                None => {
-                    if let Some(r) = by_id
-                        .query_row(params![id], |row| read_record(row, &mut names))
-                        .optional()?
-                    {
-                        out.push(r);
-                    }
+        // In id order: runs ascend, and each run's rows come in id order.
+        let mut stored: Vec<(i64, Option<QueuedRecord>)> = Vec::with_capacity(unread.len());
+        for run in unread.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+            if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                let mut rows = by_range.query(params![first, last])?;
+                while let Some(row) = rows.next()? {
+                    let record = read_record(row, &mut names)?;
+                    stored.push((i64::try_from(record.id).unwrap_or(i64::MAX), Some(record)));
                 }
+            }
+        }
+        for (slot, (_, (_, id))) in slots.iter_mut().zip(&taken) {
+            if slot.is_none()
+                && let Ok(i) = stored.binary_search_by_key(id, |(stored_id, _)| *stored_id)
+                && let Some((_, record)) = stored.get_mut(i)
+            {
+                *slot = record.take();
             }
         }
         Ok(())
@@ -1167,7 +1189,7 @@ fn lease(
     match read() {
         Ok(()) => {
             taken_in_group.extend(taken);
-            Ok(out)
+            Ok(slots.into_iter().flatten().collect())
         }
         Err(e) => {
             schedule.untake(taken);
@@ -2375,6 +2397,49 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["e3", "e5"]);
+    }
+
+    #[tokio::test]
+    async fn records_read_back_in_runs_keep_the_schedules_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let q = open(dir.path());
+            let events: Vec<_> = (0..7)
+                .map(|i| {
+                    let id = format!("e{i}");
+                    event(&id, vec![rec("a", &id)])
+                })
+                .collect();
+            q.enqueue(events).await.unwrap();
+            let mut leased = q.lease(10, &HashSet::new()).await.unwrap();
+            let attempt = Attempt {
+                at_ms: 9,
+                status: Some(503),
+                detail: "busy".into(),
+                kind: AttemptKind::Spent,
+            };
+            // e5 leaves (a gap in the later run); e0 and e1 are due after e2, e3, e4 and e6.
+            q.ack(&[leased[5].id]).await.unwrap();
+            let later: Vec<_> = leased.drain(..2).collect();
+            let acked = leased.remove(3);
+            assert_eq!(&*acked.record.event_id, "e5");
+            q.retry(leased, 1_000, attempt.clone()).await.unwrap();
+            q.retry(later, 2_000, attempt).await.unwrap();
+        }
+        // Reopened, nothing is in memory: every record is read back.
+        let q =
+            reopen(|| SqliteQueue::open(&dir.path().join("queue.sqlite3"), 100, Duration::from_secs(3600)))
+                .await;
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        let order: Vec<&str> = leased.iter().map(|r| &*r.record.event_id).collect();
+        assert_eq!(order, ["e2", "e3", "e4", "e6", "e0", "e1"]);
+        for r in &leased {
+            assert_eq!(r.attempts, 1, "{}", r.record.event_id);
+            assert_eq!(
+                &r.record.body[..],
+                format!("{{\"id\":\"{}\"}}", r.record.event_id).as_bytes()
+            );
+        }
     }
 
     #[tokio::test]
