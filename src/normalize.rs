@@ -54,6 +54,18 @@ pub fn too_deep(field: &str) -> ApiError {
     ApiError::field(if field.is_empty() { "body" } else { field }, too_deep_text())
 }
 
+/// The answer for `field`, which does not decode as a `message`: nested past what protobuf
+/// reads, or malformed.
+fn undecodable(e: &prost::DecodeError, field: &str, message: &str) -> ApiError {
+    let why = e.to_string();
+    if why.contains("recursion limit reached") {
+        return too_deep(field);
+    }
+    // prost names fields as Rust does (`Event.r#type`); the sender knows them as `type`.
+    let why = why.replace("r#", "");
+    ApiError::field(field, format!("is not a valid {message}: {why}"))
+}
+
 /// Refuses an event document nested past [`MAX_NESTING`], naming its top-level member that is.
 fn check_nesting(doc: &Value, field: &str) -> Result<(), ApiError> {
     let Value::Object(m) = doc else {
@@ -345,15 +357,7 @@ pub fn signal_proto_event(
         return Err(too_large(field, event.len(), max_bytes));
     }
     let (decoded, shallow) = crate::proto::decode_noting_depth(|| pb::Event::decode(event));
-    let decoded = decoded.map_err(|e| {
-        let why = e.to_string();
-        if why.contains("recursion limit reached") {
-            return too_deep(field);
-        }
-        // prost names fields as Rust does (`Event.r#type`); the sender knows them as `type`.
-        let why = why.replace("r#", "");
-        ApiError::field(field, format!("is not a valid lytics_relay.v1.Event: {why}"))
-    })?;
+    let decoded = decoded.map_err(|e| undecodable(&e, field, "lytics_relay.v1.Event"))?;
     let checked = check_signal(&decoded, field)?;
     let mut doc = event_to_json(decoded);
     // A document the decoder's fast path took whole is shallow enough; walking every event's
@@ -578,13 +582,8 @@ pub fn customerio_proto_webhook(
     field: &str,
     max_bytes: usize,
 ) -> Result<InboundEvent, ApiError> {
-    let decoded = JsonStruct::decode(webhook).map_err(|e| {
-        let why = e.to_string();
-        if why.contains("recursion limit reached") {
-            return too_deep(field);
-        }
-        ApiError::field(field, format!("is not a valid google.protobuf.Struct: {why}"))
-    })?;
+    let decoded =
+        JsonStruct::decode(webhook).map_err(|e| undecodable(&e, field, "google.protobuf.Struct"))?;
     customerio_event(Value::Object(decoded.0), field, max_bytes)
 }
 
