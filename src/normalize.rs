@@ -331,8 +331,9 @@ pub fn signal_event(
             "must be a JSON object (a Signal canonical event)",
         ));
     };
+    let checked = check_signal(m, field)?;
     check_nesting(&doc, field)?;
-    let filled = check_signal(m, field)?.fill_in(&mut doc, received_ms);
+    let filled = checked.fill_in(&mut doc, received_ms);
     let input = json_bytes(&doc);
     if input.len() > max_bytes {
         return Err(too_large(
@@ -732,8 +733,27 @@ mod tests {
                 }
             }
         }
+        // `version` is a `Value` of the message itself, decoded outside the Struct fast path.
+        let proto =
+            |doc: &Value| signal_proto_event(&json_to_event(doc).encode_to_vec(), "event", 1 << 20, 0);
+        let deep_version =
+            json!({"type": "track", "event": "x", "userId": "u", "version": containers(40, true)});
+        for err in [
+            proto(&deep_version).unwrap_err(),
+            signal_event(deep_version.clone(), "event", 1 << 20, 0).unwrap_err(),
+        ] {
+            assert_eq!(err.violations[0].field, "event.version", "{err:?}");
+        }
+        // Both doors check the event's fields before its depth, so they name the same problem.
+        let untyped = json!({"userId": "u", "properties": {"deep": containers(40, false)}});
+        for err in [
+            proto(&untyped).unwrap_err(),
+            signal_event(untyped.clone(), "event", 1 << 20, 0).unwrap_err(),
+        ] {
+            assert_eq!(err.violations[0].field, "event.type", "{err:?}");
+        }
         let err = signal_event(
-            json!({"type": "page", "context": containers(40, false)}),
+            json!({"type": "page", "userId": "u", "context": containers(40, false)}),
             "",
             1 << 20,
             0,

@@ -67,7 +67,12 @@ fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return serde_json::from_str("{}").map_err(|e| ApiError::field("body", e.to_string()));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("is not a valid request: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            return crate::normalize::too_deep("body");
+        }
+        ApiError::field("body", format!("is not a valid request: {e}"))
+    })
 }
 
 async fn list_catalog() -> Json<Value> {

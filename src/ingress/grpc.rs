@@ -1,9 +1,11 @@
-//! The gRPC door: `lytics_relay.v1.IngestService` (`Send`, `SendBatch`, `Stream`).
+//! The gRPC door: `lytics_relay.v1.IngestService` (`Send`, `SendBatch`, `Stream`,
+//! `SendCustomerIoEvent`).
 //!
-//! Input: `Event` messages (their proto3 JSON form is the Signal canonical event) and the
-//! caller's `traceparent` metadata. Output: results per event, or a `Status` with
-//! `google.rpc.BadRequest` field violations. Requests arrive with each event still encoded
-//! ([`crate::proto::raw`]); each is decoded here, and its bytes become its input.
+//! Input: `Event` messages (their proto3 JSON form is the Signal canonical event), Customer.io
+//! webhooks as `Struct`s, and the caller's `traceparent` metadata. Output: results per event,
+//! or a `Status` with `google.rpc.BadRequest` field violations. Requests arrive with each event
+//! and webhook still encoded ([`crate::proto::raw`]); each is decoded here, and an event's
+//! bytes become its input.
 
 use std::sync::Arc;
 

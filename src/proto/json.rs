@@ -20,17 +20,20 @@ use prost::{DecodeError, Message};
 use serde_json::{Map, Value};
 
 /// How many levels a decoded document can nest when every `Struct` entry in it was decoded by
-/// the fast path: an entry's value nests at most [`slice::MAX_DEPTH`] + 1 levels below the
-/// `Struct` holding it, and that `Struct` sits one level below the message that holds it.
+/// the fast path and no `Value` outside one held an object or a list: an entry's value nests at
+/// most [`slice::MAX_DEPTH`] levels below the `Struct` holding it, and that `Struct` sits one
+/// level below the message that holds it (one level to spare).
 pub const SHALLOW_NESTING: usize = slice::MAX_DEPTH as usize + 2;
 
 thread_local! {
-    /// Set when a `Struct` entry is decoded by the general path; see [`decode_noting_depth`].
+    /// Set when a `Struct` entry is decoded by the general path, or a `Value` decoded outside
+    /// the fast path holds an object or a list; see [`decode_noting_depth`].
     static GENERAL_PATH: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `decode` (a message holding `Struct`s) and answers with its result and whether every
-/// `Struct` entry in it took the fast path, so that what it decoded nests at most
+/// Runs `decode` (a message holding `Struct`s and `Value`s) and answers with its result and
+/// whether every `Struct` entry in it took the fast path and no other `Value` held a container,
+/// so that what it decoded nests at most
 /// [`SHALLOW_NESTING`] levels below the message: a caller that limits nesting checks the
 /// document only when this is false (rarely: deep values, or a message split across buffers).
 pub fn decode_noting_depth<T>(decode: impl FnOnce() -> T) -> (T, bool) {
@@ -396,11 +399,15 @@ impl Message for JsonValue {
                 Value::Bool(b)
             }
             kind::STRUCT => {
+                // A container outside the fast path (a `Value` field of a message, or below
+                // an entry the general path took): its depth is not bounded by the fast path.
+                GENERAL_PATH.with(|g| g.set(true));
                 let mut s = JsonStruct::default();
                 encoding::message::merge(wire_type, &mut s, buf, ctx)?;
                 Value::Object(s.0)
             }
             kind::LIST => {
+                GENERAL_PATH.with(|g| g.set(true));
                 let mut l = JsonList::default();
                 encoding::message::merge(wire_type, &mut l, buf, ctx)?;
                 Value::Array(l.0)
@@ -630,6 +637,13 @@ mod tests {
         assert!(decoded.is_ok() && !fast);
         let (_, fast) = decode_noting_depth(|| JsonStruct::decode(shallow.as_slice()));
         assert!(fast);
+        // A `Value` decoded outside the fast path: a container is noted, a scalar is not.
+        let list = JsonValue(json!([[1]])).encode_to_vec();
+        let (decoded, fast) = decode_noting_depth(|| JsonValue::decode(list.as_slice()));
+        assert!(decoded.is_ok() && !fast);
+        let text = JsonValue(json!("x")).encode_to_vec();
+        let (decoded, fast) = decode_noting_depth(|| JsonValue::decode(text.as_slice()));
+        assert!(decoded.is_ok() && fast);
     }
 
     #[test]

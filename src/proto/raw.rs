@@ -6,8 +6,9 @@
 //! `SendBatchRequest` and `StreamRequest`. The bytes are slices of the received buffer (no copy);
 //! the gRPC door decodes each event from them and keeps them as the event's
 //! input, so the relay never serialises a gRPC event again to store it. One difference from
-//! decoding the full types: a request that repeats its singular `event` field keeps the last
-//! occurrence instead of merging the two (protobuf encoders never write such a request).
+//! decoding the full types: a request that repeats its singular `event` (or `webhook`) field
+//! keeps the last occurrence instead of merging the two (protobuf encoders never write such a
+//! request).
 
 use bytes::Bytes;
 use prost::Message;
