@@ -1192,7 +1192,15 @@ fn lease(
             Ok(slots.into_iter().flatten().collect())
         }
         Err(e) => {
-            schedule.untake(taken);
+            // Every record waits again; those held in memory stay there.
+            for ((integration, (due_ms, id)), record) in taken.into_iter().zip(slots) {
+                schedule.wait(Waiting {
+                    integration,
+                    due_ms,
+                    id,
+                    record,
+                });
+            }
             Err(sql(e))
         }
     }
