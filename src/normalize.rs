@@ -41,6 +41,20 @@ fn nests_deeper_than(value: &Value, limit: usize) -> bool {
     }
 }
 
+/// The violation path of member `name` of the event at `field` (`""`: the request body itself).
+fn member(field: &str, name: &str) -> String {
+    if field.is_empty() {
+        name.to_string()
+    } else {
+        format!("{field}.{name}")
+    }
+}
+
+/// The violation path of the whole event at `field`: `body` when the event is the request body.
+fn whole(field: &str) -> &str {
+    if field.is_empty() { "body" } else { field }
+}
+
 /// What a violation of [`MAX_NESTING`] says.
 fn too_deep_text() -> String {
     format!(
@@ -51,7 +65,7 @@ fn too_deep_text() -> String {
 
 /// The error for a body its decoder refused as too deeply nested, past [`MAX_NESTING`].
 pub fn too_deep(field: &str) -> ApiError {
-    ApiError::field(if field.is_empty() { "body" } else { field }, too_deep_text())
+    ApiError::field(whole(field), too_deep_text())
 }
 
 /// The answer for `field`, which does not decode as a `message`: nested past what protobuf
@@ -73,8 +87,7 @@ fn check_nesting(doc: &Value, field: &str) -> Result<(), ApiError> {
     };
     match m.iter().find(|(_, v)| nests_deeper_than(v, MAX_NESTING - 1)) {
         None => Ok(()),
-        Some((key, _)) if field.is_empty() => Err(ApiError::field(key.clone(), too_deep_text())),
-        Some((key, _)) => Err(ApiError::field(format!("{field}.{key}"), too_deep_text())),
+        Some((key, _)) => Err(ApiError::field(member(field, key), too_deep_text())),
     }
 }
 
@@ -327,7 +340,7 @@ pub fn signal_event(
 ) -> Result<InboundEvent, ApiError> {
     let Value::Object(m) = &doc else {
         return Err(ApiError::field(
-            if field.is_empty() { "body" } else { field },
+            whole(field),
             "must be a JSON object (a Signal canonical event)",
         ));
     };
@@ -336,11 +349,7 @@ pub fn signal_event(
     let filled = checked.fill_in(&mut doc, received_ms);
     let input = json_bytes(&doc);
     if input.len() > max_bytes {
-        return Err(too_large(
-            if field.is_empty() { "body" } else { field },
-            input.len(),
-            max_bytes,
-        ));
+        return Err(too_large(whole(field), input.len(), max_bytes));
     }
     Ok(filled.into_event(doc, input))
 }
@@ -473,13 +482,7 @@ impl Filled {
 /// The checks every Signal event passes, whichever door it came through; every violation is
 /// reported.
 fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError> {
-    let at = |name: &str| {
-        if field.is_empty() {
-            name.to_string()
-        } else {
-            format!("{field}.{name}")
-        }
-    };
+    let at = |name: &str| member(field, name);
     let mut violations = Vec::new();
     let text_of = |k: &str, violations: &mut Vec<FieldViolation>| match m.text(k) {
         Ok(t) => t,
@@ -591,16 +594,10 @@ pub fn customerio_proto_webhook(
 /// Validates a Customer.io reporting webhook, current (`object_type` + `metric`) or legacy
 /// (`event_type`) format. The event type is `event_type`, or `<object_type>_<metric>`.
 pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<InboundEvent, ApiError> {
-    let at = |name: &str| {
-        if field.is_empty() {
-            name.to_string()
-        } else {
-            format!("{field}.{name}")
-        }
-    };
+    let at = |name: &str| member(field, name);
     let Value::Object(m) = &doc else {
         return Err(ApiError::field(
-            if field.is_empty() { "body" } else { field },
+            whole(field),
             "must be a JSON object (a Customer.io reporting webhook)",
         ));
     };
@@ -654,11 +651,7 @@ pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<Inb
     }
     let input = json_bytes(&doc);
     if input.len() > max_bytes {
-        return Err(too_large(
-            if field.is_empty() { "body" } else { field },
-            input.len(),
-            max_bytes,
-        ));
+        return Err(too_large(whole(field), input.len(), max_bytes));
     }
     Ok(InboundEvent {
         source: Source::CustomerIo,

@@ -1495,6 +1495,16 @@ mod tests {
         }
     }
 
+    /// Events `e0`, `e1`, … with one record each for integration `a`.
+    fn one_record_each(n: usize) -> Vec<EventRecords> {
+        (0..n)
+            .map(|i| {
+                let id = format!("e{i}");
+                event(&id, vec![rec("a", &id)])
+            })
+            .collect()
+    }
+
     fn open(dir: &Path) -> SqliteQueue {
         SqliteQueue::open(&dir.join("queue.sqlite3"), 100, Duration::from_secs(3600)).unwrap()
     }
@@ -2372,13 +2382,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let q = open(dir.path());
-            let events: Vec<_> = (0..7)
-                .map(|i| {
-                    let id = format!("e{i}");
-                    event(&id, vec![rec("a", &id)])
-                })
-                .collect();
-            q.enqueue(events).await.unwrap();
+            q.enqueue(one_record_each(7)).await.unwrap();
             let leased = q.lease(10, &HashSet::new()).await.unwrap();
             assert_eq!(leased.len(), 7);
             // e0 e1 e2 (a run), e4 (alone), e6 (alone), given out of order and once twice.
@@ -2412,13 +2416,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let q = open(dir.path());
-            let events: Vec<_> = (0..7)
-                .map(|i| {
-                    let id = format!("e{i}");
-                    event(&id, vec![rec("a", &id)])
-                })
-                .collect();
-            q.enqueue(events).await.unwrap();
+            q.enqueue(one_record_each(7)).await.unwrap();
             let mut leased = q.lease(10, &HashSet::new()).await.unwrap();
             let attempt = Attempt {
                 at_ms: 9,
