@@ -33,8 +33,15 @@ pub use model::{
 pub use record::Fields;
 pub use spec::{ExpectedRecordSpec, RuleFileSpec, TestCaseSpec};
 
-/// The rule files shipped with the relay, used when no rules directory is given or found.
-pub const EMBEDDED: &[(&str, &str)] = &[("rules/signal.yaml", include_str!("../../rules/signal.yaml"))];
+/// The rule files shipped with the relay (every file of `rules/`, in name order, as
+/// [`RuleSet::load`] reads a directory), used when no rules directory is given or found.
+pub const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "rules/customerio.yaml",
+        include_str!("../../rules/customerio.yaml"),
+    ),
+    ("rules/signal.yaml", include_str!("../../rules/signal.yaml")),
+];
 
 /// Every problem found while loading rules.
 #[derive(Debug, thiserror::Error)]

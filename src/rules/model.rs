@@ -450,8 +450,24 @@ impl Rule {
             || self
                 .identity
                 .iter()
-                .any(|id| out.get(id).is_some_and(has_content));
+                .any(|id| out.get(id).is_some_and(|v| has_content(v) && !too_long(v)));
         if !identified {
+            let too_long: Vec<String> = self
+                .identity
+                .iter()
+                .filter_map(|id| {
+                    let text = out.get(id).and_then(Value::as_str).map(str::trim)?;
+                    (text.len() > MAX_IDENTITY_BYTES).then(|| format!("`{id}` is {} bytes", text.len()))
+                })
+                .collect();
+            if !too_long.is_empty() {
+                return Some(Err(self.drop(format!(
+                    "identifier too long: {}; Lytics ignores identity values over \
+                     {MAX_IDENTITY_BYTES} bytes, so it cannot stitch the record to a user (events \
+                     received but user not created); send a shorter identifier",
+                    too_long.join(", ")
+                ))));
+            }
             let ids: Vec<String> = self.identity.iter().map(|i| format!("`{i}`")).collect();
             return Some(Err(self.drop(format!(
                 "missing identifiers: the record has none of {}, so Lytics cannot stitch it to a \
@@ -633,6 +649,16 @@ fn render(parts: &[TemplatePart], doc: &Value, out: &RecordBuilder<'_>) -> Optio
 }
 
 /// True when a value carries something: not null, not empty text, not an empty array.
+/// The longest identity value (in bytes, once trimmed) Lytics stitches profiles by.
+pub const MAX_IDENTITY_BYTES: usize = 256;
+
+/// A text identity value Lytics would ignore for its length.
+fn too_long(value: &Value) -> bool {
+    value
+        .as_str()
+        .is_some_and(|s| s.trim().len() > MAX_IDENTITY_BYTES)
+}
+
 fn has_content(value: &Value) -> bool {
     match value {
         Value::Null => false,

@@ -29,11 +29,19 @@ fn shipped_rules_compile_and_their_cases_pass() {
     let report = cases::run_all(&set);
     assert!(report.results.len() >= 4);
     assert_eq!(report.failed(), 0, "{}", report.render());
+}
+
+#[test]
+fn the_embedded_rules_are_every_shipped_file() {
+    let shipped = RuleSet::load(Path::new("rules")).unwrap();
     let embedded = RuleSet::embedded().unwrap();
-    assert_eq!(
-        embedded.rules(Source::Signal).len(),
-        set.rules(Source::Signal).len()
-    );
+    // The version hashes every file's name and text.
+    assert_eq!(embedded.version(), shipped.version());
+    for source in [Source::Signal, Source::CustomerIo] {
+        assert!(!embedded.rules(source).is_empty(), "{source:?}");
+        assert_eq!(embedded.rules(source).len(), shipped.rules(source).len());
+    }
+    assert_eq!(cases::run_all(&embedded).failed(), 0);
 }
 
 #[test]
@@ -215,4 +223,44 @@ fn versions_follow_content() {
     let c = compile("source: signal\nrules: []\n# changed\n").unwrap();
     assert_eq!(a.version(), b.version());
     assert_ne!(a.version(), c.version());
+}
+
+#[test]
+fn an_identity_lytics_would_ignore_for_its_length_does_not_identify_a_record() {
+    let set = compile(
+        r#"
+source: signal
+identity: [user_id, email]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      email: { from: $.traits.email, transform: email }
+      _ts: { value: 1 }
+"#,
+    )
+    .unwrap();
+    let doc = |user_id: &str, traits: Value| json!({"type": "identify", "userId": user_id, "traits": traits});
+    // 256 bytes (two-byte characters) is the most Lytics stitches by.
+    let longest = "é".repeat(128);
+    let d = doc(&longest, json!({}));
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(m.dropped, vec![]);
+    assert_eq!(m.records.len(), 1);
+    // One byte more, and nothing else identifies the record: dropped, saying why.
+    let too_long = format!("{longest}x");
+    let d = doc(&too_long, json!({}));
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert!(m.records.is_empty());
+    let reason = &m.dropped[0].reason;
+    assert!(
+        reason.contains("identifier too long: `user_id` is 257 bytes"),
+        "{reason}"
+    );
+    assert!(reason.contains("user not created"), "{reason}");
+    // Another identifier still stitches it.
+    let d = doc(&too_long, json!({"email": "a@b.co"}));
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(m.dropped, vec![]);
+    assert_eq!(m.records.len(), 1);
 }
