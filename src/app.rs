@@ -7,6 +7,7 @@
 //! delivery drains the queue within the grace period → spans are flushed.
 
 use std::future::Future;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -259,12 +260,18 @@ pub async fn run(
             )
         })?;
     if created {
-        // Printed once, on the terminal only: the log never carries secrets.
-        eprintln!(
-            "admin token (stored in {}, shown only now): {}",
-            settings.data_dir.join(crate::admin::TOKEN_FILE).display(),
-            admin_token.secret().expose()
-        );
+        let file = settings.data_dir.join(crate::admin::TOKEN_FILE);
+        // Shown once to a person at a terminal; the log (stderr under a service manager, or
+        // JSON lines) never carries secrets, so there it names the file only.
+        if std::io::stderr().is_terminal() && !settings.log_json {
+            eprintln!(
+                "admin token (stored in {}, shown only now): {}",
+                file.display(),
+                admin_token.secret().expose()
+            );
+        } else {
+            tracing::info!(file = %file.display(), "admin token created; read it from its file (owner-only)");
+        }
     }
     let rules_admin = RulesAdmin::new(reloader.clone(), integrations.clone(), settings.max_event_bytes);
     let rules_service = tonic::service::interceptor::InterceptedService::new(
@@ -371,7 +378,9 @@ pub async fn run(
                 queue: queue.clone(),
                 bus: live.clone(),
                 delivery: delivery_state.clone(),
-            }));
+            }))
+            .fallback(crate::error::no_route)
+            .method_not_allowed_fallback(crate::error::wrong_method);
         // As for gRPC: answers go out at once, not after the previous one is acknowledged.
         let listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
             let _ = tcp.set_nodelay(true);

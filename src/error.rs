@@ -20,6 +20,8 @@ pub enum ErrorCode {
     Unauthenticated,
     /// The thing asked for does not exist.
     NotFound,
+    /// The path exists, but not for this HTTP method.
+    MethodNotAllowed,
     /// The thing to create exists already.
     AlreadyExists,
     /// The request body is too large.
@@ -41,6 +43,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
             ErrorCode::Unauthenticated => tonic::Code::Unauthenticated,
             ErrorCode::NotFound => tonic::Code::NotFound,
+            ErrorCode::MethodNotAllowed => tonic::Code::Unimplemented,
             ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
             ErrorCode::PayloadTooLarge => tonic::Code::InvalidArgument,
             ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
@@ -56,6 +59,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
@@ -71,6 +75,7 @@ impl ErrorCode {
             ErrorCode::InvalidArgument => "invalid_argument",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::ResourceExhausted => "resource_exhausted",
@@ -203,6 +208,22 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The answer to a path no HTTP route serves, in the error shape of every other refusal.
+pub async fn no_route(uri: http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no route `{}` (the README lists the HTTP API)", uri.path()),
+    )
+}
+
+/// The answer to a method a route does not take (axum adds the `Allow` header).
+pub async fn wrong_method(method: http::Method, uri: http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("`{}` does not take {method}", uri.path()),
+    )
 }
 
 /// axum's `Query`, refusing a query string that does not fit (`?limit=abc`) with the JSON error

@@ -506,9 +506,11 @@ fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError>
         )),
         _ => {}
     }
+    let before = violations.len();
     let user_id = text_of("userId", &mut violations);
     let anonymous_id = text_of("anonymousId", &mut violations);
-    if user_id.is_none() && anonymous_id.is_none() {
+    // Either one not being text is named above; this says that neither is given.
+    if user_id.is_none() && anonymous_id.is_none() && violations.len() == before {
         violations.push(FieldViolation::new(
             at("userId"),
             "an event needs a userId or an anonymousId, or Lytics cannot tie it to a user",
@@ -847,6 +849,10 @@ mod tests {
             ),
             vec!["event.userId", "event.properties", "event.timestamp"]
         );
+        // An identity that is not text is named once, as such.
+        let err = signal_event(json!({"type": "page", "userId": ["x"]}), "event", 32 * 1024, 0).unwrap_err();
+        assert_eq!(err.violations.len(), 1, "{err:?}");
+        assert_eq!(err.violations[0].description, "must be a string");
     }
 
     #[test]

@@ -197,6 +197,26 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!(installed["status"], json!("active"));
     let (_, health) = api.call("GET", "/healthz", None, None);
     assert_eq!(health["paused_integrations"], json!([]), "{health}");
+    // The replaced default is gone, and a call naming it says why.
+    for (method, path) in [
+        ("GET", "/v1/admin/integrations/lytics"),
+        ("POST", "/v1/admin/integrations/lytics/pause"),
+        ("DELETE", "/v1/admin/integrations/lytics"),
+    ] {
+        let (s, b) = api.call(method, path, None, None);
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{method} {path}: {b}"
+        );
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("built-in default"),
+            "{method} {path}: {b}"
+        );
+    }
 
     // Testing step 1–2: an event via the Signal event API arrives in the stream.
     let grpcurl = std::env::var("GRPCURL")
@@ -272,6 +292,30 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     wait_stream(relay.emulator.as_deref().unwrap(), "datafly_events", 2);
     wait_stream(relay.emulator.as_deref().unwrap(), "customerio_events", 1);
 
+    // A bad update names the field, in the message as in the violations, and changes nothing.
+    for (patch, field, says) in [
+        (
+            json!({"config": {"api_token": " "}}),
+            "config.api_token",
+            "must not be empty",
+        ),
+        (
+            json!({"config": {"api_token": 5}}),
+            "config.api_token",
+            "invalid type: integer `5`",
+        ),
+    ] {
+        let (s, b) = api.call(
+            "PATCH",
+            &format!("/v1/admin/integrations/{second_id}"),
+            Some(patch),
+            None,
+        );
+        assert_eq!(s, 400, "{b}");
+        assert_eq!(b["error"]["violations"][0]["field"], json!(field), "{b}");
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field) && message.contains(says), "{b}");
+    }
     // Update (rotate the token, change the name), pause, resume, test, uninstall.
     let (s, updated) = api.call(
         "PATCH",

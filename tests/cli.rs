@@ -117,6 +117,31 @@ fn sigterm_stops_the_relay_gracefully() {
     );
 }
 
+#[test]
+fn a_new_admin_token_is_not_logged_and_the_log_stays_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = Spawned::start(dir.path(), &[]);
+    assert_eq!(relay.terminate(), Some(0));
+    let log = relay.log();
+    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    assert!(token.trim().len() >= 32, "{token}");
+    assert!(!log.contains(token.trim()), "the token is in the log:\n{log}");
+    for line in log.lines() {
+        assert!(serde_json::from_str::<Value>(line).is_ok(), "not JSON: {line}");
+    }
+    assert!(
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("admin token created"))
+                && v["fields"]["file"]
+                    .as_str()
+                    .is_some_and(|f| f.ends_with("admin-token"))),
+        "{log}"
+    );
+}
+
 /// SIGTERM while a Lytics call hangs: the relay refuses new events, stops within the grace
 /// period, says the shutdown was not graceful, and the cut-off event is delivered after the
 /// restart.

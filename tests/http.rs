@@ -151,6 +151,27 @@ async fn bad_input_gets_the_same_codes_as_grpc_as_json_errors() {
             .contains("--customerio-signing-key"),
         "{body}"
     );
+    // An unknown path and a wrong method get the same JSON error shape.
+    let r = reqwest::get(relay.http_url("/v1/nope")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], json!("not_found"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("/v1/nope"),
+        "{body}"
+    );
+    let r = reqwest::get(relay.http_url("/v1/webhooks/customerio"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let allow = r.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+    assert!(allow.as_deref().is_some_and(|a| a.contains("POST")), "{allow:?}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], json!("method_not_allowed"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("GET"),
+        "{body}"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(
         emu.emulator.stream_events(STREAM).is_empty(),

@@ -217,6 +217,17 @@ async fn the_live_page_and_its_events_refuse_callers_without_the_admin_token() {
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], json!("unauthenticated"), "{path}");
     }
+    // From curl or a script, the header every other admin call takes works too.
+    let client = reqwest::Client::new();
+    for (path, bearer) in [("/live/events", "wrong"), ("/live", ADMIN)] {
+        let r = client
+            .get(relay.http_url(path))
+            .header("Authorization", format!("Bearer {bearer}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), if bearer == ADMIN { 200 } else { 401 }, "{path}");
+    }
     let r = reqwest::get(relay.http_url(&format!("/live?token={ADMIN}")))
         .await
         .unwrap();

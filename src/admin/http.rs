@@ -67,11 +67,20 @@ fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return serde_json::from_str("{}").map_err(|e| ApiError::field("body", e.to_string()));
     }
-    serde_json::from_slice(bytes).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| (e.path().to_string(), e.into_inner()))
+        .and_then(|v| de.end().map(|()| v).map_err(|e| (".".to_string(), e)));
+    parsed.map_err(|(path, e)| {
         if e.to_string().starts_with("recursion limit exceeded") {
             return crate::normalize::too_deep("body");
         }
-        ApiError::field("body", format!("is not a valid request: {e}"))
+        // A value of the wrong type names its field (`config.api_token`); JSON that does not
+        // parse names the body.
+        match e.classify() {
+            serde_json::error::Category::Data if path != "." => ApiError::field(path, format!("{e}")),
+            _ => ApiError::field("body", format!("is not a valid request: {e}")),
+        }
     })
 }
 
@@ -177,7 +186,7 @@ async fn dry_run(State(s): State<AdminState>, bytes: Bytes) -> Result<Json<Value
 }
 
 async fn reload(State(s): State<AdminState>) -> Json<Value> {
-    let o = s.rules.reload().await;
+    let o = s.rules.reload("POST /v1/admin/rules/reload").await;
     Json(json!({
         "swapped": o.swapped,
         "version": o.version,

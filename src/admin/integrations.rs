@@ -371,12 +371,7 @@ impl IntegrationAdmin {
         {
             return Ok(self.view_configured(c));
         }
-        let s = self
-            .store
-            .get(id)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| not_found(id))?;
+        let s = self.stored(id).await?;
         Ok(self.view_stored(&s))
     }
 
@@ -454,7 +449,14 @@ impl IntegrationAdmin {
             }
         }
         if !violations.is_empty() {
-            return Err(ApiError::invalid("invalid update: empty settings", violations));
+            let named: Vec<String> = violations
+                .iter()
+                .map(|v| format!("`{}` {}", v.field, v.description))
+                .collect();
+            return Err(ApiError::invalid(
+                format!("invalid update: {}", named.join("; ")),
+                violations,
+            ));
         }
         to_integration(&s)?;
         s.updated_ms = now_ms();
@@ -543,6 +545,15 @@ impl IntegrationAdmin {
 
     async fn stored(&self, id: &str) -> Result<StoredIntegration, ApiError> {
         if self.configured.as_ref().is_some_and(|c| c.id.as_str() == id) {
+            if self.configured_is_default && self.live.get(id).is_none() {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "no integration `{id}`: the built-in default `{id}` stands in only until an \
+                         integration is installed, and one is (list them with GET /v1/admin/integrations)"
+                    ),
+                ));
+            }
             return Err(ApiError::new(
                 ErrorCode::FailedPrecondition,
                 format!(

@@ -105,9 +105,9 @@ impl RulesAdmin {
         self.reloader.live().current()
     }
 
-    /// Reloads now.
-    pub async fn reload(&self) -> ReloadOutcome {
-        self.reloader.reload("RulesService/Reload").await
+    /// Reloads now; `trigger` names the call in the log.
+    pub async fn reload(&self, trigger: &str) -> ReloadOutcome {
+        self.reloader.reload(trigger).await
     }
 
     /// The reloader.
@@ -183,7 +183,7 @@ impl RulesService for RulesAdmin {
     }
 
     async fn reload(&self, _: Request<pb::ReloadRequest>) -> Result<Response<pb::ReloadResponse>, Status> {
-        let o = RulesAdmin::reload(self).await;
+        let o = RulesAdmin::reload(self, "RulesService/Reload").await;
         Ok(Response::new(pb::ReloadResponse {
             swapped: o.swapped,
             version: o.version,

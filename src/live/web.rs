@@ -7,7 +7,8 @@
 //!   this watcher fell behind and lost N events).
 //!
 //! Browsers cannot set an `Authorization` header on `EventSource`, so both take the admin token
-//! as the `token` query parameter, compared in constant time; without it they answer 401 in the
+//! as the `token` query parameter (or, from curl and scripts, the usual `Authorization: Bearer`
+//! header), compared in constant time; without it they answer 401 in the
 //! project's JSON error shape. The relay logs no request URIs, so the token stays out of logs,
 //! and the page is served with `Referrer-Policy: no-referrer` so it does not leak either.
 
@@ -19,7 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::Stream;
-use http::header;
+use http::{HeaderMap, header};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -61,8 +62,11 @@ pub fn router(state: LiveWeb) -> Router {
         .with_state(state)
 }
 
-fn authorize(state: &LiveWeb, q: &LiveQuery) -> Result<(), ApiError> {
-    if state.token.check_token(q.token.as_deref()) {
+/// The admin token as the `token` query parameter (browsers) or, as on every other admin call,
+/// an `Authorization: Bearer` header (curl, scripts).
+fn authorize(state: &LiveWeb, q: &LiveQuery, headers: &HeaderMap) -> Result<(), ApiError> {
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if state.token.check_token(q.token.as_deref()) || state.token.check(bearer) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -72,8 +76,12 @@ fn authorize(state: &LiveWeb, q: &LiveQuery) -> Result<(), ApiError> {
     }
 }
 
-async fn page(State(state): State<LiveWeb>, QueryOf(q): QueryOf<LiveQuery>) -> Result<Response, ApiError> {
-    authorize(&state, &q)?;
+async fn page(
+    State(state): State<LiveWeb>,
+    headers: HeaderMap,
+    QueryOf(q): QueryOf<LiveQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &q, &headers)?;
     Ok((
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -91,9 +99,10 @@ async fn page(State(state): State<LiveWeb>, QueryOf(q): QueryOf<LiveQuery>) -> R
 
 async fn events(
     State(state): State<LiveWeb>,
+    headers: HeaderMap,
     QueryOf(q): QueryOf<LiveQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    authorize(&state, &q)?;
+    authorize(&state, &q, &headers)?;
     let filter = Filter::parse(&q.integration, &q.source, &q.event_type, &q.outcome)
         .map_err(|e| ApiError::field(e.what, e.to_string()))?;
     let watcher = state.bus.subscribe(filter);
