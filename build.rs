@@ -29,15 +29,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(compiler.file_descriptor_set())?;
 
-    // A second IngestService server whose request types keep each event's bytes as received
-    // (src/proto/raw.rs): the gRPC door decodes events itself and stores the bytes as the
-    // event's input. Every other type is the one generated above; clients are unchanged.
+    // Second IngestService and RulesService servers whose request types keep each event's
+    // bytes as received (src/proto/raw.rs): the gRPC door decodes events itself (so an event
+    // it cannot decode is a field violation, not INTERNAL) and stores the bytes as the event's
+    // input. Every other type is the one generated above; clients are unchanged.
     let raw_dir = out_dir.join("raw");
     std::fs::create_dir_all(&raw_dir)?;
     let mut ingest_only = compiler.file_descriptor_set();
     ingest_only
         .file
-        .retain(|f| f.name() == "lytics_relay/v1/ingest.proto");
+        .retain(|f| f.name() == "lytics_relay/v1/ingest.proto" || f.name() == "lytics_relay/v1/rules.proto");
     tonic_prost_build::configure()
         .out_dir(&raw_dir)
         .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
@@ -55,6 +56,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".lytics_relay.v1.SendCustomerIoEventRequest",
             "crate::proto::raw::SendCustomerIoEventRequest",
+        )
+        .extern_path(
+            ".lytics_relay.v1.DryRunRequest",
+            "crate::proto::raw::DryRunRequest",
         )
         .build_client(false)
         .build_server(true)

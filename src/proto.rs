@@ -13,9 +13,10 @@ pub mod v1 {
     tonic::include_proto!("lytics_relay.v1");
 }
 
-/// The `IngestService` server as the relay runs it: requests keep each event's bytes ([`raw`]).
+/// The `IngestService` and `RulesService` servers as the relay runs them: requests keep each
+/// event's bytes ([`raw`]).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod ingest_server {
+pub mod servers {
     include!(concat!(env!("OUT_DIR"), "/raw/lytics_relay.v1.rs"));
 }
 

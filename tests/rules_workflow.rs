@@ -13,7 +13,9 @@ use common::*;
 use lytics_relay::proto::v1 as pb;
 use lytics_relay::proto::v1::rules_service_client::RulesServiceClient;
 use lytics_relay::telemetry::Telemetry;
+use prost::Message as _;
 use serde_json::{Value, json};
+use tonic_types::StatusExt;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
@@ -165,6 +167,53 @@ async fn dry_run_explains_every_field_and_the_paths_that_matched_nothing() {
         emu.emulator.stream_events(STREAM).is_empty(),
         "a dry run delivers nothing"
     );
+    // A Customer.io webhook over gRPC.
+    let mut req = tonic::Request::new(pb::DryRunRequest {
+        customerio_webhook: lytics_relay::normalize::json_to_struct(&fixture("customerio_email_opened.json")),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let d = rules.dry_run(req).await.unwrap().into_inner();
+    assert_eq!(d.records.len(), 1, "{d:?}");
+    assert_eq!(d.records[0].stream, "customerio_events");
+    // An event the door cannot decode, or nested past protobuf's own limit, is the caller's
+    // mistake: a field violation, as `Send` answers it, not INTERNAL.
+    let nested = (0..60).fold(json!(1), |v, _| json!([v]));
+    let deep = event(json!({"type": "page", "userId": "u", "properties": {"deep": nested}})).encode_to_vec();
+    for (event_bytes, says) in [
+        (vec![0x0a, 0x05, b'p'], "is not a valid lytics_relay.v1.Event"),
+        (deep, "more than 32 levels deep"),
+    ] {
+        let mut body = Vec::new();
+        prost::encoding::bytes::encode(1, &event_bytes, &mut body);
+        let request = lytics_relay::proto::raw::DryRunRequest::decode(&body[..]).unwrap();
+        let mut req = tonic::Request::new(request);
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let refused = grpc
+            .unary::<_, pb::DryRunResponse, _>(
+                req,
+                http::uri::PathAndQuery::from_static("/lytics_relay.v1.RulesService/DryRun"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        let details = refused.get_details_bad_request().unwrap();
+        assert_eq!(details.field_violations[0].field, "event", "{refused:?}");
+        assert!(
+            details.field_violations[0].description.contains(says),
+            "{refused:?}"
+        );
+    }
 
     // The HTTP twin, with a Customer.io webhook.
     let body = json!({"source": "customerio", "event": fixture("customerio_email_opened.json")});

@@ -12,8 +12,9 @@ use tonic::{Request, Response, Status};
 use crate::error::ApiError;
 use crate::integration::Integrations;
 use crate::normalize::{self, json_to_struct};
+use crate::proto::raw;
+use crate::proto::servers::rules_service_server::RulesService;
 use crate::proto::v1 as pb;
-use crate::proto::v1::rules_service_server::RulesService;
 use crate::reload::{ReloadOutcome, Reloader};
 use crate::rules::{IntegrationContext, Source};
 use crate::timefmt::now_ms;
@@ -61,6 +62,11 @@ impl RulesAdmin {
                 normalize::customerio_event(doc, "customerio_webhook", self.max_event_bytes)?
             }
         };
+        self.explain(source, &event.doc, integration)
+    }
+
+    /// Maps a validated event's document and explains it.
+    fn explain(&self, source: Source, doc: &Value, integration: Option<&str>) -> Result<DryRun, ApiError> {
         let ctx = match integration.filter(|i| !i.is_empty()) {
             Some(id) => self
                 .integrations
@@ -78,7 +84,7 @@ impl RulesAdmin {
                 }),
         };
         let rules = self.reloader_rules();
-        let (mapping, explain) = rules.explain(source, &event.doc, &ctx);
+        let (mapping, explain) = rules.explain(source, doc, &ctx);
         Ok(DryRun {
             rules_version: rules.version().to_string(),
             records: mapping
@@ -124,19 +130,26 @@ fn text(v: &Value, key: &str) -> String {
 impl RulesService for RulesAdmin {
     async fn dry_run(
         &self,
-        request: Request<pb::DryRunRequest>,
+        request: Request<raw::DryRunRequest>,
     ) -> Result<Response<pb::DryRunResponse>, Status> {
         let r = request.into_inner();
-        let (source, doc) = match (r.event, r.customerio_webhook) {
-            (Some(e), None) => (Source::Signal, normalize::event_to_json(e)),
-            (None, Some(w)) => (Source::CustomerIo, serde_json::Value::Object(w.0)),
+        // Decoded here, as `Send` decodes events: one that does not decode is a field violation.
+        let (source, event) = match (r.event, r.customerio_webhook) {
+            (Some(e), None) => (
+                Source::Signal,
+                normalize::signal_proto_event(&e, "event", self.max_event_bytes, now_ms())?,
+            ),
+            (None, Some(w)) => (
+                Source::CustomerIo,
+                normalize::customerio_proto_webhook(&w, "customerio_webhook", self.max_event_bytes)?,
+            ),
             _ => {
                 return Err(
                     ApiError::field("event", "give exactly one of `event` and `customerio_webhook`").into(),
                 );
             }
         };
-        let d = RulesAdmin::dry_run(self, source, doc, Some(&r.integration))?;
+        let d = self.explain(source, &event.doc, Some(&r.integration))?;
         Ok(Response::new(pb::DryRunResponse {
             rules_version: d.rules_version,
             records: d

@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::{ApiError, FieldViolation};
 use crate::ingest::{Accepted, Disposition, Ingest};
 use crate::normalize::{self, InboundEvent};
-use crate::proto::ingest_server::ingest_service_server::IngestService;
 use crate::proto::raw;
+use crate::proto::servers::ingest_service_server::IngestService;
 use crate::proto::v1 as pb;
 use crate::timefmt::now_ms;
 

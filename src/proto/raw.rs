@@ -1,5 +1,5 @@
-//! The request messages of `IngestService` as its server reads them: each `Event` (and each
-//! Customer.io webhook) stays the bytes it arrived as.
+//! The request messages of `IngestService` (and `RulesService/DryRun`) as their servers read
+//! them: each `Event` (and each Customer.io webhook) stays the bytes it arrived as.
 //!
 //! `Event event = 1` and `bytes event = 1` are the same on the wire (a length-delimited field),
 //! so these types decode any request a client encodes with the generated `SendRequest`,
@@ -44,6 +44,21 @@ pub struct SendCustomerIoEventRequest {
     /// The encoded `google.protobuf.Struct`.
     #[prost(bytes = "bytes", optional, tag = "1")]
     pub webhook: Option<Bytes>,
+}
+
+/// `lytics_relay.v1.DryRunRequest`, its event or webhook undecoded, so that one the door cannot
+/// decode is answered with a field violation as `Send` answers it.
+#[derive(Clone, PartialEq, Message)]
+pub struct DryRunRequest {
+    /// The encoded `Event`.
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    pub event: Option<Bytes>,
+    /// The encoded `google.protobuf.Struct`.
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub customerio_webhook: Option<Bytes>,
+    /// The integration whose settings the rules see.
+    #[prost(string, tag = "3")]
+    pub integration: String,
 }
 
 #[cfg(test)]
