@@ -76,7 +76,39 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
     // The same event again is a duplicate by its messageId.
     let (_, body) = post(&relay, "/v1/events", track.to_string(), true).await;
     assert_eq!(body["status"], json!("duplicate"), "{body}");
-    emu.wait_for_records(STREAM, 3).await;
+    // An event nested past the JSON parser's own limit is refused alone, as a bare array too.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let batch = format!(
+        r#" [{{"type": "page", "userId": "u2", "messageId": "b-3"}},
+             {{"type": "page", "userId": "u2", "properties": {{"deep": {deep}}}}}] "#
+    );
+    let (status, body) = post(&relay, "/v1/batch", batch, true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(1), Some(1)),
+        "{body}"
+    );
+    let refused = &body["results"][1]["error"]["violations"][0];
+    assert_eq!(refused["field"], json!("batch[1]"), "{body}");
+    assert!(
+        refused["description"]
+            .as_str()
+            .unwrap()
+            .contains("more than 32 levels deep"),
+        "{body}"
+    );
+    // Neither an array nor {"batch": [...]}.
+    for (bad, field) in [(r#"{"batch": 5}"#, "batch"), ("5", "body"), ("[1,", "body")] {
+        let (status, body) = post(&relay, "/v1/batch", bad.to_string(), true).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(
+            body["error"]["violations"][0]["field"],
+            json!(field),
+            "{bad}: {body}"
+        );
+    }
+    emu.wait_for_records(STREAM, 4).await;
     relay.stop().await;
 }
 

@@ -21,6 +21,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{HeaderMap, StatusCode};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::delivery::DeliveryState;
@@ -166,6 +167,36 @@ async fn signal_event(
     Ok(Json(answer))
 }
 
+/// The events of a batch body (`[…]` or `{"batch": […]}`), each still unparsed: skimming the
+/// body has no nesting limit, so an event too deep to parse does not fail its neighbours.
+fn batch_items(body: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Wrapped<'a> {
+        #[serde(borrow)]
+        batch: Option<&'a RawValue>,
+    }
+    let not_json = |e: serde_json::Error| ApiError::field("body", format!("is not valid JSON: {e}"));
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => serde_json::from_slice(body).map_err(not_json),
+        Some(b'{') => {
+            let wrapped: Wrapped<'_> = serde_json::from_slice(body).map_err(not_json)?;
+            wrapped
+                .batch
+                .and_then(|b| serde_json::from_str(b.get()).ok())
+                .ok_or_else(|| ApiError::field("batch", "must be an array of events"))
+        }
+        _ => {
+            // Not an array or an object: invalid JSON is named as such.
+            parse_json(body)?;
+            Err(ApiError::field(
+                "body",
+                "must be an array of events or {\"batch\": [...]}",
+            ))
+        }
+    }
+}
+
 async fn signal_batch(
     State(s): State<HttpState>,
     headers: HeaderMap,
@@ -177,19 +208,7 @@ async fn signal_batch(
         .min(crate::app::MAX_GRPC_MESSAGE);
     let body = read_body(body, limit).await?;
     verify_signal(&s, &headers, &body)?;
-    let events = match parse_json(&body)? {
-        Value::Array(items) => items,
-        Value::Object(mut m) => match m.remove("batch") {
-            Some(Value::Array(items)) => items,
-            _ => return Err(ApiError::field("batch", "must be an array of events")),
-        },
-        _ => {
-            return Err(ApiError::field(
-                "body",
-                "must be an array of events or {\"batch\": [...]}",
-            ));
-        }
-    };
+    let events = batch_items(&body)?;
     if events.is_empty() || events.len() > s.max_batch_events {
         return Err(ApiError::field(
             "batch",
@@ -201,7 +220,18 @@ async fn signal_batch(
     let mut valid: Vec<InboundEvent> = Vec::new();
     let mut slots = Vec::new();
     for (i, e) in events.into_iter().enumerate() {
-        match normalize::signal_event(e, &format!("batch[{i}]"), s.max_event_bytes, now) {
+        let field = format!("batch[{i}]");
+        // Each event is parsed on its own, so one nested past the parser's limit is refused
+        // alone, as gRPC `SendBatch` refuses it.
+        let parsed = serde_json::from_str::<Value>(e.get()).map_err(|e| {
+            // The skim checked the syntax already: what is left is the nesting limit.
+            if e.to_string().starts_with("recursion limit exceeded") {
+                normalize::too_deep(&field)
+            } else {
+                ApiError::field(field.clone(), format!("is not valid JSON: {e}"))
+            }
+        });
+        match parsed.and_then(|e| normalize::signal_event(e, &field, s.max_event_bytes, now)) {
             Ok(ev) => {
                 slots.push(results.len());
                 results.push(json!({"index": i}));
