@@ -601,5 +601,77 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let err = admin.install_integration(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Caller mistakes are INVALID_ARGUMENT naming the request's own field.
+    use tonic_types::StatusExt as _;
+    fn with_token<T>(token: &str, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+    let field_of = |e: tonic::Status| {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        e.get_details_bad_request().unwrap().field_violations[0]
+            .field
+            .clone()
+    };
+    let e = admin
+        .get_integration(with_token(&token, pb::GetIntegrationRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(e), "id");
+    let e = admin
+        .pause_integration(with_token(&token, pb::PauseIntegrationRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(e), "id");
+    let e = admin
+        .get_catalog_entry(with_token(&token, pb::GetCatalogEntryRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(e), "key");
+    let e = admin
+        .list_integrations(with_token(
+            &token,
+            pb::ListIntegrationsRequest {
+                page_token: "zzz".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(e), "page_token");
+    let e = admin
+        .list_integrations(with_token(
+            &token,
+            pb::ListIntegrationsRequest {
+                page_size: -1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(e), "page_size");
+    let e = admin
+        .update_integration(with_token(
+            &token,
+            pb::UpdateIntegrationRequest {
+                id: installed.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(e), "config");
+    // An unknown id is NOT_FOUND.
+    let e = admin
+        .get_integration(with_token(
+            &token,
+            pb::GetIntegrationRequest { id: "nope".into() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
     relay.stop().await;
 }

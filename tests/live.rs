@@ -68,6 +68,16 @@ async fn watch_needs_the_admin_token() {
         .unwrap();
     let err = client.watch(pb::WatchRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // An outcome the service does not know is refused, not watched for forever.
+    let mut req = tonic::Request::new(pb::WatchRequest {
+        outcome: 99,
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+    let err = client.watch(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("unknown outcome 99"), "{err:?}");
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::normalize::json_to_struct;
 use crate::proto::v1 as pb;
 use crate::proto::v1::dead_letter_service_server::DeadLetterService;
@@ -31,10 +31,28 @@ impl DeadLetters {
     }
 }
 
-fn filter(f: Option<pb::DeadLetterFilter>) -> DeadLetterFilter {
+fn filter(f: Option<pb::DeadLetterFilter>) -> Result<DeadLetterFilter, ApiError> {
     let f = f.unwrap_or_default();
     let text = |s: String| (!s.is_empty()).then_some(s);
-    DeadLetterFilter {
+    let mut violations = Vec::new();
+    for (field, ms) in [("filter.since_ms", f.since_ms), ("filter.until_ms", f.until_ms)] {
+        if ms < 0 {
+            violations.push(FieldViolation::new(
+                field,
+                "must not be negative (unix ms; 0 for no bound)",
+            ));
+        }
+    }
+    if f.since_ms > 0 && f.until_ms > 0 && f.until_ms < f.since_ms {
+        violations.push(FieldViolation::new(
+            "filter.until_ms",
+            "is before filter.since_ms: the range holds nothing",
+        ));
+    }
+    if !violations.is_empty() {
+        return Err(ApiError::invalid("invalid dead-letter filter", violations));
+    }
+    Ok(DeadLetterFilter {
         integration: text(f.integration),
         stream: text(f.stream),
         reason: text(f.reason),
@@ -42,7 +60,7 @@ fn filter(f: Option<pb::DeadLetterFilter>) -> DeadLetterFilter {
         until_ms: (f.until_ms > 0).then_some(f.until_ms),
         before_id: None,
         limit: PAGE,
-    }
+    })
 }
 
 /// The protobuf form of a dead letter.
@@ -94,10 +112,13 @@ impl DeadLetterService for DeadLetters {
         request: tonic::Request<pb::ListDeadLettersRequest>,
     ) -> Result<tonic::Response<pb::ListDeadLettersResponse>, tonic::Status> {
         let req = request.into_inner();
-        let mut f = filter(req.filter);
+        let mut f = filter(req.filter)?;
         f.limit = match usize::try_from(req.page_size) {
-            Ok(0) | Err(_) => PAGE,
+            Ok(0) => PAGE,
             Ok(n) => n.min(PAGE_MAX),
+            Err(_) => {
+                return Err(ApiError::field("page_size", "must not be negative (0 for the default)").into());
+            }
         };
         if !req.page_token.is_empty() {
             f.before_id = Some(
@@ -155,7 +176,7 @@ impl DeadLetterService for DeadLetters {
                 .into());
             };
             let allowed = room.min(REPLAY_MAX);
-            let mut f = filter(Some(f));
+            let mut f = filter(Some(f))?;
             f.limit = allowed + 1;
             let mut ids = self
                 .queue
@@ -289,6 +310,56 @@ mod tests {
         assert_eq!((r.replayed, r.more), (5, false));
         let too_many = replay(&svc, (0..=REPLAY_MAX as i64).collect()).await.unwrap_err();
         assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_filter_or_page_size_that_cannot_mean_anything_is_refused() {
+        let queue = Arc::new(MemoryQueue::new(10, Duration::from_secs(60)));
+        let svc = DeadLetters::new(queue);
+        let list = |filter: pb::DeadLetterFilter, page_size: i32| {
+            svc.list_dead_letters(tonic::Request::new(pb::ListDeadLettersRequest {
+                filter: Some(filter),
+                page_size,
+                page_token: String::new(),
+            }))
+        };
+        let fields = |e: tonic::Status| -> Vec<String> {
+            use tonic_types::StatusExt as _;
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            e.get_details_bad_request()
+                .unwrap()
+                .field_violations
+                .into_iter()
+                .map(|v| v.field)
+                .collect()
+        };
+        let backwards = pb::DeadLetterFilter {
+            since_ms: 5,
+            until_ms: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(list(backwards, 0).await.unwrap_err()),
+            vec!["filter.until_ms"]
+        );
+        let negative = pb::DeadLetterFilter {
+            since_ms: -1,
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(list(negative, 0).await.unwrap_err()),
+            vec!["filter.since_ms"]
+        );
+        assert_eq!(
+            fields(list(pb::DeadLetterFilter::default(), -5).await.unwrap_err()),
+            vec!["page_size"]
+        );
+        let fine = pb::DeadLetterFilter {
+            since_ms: 1,
+            until_ms: 5,
+            ..Default::default()
+        };
+        assert!(list(fine, 0).await.unwrap().into_inner().dead_letters.is_empty());
     }
 
     #[tokio::test]

@@ -92,6 +92,17 @@ fn text(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// The `id` of a request about one integration: required.
+fn id_of(id: String) -> Result<String, ApiError> {
+    if id.trim().is_empty() {
+        return Err(ApiError::field(
+            "id",
+            "is required: the integration's id (ListIntegrations lists them)",
+        ));
+    }
+    Ok(id)
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminGrpc {
     async fn list_catalog(
@@ -108,6 +119,9 @@ impl AdminService for AdminGrpc {
         r: Request<pb::GetCatalogEntryRequest>,
     ) -> Result<Response<pb::GetCatalogEntryResponse>, Status> {
         let key = r.into_inner().key;
+        if key.trim().is_empty() {
+            return Err(ApiError::field("key", "is required: a catalog key (ListCatalog lists them)").into());
+        }
         let e = catalog::entry(&key)
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no catalog entry `{key}`")))?;
         Ok(Response::new(pb::GetCatalogEntryResponse {
@@ -139,8 +153,22 @@ impl AdminService for AdminGrpc {
         r: Request<pb::ListIntegrationsRequest>,
     ) -> Result<Response<pb::ListIntegrationsResponse>, Status> {
         let r = r.into_inner();
-        let limit = usize::try_from(r.page_size).ok().filter(|n| *n > 0).unwrap_or(50);
-        let page = self.admin.list(text(r.page_token).as_deref(), limit).await?;
+        let limit = match usize::try_from(r.page_size) {
+            Ok(0) => 50,
+            Ok(n) => n,
+            Err(_) => {
+                return Err(ApiError::field("page_size", "must not be negative (0 for the default)").into());
+            }
+        };
+        // The HTTP API calls the token `cursor`; here it is `page_token`.
+        let page = self
+            .admin
+            .list(text(r.page_token).as_deref(), limit)
+            .await
+            .map_err(|e| match e.violations.iter().find(|v| v.field == "cursor") {
+                Some(v) => ApiError::field("page_token", v.description.clone()),
+                None => e,
+            })?;
         Ok(Response::new(pb::ListIntegrationsResponse {
             integrations: page.integrations.into_iter().map(view_pb).collect(),
             next_page_token: page.next_cursor.unwrap_or_default(),
@@ -151,7 +179,7 @@ impl AdminService for AdminGrpc {
         &self,
         r: Request<pb::GetIntegrationRequest>,
     ) -> Result<Response<pb::GetIntegrationResponse>, Status> {
-        let v = self.admin.get(&r.into_inner().id).await?;
+        let v = self.admin.get(&id_of(r.into_inner().id)?).await?;
         Ok(Response::new(pb::GetIntegrationResponse {
             integration: Some(view_pb(v)),
         }))
@@ -165,7 +193,7 @@ impl AdminService for AdminGrpc {
         let v = self
             .admin
             .update(
-                &r.id,
+                &id_of(r.id)?,
                 UpdateRequest {
                     name: text(r.name),
                     config: config_input(r.config),
@@ -181,7 +209,7 @@ impl AdminService for AdminGrpc {
         &self,
         r: Request<pb::PauseIntegrationRequest>,
     ) -> Result<Response<pb::PauseIntegrationResponse>, Status> {
-        let v = self.admin.set_paused(&r.into_inner().id, true).await?;
+        let v = self.admin.set_paused(&id_of(r.into_inner().id)?, true).await?;
         Ok(Response::new(pb::PauseIntegrationResponse {
             integration: Some(view_pb(v)),
         }))
@@ -191,7 +219,7 @@ impl AdminService for AdminGrpc {
         &self,
         r: Request<pb::ResumeIntegrationRequest>,
     ) -> Result<Response<pb::ResumeIntegrationResponse>, Status> {
-        let v = self.admin.set_paused(&r.into_inner().id, false).await?;
+        let v = self.admin.set_paused(&id_of(r.into_inner().id)?, false).await?;
         Ok(Response::new(pb::ResumeIntegrationResponse {
             integration: Some(view_pb(v)),
         }))
@@ -201,7 +229,7 @@ impl AdminService for AdminGrpc {
         &self,
         r: Request<pb::UninstallIntegrationRequest>,
     ) -> Result<Response<pb::UninstallIntegrationResponse>, Status> {
-        self.admin.uninstall(&r.into_inner().id).await?;
+        self.admin.uninstall(&id_of(r.into_inner().id)?).await?;
         Ok(Response::new(pb::UninstallIntegrationResponse {}))
     }
 
@@ -209,7 +237,7 @@ impl AdminService for AdminGrpc {
         &self,
         r: Request<pb::TestConnectionRequest>,
     ) -> Result<Response<pb::TestConnectionResponse>, Status> {
-        let t = self.admin.test_connection(&r.into_inner().id).await?;
+        let t = self.admin.test_connection(&id_of(r.into_inner().id)?).await?;
         Ok(Response::new(pb::TestConnectionResponse {
             ok: t.ok,
             detail: t.detail.unwrap_or_default(),

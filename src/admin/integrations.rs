@@ -430,6 +430,13 @@ impl IntegrationAdmin {
 
     /// Changes an installed integration; a delivery paused by a setup error resumes.
     pub async fn update(&self, id: &str, req: UpdateRequest) -> Result<IntegrationView, ApiError> {
+        let c = &req.config;
+        if req.name.is_none() && c.api_token.is_none() && c.account_id.is_none() && c.stream_name.is_none() {
+            return Err(ApiError::field(
+                "config",
+                "nothing to change: give `name` or a `config` field (api_token, account_id, stream_name)",
+            ));
+        }
         let mut s = self.stored(id).await?;
         if let Some(n) = req.name.filter(|n| !n.trim().is_empty()) {
             s.name = n;

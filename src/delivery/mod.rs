@@ -699,7 +699,14 @@ impl Delivery {
                 None
             }
             Outcome::BadPayload { status: s, message } if batch.len() > 1 => {
-                tracing::info!(status = s, records = batch.len(), %message, "Lytics refused the batch; splitting it to find the bad records");
+                tracing::info!(
+                    integration = %integration.id,
+                    stream = %batch[0].record.stream,
+                    status = s,
+                    records = batch.len(),
+                    lytics_message = %message,
+                    "Lytics refused the batch; splitting it to find the bad records"
+                );
                 let detail = format!(
                     "Lytics refused the batch ({s}): {message}; resending it in halves to isolate the bad records"
                 );
@@ -860,6 +867,8 @@ impl Delivery {
         let spent =
             again.iter().map(|r| r.attempts).max().unwrap_or(0) + u32::from(kind == AttemptKind::Spent);
         tracing::info!(
+            integration = %again[0].record.integration,
+            stream = %again[0].record.stream,
             records = again.len(),
             failures = failures + 1,
             attempts_spent = spent,
@@ -949,7 +958,16 @@ impl Delivery {
             .counters
             .dead_lettered
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        tracing::warn!(records = records.len(), %reason, "dead-lettering records");
+        if let Some(first) = records.first() {
+            tracing::warn!(
+                integration = %first.record.integration,
+                stream = %first.record.stream,
+                records = records.len(),
+                event_ids = %event_ids(&records),
+                %reason,
+                "dead-lettering records"
+            );
+        }
         if let Err(e) = self.queue.dead_letter(records, reason).await {
             tracing::error!(error = %e, "cannot dead-letter records");
         }
@@ -1210,6 +1228,18 @@ fn record_answer(
             *rejected_count as i64,
         ));
     }
+}
+
+/// The event ids of `records` for a log line: the first ten, and how many more.
+fn event_ids(records: &[QueuedRecord]) -> String {
+    const SHOWN: usize = 10;
+    let mut ids: Vec<&str> = records.iter().take(SHOWN).map(|r| &*r.record.event_id).collect();
+    ids.dedup();
+    let mut text = ids.join(",");
+    if records.len() > SHOWN {
+        text.push_str(&format!(" and {} more", records.len() - SHOWN));
+    }
+    text
 }
 
 #[cfg(test)]

@@ -50,7 +50,17 @@ fn outcome_pb(o: Outcome) -> pb::LiveOutcome {
 fn filter(req: &pb::WatchRequest) -> Result<Filter, ApiError> {
     let mut f = Filter::parse(&req.integration, &req.source, &req.event_type, "")
         .map_err(|e| ApiError::field(e.what, e.to_string()))?;
-    f.outcome = match req.outcome() {
+    let outcome = pb::LiveOutcome::try_from(req.outcome).map_err(|_| {
+        let known: Vec<&str> = Outcome::ALL
+            .into_iter()
+            .map(|o| outcome_pb(o).as_str_name())
+            .collect();
+        ApiError::field(
+            "outcome",
+            format!("unknown outcome {}; one of {}", req.outcome, known.join(", ")),
+        )
+    })?;
+    f.outcome = match outcome {
         pb::LiveOutcome::Unspecified => None,
         wanted => Outcome::ALL.into_iter().find(|o| outcome_pb(*o) == wanted),
     };
