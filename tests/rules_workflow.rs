@@ -22,17 +22,23 @@ fn bin() -> Command {
 }
 
 /// A copy of the shipped rules (and the fixtures their cases read) to edit.
+/// A copy of the shipped `rules/` directory alone (its cases' inputs included), in a temporary
+/// directory as `rules/`.
 fn rules_copy() -> tempfile::TempDir {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            let target = to.join(p.file_name().unwrap());
+            if p.is_dir() {
+                copy_dir(&p, &target);
+            } else {
+                std::fs::copy(&p, target).unwrap();
+            }
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
-    std::fs::create_dir_all(dir.path().join("tests/fixtures")).unwrap();
-    for f in ["signal.yaml", "customerio.yaml"] {
-        std::fs::copy(format!("rules/{f}"), dir.path().join("rules").join(f)).unwrap();
-    }
-    for e in std::fs::read_dir("tests/fixtures").unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, dir.path().join("tests/fixtures").join(p.file_name().unwrap())).unwrap();
-    }
+    copy_dir(Path::new("rules"), &dir.path().join("rules"));
     dir
 }
 
