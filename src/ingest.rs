@@ -20,7 +20,7 @@ use crate::metrics::IngestTally;
 use crate::monitor::Monitor;
 use crate::normalize::InboundEvent;
 use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
-use crate::rules::{DroppedRecord, LiveRules};
+use crate::rules::{DroppedRecord, LiveRules, Source};
 use crate::telemetry::{Telemetry, names};
 use crate::timefmt::now_ms;
 
@@ -65,6 +65,8 @@ pub struct IngestCounters {
     pub ignored: AtomicU64,
     /// Events seen before within the dedup window.
     pub duplicates: AtomicU64,
+    /// When the log last said the queue was full (unix ms).
+    last_full_warning_ms: std::sync::atomic::AtomicI64,
 }
 
 /// The shared ingest core.
@@ -135,16 +137,19 @@ impl Ingest {
         events: impl IntoIterator<Item = InboundEvent>,
         traceparent: Option<&str>,
     ) -> Result<Vec<Accepted>, ApiError> {
+        let mut events = events.into_iter().peekable();
+        let Some(source) = events.peek().map(|e| e.source) else {
+            return Ok(Vec::new());
+        };
         if !self.accepting.load(Ordering::SeqCst) {
+            self.monitor
+                .metrics()
+                .refused(source, "shutting_down", events.count() as u64);
             return Err(ApiError::new(
                 ErrorCode::Unavailable,
                 "the relay is shutting down; retry against another instance",
             ));
         }
-        let mut events = events.into_iter().peekable();
-        let Some(source) = events.peek().map(|e| e.source) else {
-            return Ok(Vec::new());
-        };
         let (mut span, tp) = self.telemetry.start_ingest(
             traceparent,
             vec![KeyValue::new(names::INGEST_SOURCE, source.as_str())],
@@ -245,6 +250,7 @@ impl Ingest {
                 if let Some(s) = span.as_mut() {
                     crate::telemetry::fail_span(s, "queue", e.to_string());
                 }
+                self.refused(source, &e, answers.len() as u64);
                 return Err(queue_error(e));
             }
         };
@@ -300,6 +306,36 @@ impl Ingest {
             s.end();
         }
         Ok(answers)
+    }
+}
+
+impl Ingest {
+    /// Counts events the queue refused and, at most every ten seconds, says so in the log
+    /// (the senders are told to retry; an operator should know delivery is behind).
+    fn refused(&self, source: Source, e: &QueueError, events: u64) {
+        let reason = match e {
+            QueueError::Full { .. } => "queue_full",
+            QueueError::Closed => "shutting_down",
+            QueueError::Store(_) => "store_unavailable",
+        };
+        self.monitor.metrics().refused(source, reason, events);
+        if let QueueError::Full { capacity } = e {
+            let now = now_ms();
+            let last = self.counters.last_full_warning_ms.load(Ordering::Relaxed);
+            if now - last >= 10_000
+                && self
+                    .counters
+                    .last_full_warning_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    capacity,
+                    source = source.as_str(),
+                    "the queue is full: refusing events (RESOURCE_EXHAUSTED / 429) until delivery catches up"
+                );
+            }
+        }
     }
 }
 

@@ -52,6 +52,13 @@ struct SourceLabels {
     source: &'static str,
 }
 
+/// Labels of refused ingest.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    source: &'static str,
+    reason: &'static str,
+}
+
 /// Labels of per-integration, per-source counts.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RecordLabels {
@@ -95,6 +102,7 @@ pub struct Metrics {
     ignored: Family<SourceLabels, Counter>,
     duplicates: Family<SourceLabels, Counter>,
     dropped: Family<SourceLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     mapped: Family<RecordLabels, Counter>,
     delivered: Family<RecordLabels, Counter>,
     retried: Family<RecordLabels, Counter>,
@@ -138,6 +146,7 @@ impl Metrics {
             ignored: Family::default(),
             duplicates: Family::default(),
             dropped: Family::default(),
+            refused: Family::default(),
             mapped: Family::default(),
             delivered: Family::default(),
             retried: Family::default(),
@@ -176,6 +185,11 @@ impl Metrics {
             "records_dropped",
             "Records the rules built but refused (no identifier, missing required field, too large)",
             m.dropped.clone(),
+        );
+        registry.register(
+            "events_refused",
+            "Valid events refused because the relay could not queue them (reason: queue_full, store_unavailable, shutting_down); the sender was told to retry",
+            m.refused.clone(),
         );
         registry.register("records_mapped", "Records mapped and queued", m.mapped.clone());
         registry.register("records_delivered", "Records Lytics took", m.delivered.clone());
@@ -272,6 +286,17 @@ impl Metrics {
                     .inc_by(*records);
             }
         }
+    }
+
+    /// Counts `events` valid events from `source` refused for `reason` (queue_full,
+    /// store_unavailable, shutting_down).
+    pub fn refused(&self, source: Source, reason: &'static str, events: u64) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                source: source.as_str(),
+                reason,
+            })
+            .inc_by(events);
     }
 
     /// Counts one Lytics call: `status` is the HTTP status, or the transport failure's kind.

@@ -209,6 +209,7 @@ async fn a_wrong_account_or_token_holds_events_until_the_config_is_fixed(backend
                 settings.lytics.as_mut().unwrap().api_token = lytics_relay::integration::Secret::new("wrong")
             }
         }
+        let data_dir = settings.data_dir.clone();
         let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
         let mut client = relay.client().await;
         for i in 0..4 {
@@ -222,6 +223,17 @@ async fn a_wrong_account_or_token_holds_events_until_the_config_is_fixed(backend
         let pause = wait_paused(&relay).await;
         assert_eq!(pause["status"], json!(status));
         assert!(pause["hint"].as_str().unwrap().contains(hint), "{pause}");
+        // The integration comes from the relay's settings: the admin view says where to fix it.
+        let token = admin_token(&data_dir).await;
+        let view = relay
+            .admin("GET", "/v1/admin/integrations/lytics", &token, None)
+            .await;
+        assert_eq!(view["status"], json!("setup_error"), "{view}");
+        let detail = view["status_detail"].as_str().unwrap();
+        assert!(
+            detail.contains(hint) && detail.contains("change it there and restart"),
+            "{view}"
+        );
         relay.stop().await;
         // The fixed config, on the same data directory: every held event arrives.
         let before = emu.emulator.stream_events(STREAM).len();

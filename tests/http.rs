@@ -250,6 +250,22 @@ async fn a_full_queue_answers_429_with_a_json_error_and_accepts_again_once_drain
             .contains("queue is full"),
         "{error}"
     );
+    // The operator sees the refusal too.
+    let metrics = reqwest::get(relay.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lytics_relay_events_refused_total{")
+                && l.contains(r#"reason="queue_full""#)
+                && l.contains(r#"source="signal""#)
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
     emu.emulator.set_faults(Default::default());
     emu.wait_for_records(STREAM, 2).await;
     let mut accepted = false;

@@ -287,6 +287,14 @@ impl IntegrationAdmin {
 
     fn view_configured(&self, i: &Integration) -> IntegrationView {
         let (status, detail) = self.status(i.id.as_str());
+        // The hint says to update the integration's config; this one is not changed here.
+        let detail = match detail {
+            Some(d) if status == "setup_error" => Some(format!(
+                "{d} (this integration comes from the relay's configuration — flags, environment, \
+                 config file — so change it there and restart)"
+            )),
+            d => d,
+        };
         IntegrationView {
             id: i.id.to_string(),
             name: i.name.clone(),
