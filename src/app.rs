@@ -285,7 +285,7 @@ pub async fn run(
         admin_token.interceptor(),
     );
     let dead_letter_service = tonic::service::interceptor::InterceptedService::new(
-        DeadLetterServiceServer::new(DeadLetters::new(queue.clone())),
+        DeadLetterServiceServer::new(DeadLetters::new(queue.clone()).with_integrations(integrations.clone())),
         admin_token.interceptor(),
     );
     let live_service = tonic::service::interceptor::InterceptedService::new(

@@ -205,26 +205,52 @@ mod tests {
 
 /// The integrations in force, swapped atomically when they change.
 #[derive(Debug, Clone, Default)]
-pub struct Integrations(Arc<arc_swap::ArcSwap<Vec<Integration>>>);
+pub struct Integrations {
+    list: Arc<arc_swap::ArcSwap<Vec<Integration>>>,
+    /// The stream each integration no longer in force last had, so that records still queued
+    /// for it are dead-lettered naming it (kept until the relay restarts).
+    retired: Arc<std::sync::Mutex<std::collections::HashMap<String, StreamName>>>,
+}
 
 impl Integrations {
     /// Starts with `list`.
     pub fn new(list: Vec<Integration>) -> Self {
-        Integrations(Arc::new(arc_swap::ArcSwap::from_pointee(list)))
+        Integrations {
+            list: Arc::new(arc_swap::ArcSwap::from_pointee(list)),
+            retired: Arc::default(),
+        }
     }
 
     /// The current list.
     pub fn snapshot(&self) -> Arc<Vec<Integration>> {
-        self.0.load_full()
+        self.list.load_full()
     }
 
     /// Replaces the list.
     pub fn replace(&self, list: Vec<Integration>) {
-        self.0.store(Arc::new(list));
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in self.list.load().iter() {
+            if !list.iter().any(|i| i.id == gone.id) {
+                retired.insert(gone.id.to_string(), gone.stream_name.clone());
+            }
+        }
+        for i in &list {
+            retired.remove(i.id.as_str());
+        }
+        self.list.store(Arc::new(list));
     }
 
     /// One integration by id.
     pub fn get(&self, id: &str) -> Option<Integration> {
-        self.0.load().iter().find(|i| i.id.as_str() == id).cloned()
+        self.list.load().iter().find(|i| i.id.as_str() == id).cloned()
+    }
+
+    /// The stream integration `id` had when it left the list (since the relay started).
+    pub fn retired_stream(&self, id: &str) -> Option<StreamName> {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 }

@@ -675,3 +675,97 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stream_and_not_replayed() {
+    use lytics_relay::proto::v1 as pb;
+    use lytics_relay::proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.lytics_url = Some(emu.url());
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = common::admin_token(dir.path()).await;
+    let installed = relay
+        .admin(
+            "POST",
+            "/v1/admin/integration-catalog/lytics/install",
+            &token,
+            Some(json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": STREAM}})),
+        )
+        .await;
+    let id = installed["id"].as_str().unwrap().to_string();
+    relay
+        .admin(
+            "POST",
+            &format!("/v1/admin/integrations/{id}/pause"),
+            &token,
+            None,
+        )
+        .await;
+    // One event: a record for the configured integration (delivered) and one for the paused one.
+    relay
+        .client()
+        .await
+        .send(pb::SendRequest {
+            event: Some(event(
+                json!({"type": "page", "userId": "u", "messageId": "gone-1"}),
+            )),
+        })
+        .await
+        .unwrap();
+    emu.wait_for_records(STREAM, 1).await;
+    let r = reqwest::Client::new()
+        .delete(relay.http_url(&format!("/v1/admin/integrations/{id}")))
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+
+    let mut dead = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let authed = |msg| {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let filter = pb::DeadLetterFilter {
+        integration: id.clone(),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let letter = loop {
+        let list = dead
+            .list_dead_letters(authed(pb::ListDeadLettersRequest {
+                filter: Some(filter.clone()),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(d) = list.dead_letters.into_iter().next() {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter for the uninstalled integration"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letter.stream, STREAM, "{letter:?}");
+    assert!(letter.reason.contains("no longer exists"), "{}", letter.reason);
+    // A replay could only dead-letter them again: refused, saying why.
+    let mut replay = tonic::Request::new(pb::ReplayDeadLettersRequest {
+        ids: vec![],
+        filter: Some(filter),
+    });
+    replay
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let refused = dead.replay_dead_letters(replay).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("not installed"), "{refused:?}");
+    relay.stop().await;
+}

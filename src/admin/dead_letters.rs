@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::{ApiError, ErrorCode, FieldViolation};
+use crate::integration::Integrations;
 use crate::normalize::json_to_struct;
 use crate::proto::v1 as pb;
 use crate::proto::v1::dead_letter_service_server::DeadLetterService;
@@ -22,12 +23,23 @@ pub const REPLAY_MAX: usize = 10_000;
 #[derive(Clone)]
 pub struct DeadLetters {
     queue: Arc<dyn Queue>,
+    /// The integrations in force, when known: a replay for one that is gone is refused.
+    integrations: Option<Integrations>,
 }
 
 impl DeadLetters {
     /// Wires the service.
     pub fn new(queue: Arc<dyn Queue>) -> Self {
-        DeadLetters { queue }
+        DeadLetters {
+            queue,
+            integrations: None,
+        }
+    }
+
+    /// Refuses replays filtered to an integration not in `integrations`.
+    pub fn with_integrations(mut self, integrations: Integrations) -> Self {
+        self.integrations = Some(integrations);
+        self
     }
 }
 
@@ -177,6 +189,18 @@ impl DeadLetterService for DeadLetters {
             };
             let allowed = room.min(REPLAY_MAX);
             let mut f = filter(Some(f))?;
+            if let (Some(id), Some(integrations)) = (&f.integration, &self.integrations)
+                && integrations.get(id).is_none()
+            {
+                return Err(ApiError::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "integration `{id}` is not installed: its dead letters would be \
+                         dead-lettered again; re-send their inputs instead"
+                    ),
+                )
+                .into());
+            }
             f.limit = allowed + 1;
             let mut ids = self
                 .queue

@@ -526,7 +526,20 @@ impl Delivery {
         }
         for ((integration_id, _, _), records) in groups {
             let Some(integration) = self.integrations.get(&integration_id) else {
-                let reason = format!("integration `{integration_id}` no longer exists");
+                // Records bound for the integration's own stream name the one it last had.
+                let mut records = records;
+                if let Some(stream) = self.integrations.retired_stream(&integration_id) {
+                    let stream: Arc<str> = Arc::from(stream.as_str());
+                    for r in &mut records {
+                        if &*r.record.stream == crate::queue::INTEGRATION_STREAM {
+                            r.record.stream = stream.clone();
+                        }
+                    }
+                }
+                let reason = format!(
+                    "integration `{integration_id}` no longer exists (uninstalled): a replay would \
+                     dead-letter it again; its input is kept here for re-sending"
+                );
                 self.dead_letter(records, reason).await;
                 continue;
             };
