@@ -263,6 +263,22 @@ impl Metrics {
             "Live events watchers lost by falling behind (the pipeline is never slowed)",
             m.live_lost.clone(),
         );
+        // The per-source series exist from the start, at zero, so that alerts and rates see
+        // them before the first event.
+        for source in [Source::Signal, Source::CustomerIo] {
+            let labels = SourceLabels {
+                source: source.as_str(),
+            };
+            for family in [&m.received, &m.ignored, &m.duplicates, &m.dropped] {
+                drop(family.get_or_create(&labels));
+            }
+            for reason in ["queue_full", "store_unavailable", "shutting_down"] {
+                drop(m.refused.get_or_create(&RefusedLabels {
+                    source: source.as_str(),
+                    reason,
+                }));
+            }
+        }
         Metrics { registry, ..m }
     }
 
@@ -496,6 +512,18 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         assert!(!text.contains(r#"integration="b""#), "{text}");
+    }
+
+    #[test]
+    fn per_source_series_exist_at_zero_before_the_first_event() {
+        let text = exposition(&Metrics::new());
+        for line in [
+            r#"lytics_relay_events_received_total{source="customerio"} 0"#,
+            r#"lytics_relay_records_dropped_total{source="signal"} 0"#,
+            r#"lytics_relay_events_refused_total{source="signal",reason="queue_full"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 
     #[test]

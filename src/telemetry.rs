@@ -106,9 +106,22 @@ impl Telemetry {
         let set = |k: &str| std::env::var(k).map(|v| !v.trim().is_empty()).unwrap_or(false);
         let disabled = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none");
         if disabled || !(set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+            tracing::info!("traces are not exported (set OTEL_EXPORTER_OTLP_ENDPOINT to export them)");
             return Ok(Self::disabled());
         }
-        Self::build(None, call_queue, ingest_ratio)
+        // The endpoint only: OTEL_EXPORTER_OTLP_HEADERS may carry credentials.
+        let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+            .unwrap_or_default();
+        let telemetry = Self::build(None, call_queue, ingest_ratio)?;
+        tracing::info!(
+            %endpoint,
+            ingest_sample_ratio = ingest_ratio,
+            "exporting traces over OTLP/gRPC: a span for every Lytics call, sampled ingest spans"
+        );
+        Ok(telemetry)
     }
 
     /// Exports to `endpoint` (for tests and explicit set-ups).
