@@ -109,11 +109,17 @@ impl Telemetry {
             tracing::info!("traces are not exported (set OTEL_EXPORTER_OTLP_ENDPOINT to export them)");
             return Ok(Self::disabled());
         }
-        // The endpoint only: OTEL_EXPORTER_OTLP_HEADERS may carry credentials.
+        // Where to, without credentials: not the headers, nor a user and password in the URL.
         let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .ok()
             .filter(|v| !v.trim().is_empty())
             .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+            .and_then(|v| v.trim().parse::<http::Uri>().ok())
+            .map(|u| {
+                let host = u.host().unwrap_or_default();
+                let port = u.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+                format!("{}://{host}{port}{}", u.scheme_str().unwrap_or("http"), u.path())
+            })
             .unwrap_or_default();
         let telemetry = Self::build(None, call_queue, ingest_ratio)?;
         tracing::info!(

@@ -439,7 +439,8 @@ impl IntegrationAdmin {
     /// Changes an installed integration; a delivery paused by a setup error resumes.
     pub async fn update(&self, id: &str, req: UpdateRequest) -> Result<IntegrationView, ApiError> {
         let c = &req.config;
-        if req.name.is_none() && c.api_token.is_none() && c.account_id.is_none() && c.stream_name.is_none() {
+        let no_name = req.name.as_deref().is_none_or(|n| n.trim().is_empty());
+        if no_name && c.api_token.is_none() && c.account_id.is_none() && c.stream_name.is_none() {
             return Err(ApiError::field(
                 "config",
                 "nothing to change: give `name` or a `config` field (api_token, account_id, stream_name)",

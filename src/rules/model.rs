@@ -648,7 +648,6 @@ fn render(parts: &[TemplatePart], doc: &Value, out: &RecordBuilder<'_>) -> Optio
     Some(text)
 }
 
-/// True when a value carries something: not null, not empty text, not an empty array.
 /// The longest identity value (in bytes, once trimmed) Lytics stitches profiles by.
 pub const MAX_IDENTITY_BYTES: usize = 256;
 
@@ -659,6 +658,7 @@ fn too_long(value: &Value) -> bool {
         .is_some_and(|s| s.trim().len() > MAX_IDENTITY_BYTES)
 }
 
+/// True when a value carries something: not null, not empty text, not an empty array.
 fn has_content(value: &Value) -> bool {
     match value {
         Value::Null => false,
