@@ -396,6 +396,9 @@ impl Rule {
             return None;
         }
         let mut out = RecordBuilder::with_capacity(self.fields.len() + 16);
+        // Optional fields whose value the definition refused: `flatten` must not bring the
+        // refused value back in under the same key.
+        let mut refused: Vec<&str> = Vec::new();
         for field in &self.fields {
             if let Some(w) = &field.when
                 && !w.holds(doc, &out)
@@ -418,9 +421,14 @@ impl Rule {
                     ));
                 }
                 // An optional field whose transform cannot read the input is left out.
-                Err(_) => {}
+                Err(_) => refused.push(&field.name),
             }
         }
+        // Identities come only from the rule's own fields (and `_uid` only from a real Lytics
+        // cookie id the rule maps): a flattened `properties.user_id` must not tie an anonymous
+        // visitor to someone's profile.
+        let skip =
+            |key: &str| key == "_uid" || self.identity.iter().any(|i| **i == *key) || refused.contains(&key);
         for spread in &self.flatten {
             match spread.from.value(doc) {
                 Some(v) => {
@@ -432,7 +440,7 @@ impl Rule {
                             transforms: Vec::new(),
                         });
                     }
-                    spread_into(&spread.prefix, v, &mut out);
+                    spread_into(&spread.prefix, v, &mut out, &skip);
                 }
                 None => {
                     if let Some(e) = explain.as_deref_mut() {
@@ -504,7 +512,9 @@ impl Rule {
         out: &RecordBuilder<'a>,
         mut explain: Option<&mut Explain>,
     ) -> Result<Option<Cow<'a, Value>>, String> {
-        let mut found: Option<(Cow<'a, Value>, Option<&ValueSource>)> = None;
+        // The first alternative with a value its transforms and kind accept; one they refuse
+        // counts as missing, and the next is tried.
+        let mut refusal: Option<String> = None;
         for source in &field.sources {
             let value = match source {
                 ValueSource::Path(p) => {
@@ -527,15 +537,26 @@ impl Rule {
                 ValueSource::Template(parts) => render(parts, doc, out).map(|t| Cow::Owned(Value::String(t))),
             };
             if let Some(v) = value {
-                found = Some((v, Some(source)));
-                break;
+                match Self::finish_value(field, v) {
+                    Ok(v) => return Ok(Some(self.explained(field, v, Some(source), explain))),
+                    Err(why) => {
+                        refusal.get_or_insert(why);
+                    }
+                }
             }
         }
-        let (value, source) = match (found, &field.default) {
-            (Some(found), _) => found,
-            (None, Some(d)) => (Cow::Borrowed(d), None),
-            (None, None) => return Ok(None),
-        };
+        if let Some(d) = &field.default {
+            return Self::finish_value(field, Cow::Borrowed(d))
+                .map(|v| Some(self.explained(field, v, None, explain)));
+        }
+        match refusal {
+            Some(why) => Err(why),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies a field's transforms and checks its kind.
+    fn finish_value<'a>(field: &FieldRule, value: Cow<'a, Value>) -> Result<Cow<'a, Value>, String> {
         let value = if field.transforms.is_empty() {
             value
         } else {
@@ -555,6 +576,17 @@ impl Rule {
                 kind.name()
             ));
         }
+        Ok(value)
+    }
+
+    /// Notes, on a dry run, where a field's value came from; hands the value back.
+    fn explained<'a>(
+        &self,
+        field: &FieldRule,
+        value: Cow<'a, Value>,
+        source: Option<&ValueSource>,
+        explain: Option<&mut Explain>,
+    ) -> Cow<'a, Value> {
         if let Some(e) = explain {
             e.fields.push(FieldExplanation {
                 rule: self.name.clone(),
@@ -564,13 +596,19 @@ impl Rule {
                 transforms: field.transforms.iter().map(|t| t.name()).collect(),
             });
         }
-        Ok(Some(value))
+        value
     }
 }
 
-/// Copies an object's members into the record as `<prefix><key>`, flattened; keys already in
-/// the record win. A non-object lands under the prefix itself.
-fn spread_into<'a>(prefix: &'a str, value: Cow<'a, Value>, out: &mut RecordBuilder<'a>) {
+/// Copies an object's members into the record as `<prefix><key>`, flattened, except the
+/// flattened keys `skip` names; keys already in the record win. A non-object lands under the
+/// prefix itself.
+fn spread_into<'a>(
+    prefix: &'a str,
+    value: Cow<'a, Value>,
+    out: &mut RecordBuilder<'a>,
+    skip: &dyn Fn(&str) -> bool,
+) {
     let key = |k: Cow<'a, str>| {
         if prefix.is_empty() {
             k
@@ -581,15 +619,15 @@ fn spread_into<'a>(prefix: &'a str, value: Cow<'a, Value>, out: &mut RecordBuild
     match value {
         Cow::Borrowed(Value::Object(members)) => {
             for (k, v) in members {
-                out.set(key(Cow::Borrowed(k.as_str())), Cow::Borrowed(v), false);
+                out.set_unless(key(Cow::Borrowed(k.as_str())), Cow::Borrowed(v), skip);
             }
         }
         Cow::Owned(Value::Object(members)) => {
             for (k, v) in members {
-                out.set(key(Cow::Owned(k)), Cow::Owned(v), false);
+                out.set_unless(key(Cow::Owned(k)), Cow::Owned(v), skip);
             }
         }
-        other => out.set(Cow::Borrowed(prefix), other, false),
+        other => out.set_unless(Cow::Borrowed(prefix), other, skip),
     }
 }
 

@@ -63,6 +63,20 @@ impl<'a> RecordBuilder<'a> {
         });
     }
 
+    /// Sets `key` (flattened) without overwriting, leaving out the flattened keys `skip` names.
+    pub fn set_unless(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, skip: &dyn Fn(&str) -> bool) {
+        flatten(key, value, &mut |key, value| {
+            if !skip(&key) {
+                self.writes.push(Write {
+                    prefix: key_prefix(&key),
+                    key,
+                    value,
+                    overwrite: false,
+                });
+            }
+        });
+    }
+
     /// The value `key` holds so far.
     pub fn get(&self, key: &str) -> Option<&Value> {
         let mut current = None;

@@ -264,3 +264,46 @@ rules:
     assert_eq!(m.dropped, vec![]);
     assert_eq!(m.records.len(), 1);
 }
+
+#[test]
+fn identities_and_refused_values_never_come_from_flatten() {
+    let set = compile(
+        r#"
+source: signal
+identity: [user_id, anonymous_id, email]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      anonymous_id: $.anonymousId
+      email: { from: [$.traits.email, $.context.traits.email], transform: email }
+      plan: { from: $.traits.plan, kind: string }
+      _ts: { value: 1 }
+    flatten: [$.properties, $.traits]
+"#,
+    )
+    .unwrap();
+    // An anonymous visitor whose properties name someone's user id and a cookie id.
+    let d = json!({"type": "page", "anonymousId": "anon",
+        "properties": {"user_id": "someone", "_uid": "cookie", "title": "T"}});
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(
+        Value::Object(m.records[0].fields.to_map()),
+        json!({"anonymous_id": "anon", "title": "T", "_ts": 1})
+    );
+    // An email the transform refuses falls through to the next alternative, and flatten does
+    // not bring the refused value back; neither does a value its kind refuses.
+    let d = json!({"type": "identify", "userId": "u", "traits": {"email": 12345, "plan": ["pro"]},
+        "context": {"traits": {"email": "Real@X.io"}}});
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(
+        Value::Object(m.records[0].fields.to_map()),
+        json!({"user_id": "u", "email": "real@x.io", "_ts": 1})
+    );
+    let d = json!({"type": "identify", "userId": "u", "traits": {"email": "+15551234"}});
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(
+        Value::Object(m.records[0].fields.to_map()),
+        json!({"user_id": "u", "_ts": 1})
+    );
+}

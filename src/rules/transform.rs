@@ -82,10 +82,13 @@ impl Transform {
             Transform::Lowercase => text(value, |s| s.to_lowercase()),
             Transform::Uppercase => text(value, |s| s.to_uppercase()),
             Transform::Trim => text(value, |s| s.trim().to_string()),
-            // A number or a boolean is not an address: refused, not passed on as one.
-            Transform::Email => match value {
-                Value::String(s) => Ok(Value::String(s.trim().to_lowercase())),
-                other => Err(fail(&other)),
+            // A number, a boolean or text that is no address (an SMS recipient's phone number)
+            // is refused, not passed on as one; `Name <addr>` gives the address.
+            Transform::Email => match &value {
+                Value::String(s) => address(s)
+                    .map(|a| Value::String(a.to_lowercase()))
+                    .ok_or_else(|| format!("`email` cannot read `{}`: not an email address", s.trim())),
+                other => Err(fail(other)),
             },
             Transform::EpochMs => timefmt::value_to_ms(&value)
                 .map(Value::from)
@@ -168,6 +171,21 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// The email address in `text` (trimmed; `Name <addr>` gives `addr`): one `@` with text on
+/// both sides and no whitespace.
+fn address(text: &str) -> Option<&str> {
+    let text = text.trim();
+    let text = match (text.rfind('<'), text.strip_suffix('>')) {
+        (Some(open), Some(inner)) => &inner[open + 1..],
+        _ => text,
+    };
+    let (local, domain) = text.split_once('@')?;
+    let fits = |part: &str| {
+        !part.is_empty() && !part.contains(['@', '<', '>']) && !part.contains(char::is_whitespace)
+    };
+    (fits(local) && fits(domain)).then_some(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +198,26 @@ mod tests {
             assert_eq!(t.name(), *name);
         }
         assert_eq!(Transform::from_name("lowercas"), None);
+    }
+
+    #[test]
+    fn email_takes_addresses_only() {
+        let email = |v: Value| Transform::Email.apply(v);
+        assert_eq!(
+            email(json!(" Ada@Example.COM ")).unwrap(),
+            json!("ada@example.com")
+        );
+        assert_eq!(email(json!("Ada <Ada@X.io>")).unwrap(), json!("ada@x.io"));
+        for bad in [
+            json!("+15551234"),
+            json!("a@"),
+            json!("@b"),
+            json!("a b@c"),
+            json!("a@b@c"),
+            json!(5),
+        ] {
+            assert!(email(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]
