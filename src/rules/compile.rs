@@ -273,12 +273,21 @@ impl Compiler<'_> {
                 );
             }
         }
-        if kind == RecordKind::Profile && identity.is_empty() {
+        // Lytics stitches records to users by their identities: a rule without any builds
+        // records that reach no profile (the seed's "events received but user not created").
+        if identity.is_empty() {
+            let what = match kind {
+                RecordKind::Profile => "a profile rule needs identity fields",
+                _ => "the rule names no identity fields, so its records would reach no user profile",
+            };
             self.problem(
                 Some(name),
                 &format!("name: {name}"),
-                "a profile rule needs identity fields".to_string(),
-                Some("set `identity: [user_id, email]` on the rule or the file".to_string()),
+                what.to_string(),
+                Some(
+                    "set `identity: [user_id, email]` (output fields of the rule) on the rule or the file"
+                        .to_string(),
+                ),
             );
         }
         (self.problems.len() == before).then(|| Rule {

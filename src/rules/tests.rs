@@ -200,8 +200,19 @@ fn bad_yaml_names_line_and_column() {
 }
 
 #[test]
+fn a_rule_without_identity_fields_is_refused() {
+    let problems =
+        compile("source: signal\nrules:\n  - name: e\n    fields: { a: $.a, _ts: { value: 1 } }\n")
+            .unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].message.contains("no identity fields"), "{problems:?}");
+    assert_eq!(problems[0].line, Some(3), "{problems:?}");
+}
+
+#[test]
 fn two_rules_merging_one_field_differently_are_refused() {
     let text = "source: customerio
+identity: [f]
 rules:
   - name: a
     fields: { f: { from: $.x, merge: set }, _ts: { value: 1 } }
