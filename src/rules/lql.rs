@@ -41,6 +41,14 @@ fn query(file: &CompiledFile) -> Option<LqlQuery> {
     if fields.is_empty() {
         return None;
     }
+    // The query stitches by the identity fields, so it selects them, merged or not.
+    for rule in &file.rules {
+        for f in rule.fields.iter().filter(|f| rule.identity.iter().any(|i| **i == *f.name)) {
+            if !fields.iter().any(|g| g.name == f.name) {
+                fields.push(f);
+            }
+        }
+    }
     let stream = file.stream.clone().unwrap_or_else(|| "default".to_string());
     let alias = file
         .alias

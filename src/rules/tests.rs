@@ -318,3 +318,29 @@ rules:
         json!({"user_id": "u", "_ts": 1})
     );
 }
+
+#[test]
+fn the_lql_selects_every_identity_it_stitches_by() {
+    let set = compile(
+        r#"
+source: customerio
+stream: s
+identity: [email]
+rules:
+  - name: r
+    fields:
+      email: { from: $.data.recipient, transform: email }
+      n: { from: $.n, merge: count }
+      _ts: { value: 1 }
+"#,
+    )
+    .unwrap();
+    let queries = lql::queries(set.files());
+    assert_eq!(queries.len(), 1);
+    let text = &queries[0].text;
+    assert!(text.contains("INTO user BY email"), "{text}");
+    assert!(
+        text.contains("email(email) AS email KIND string MERGEOP latest"),
+        "{text}"
+    );
+}
