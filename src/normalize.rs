@@ -389,6 +389,16 @@ trait SignalFields {
     fn text(&self, key: &str) -> Result<Option<&str>, ()>;
     /// False when `key` is present and neither an object nor null.
     fn object_or_absent(&self, key: &str) -> bool;
+    /// True when `traits.email` or `context.traits.email` is text that is not blank.
+    fn has_email(&self) -> bool;
+}
+
+/// True when `traits` (an object) has an `email` that is text and not blank.
+fn email_in(traits: Option<&Value>) -> bool {
+    traits
+        .and_then(|t| t.get("email"))
+        .and_then(Value::as_str)
+        .is_some_and(|e| !e.trim().is_empty())
 }
 
 impl SignalFields for Map<String, Value> {
@@ -403,6 +413,10 @@ impl SignalFields for Map<String, Value> {
     fn object_or_absent(&self, key: &str) -> bool {
         matches!(self.get(key), None | Some(Value::Null | Value::Object(_)))
     }
+
+    fn has_email(&self) -> bool {
+        email_in(self.get("traits")) || email_in(self.get("context").and_then(|c| c.get("traits")))
+    }
 }
 
 impl SignalFields for pb::Event {
@@ -414,6 +428,19 @@ impl SignalFields for pb::Event {
     fn object_or_absent(&self, _key: &str) -> bool {
         // properties, traits, context and integrations are Structs: objects or absent.
         true
+    }
+
+    fn has_email(&self) -> bool {
+        let traits = self.traits.as_ref().and_then(|t| t.0.get("email"));
+        let context_traits = self
+            .context
+            .as_ref()
+            .and_then(|c| c.0.get("traits"))
+            .and_then(|t| t.get("email"));
+        [traits, context_traits]
+            .into_iter()
+            .flatten()
+            .any(|e| e.as_str().is_some_and(|e| !e.trim().is_empty()))
     }
 }
 
@@ -509,11 +536,13 @@ fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError>
     let before = violations.len();
     let user_id = text_of("userId", &mut violations);
     let anonymous_id = text_of("anonymousId", &mut violations);
-    // Either one not being text is named above; this says that neither is given.
-    if user_id.is_none() && anonymous_id.is_none() && violations.len() == before {
+    // Either one not being text is named above; this says that no identity is given. An email
+    // in the traits identifies the user as well (the rules decide whether it is an address).
+    if user_id.is_none() && anonymous_id.is_none() && violations.len() == before && !m.has_email() {
         violations.push(FieldViolation::new(
             at("userId"),
-            "an event needs a userId or an anonymousId, or Lytics cannot tie it to a user",
+            "an event needs a userId, an anonymousId or an email in traits (or context.traits), \
+             or Lytics cannot tie it to a user",
         ));
     }
     if event_type == Some("track")
@@ -848,6 +877,21 @@ mod tests {
                 json!({"type": "page", "userId": 5, "anonymousId": "a", "properties": [], "timestamp": "soon"})
             ),
             vec!["event.userId", "event.properties", "event.timestamp"]
+        );
+        // An email in the traits is identity enough, over JSON and protobuf alike.
+        for doc in [
+            json!({"type": "track", "event": "E", "context": {"traits": {"email": "a@b.co"}}}),
+            json!({"type": "identify", "traits": {"email": "a@b.co"}}),
+        ] {
+            assert!(signal_event(doc.clone(), "event", 32 * 1024, 0).is_ok(), "{doc}");
+            assert!(
+                signal_proto_event(&proto(&doc), "event", 32 * 1024, 0).is_ok(),
+                "{doc}"
+            );
+        }
+        assert_eq!(
+            fields(json!({"type": "identify", "traits": {"email": " "}})),
+            vec!["event.userId"]
         );
         // An identity that is not text is named once, as such.
         let err = signal_event(json!({"type": "page", "userId": ["x"]}), "event", 32 * 1024, 0).unwrap_err();

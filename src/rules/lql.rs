@@ -43,7 +43,11 @@ fn query(file: &CompiledFile) -> Option<LqlQuery> {
     }
     // The query stitches by the identity fields, so it selects them, merged or not.
     for rule in &file.rules {
-        for f in rule.fields.iter().filter(|f| rule.identity.iter().any(|i| **i == *f.name)) {
+        for f in rule
+            .fields
+            .iter()
+            .filter(|f| rule.identity.iter().any(|i| **i == *f.name))
+        {
             if !fields.iter().any(|g| g.name == f.name) {
                 fields.push(f);
             }
