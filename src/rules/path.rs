@@ -65,6 +65,7 @@ pub struct Selector {
 impl Selector {
     /// Parses `text` as an RFC 9535 JSONPath.
     pub fn parse(text: &str) -> Result<Self, PathError> {
+        check_segments(text)?;
         let query = parse_json_path(text).map_err(|e| path_error(text, &e))?;
         let plan = plan_for(query);
         Ok(Selector {
@@ -124,6 +125,96 @@ impl Selector {
             Selected::Many(vs) => vs.into_iter().find(|v| !v.is_null()),
         }
     }
+}
+
+/// Checks the outline RFC 9535 gives a query (`$`, then segments, blank space allowed only
+/// before a segment): a member-name shorthand holds only name characters, and nothing trails the
+/// last segment. jsonpath-rust reads `$.a b` as the member `a b`; this refuses it. What is
+/// inside brackets (names, indexes, slices, filters) is left to jsonpath-rust.
+fn check_segments(text: &str) -> Result<(), PathError> {
+    let fail = |at: usize, reason: &str| PathError {
+        path: text.to_string(),
+        column: Some(text[..at].chars().count() + 1),
+        reason: reason.to_string(),
+    };
+    let name_first = |c: char| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii();
+    let mut chars = text.char_indices().peekable();
+    if chars.next().map(|(_, c)| c) != Some('$') {
+        // Not a query at all: jsonpath-rust says so.
+        return Ok(());
+    }
+    loop {
+        let mut blank = false;
+        while chars
+            .next_if(|(_, c)| matches!(c, ' ' | '\t' | '\n' | '\r'))
+            .is_some()
+        {
+            blank = true;
+        }
+        let Some((at, c)) = chars.next() else {
+            return if blank {
+                Err(fail(text.len(), "blank space after the last segment"))
+            } else {
+                Ok(())
+            };
+        };
+        match c {
+            '.' => {
+                // `..` then a name, `*` or a bracket; `.` then a name or `*`.
+                let descendant = chars.next_if(|(_, c)| *c == '.').is_some();
+                match chars.peek().copied() {
+                    Some((_, '*')) => {
+                        chars.next();
+                    }
+                    Some((_, '[')) if descendant => {}
+                    Some((_, c)) if name_first(c) => {
+                        while chars
+                            .next_if(|(_, c)| name_first(*c) || c.is_ascii_digit())
+                            .is_some()
+                        {}
+                    }
+                    Some((at, _)) => {
+                        return Err(fail(
+                            at,
+                            "a member name after `.` starts with a letter or `_`; write other names as `['name']`",
+                        ));
+                    }
+                    None => return Err(fail(text.len(), "a member name is missing after `.`")),
+                }
+            }
+            '[' => skip_bracket(&mut chars).ok_or_else(|| fail(at, "this `[` is never closed"))?,
+            _ => {
+                return Err(fail(
+                    at,
+                    "unexpected text after a segment; a member name cannot hold blank space or \
+                     punctuation: write it as `['a b']`",
+                ));
+            }
+        }
+    }
+}
+
+/// Skips a bracketed selection whose `[` was just read, up to its `]`, over nested brackets and
+/// quoted strings; `None` when it never closes.
+fn skip_bracket(chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>) -> Option<()> {
+    let mut depth = 1;
+    while depth > 0 {
+        match chars.next()?.1 {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            quote @ ('\'' | '"') => loop {
+                match chars.next()?.1 {
+                    '\\' => {
+                        chars.next()?;
+                    }
+                    c if c == quote => break,
+                    _ => {}
+                }
+            },
+            _ => {}
+        }
+    }
+    Some(())
 }
 
 fn walk<'a>(doc: &'a Value, steps: &[Step]) -> Option<&'a Value> {
@@ -212,6 +303,36 @@ mod tests {
         }
         for p in ["$.a.*", "$..c", "$.a.b[?@ > 1]", "$.a.b[0:2]", "$.a['b','c']"] {
             assert!(!Selector::parse(p).unwrap().is_fast_path(), "{p}");
+        }
+    }
+
+    #[test]
+    fn text_after_a_segment_is_refused_as_rfc_9535_says() {
+        for (p, column) in [
+            ("$.a b", 5),
+            ("$.context.page.url x", 20),
+            ("$.a ", 5),
+            ("$.-a", 3),
+            ("$.a.", 5),
+            ("$['a'", 2),
+        ] {
+            let e = Selector::parse(p).unwrap_err();
+            assert_eq!(e.column, Some(column), "{p}: {e}");
+        }
+        // Blank space before a segment, inside brackets and filters, and names beyond ASCII are
+        // all allowed.
+        for p in [
+            "$ .a",
+            "$.a [0]",
+            "$['a b']",
+            "$[?@.a == 'x y']",
+            "$..[0]",
+            "$..a",
+            "$.☺_1",
+            "$[\"]\"]",
+            "$['\\'']",
+        ] {
+            assert!(Selector::parse(p).is_ok(), "{p}");
         }
     }
 
