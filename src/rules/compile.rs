@@ -928,8 +928,25 @@ pub fn locate(text: &str, rule: Option<&str>, needle: &str) -> (Option<usize>, O
     if needle.is_empty() {
         return (rule.map(|_| start_line + 1), None);
     }
+    // The needle as a whole token, outside comments and descriptions (a path `properties`
+    // must not be found in "…with its properties flattened").
+    let word = |c: char| c.is_alphanumeric() || c == '_';
     for (i, line) in text.lines().enumerate().skip(start_line) {
-        if let Some(col) = line.find(needle) {
+        let trimmed = line.trim_start().trim_start_matches("- ");
+        if trimmed.starts_with('#') || trimmed.starts_with("description:") {
+            continue;
+        }
+        let code = line.split(" #").next().unwrap_or(line);
+        let found = code.match_indices(needle).find(|(at, _)| {
+            let before = code[..*at].chars().next_back();
+            let after = code[at + needle.len()..].chars().next();
+            let edge = |c: Option<char>, inner: Option<char>| {
+                // Only a needle that starts or ends with a word character needs a boundary there.
+                !inner.is_some_and(word) || !c.is_some_and(word)
+            };
+            edge(before, needle.chars().next()) && edge(after, needle.chars().next_back())
+        });
+        if let Some((col, _)) = found {
             return (Some(i + 1), Some(line[..col].chars().count() + 1));
         }
     }

@@ -344,3 +344,26 @@ rules:
         "{text}"
     );
 }
+
+#[test]
+fn a_problem_is_located_at_its_own_line_not_at_a_description_mentioning_it() {
+    let problems = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    description: copies the properties # and mentions properties again
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+    flatten: [properties]
+",
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        (problems[0].line, problems[0].column),
+        (Some(9), Some(15)),
+        "{problems:?}"
+    );
+}
