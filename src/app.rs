@@ -300,7 +300,7 @@ pub async fn run(
     let fault_watch_task = tokio::spawn(report_queue_fault(
         {
             let queue = queue.clone();
-            move || queue.fault()
+            move || (queue.fault(), queue.connected())
         },
         health.clone(),
         stop_fault_watch.clone(),
@@ -396,6 +396,9 @@ pub async fn run(
     shutdown.await;
     let started = Instant::now();
     tracing::info!("shutting down: health NOT_SERVING, refusing new events");
+    // The queue watch no longer moves health: from here on it says NOT_SERVING.
+    stop_fault_watch.cancel();
+    let _ = fault_watch_task.await;
     serving.store(false, Ordering::SeqCst);
     health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_service_status("", ServingStatus::NotServing).await;
@@ -427,8 +430,6 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop_fault_watch.cancel();
-    let _ = fault_watch_task.await;
     stop_reloader.cancel();
     let _ = reloader_task.await;
     stop_follower.cancel();
@@ -473,21 +474,39 @@ pub async fn run(
 /// says why), as `/healthz` does, so orchestrators probing either restart the relay. Checks
 /// every second until `stop`; a fault is for good, so the watch then ends.
 async fn report_queue_fault(
-    fault: impl Fn() -> Option<String>,
+    queue: impl Fn() -> (Option<String>, bool),
     health: tonic_health::server::HealthReporter,
     stop: CancellationToken,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
+    let mut reachable = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        if let Some(why) = fault() {
+        let (fault, connected) = queue();
+        if let Some(why) = fault {
             tracing::error!(reason = %why, "health NOT_SERVING: the queue refuses every event until the relay restarts");
             health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
             health.set_service_status("", ServingStatus::NotServing).await;
             return;
+        }
+        // A shared queue's server out of reach: events are refused until it returns, so a load
+        // balancer should send them to a replica that still reaches it.
+        if connected != reachable {
+            reachable = connected;
+            if connected {
+                tracing::info!("the queue's store is reachable again: health SERVING");
+                health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
+                health.set_service_status("", ServingStatus::Serving).await;
+            } else {
+                tracing::warn!(
+                    "the queue's store is out of reach: health NOT_SERVING and events refused (UNAVAILABLE / 503) until it returns"
+                );
+                health.set_not_serving::<IngestServiceServer<IngestGrpc>>().await;
+                health.set_service_status("", ServingStatus::NotServing).await;
+            }
         }
     }
 }
@@ -521,7 +540,7 @@ mod tests {
         let watch = tokio::spawn(report_queue_fault(
             {
                 let fault = fault.clone();
-                move || fault.lock().unwrap().clone()
+                move || (fault.lock().unwrap().clone(), true)
             },
             health,
             stop.clone(),
@@ -540,12 +559,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn grpc_health_follows_a_shared_queue_out_of_reach_and_back() {
+        let health = tonic_health::server::HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        health.set_service_status("", ServingStatus::Serving).await;
+        let connected = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop = CancellationToken::new();
+        let watch = tokio::spawn(report_queue_fault(
+            {
+                let connected = connected.clone();
+                move || (None, connected.load(Ordering::SeqCst))
+            },
+            health,
+            stop.clone(),
+        ));
+        connected.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(status(&service, "").await, Status::NotServing);
+        connected.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(status(&service, "").await, Status::Serving);
+        stop.cancel();
+        watch.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_fault_watch_ends_when_told_to() {
         let health = tonic_health::server::HealthReporter::new();
         let service = tonic_health::server::HealthService::from_health_reporter(health.clone());
         health.set_service_status("", ServingStatus::Serving).await;
         let stop = CancellationToken::new();
-        let watch = tokio::spawn(report_queue_fault(|| None, health, stop.clone()));
+        let watch = tokio::spawn(report_queue_fault(|| (None, true), health, stop.clone()));
         tokio::time::sleep(Duration::from_secs(3)).await;
         stop.cancel();
         watch.await.unwrap();

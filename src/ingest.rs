@@ -21,7 +21,7 @@ use crate::monitor::Monitor;
 use crate::normalize::InboundEvent;
 use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
 use crate::rules::{DroppedRecord, LiveRules, Source};
-use crate::telemetry::{Telemetry, names};
+use crate::telemetry::{Telemetry, Throttle, names};
 use crate::timefmt::now_ms;
 
 /// What became of an accepted event.
@@ -53,7 +53,7 @@ pub struct Accepted {
 }
 
 /// Counters of the ingest stage.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IngestCounters {
     /// Events accepted.
     pub events: AtomicU64,
@@ -65,8 +65,21 @@ pub struct IngestCounters {
     pub ignored: AtomicU64,
     /// Events seen before within the dedup window.
     pub duplicates: AtomicU64,
-    /// When the log last said the queue was full (unix ms).
-    last_full_warning_ms: std::sync::atomic::AtomicI64,
+    /// The log says the queue is full at most every ten seconds.
+    full_warning: Throttle,
+}
+
+impl Default for IngestCounters {
+    fn default() -> Self {
+        IngestCounters {
+            events: AtomicU64::default(),
+            records: AtomicU64::default(),
+            dropped: AtomicU64::default(),
+            ignored: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            full_warning: Throttle::new(10_000),
+        }
+    }
 }
 
 /// The shared ingest core.
@@ -319,22 +332,15 @@ impl Ingest {
             QueueError::Store(_) => "store_unavailable",
         };
         self.monitor.metrics().refused(source, reason, events);
-        if let QueueError::Full { capacity } = e {
-            let now = now_ms();
-            let last = self.counters.last_full_warning_ms.load(Ordering::Relaxed);
-            if now - last >= 10_000
-                && self
-                    .counters
-                    .last_full_warning_ms
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::warn!(
-                    capacity,
-                    source = source.as_str(),
-                    "the queue is full: refusing events (RESOURCE_EXHAUSTED / 429) until delivery catches up"
-                );
-            }
+        if let QueueError::Full { capacity } = e
+            && let Some(held_back) = self.counters.full_warning.pass()
+        {
+            tracing::warn!(
+                capacity,
+                source = source.as_str(),
+                refusals_since_last_line = held_back,
+                "the queue is full: refusing events (RESOURCE_EXHAUSTED / 429) until delivery catches up"
+            );
         }
     }
 }
@@ -349,13 +355,23 @@ pub fn queue_error(e: QueueError) -> ApiError {
                 format!("{e}: Lytics delivery is behind"),
             )
         },
-        QueueError::Closed => ApiError::new(ErrorCode::Unavailable, e.to_string()),
-        QueueError::Store(_) => {
-            tracing::error!(error = %e, "queue store failed");
-            ApiError::new(
-                ErrorCode::Unavailable,
-                "the event store is unavailable; retry later",
-            )
+        QueueError::Closed => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(ErrorCode::Unavailable, e.to_string())
+        },
+        QueueError::Store(why) => {
+            // Every call fails alike while the store is out of reach: one line per 10 s.
+            static LOGGED: Throttle = Throttle::new(10_000);
+            if let Some(held_back) = LOGGED.pass() {
+                tracing::error!(error = %why, refusals_since_last_line = held_back, "the queue's store refused events; senders are told to retry");
+            }
+            ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the event store is unavailable; retry later",
+                )
+            }
         }
     }
 }

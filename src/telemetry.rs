@@ -308,6 +308,41 @@ pub fn init_logging(json: bool) {
     };
 }
 
+/// Lets a log line that can repeat many times a second (a store out of reach, a full queue)
+/// through at most once per period; [`Throttle::pass`] says how many it held back meanwhile.
+#[derive(Debug)]
+pub struct Throttle {
+    period_ms: i64,
+    last_ms: std::sync::atomic::AtomicI64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// At most one line per `period_ms`.
+    pub const fn new(period_ms: i64) -> Self {
+        Throttle {
+            period_ms,
+            last_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when this line may go out, else `None`.
+    pub fn pass(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = crate::timefmt::now_ms();
+        let last = self.last_ms.load(Relaxed);
+        if now.saturating_sub(last) >= self.period_ms
+            && self.last_ms.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+        {
+            Some(self.held.swap(0, Relaxed))
+        } else {
+            self.held.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,5 +355,19 @@ mod tests {
         assert_eq!(format_traceparent(&sc), tp);
         assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
         assert!(parse_traceparent("junk").is_none());
+    }
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let t = Throttle::new(60_000);
+        assert_eq!(t.pass(), Some(0));
+        assert_eq!(t.pass(), None);
+        assert_eq!(t.pass(), None);
+        // A period later (here: none at all), the next line says how many were held back.
+        let t0 = Throttle::new(0);
+        assert_eq!(t0.pass(), Some(0));
+        assert_eq!(t0.pass(), Some(0));
+        t.last_ms.store(i64::MIN, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(t.pass(), Some(2));
     }
 }

@@ -37,7 +37,7 @@ use crate::live::{self, CallResult};
 use crate::lytics::{self, CollectSender, CollectTarget, LyticsClient, Outcome};
 use crate::monitor::Monitor;
 use crate::queue::{Attempt, AttemptKind, Queue, QueuedRecord};
-use crate::telemetry::{Telemetry, fail_span, names};
+use crate::telemetry::{Telemetry, Throttle, fail_span, names};
 use crate::timefmt::{self, now_ms};
 use backoff::Backoff;
 
@@ -440,7 +440,11 @@ impl Delivery {
                 let leased = match self.queue.lease(self.settings.batch_max_records, &skip).await {
                     Ok(l) => l,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot lease records");
+                        // Repeats while the store is out of reach: one line per 10 s.
+                        static LOGGED: Throttle = Throttle::new(10_000);
+                        if let Some(held_back) = LOGGED.pass() {
+                            tracing::error!(error = %e, failures_since_last_line = held_back, "cannot lease records");
+                        }
                         break;
                     }
                 };

@@ -289,8 +289,9 @@ async fn customerio_webhook(
 /// 503 once shutdown has begun or while the queue refuses everything until a restart.
 async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
     let fault = s.queue.fault();
-    let (code, status) = health_status(s.serving.load(Ordering::SeqCst), fault.is_some());
-    let mut queue = json!({"backend": s.queue.backend(), "connected": s.queue.connected()});
+    let connected = s.queue.connected();
+    let (code, status) = health_status(s.serving.load(Ordering::SeqCst), fault.is_some(), connected);
+    let mut queue = json!({"backend": s.queue.backend(), "connected": connected});
     if let Some(why) = fault {
         queue["fault"] = json!(why);
     }
@@ -324,13 +325,15 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
     (code, Json(body))
 }
 
-/// The health answer's code and status: serving, or not (shutting down, or a queue that
-/// refuses everything until a restart, which orchestrators should act on).
-fn health_status(serving: bool, queue_fault: bool) -> (StatusCode, &'static str) {
-    match (serving, queue_fault) {
-        (_, true) => (StatusCode::SERVICE_UNAVAILABLE, "failing"),
-        (true, false) => (StatusCode::OK, "serving"),
-        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "not_serving"),
+/// The health answer's code and status: serving, or not (shutting down; a queue that refuses
+/// everything until a restart, which orchestrators should act on; or a shared queue's server
+/// out of reach, during which events are refused).
+fn health_status(serving: bool, queue_fault: bool, connected: bool) -> (StatusCode, &'static str) {
+    match (serving, queue_fault, connected) {
+        (_, true, _) => (StatusCode::SERVICE_UNAVAILABLE, "failing"),
+        (false, false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not_serving"),
+        (true, false, false) => (StatusCode::SERVICE_UNAVAILABLE, "queue_unreachable"),
+        (true, false, true) => (StatusCode::OK, "serving"),
     }
 }
 
@@ -340,18 +343,22 @@ mod tests {
 
     #[test]
     fn health_fails_while_the_queue_refuses_everything() {
-        assert_eq!(health_status(true, false), (StatusCode::OK, "serving"));
+        assert_eq!(health_status(true, false, true), (StatusCode::OK, "serving"));
         assert_eq!(
-            health_status(false, false),
+            health_status(false, false, true),
             (StatusCode::SERVICE_UNAVAILABLE, "not_serving")
         );
         assert_eq!(
-            health_status(true, true),
+            health_status(true, true, true),
             (StatusCode::SERVICE_UNAVAILABLE, "failing")
         );
         assert_eq!(
-            health_status(false, true),
+            health_status(false, true, true),
             (StatusCode::SERVICE_UNAVAILABLE, "failing")
+        );
+        assert_eq!(
+            health_status(true, false, false),
+            (StatusCode::SERVICE_UNAVAILABLE, "queue_unreachable")
         );
     }
 }
