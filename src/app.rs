@@ -50,7 +50,7 @@ use crate::telemetry::Telemetry;
 /// The largest gRPC message accepted (a batch of events).
 pub const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
 /// The id of the integration built from settings (flags, environment, config file).
-pub const DEFAULT_INTEGRATION: &str = "lytics";
+pub const DEFAULT_INTEGRATION: &str = crate::integration::CONFIGURED_ID;
 
 /// The sockets the relay serves on, bound before start-up so tests can use port 0.
 pub struct Listeners {
@@ -113,6 +113,21 @@ pub async fn run(
     telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<Report> {
+    // The data directory holds queued events (personal data) and the admin token: one the
+    // relay creates is the owner's only, as the files in it are.
+    if !settings.data_dir.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.data_dir)
+            .with_context(|| {
+                format!(
+                    "cannot create the data directory `{}`",
+                    settings.data_dir.display()
+                )
+            })?;
+    }
     // Start-up loads rules the way a reload does: compiled, test cases run, or refused.
     let rules_source = RulesSource::resolve(settings.rules.as_deref());
     let rules = reload::load(&rules_source).map_err(|problems| {

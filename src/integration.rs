@@ -203,13 +203,27 @@ mod tests {
     }
 }
 
+/// The id of the integration built from flags, environment or config file (or the zero-setup
+/// emulator default). Installed integrations get ids of their own (`lytics-c84f57ef`).
+pub const CONFIGURED_ID: &str = "lytics";
+
+/// An integration that left the set in force, as it last was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// The stream it had.
+    pub stream: StreamName,
+    /// An installed integration that was uninstalled (gone for every replica), rather than the
+    /// configured one, replaced by installed ones on this relay only.
+    pub uninstalled: bool,
+}
+
 /// The integrations in force, swapped atomically when they change.
 #[derive(Debug, Clone, Default)]
 pub struct Integrations {
     list: Arc<arc_swap::ArcSwap<Vec<Integration>>>,
-    /// The stream each integration no longer in force last had, so that records still queued
-    /// for it are dead-lettered naming it (kept until the relay restarts).
-    retired: Arc<std::sync::Mutex<std::collections::HashMap<String, StreamName>>>,
+    /// Each integration no longer in force, so that records still queued for it are
+    /// dead-lettered naming its stream and why (kept until the relay restarts).
+    retired: Arc<std::sync::Mutex<std::collections::HashMap<String, Retired>>>,
 }
 
 impl Integrations {
@@ -231,7 +245,13 @@ impl Integrations {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         for gone in self.list.load().iter() {
             if !list.iter().any(|i| i.id == gone.id) {
-                retired.insert(gone.id.to_string(), gone.stream_name.clone());
+                retired.insert(
+                    gone.id.to_string(),
+                    Retired {
+                        stream: gone.stream_name.clone(),
+                        uninstalled: gone.id.as_str() != CONFIGURED_ID,
+                    },
+                );
             }
         }
         for i in &list {
@@ -245,8 +265,8 @@ impl Integrations {
         self.list.load().iter().find(|i| i.id.as_str() == id).cloned()
     }
 
-    /// The stream integration `id` had when it left the list (since the relay started).
-    pub fn retired_stream(&self, id: &str) -> Option<StreamName> {
+    /// Integration `id` as it was when it left the list (since the relay started).
+    pub fn retired(&self, id: &str) -> Option<Retired> {
         self.retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())

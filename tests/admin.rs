@@ -756,6 +756,21 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     };
     assert_eq!(letter.stream, STREAM, "{letter:?}");
     assert!(letter.reason.contains("no longer exists"), "{}", letter.reason);
+    // Counted as every other dead letter is.
+    let metrics = reqwest::get(relay.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("lytics_relay_records_dead_lettered_total{")
+                && l.contains(&format!(r#"integration="{id}""#))
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
     // A replay could only dead-letter them again: refused, saying why.
     let mut replay = tonic::Request::new(pb::ReplayDeadLettersRequest {
         ids: vec![],
@@ -766,6 +781,6 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let refused = dead.replay_dead_letters(replay).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("not installed"), "{refused:?}");
+    assert!(refused.message().contains("not in force"), "{refused:?}");
     relay.stop().await;
 }

@@ -119,11 +119,16 @@ fn sigterm_stops_the_relay_gracefully() {
 
 #[test]
 fn a_new_admin_token_is_not_logged_and_the_log_stays_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut relay = Spawned::start(dir.path(), &[]);
+    use std::os::unix::fs::PermissionsExt as _;
+    let parent = tempfile::tempdir().unwrap();
+    // A data directory the relay creates is the owner's only.
+    let data = parent.path().join("new/data");
+    let mut relay = Spawned::start(&data, &[]);
     assert_eq!(relay.terminate(), Some(0));
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
     let log = relay.log();
-    let token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     assert!(token.trim().len() >= 32, "{token}");
     assert!(!log.contains(token.trim()), "the token is in the log:\n{log}");
     for line in log.lines() {
@@ -140,6 +145,26 @@ fn a_new_admin_token_is_not_logged_and_the_log_stays_json() {
                     .is_some_and(|f| f.ends_with("admin-token"))),
         "{log}"
     );
+}
+
+#[test]
+fn text_logs_into_a_file_or_pipe_carry_no_colour_codes() {
+    let mut emulator = bin()
+        .args(["emulator", "--addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(emulator.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    emulator.kill().unwrap();
+    emulator.wait().unwrap();
+    assert!(line.contains("Lytics emulator serving"), "{line}");
+    assert!(!line.contains('\u{1b}'), "{line:?}");
 }
 
 /// SIGTERM while a Lytics call hangs: the relay refuses new events, stops within the grace

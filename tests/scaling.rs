@@ -465,6 +465,57 @@ async fn an_integration_installed_on_one_replica_is_in_force_on_the_other() {
     }
 }
 
+#[tokio::test]
+async fn records_for_an_integration_one_replica_lacks_are_left_for_the_replica_that_has_it() {
+    let nats = NatsServer::start().await;
+    let emu = EmulatorHandle::start().await;
+    // A delivers its configured integration `lytics` to the emulator. B runs on its own
+    // emulator's default `lytics`, which an install replaces on B only.
+    let (mut a, _dir_a) = settings(&emu.url(), TOKEN);
+    let (mut b, _dir_b) = settings(&emu.url(), TOKEN);
+    use_nats(&mut a, &nats);
+    use_nats(&mut b, &nats);
+    b.admin_token = Some(lytics_relay::integration::Secret::new("admin-secret"));
+    b.lytics_url = Some(emu.url());
+    let relay_a = RelayHandle::start(a, Telemetry::disabled()).await;
+    let relay_b = RelayHandle::start_on_own_emulator(b).await;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.get(relay_b.http_url("/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "B did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = http
+        .post(relay_b.http_url("/v1/admin/integration-catalog/lytics/install"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": "customerio_events"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Events sent to A: each makes a `lytics` record (only A has that integration) and one for
+    // the installed integration. B leases some of the `lytics` ones and must leave them to A.
+    send_all(&relay_a, "lacks", 200).await;
+    emu.wait_for_records(STREAM, 200).await;
+    emu.wait_for_records("customerio_events", 200).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = deliveries(&emu);
+    assert_eq!(seen.len(), 200, "every `lytics` record arrived");
+    assert!(seen.values().all(|n| *n == 1), "each once: {seen:?}");
+    let mut dead = lytics_relay::proto::v1::dead_letter_service_client::DeadLetterServiceClient::connect(
+        format!("http://{}", relay_b.grpc),
+    )
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(lytics_relay::proto::v1::ListDeadLettersRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "Bearer admin-secret".parse().unwrap());
+    let list = dead.list_dead_letters(req).await.unwrap().into_inner();
+    assert!(list.dead_letters.is_empty(), "{:?}", list.dead_letters);
+    relay_a.stop().await;
+    relay_b.stop().await;
+}
+
 /// Leases until `n` records come back, or fails after `within`.
 async fn lease_until(
     q: &lytics_relay::queue::NatsQueue,

@@ -189,17 +189,24 @@ impl DeadLetterService for DeadLetters {
             };
             let allowed = room.min(REPLAY_MAX);
             let mut f = filter(Some(f))?;
-            if let (Some(id), Some(integrations)) = (&f.integration, &self.integrations)
-                && integrations.get(id).is_none()
-            {
-                return Err(ApiError::new(
-                    ErrorCode::FailedPrecondition,
-                    format!(
-                        "integration `{id}` is not installed: its dead letters would be \
-                         dead-lettered again; re-send their inputs instead"
-                    ),
-                )
-                .into());
+            // Replaying for an integration that is gone could only dead-letter them again. On a
+            // shared queue one this relay does not have may be another replica's: gone means
+            // uninstalled.
+            if let (Some(id), Some(integrations)) = (&f.integration, &self.integrations) {
+                let gone = match integrations.retired(id) {
+                    Some(r) => r.uninstalled || !self.queue.shared(),
+                    None => integrations.get(id).is_none() && !self.queue.shared(),
+                };
+                if gone {
+                    return Err(ApiError::new(
+                        ErrorCode::FailedPrecondition,
+                        format!(
+                            "integration `{id}` is not in force: its dead letters would be \
+                             dead-lettered again; re-send their inputs instead"
+                        ),
+                    )
+                    .into());
+                }
             }
             f.limit = allowed + 1;
             let mut ids = self

@@ -249,6 +249,15 @@ impl IntegrationAdmin {
                 e.add_credentials(&s.api_token, &s.account_id);
             }
             let changed = seen.get(&s.id) != Some(&s.updated_ms);
+            match seen.get(&s.id) {
+                None => {
+                    tracing::info!(integration = %s.id, stream = %s.stream_name, "integration installed (picked up from the shared store)")
+                }
+                Some(_) if changed => {
+                    tracing::info!(integration = %s.id, stream = %s.stream_name, paused = s.paused, "integration changed (picked up from the shared store)")
+                }
+                Some(_) => {}
+            }
             if s.paused {
                 if !manual.contains(&s.id) {
                     self.delivery.pause_manual(&s.id);
@@ -259,6 +268,7 @@ impl IntegrationAdmin {
             now_seen.insert(s.id.clone(), s.updated_ms);
         }
         for gone in seen.keys().filter(|id| !now_seen.contains_key(*id)) {
+            tracing::info!(integration = %gone, "integration uninstalled (picked up from the shared store)");
             self.delivery.resume(gone);
         }
         *seen = now_seen;

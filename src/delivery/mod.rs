@@ -530,21 +530,7 @@ impl Delivery {
         }
         for ((integration_id, _, _), records) in groups {
             let Some(integration) = self.integrations.get(&integration_id) else {
-                // Records bound for the integration's own stream name the one it last had.
-                let mut records = records;
-                if let Some(stream) = self.integrations.retired_stream(&integration_id) {
-                    let stream: Arc<str> = Arc::from(stream.as_str());
-                    for r in &mut records {
-                        if &*r.record.stream == crate::queue::INTEGRATION_STREAM {
-                            r.record.stream = stream.clone();
-                        }
-                    }
-                }
-                let reason = format!(
-                    "integration `{integration_id}` no longer exists (uninstalled): a replay would \
-                     dead-letter it again; its input is kept here for re-sending"
-                );
-                self.dead_letter(records, reason).await;
+                self.not_in_force(&integration_id, records).await;
                 continue;
             };
             let mut batch = Vec::with_capacity(records.len().min(self.settings.batch_max_records));
@@ -968,6 +954,80 @@ impl Delivery {
         if let Err(e) = self.queue.retry(batch, now_ms(), attempt).await {
             tracing::error!(error = %e, "cannot hold records");
         }
+    }
+
+    /// Records of an integration this relay does not have:
+    /// - uninstalled (every replica sees that): dead-lettered, naming the stream it had;
+    /// - on a shared queue, otherwise: another replica may have it (the configured one differs,
+    ///   or a configuration change is rolling out), so they go back unchanged for one that does,
+    ///   until they are `max_retry_age` old;
+    /// - on a queue of its own: dead-lettered, saying why (the zero-setup default replaced by
+    ///   installed integrations, or removed while the relay was stopped).
+    async fn not_in_force(&self, id: &str, mut records: Vec<QueuedRecord>) {
+        const HAND_BACK: Duration = Duration::from_secs(5);
+        let retired = self.integrations.retired(id);
+        if let Some(r) = &retired {
+            // Records bound for the integration's own stream name the one it last had.
+            let stream: Arc<str> = Arc::from(r.stream.as_str());
+            for q in &mut records {
+                if &*q.record.stream == crate::queue::INTEGRATION_STREAM {
+                    q.record.stream = stream.clone();
+                }
+            }
+        }
+        let reason = match retired {
+            Some(r) if r.uninstalled => format!(
+                "integration `{id}` no longer exists (uninstalled): a replay would dead-letter it \
+                 again; its input is kept here for re-sending"
+            ),
+            _ if self.queue.shared() => {
+                let max_age = i64::try_from(self.settings.max_retry_age.as_millis()).unwrap_or(i64::MAX);
+                let now = now_ms();
+                let (old, young): (Vec<_>, Vec<_>) = records
+                    .into_iter()
+                    .partition(|r| now.saturating_sub(r.record.accepted_ms) >= max_age);
+                if !young.is_empty() {
+                    static LOGGED: Throttle = Throttle::new(10_000);
+                    if LOGGED.pass().is_some() {
+                        tracing::warn!(
+                            integration = id,
+                            records = young.len(),
+                            "records for an integration this relay does not have: handed back \
+                             for a replica that has it (give every replica the same integrations)"
+                        );
+                    }
+                    if let Err(e) = self.queue.release(young, HAND_BACK).await {
+                        tracing::error!(error = %e, "cannot hand records back");
+                    }
+                }
+                if old.is_empty() {
+                    return;
+                }
+                records = old;
+                format!(
+                    "no relay delivered integration `{id}` for {} (max_retry_age): it is not \
+                     configured or installed on the replicas that leased its records",
+                    timefmt::human_duration(self.settings.max_retry_age)
+                )
+            }
+            Some(_) => format!(
+                "integration `{id}` (the zero-setup default) was replaced by installed \
+                 integrations before these records were delivered: a replay would dead-letter \
+                 them again; their input is kept here for re-sending"
+            ),
+            None => format!(
+                "integration `{id}` is not configured or installed on this relay (removed while \
+                 it was stopped, or its configuration changed): a replay would dead-letter it \
+                 again; its input is kept here for re-sending"
+            ),
+        };
+        let none = live::CallResult {
+            status: None,
+            latency: Duration::ZERO,
+        };
+        self.monitor
+            .settled(&records, live::Outcome::DeadLettered, &none, &reason);
+        self.dead_letter(records, reason).await;
     }
 
     async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) {

@@ -312,6 +312,30 @@ pub trait Queue: Send + Sync + 'static {
     /// The backend's name, as configured (`embedded`, `memory`, `nats`).
     fn backend(&self) -> &'static str;
 
+    /// Whether other relay processes lease from this queue too (their integrations may differ
+    /// from this one's while a configuration change rolls out).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Hands leased records back unchanged (no attempt, no history entry), for any relay of a
+    /// shared queue to lease again after `delay`. A queue that is not shared keeps them, due
+    /// after `delay`, as a retry without an attempt.
+    async fn release(
+        &self,
+        records: Vec<QueuedRecord>,
+        delay: std::time::Duration,
+    ) -> Result<(), QueueError> {
+        let due = crate::timefmt::now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+        let attempt = Attempt {
+            at_ms: crate::timefmt::now_ms(),
+            status: None,
+            detail: "handed back: its integration is not in force here".into(),
+            kind: AttemptKind::Held,
+        };
+        self.retry(records, due, attempt).await
+    }
+
     /// Why the backend refuses every operation until the relay restarts, if it does.
     fn fault(&self) -> Option<String> {
         None

@@ -555,6 +555,18 @@ impl Queue for NatsQueue {
         Ok(out)
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    /// Naks the messages with `delay`: the records go back to the stream as they were, for any
+    /// replica to lease.
+    async fn release(&self, records: Vec<QueuedRecord>, delay: Duration) -> Result<(), QueueError> {
+        let msgs = self.inner.take(records.iter().map(|r| r.id));
+        join_all(msgs.iter().map(|m| m.ack_with(AckKind::Nak(Some(delay))))).await;
+        Ok(())
+    }
+
     async fn ack(&self, ids: &[RecordId]) -> Result<(), QueueError> {
         let msgs = self.inner.take(ids.iter().copied());
         let results = join_all(msgs.iter().map(|m| m.double_ack())).await;

@@ -109,10 +109,22 @@ pub fn settings(emulator_url: &str, token: &str) -> (Settings, tempfile::TempDir
 
 impl RelayHandle {
     pub async fn start(settings: Settings, telemetry: Telemetry) -> Self {
+        Self::start_with(settings, telemetry, None).await
+    }
+
+    /// A relay with no Lytics settings, on its built-in emulator (the zero-setup default).
+    #[allow(dead_code, reason = "not every test binary starts one")]
+    pub async fn start_on_own_emulator(mut settings: Settings) -> Self {
+        settings.lytics = None;
+        let emulator = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_with(settings, Telemetry::disabled(), Some(emulator)).await
+    }
+
+    async fn start_with(settings: Settings, telemetry: Telemetry, emulator: Option<TcpListener>) -> Self {
         let listeners = Listeners {
             grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            emulator: None,
+            emulator,
         };
         let grpc = listeners.grpc.local_addr().unwrap();
         let http = listeners.http.local_addr().unwrap();
