@@ -158,10 +158,13 @@ impl Ingest {
             self.monitor
                 .metrics()
                 .refused(source, "shutting_down", events.count() as u64);
-            return Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the relay is shutting down; retry against another instance",
-            ));
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the relay is shutting down; retry against another instance",
+                )
+            });
         }
         let (mut span, tp) = self.telemetry.start_ingest(
             traceparent,

@@ -389,13 +389,14 @@ trait SignalFields {
     fn text(&self, key: &str) -> Result<Option<&str>, ()>;
     /// False when `key` is present and neither an object nor null.
     fn object_or_absent(&self, key: &str) -> bool;
-    /// True when `traits.email` or `context.traits.email` is text that is not blank.
+    /// True when an object the shipped rules read an email from (`traits`, `context.traits`,
+    /// and for page and track events `properties`) has an `email` that is text, not blank.
     fn has_email(&self) -> bool;
 }
 
-/// True when `traits` (an object) has an `email` that is text and not blank.
-fn email_in(traits: Option<&Value>) -> bool {
-    traits
+/// True when `object` has an `email` that is text and not blank.
+fn email_in(object: Option<&Value>) -> bool {
+    object
         .and_then(|t| t.get("email"))
         .and_then(Value::as_str)
         .is_some_and(|e| !e.trim().is_empty())
@@ -415,7 +416,9 @@ impl SignalFields for Map<String, Value> {
     }
 
     fn has_email(&self) -> bool {
-        email_in(self.get("traits")) || email_in(self.get("context").and_then(|c| c.get("traits")))
+        email_in(self.get("traits"))
+            || email_in(self.get("context").and_then(|c| c.get("traits")))
+            || email_in(self.get("properties"))
     }
 }
 
@@ -437,7 +440,8 @@ impl SignalFields for pb::Event {
             .as_ref()
             .and_then(|c| c.0.get("traits"))
             .and_then(|t| t.get("email"));
-        [traits, context_traits]
+        let properties = self.properties.as_ref().and_then(|p| p.0.get("email"));
+        [traits, context_traits, properties]
             .into_iter()
             .flatten()
             .any(|e| e.as_str().is_some_and(|e| !e.trim().is_empty()))
@@ -541,8 +545,8 @@ fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError>
     if user_id.is_none() && anonymous_id.is_none() && violations.len() == before && !m.has_email() {
         violations.push(FieldViolation::new(
             at("userId"),
-            "an event needs a userId, an anonymousId or an email in traits (or context.traits), \
-             or Lytics cannot tie it to a user",
+            "an event needs a userId, an anonymousId or an email (traits.email, \
+             context.traits.email or properties.email), or Lytics cannot tie it to a user",
         ));
     }
     if event_type == Some("track")
@@ -881,6 +885,7 @@ mod tests {
         // An email in the traits is identity enough, over JSON and protobuf alike.
         for doc in [
             json!({"type": "track", "event": "E", "context": {"traits": {"email": "a@b.co"}}}),
+            json!({"type": "page", "properties": {"email": "a@b.co"}}),
             json!({"type": "identify", "traits": {"email": "a@b.co"}}),
         ] {
             assert!(signal_event(doc.clone(), "event", 32 * 1024, 0).is_ok(), "{doc}");

@@ -148,6 +148,51 @@ fn a_new_admin_token_is_not_logged_and_the_log_stays_json() {
 }
 
 #[test]
+fn without_a_rules_directory_serve_runs_every_built_in_rule_file() {
+    use std::io::BufRead as _;
+    // Started where there is no `rules/` directory, and given none.
+    let cwd = tempfile::tempdir().unwrap();
+    let mut relay = bin()
+        .current_dir(cwd.path())
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--emulator-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(cwd.path().join("data"))
+        .env_remove("LYTICS_RELAY_LYTICS_API_TOKEN")
+        .env_remove("LYTICS_RELAY_RULES")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(relay.stderr.take().unwrap());
+    let loaded = stderr
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .find(|v| v["fields"]["message"] == json!("rules loaded"));
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    let loaded = loaded.expect("the relay logged the rules it loaded");
+    assert_eq!(loaded["fields"]["source"], json!("Embedded"), "{loaded}");
+    assert_eq!(
+        loaded["fields"]["files"],
+        json!(2),
+        "signal and customerio: {loaded}"
+    );
+}
+
+#[test]
 fn text_logs_into_a_file_or_pipe_carry_no_colour_codes() {
     let mut emulator = bin()
         .args(["emulator", "--addr", "127.0.0.1:0"])

@@ -210,28 +210,3 @@ fn lql_export_matches_the_golden_query_and_the_emulator_parses_it() {
         assert!(names.contains(&f), "{f} missing from {names:?}");
     }
 }
-
-#[tokio::test]
-async fn without_a_rules_directory_the_embedded_rules_map_webhooks() {
-    let emu = EmulatorHandle::start().await;
-    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
-    // No rules directory: the relay runs on the rules built into it.
-    settings.rules = None;
-    settings.customerio_signing_key = Some(lytics_relay::integration::Secret::new(KEY));
-    settings.customerio_tolerance = std::time::Duration::from_secs(600);
-    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
-
-    let (status, body) = post(
-        &relay,
-        &opened("e1", 1_613_063_089, 123, "Test Email"),
-        now(),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["status"], json!("accepted"), "{body}");
-    assert_eq!(body["records"], json!(1), "{body}");
-    let records = emu.wait_for_records("customerio_events", 1).await;
-    assert_eq!(records[0]["email"], json!("ada@example.com"), "{records:?}");
-    assert_eq!(records[0]["cio_campaign_ids"], json!("123"), "{records:?}");
-}

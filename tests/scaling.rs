@@ -104,13 +104,14 @@ async fn nats_down_answers_unavailable_and_back_loses_nothing_acknowledged() {
         }
     };
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    let h: Value = reqwest::get(relay.http_url("/healthz"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = reqwest::get(relay.http_url("/healthz")).await.unwrap();
+    // Not ready (a load balancer should send events elsewhere), yet alive (no restart).
+    assert_eq!(r.status().as_u16(), 503);
+    let h: Value = r.json().await.unwrap();
     assert_eq!(h["queue"]["connected"], json!(false), "{h}");
+    assert_eq!(h["status"], json!("queue_unreachable"), "{h}");
+    let live = reqwest::get(relay.http_url("/livez")).await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
 
     nats.resume().await;
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -960,7 +960,7 @@ impl Delivery {
     /// - uninstalled (every replica sees that): dead-lettered, naming the stream it had;
     /// - on a shared queue, otherwise: another replica may have it (the configured one differs,
     ///   or a configuration change is rolling out), so they go back unchanged for one that does,
-    ///   until they are `max_retry_age` old;
+    ///   and wait for it as a paused integration's records do;
     /// - on a queue of its own: dead-lettered, saying why (the zero-setup default replaced by
     ///   installed integrations, or removed while the relay was stopped).
     async fn not_in_force(&self, id: &str, mut records: Vec<QueuedRecord>) {
@@ -981,34 +981,21 @@ impl Delivery {
                  again; its input is kept here for re-sending"
             ),
             _ if self.queue.shared() => {
-                let max_age = i64::try_from(self.settings.max_retry_age.as_millis()).unwrap_or(i64::MAX);
-                let now = now_ms();
-                let (old, young): (Vec<_>, Vec<_>) = records
-                    .into_iter()
-                    .partition(|r| now.saturating_sub(r.record.accepted_ms) >= max_age);
-                if !young.is_empty() {
-                    static LOGGED: Throttle = Throttle::new(10_000);
-                    if LOGGED.pass().is_some() {
-                        tracing::warn!(
-                            integration = id,
-                            records = young.len(),
-                            "records for an integration this relay does not have: handed back \
-                             for a replica that has it (give every replica the same integrations)"
-                        );
-                    }
-                    if let Err(e) = self.queue.release(young, HAND_BACK).await {
-                        tracing::error!(error = %e, "cannot hand records back");
-                    }
+                // They wait, as a paused integration's records do, until a replica that has the
+                // integration leases them: nothing is dropped for a configuration mismatch.
+                static LOGGED: Throttle = Throttle::new(10_000);
+                if LOGGED.pass().is_some() {
+                    tracing::warn!(
+                        integration = id,
+                        records = records.len(),
+                        "records for an integration this relay does not have: handed back for a \
+                         replica that has it; give every replica the same integrations"
+                    );
                 }
-                if old.is_empty() {
-                    return;
+                if let Err(e) = self.queue.release(records, HAND_BACK).await {
+                    tracing::error!(error = %e, "cannot hand records back");
                 }
-                records = old;
-                format!(
-                    "no relay delivered integration `{id}` for {} (max_retry_age): it is not \
-                     configured or installed on the replicas that leased its records",
-                    timefmt::human_duration(self.settings.max_retry_age)
-                )
+                return;
             }
             Some(_) => format!(
                 "integration `{id}` (the zero-setup default) was replaced by installed \

@@ -65,6 +65,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(health))
+        .route("/livez", get(live))
         .route("/v1/events", post(signal_event))
         .route("/v1/batch", post(signal_batch))
         .route("/v1/webhooks/customerio", post(customerio_webhook))
@@ -323,6 +324,20 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         "lytics_outages": outages,
     });
     (code, Json(body))
+}
+
+/// `GET /livez`, for a liveness probe: 503 only while the queue refuses everything until the relay
+/// restarts, the one state a restart cures. A shared queue out of reach or a shutdown under way
+/// are for readiness (`/healthz`): restarting a relay then would not help, and one that cannot
+/// reach NATS at start refuses to start.
+async fn live(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
+    match s.queue.fault() {
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failing", "fault": why})),
+        ),
+        None => (StatusCode::OK, Json(json!({"status": "alive"}))),
+    }
 }
 
 /// The health answer's code and status: serving, or not (shutting down; a queue that refuses
