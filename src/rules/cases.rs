@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::RuleSet;
-use super::model::{IntegrationContext, Source};
+use super::model::{Explain, IntegrationContext, Source};
 use super::spec::TestCaseSpec;
 
 /// The outcome of one case.
@@ -127,8 +127,11 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
     };
     let mut records = Vec::new();
     let mut dropped = Vec::new();
+    // Which paths matched nothing and which rules did not apply, to say why a field or a record
+    // is missing.
+    let mut explain = Explain::default();
     for rule in &file.rules {
-        match rule.apply(&doc, &ctx, None) {
+        match rule.apply(&doc, &ctx, Some(&mut explain)) {
             Some(Ok(r)) => records.push(r),
             Some(Err(d)) => dropped.push(d),
             None => {}
@@ -175,6 +178,10 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
             case.expect.len(),
             records.len()
         ));
+        if !explain.skipped_rules.is_empty() {
+            let skipped: Vec<String> = explain.skipped_rules.iter().map(|r| format!("`{r}`")).collect();
+            problems.push(format!("rules whose `when` did not hold: {}", skipped.join(", ")));
+        }
     }
     for (i, (want, got)) in case.expect.iter().zip(records.iter()).enumerate() {
         if let Some(rule) = &want.rule
@@ -195,7 +202,22 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(Value::Null)))
             .collect();
-        problems.extend(diff_fields(i, &want_fields, &got.fields.to_map()));
+        let got_fields = got.fields.to_map();
+        problems.extend(diff_fields(i, &want_fields, &got_fields));
+        for k in want_fields.keys().filter(|k| !got_fields.contains_key(*k)) {
+            let paths: Vec<&str> = explain
+                .unmatched
+                .iter()
+                .filter(|u| *u.rule == *got.rule && u.field == *k)
+                .map(|u| u.path.as_str())
+                .collect();
+            if !paths.is_empty() {
+                problems.push(format!(
+                    "record {i}: `{k}` has no value: nothing in the input matched {}",
+                    paths.join(", ")
+                ));
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())

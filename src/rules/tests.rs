@@ -367,3 +367,41 @@ rules:
         "{problems:?}"
     );
 }
+
+#[test]
+fn a_failing_case_says_which_path_matched_nothing_and_which_rule_did_not_apply() {
+    let set = compile(
+        r#"
+source: signal
+identity: [user_id]
+rules:
+  - name: page_view
+    when: { $.type: page }
+    fields:
+      user_id: $.userId
+      url: $.context.page.ulr
+      _ts: { value: 1 }
+tests:
+  - name: the url is read
+    input: { type: page, userId: u, context: { page: { url: "https://x.io" } } }
+    expect:
+      - fields: { user_id: u, url: "https://x.io", _ts: 1 }
+  - name: a track is a page
+    input: { type: track, event: E, userId: u }
+    expect:
+      - fields: { user_id: u, _ts: 1 }
+"#,
+    )
+    .unwrap();
+    let report = cases::run_all(&set);
+    assert_eq!(report.failed(), 2);
+    let text = report.render();
+    assert!(
+        text.contains("`url` has no value: nothing in the input matched $.context.page.ulr"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rules whose `when` did not hold: `page_view`"),
+        "{text}"
+    );
+}
