@@ -167,7 +167,10 @@ async fn dry_run_explains_every_field_and_the_paths_that_matched_nothing() {
         .filter(|u| u.field == "email")
         .map(|u| u.path.as_str())
         .collect();
-    assert_eq!(unmatched, vec!["$.properties.email", "$.context.traits.email"]);
+    assert_eq!(
+        unmatched,
+        vec!["$.properties.email", "$.context.traits.email", "$.traits.email"]
+    );
     assert!(d.skipped_rules.contains(&"page_view".to_string()));
     assert!(
         emu.emulator.stream_events(STREAM).is_empty(),
