@@ -416,12 +416,7 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
         "{b}"
     );
     // The refused integration was never installed: its test call left no metric series.
-    let metrics = reqwest::get(relay.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     assert!(
         !metrics.contains(r#"lytics_relay_lytics_calls_total{integration="lytics-"#),
         "{metrics}"
@@ -561,12 +556,6 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         .unwrap();
     let denied = admin.list_catalog(pb::ListCatalogRequest {}).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::Unauthenticated);
-    let authed = |msg| {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    };
     let install = pb::InstallIntegrationRequest {
         config: Some(pb::IntegrationConfig {
             api_token: TOKEN.into(),
@@ -575,11 +564,8 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         }),
         ..Default::default()
     };
-    let mut req = tonic::Request::new(install);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let installed = admin
-        .install_integration(req)
+        .install_integration(authed(&token, install))
         .await
         .unwrap()
         .into_inner()
@@ -587,7 +573,7 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         .unwrap();
     assert_eq!(installed.config.unwrap().api_token, "***");
     let list = admin
-        .list_integrations(authed(pb::ListIntegrationsRequest::default()))
+        .list_integrations(authed(&token, pb::ListIntegrationsRequest::default()))
         .await
         .unwrap()
         .into_inner();
@@ -596,20 +582,14 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         2,
         "the config-managed one and the installed one"
     );
-    let mut bad = tonic::Request::new(pb::InstallIntegrationRequest::default());
-    bad.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let err = admin.install_integration(bad).await.unwrap_err();
+    let err = admin
+        .install_integration(authed(&token, pb::InstallIntegrationRequest::default()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     // Caller mistakes are INVALID_ARGUMENT naming the request's own field.
     use tonic_types::StatusExt as _;
-    fn with_token<T>(token: &str, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    }
     let field_of = |e: tonic::Status| {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
         e.get_details_bad_request().unwrap().field_violations[0]
@@ -617,22 +597,22 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
             .clone()
     };
     let e = admin
-        .get_integration(with_token(&token, pb::GetIntegrationRequest::default()))
+        .get_integration(authed(&token, pb::GetIntegrationRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(field_of(e), "id");
     let e = admin
-        .pause_integration(with_token(&token, pb::PauseIntegrationRequest::default()))
+        .pause_integration(authed(&token, pb::PauseIntegrationRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(field_of(e), "id");
     let e = admin
-        .get_catalog_entry(with_token(&token, pb::GetCatalogEntryRequest::default()))
+        .get_catalog_entry(authed(&token, pb::GetCatalogEntryRequest::default()))
         .await
         .unwrap_err();
     assert_eq!(field_of(e), "key");
     let e = admin
-        .list_integrations(with_token(
+        .list_integrations(authed(
             &token,
             pb::ListIntegrationsRequest {
                 page_token: "zzz".into(),
@@ -643,7 +623,7 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         .unwrap_err();
     assert_eq!(field_of(e), "page_token");
     let e = admin
-        .list_integrations(with_token(
+        .list_integrations(authed(
             &token,
             pb::ListIntegrationsRequest {
                 page_size: -1,
@@ -654,7 +634,7 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
         .unwrap_err();
     assert_eq!(field_of(e), "page_size");
     let e = admin
-        .update_integration(with_token(
+        .update_integration(authed(
             &token,
             pb::UpdateIntegrationRequest {
                 id: installed.id.clone(),
@@ -666,10 +646,7 @@ async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
     assert_eq!(field_of(e), "config");
     // An unknown id is NOT_FOUND.
     let e = admin
-        .get_integration(with_token(
-            &token,
-            pb::GetIntegrationRequest { id: "nope".into() },
-        ))
+        .get_integration(authed(&token, pb::GetIntegrationRequest { id: "nope".into() }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
@@ -725,12 +702,6 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     let mut dead = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
         .await
         .unwrap();
-    let authed = |msg| {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    };
     let filter = pb::DeadLetterFilter {
         integration: id.clone(),
         ..Default::default()
@@ -738,10 +709,13 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     let deadline = Instant::now() + Duration::from_secs(10);
     let letter = loop {
         let list = dead
-            .list_dead_letters(authed(pb::ListDeadLettersRequest {
-                filter: Some(filter.clone()),
-                ..Default::default()
-            }))
+            .list_dead_letters(authed(
+                &token,
+                pb::ListDeadLettersRequest {
+                    filter: Some(filter.clone()),
+                    ..Default::default()
+                },
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -757,12 +731,7 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     assert_eq!(letter.stream, STREAM, "{letter:?}");
     assert!(letter.reason.contains("no longer exists"), "{}", letter.reason);
     // Counted as every other dead letter is.
-    let metrics = reqwest::get(relay.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     assert!(
         metrics
             .lines()
@@ -772,14 +741,14 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
         "{metrics}"
     );
     // A replay could only dead-letter them again: refused, saying why.
-    let mut replay = tonic::Request::new(pb::ReplayDeadLettersRequest {
+    let replay = pb::ReplayDeadLettersRequest {
         ids: vec![],
         filter: Some(filter),
-    });
-    replay
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let refused = dead.replay_dead_letters(replay).await.unwrap_err();
+    };
+    let refused = dead
+        .replay_dead_letters(authed(&token, replay))
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("not in force"), "{refused:?}");
     relay.stop().await;

@@ -48,13 +48,6 @@ fn track(id: &str, props: Value) -> pb::Event {
     )
 }
 
-fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
-
 async fn wait_paused(relay: &RelayHandle) -> Value {
     for _ in 0..500 {
         let h: Value = reqwest::get(relay.http_url("/healthz"))

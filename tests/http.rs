@@ -251,12 +251,7 @@ async fn a_full_queue_answers_429_with_a_json_error_and_accepts_again_once_drain
         "{error}"
     );
     // The operator sees the refusal too.
-    let metrics = reqwest::get(relay.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     assert!(
         metrics
             .lines()

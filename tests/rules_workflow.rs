@@ -338,12 +338,7 @@ async fn edited_files_are_picked_up_within_a_second() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     println!("rule edit live after {} ms", edited.elapsed().as_millis());
-    let metrics = reqwest::get(relay.http_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.metrics().await;
     assert!(
         metrics.lines().any(|l| l == "lytics_relay_rule_reloads_total 1"),
         "the swap is counted:\n{metrics}"

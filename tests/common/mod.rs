@@ -87,6 +87,15 @@ pub struct RelayHandle {
     task: Option<JoinHandle<anyhow::Result<Report>>>,
 }
 
+/// A gRPC request carrying the admin `token`.
+#[allow(dead_code, reason = "not every test binary calls the admin services")]
+pub fn authed<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
 /// Test settings delivering to `emulator_url`, with fast batching and retries.
 pub fn settings(emulator_url: &str, token: &str) -> (Settings, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -138,6 +147,17 @@ impl RelayHandle {
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// The relay's `/metrics` text.
+    #[allow(dead_code, reason = "not every test binary reads metrics")]
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.http_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn client(&self) -> IngestServiceClient<Channel> {
