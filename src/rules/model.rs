@@ -556,6 +556,7 @@ impl Rule {
     }
 
     /// Applies a field's transforms and checks its kind.
+    #[inline]
     fn finish_value<'a>(field: &FieldRule, value: Cow<'a, Value>) -> Result<Cow<'a, Value>, String> {
         let value = if field.transforms.is_empty() {
             value
@@ -580,6 +581,7 @@ impl Rule {
     }
 
     /// Notes, on a dry run, where a field's value came from; hands the value back.
+    #[inline]
     fn explained<'a>(
         &self,
         field: &FieldRule,
@@ -607,7 +609,7 @@ fn spread_into<'a>(
     prefix: &'a str,
     value: Cow<'a, Value>,
     out: &mut RecordBuilder<'a>,
-    skip: &dyn Fn(&str) -> bool,
+    skip: &impl Fn(&str) -> bool,
 ) {
     let key = |k: Cow<'a, str>| {
         if prefix.is_empty() {

@@ -64,7 +64,7 @@ impl<'a> RecordBuilder<'a> {
     }
 
     /// Sets `key` (flattened) without overwriting, leaving out the flattened keys `skip` names.
-    pub fn set_unless(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, skip: &dyn Fn(&str) -> bool) {
+    pub fn set_unless(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, skip: &impl Fn(&str) -> bool) {
         flatten(key, value, &mut |key, value| {
             if !skip(&key) {
                 self.writes.push(Write {
