@@ -13,6 +13,13 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lytics-relay"))
 }
 
+/// The first JSON log line whose message contains `text`.
+fn logged(log: &str, text: &str) -> Option<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains(text)))
+}
+
 #[test]
 fn serve_refuses_to_start_with_a_broken_rule_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,13 +115,7 @@ fn sigterm_stops_the_relay_gracefully() {
     let code = relay.terminate();
     let log = relay.log();
     assert_eq!(code, Some(0), "{log}");
-    let lines: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(
-        lines.iter().any(|v| v["fields"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("shutdown complete: graceful"))),
-        "{log}"
-    );
+    assert!(logged(&log, "shutdown complete: graceful").is_some(), "{log}");
 }
 
 #[test]
@@ -134,15 +135,11 @@ fn a_new_admin_token_is_not_logged_and_the_log_stays_json() {
     for line in log.lines() {
         assert!(serde_json::from_str::<Value>(line).is_ok(), "not JSON: {line}");
     }
+    let created = logged(&log, "admin token created").unwrap_or_else(|| panic!("{log}"));
     assert!(
-        log.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .any(|v| v["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("admin token created"))
-                && v["fields"]["file"]
-                    .as_str()
-                    .is_some_and(|f| f.ends_with("admin-token"))),
+        created["fields"]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("admin-token")),
         "{log}"
     );
 }
@@ -284,17 +281,11 @@ async fn sigterm_with_a_lytics_call_in_flight_stops_within_the_grace_and_keeps_t
         took < Duration::from_secs(6),
         "stopped {took:?} after SIGTERM: the 1 s grace, not the 10 s Lytics call\n{log}"
     );
-    let lines: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let said = |text: &str| {
-        lines
-            .iter()
-            .any(|v| v["fields"]["message"].as_str().is_some_and(|m| m.contains(text)))
-    };
     assert!(
-        said("shutting down: health NOT_SERVING, refusing new events"),
+        logged(&log, "shutting down: health NOT_SERVING, refusing new events").is_some(),
         "{log}"
     );
-    assert!(said("shutdown complete: not graceful"), "{log}");
+    assert!(logged(&log, "shutdown complete: not graceful").is_some(), "{log}");
 
     emu.emulator.set_faults(Faults::default());
     let relay = Spawned::start(&data, &args);

@@ -244,22 +244,13 @@ async fn an_event_that_is_not_a_valid_event_message_is_refused_alone() {
         prost::encoding::bytes::encode(1, &event_bytes, &mut body);
     }
     let request = lytics_relay::proto::raw::SendBatchRequest::decode(&body[..]).unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let r: pb::SendBatchResponse = grpc
+    let r: pb::SendBatchResponse = relay
         .unary(
+            "/lytics_relay.v1.IngestService/SendBatch",
             tonic::Request::new(request),
-            http::uri::PathAndQuery::from_static("/lytics_relay.v1.IngestService/SendBatch"),
-            tonic_prost::ProstCodec::default(),
         )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!((r.accepted, r.rejected), (2, 1));
     let err = r.outcomes[1].error.as_ref().unwrap();
     assert_eq!(err.code, "invalid_argument");

@@ -197,22 +197,8 @@ async fn dry_run_explains_every_field_and_the_paths_that_matched_nothing() {
         let mut body = Vec::new();
         prost::encoding::bytes::encode(1, &event_bytes, &mut body);
         let request = lytics_relay::proto::raw::DryRunRequest::decode(&body[..]).unwrap();
-        let mut req = tonic::Request::new(request);
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.unwrap();
-        let refused = grpc
-            .unary::<_, pb::DryRunResponse, _>(
-                req,
-                http::uri::PathAndQuery::from_static("/lytics_relay.v1.RulesService/DryRun"),
-                tonic_prost::ProstCodec::default(),
-            )
+        let refused = relay
+            .unary::<_, pb::DryRunResponse>("/lytics_relay.v1.RulesService/DryRun", authed(&token, request))
             .await
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");

@@ -160,6 +160,34 @@ impl RelayHandle {
             .unwrap()
     }
 
+    /// Calls the unary gRPC method `path` with a request message of any type (such as a
+    /// hand-encoded one from `lytics_relay::proto::raw`), as a client would send its bytes.
+    #[allow(dead_code, reason = "not every test binary sends hand-encoded requests")]
+    pub async fn unary<Req, Resp>(
+        &self,
+        path: &'static str,
+        request: tonic::Request<Req>,
+    ) -> Result<Resp, tonic::Status>
+    where
+        Req: prost::Message + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + Sync + 'static,
+    {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        grpc.unary(
+            request,
+            http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
     pub async fn client(&self) -> IngestServiceClient<Channel> {
         IngestServiceClient::connect(format!("http://{}", self.grpc))
             .await
