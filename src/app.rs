@@ -377,6 +377,8 @@ pub async fn run(
             customerio_tolerance: settings.customerio_tolerance,
             max_event_bytes: settings.max_event_bytes,
             max_batch_events: settings.max_batch_events,
+            bodies: http::BodyBudget::new(settings.http_limits.body_budget_bytes),
+            body_timeout: settings.http_limits.body_timeout,
         });
         let app = app.merge(crate::admin::http::router(
             integration_admin,
@@ -396,15 +398,12 @@ pub async fn run(
             }))
             .fallback(crate::error::no_route)
             .method_not_allowed_fallback(crate::error::wrong_method);
-        // As for gRPC: answers go out at once, not after the previous one is acknowledged.
-        let listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
+        tokio::spawn(crate::ingress::http_server::serve(
+            listeners.http,
+            app,
+            settings.http_limits,
+            stop,
+        ))
     };
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "lytics-relay serving");
 

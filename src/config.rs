@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::ServeArgs;
+use crate::ingress::http_server::HttpLimits;
 use crate::integration::{AccountId, Secret, StreamName};
 use crate::queue::{Dedup, NatsOptions};
 
@@ -145,6 +146,14 @@ pub struct FileLimits {
     pub max_event_bytes: Option<usize>,
     /// Most events in one batch request.
     pub max_batch_events: Option<usize>,
+    /// The longest wait for an HTTP connection's first byte and a request's head, in seconds.
+    pub http_head_timeout_secs: Option<u64>,
+    /// The longest an HTTP request body may take to arrive, in seconds.
+    pub http_body_timeout_secs: Option<u64>,
+    /// HTTP request bodies held in memory at once, in bytes.
+    pub http_body_budget_bytes: Option<usize>,
+    /// HTTP connections open at once.
+    pub http_max_connections: Option<usize>,
 }
 
 /// `queue:` in the config file.
@@ -284,6 +293,8 @@ pub struct Settings {
     pub max_event_bytes: usize,
     /// Most events in one batch request.
     pub max_batch_events: usize,
+    /// The HTTP port's timeouts and budgets.
+    pub http_limits: HttpLimits,
     /// Queue capacity in records.
     pub queue_capacity: usize,
     /// The queue backend.
@@ -331,6 +342,7 @@ impl Settings {
             delivery: DeliverySettings::default(),
             max_event_bytes: 32 * 1024,
             max_batch_events: 1000,
+            http_limits: HttpLimits::default(),
             queue_capacity: 1_000_000,
             queue_backend: QueueBackend::Embedded,
             nats: NatsOptions::default(),
@@ -551,6 +563,49 @@ impl Settings {
         if !(1..=100_000).contains(&max_batch_events) {
             bad("limits.max_batch_events", "must be between 1 and 100000".into());
         }
+        let http_limits = {
+            let d = HttpLimits::default();
+            let secs = |v: Option<u64>, d: Duration, key: &str, bad: &mut dyn FnMut(&str, String)| {
+                let v = v.map_or(d, Duration::from_secs);
+                if !(1..=3600).contains(&v.as_secs()) {
+                    bad(key, "must be between 1 and 3600".into());
+                }
+                v
+            };
+            let head_timeout = secs(
+                file.limits.http_head_timeout_secs,
+                d.head_timeout,
+                "limits.http_head_timeout_secs",
+                &mut bad,
+            );
+            let body_timeout = secs(
+                file.limits.http_body_timeout_secs,
+                d.body_timeout,
+                "limits.http_body_timeout_secs",
+                &mut bad,
+            );
+            let body_budget_bytes = file.limits.http_body_budget_bytes.unwrap_or(d.body_budget_bytes);
+            // The budget must hold the largest body a route takes: a batch.
+            let largest = max_event_bytes
+                .saturating_mul(max_batch_events)
+                .min(crate::app::MAX_GRPC_MESSAGE);
+            if body_budget_bytes < largest {
+                bad(
+                    "limits.http_body_budget_bytes",
+                    format!("must hold at least the largest batch body ({largest} bytes)"),
+                );
+            }
+            let max_connections = file.limits.http_max_connections.unwrap_or(d.max_connections);
+            if max_connections == 0 {
+                bad("limits.http_max_connections", "must be at least 1".into());
+            }
+            HttpLimits {
+                head_timeout,
+                body_timeout,
+                body_budget_bytes,
+                max_connections,
+            }
+        };
         let queue_capacity = file.queue.capacity.unwrap_or(1_000_000);
         if queue_capacity == 0 {
             bad("queue.capacity", "must be at least 1".into());
@@ -683,6 +738,7 @@ impl Settings {
             delivery,
             max_event_bytes,
             max_batch_events,
+            http_limits,
             queue_capacity,
             queue_backend,
             nats,

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The request body is too large.
     PayloadTooLarge,
+    /// The request body did not arrive in time.
+    RequestTimeout,
     /// The queue is full; retry later.
     ResourceExhausted,
     /// The relay cannot accept work right now (shutting down, store unavailable).
@@ -46,6 +48,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => tonic::Code::Unimplemented,
             ErrorCode::AlreadyExists => tonic::Code::AlreadyExists,
             ErrorCode::PayloadTooLarge => tonic::Code::InvalidArgument,
+            ErrorCode::RequestTimeout => tonic::Code::DeadlineExceeded,
             ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
             ErrorCode::Unavailable => tonic::Code::Unavailable,
             ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
@@ -62,6 +65,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
@@ -78,6 +82,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::ResourceExhausted => "resource_exhausted",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::FailedPrecondition => "failed_precondition",
@@ -210,6 +215,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A JSON decoding error's text without the value it quotes: `invalid type: string "…",
+/// expected …` becomes `invalid type: string, expected …`, so that a secret sent in the wrong
+/// shape (an `api_token` as a number, a `config` as a string) is not repeated in the answer.
+pub fn json_error_text(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = text.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some(expected) = rest.find(", expected ") else {
+            continue;
+        };
+        let kind = ["string", "integer", "floating point", "boolean", "character"]
+            .into_iter()
+            .find(|k| rest.starts_with(&format!("{k} ")));
+        if let Some(kind) = kind {
+            return format!("{prefix}{kind}{}", &rest[expected..]);
+        }
+    }
+    text
+}
+
 /// The answer to a path no HTTP route serves, in the error shape of every other refusal.
 pub async fn no_route(uri: http::Uri) -> ApiError {
     ApiError::new(
@@ -270,5 +297,32 @@ mod tests {
         let details = status.get_error_details();
         let bad = details.bad_request().expect("bad request details");
         assert_eq!(bad.field_violations[0].field, "event.type");
+    }
+
+    #[test]
+    fn json_errors_do_not_repeat_the_value_they_refuse() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code, reason = "only decoded")]
+        struct Config {
+            api_token: String,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code, reason = "only decoded")]
+        struct Install {
+            config: Config,
+        }
+        let text = |json: &str| json_error_text(&serde_json::from_str::<Install>(json).unwrap_err());
+        let t = text(r#"{"config": "{\"api_token\":\"SECRET_1\"}"}"#);
+        assert!(
+            t.starts_with("invalid type: string, expected struct Config"),
+            "{t}"
+        );
+        let t = text(r#"{"config": {"api_token": 98765432123}}"#);
+        assert!(t.starts_with("invalid type: integer, expected a string"), "{t}");
+        let t = text(r#"{"config": {"api_token": true}}"#);
+        assert!(!t.contains("true"), "{t}");
+        // Errors that quote nothing keep their text.
+        let t = text(r#"{"config": {}}"#);
+        assert!(t.starts_with("missing field `api_token`"), "{t}");
     }
 }

@@ -105,6 +105,23 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     );
     let (s, _) = api.call("GET", "/v1/admin/integrations", None, Some("wrong"));
     assert_eq!(s, 401);
+    // The refusal names the scheme; the scheme's name is case-insensitive.
+    let refused = api
+        .client
+        .get(format!("{}/v1/admin/integrations", api.base))
+        .send()
+        .unwrap();
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        "Bearer realm=\"lytics-relay admin\""
+    );
+    let upper = api
+        .client
+        .get(format!("{}/v1/admin/integrations", api.base))
+        .header("authorization", format!("BEARER {}", api.token))
+        .send()
+        .unwrap();
+    assert_eq!(upper.status().as_u16(), 200);
 
     // The integration library.
     let (s, cat) = api.call("GET", "/v1/admin/integration-catalog", None, None);
@@ -299,10 +316,11 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
             "config.api_token",
             "must not be empty",
         ),
+        // The refused value is not repeated: a token in the wrong shape is still a token.
         (
-            json!({"config": {"api_token": 5}}),
+            json!({"config": {"api_token": 98765432123_i64}}),
             "config.api_token",
-            "invalid type: integer `5`",
+            "invalid type: integer, expected a string",
         ),
     ] {
         let (s, b) = api.call(
@@ -315,6 +333,7 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         assert_eq!(b["error"]["violations"][0]["field"], json!(field), "{b}");
         let message = b["error"]["message"].as_str().unwrap();
         assert!(message.contains(field) && message.contains(says), "{b}");
+        assert!(!b.to_string().contains("98765432123"), "{b}");
     }
     // Update (rotate the token, change the name), pause, resume, test, uninstall.
     let (s, updated) = api.call(

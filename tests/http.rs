@@ -275,3 +275,76 @@ async fn a_full_queue_answers_429_with_a_json_error_and_accepts_again_once_drain
     emu.wait_for_records(STREAM, 3).await;
     relay.stop().await;
 }
+
+/// Reads what the relay sends on `conn` until it closes the connection, and how long that took.
+async fn until_closed(conn: &mut tokio::net::TcpStream) -> (String, std::time::Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), conn.read_to_end(&mut got))
+        .await
+        .expect("the relay should close the connection")
+        .ok();
+    (String::from_utf8_lossy(&got).into_owned(), started.elapsed())
+}
+
+#[tokio::test]
+async fn idle_and_slow_connections_are_closed_and_bodies_share_a_memory_budget() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.signal_secret = Some(lytics_relay::integration::Secret::new(SECRET));
+    settings.max_event_bytes = 4096;
+    settings.max_batch_events = 10;
+    settings.http_limits.head_timeout = std::time::Duration::from_secs(1);
+    // Bodies must arrive within 2 s; a request waits half a second for room in the budget.
+    settings.http_limits.body_timeout = std::time::Duration::from_secs(2);
+    // Room for one batch body (10 × 4096 bytes) at a time.
+    settings.http_limits.body_budget_bytes = 40_960;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+
+    // A connection that sends nothing, and one that never finishes its request's head, are closed.
+    let mut silent = TcpStream::connect(relay.http).await.unwrap();
+    let mut half_head = TcpStream::connect(relay.http).await.unwrap();
+    half_head
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: relay\r\n")
+        .await
+        .unwrap();
+    for conn in [&mut silent, &mut half_head] {
+        let (got, took) = until_closed(conn).await;
+        assert!(got.is_empty(), "{got}");
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    }
+
+    // A body that stops arriving holds 30,000 of the budget's 40,960 bytes until it times out.
+    let mut slow = TcpStream::connect(relay.http).await.unwrap();
+    slow.write_all(b"POST /v1/batch HTTP/1.1\r\nHost: relay\r\nContent-Length: 30000\r\n\r\n[{")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Meanwhile a small body fits beside it; a large one waits for room, then gets 503.
+    let body = json!({"type": "track", "event": "fits", "userId": "u1"}).to_string();
+    let (status, answer) = post(&relay, "/v1/events", body, true).await;
+    assert_eq!(status, 200, "{answer}");
+    let big = reqwest::Client::new()
+        .post(relay.http_url("/v1/batch"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 20_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status().as_u16(), 503);
+    assert_eq!(big.headers()["retry-after"], "1");
+    let answer: Value = big.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], json!("unavailable"), "{answer}");
+    // The stalled body gets 408 in the JSON error shape.
+    let (got, _) = until_closed(&mut slow).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains(r#""code":"request_timeout""#), "{got}");
+
+    // Its share returned, a batch body is read again.
+    let batch = json!([{"type": "track", "event": "again", "userId": "u1"}]).to_string();
+    let (status, answer) = post(&relay, "/v1/batch", batch, true).await;
+    assert_eq!(status, 200, "{answer}");
+}

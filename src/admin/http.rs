@@ -17,7 +17,7 @@ use super::AdminToken;
 use super::catalog;
 use super::integrations::{InstallRequest, IntegrationAdmin, UpdateRequest};
 use super::rules::RulesAdmin;
-use crate::error::{ApiError, ErrorCode, QueryOf};
+use crate::error::{ApiError, ErrorCode, QueryOf, json_error_text};
 use crate::rules::Source;
 
 #[derive(Clone)]
@@ -55,11 +55,16 @@ async fn authorize(State(token): State<AdminToken>, request: Request, next: Next
     if token.check(header) {
         next.run(request).await
     } else {
-        ApiError::new(
+        let mut refused = ApiError::new(
             ErrorCode::Unauthenticated,
             "missing or wrong admin token: send `Authorization: Bearer <admin token>`",
         )
-        .into_response()
+        .into_response();
+        refused.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"lytics-relay admin\""),
+        );
+        refused
     }
 }
 
@@ -78,8 +83,8 @@ fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, ApiError> {
         // A value of the wrong type names its field (`config.api_token`); JSON that does not
         // parse names the body.
         match e.classify() {
-            serde_json::error::Category::Data if path != "." => ApiError::field(path, format!("{e}")),
-            _ => ApiError::field("body", format!("is not a valid request: {e}")),
+            serde_json::error::Category::Data if path != "." => ApiError::field(path, json_error_text(&e)),
+            _ => ApiError::field("body", format!("is not a valid request: {}", json_error_text(&e))),
         }
     })
 }

@@ -56,13 +56,11 @@ impl AdminToken {
     /// Checks an `Authorization` header value (`Bearer <token>`) in constant time.
     pub fn check(&self, header: Option<&str>) -> bool {
         let Some(value) = header else { return false };
-        let Some(given) = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-        else {
-            return false;
-        };
-        self.check_token(Some(given))
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
+        match value.split_once(' ') {
+            Some((scheme, given)) if scheme.eq_ignore_ascii_case("bearer") => self.check_token(Some(given)),
+            _ => false,
+        }
     }
 
     /// Checks a bare token (the `/live` page's `?token=`, since browsers cannot set headers on
@@ -123,6 +121,8 @@ mod tests {
         let bearer = format!("Bearer {}", a.secret().expose());
         assert!(a.check(Some(&bearer)));
         assert!(!a.check(Some("Bearer nope")));
+        assert!(a.check(Some(&format!("BEARER {}", a.secret().expose()))));
+        assert!(!a.check(Some(&format!("Basic {}", a.secret().expose()))));
         assert!(!a.check(Some(a.secret().expose())));
         assert!(!a.check(None));
     }

@@ -23,6 +23,7 @@ use axum::{Json, Router};
 use http::{HeaderMap, StatusCode};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::delivery::DeliveryState;
 use crate::error::{ApiError, ErrorCode};
@@ -35,6 +36,29 @@ use crate::timefmt::now_ms;
 
 /// The largest Customer.io webhook accepted.
 pub const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
+/// The longest a request waits for room in the body budget before it is refused (at most a
+/// quarter of the body timeout).
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(5);
+
+/// The memory request bodies may hold at once. A body reserves its declared length (or its
+/// route's limit when it declares none) before it is read, so senders who never finish their
+/// bodies cannot make the relay hold more than the budget: past it, requests wait a little,
+/// then get 503 with `Retry-After`.
+#[derive(Clone)]
+pub struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        BodyBudget(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+    }
+}
+
+/// A body read within the budget: its share of the budget is returned when this is dropped.
+struct ReadBody {
+    bytes: Bytes,
+    _reserved: OwnedSemaphorePermit,
+}
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -59,6 +83,10 @@ pub struct HttpState {
     pub max_event_bytes: usize,
     /// Most events per batch.
     pub max_batch_events: usize,
+    /// The memory request bodies may hold at once.
+    pub bodies: BodyBudget,
+    /// The longest a request body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 /// The HTTP routes.
@@ -74,19 +102,72 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError {
+/// Reads a request body of at most `limit` bytes, within the body timeout and the port's body
+/// budget.
+async fn read_body(
+    s: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<ReadBody, ApiError> {
+    let too_large = || ApiError {
         violations: Vec::new(),
         retry_after: None,
         ..ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!("the request body is over the {limit}-byte limit"),
         )
-    })
+    };
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let reserve = u32::try_from(declared.unwrap_or(limit).min(limit).max(1)).unwrap_or(u32::MAX);
+    let wait = BODY_BUDGET_WAIT.min(s.body_timeout / 4);
+    let reserved = match tokio::time::timeout(wait, s.bodies.0.clone().acquire_many_owned(reserve)).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the relay is reading as many request bodies as its memory budget allows; retry shortly",
+                )
+            });
+        }
+    };
+    match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(ReadBody {
+            bytes,
+            _reserved: reserved,
+        }),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request body did not arrive within {} s",
+                s.body_timeout.as_secs()
+            ),
+        )),
+    }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A signature header's text: `None` when absent, refused as malformed when it is not text.
+fn signature_header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
+    headers
+        .get(name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| unauthenticated(signature::SignatureError::Malformed(name)))
+        })
+        .transpose()
 }
 
 fn unauthenticated(e: impl std::fmt::Display) -> ApiError {
@@ -111,8 +192,8 @@ fn verify_signal(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<(), 
     })?;
     signature::verify_signal(
         secret.expose(),
-        header(headers, "x-timestamp"),
-        header(headers, "x-signature"),
+        signature_header(headers, "X-Timestamp")?,
+        signature_header(headers, "X-Signature")?,
         body,
         now_ms(),
         i64::try_from(s.signal_tolerance.as_secs()).unwrap_or(i64::MAX),
@@ -145,9 +226,10 @@ async fn signal_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = read_body(body, s.max_event_bytes).await?;
-    verify_signal(&s, &headers, &body)?;
-    let value = parse_json(&body)?;
+    let body = read_body(&s, &headers, body, s.max_event_bytes).await?;
+    let body = &body.bytes[..];
+    verify_signal(&s, &headers, body)?;
+    let value = parse_json(body)?;
     // `{"event": {…}}` is the gRPC request's shape (what grpcurl takes), not this endpoint's.
     if let Value::Object(m) = &value
         && m.len() == 1
@@ -207,9 +289,10 @@ async fn signal_batch(
         .max_event_bytes
         .saturating_mul(s.max_batch_events)
         .min(crate::app::MAX_GRPC_MESSAGE);
-    let body = read_body(body, limit).await?;
-    verify_signal(&s, &headers, &body)?;
-    let events = batch_items(&body)?;
+    let body = read_body(&s, &headers, body, limit).await?;
+    let body = &body.bytes[..];
+    verify_signal(&s, &headers, body)?;
+    let events = batch_items(body)?;
     if events.is_empty() || events.len() > s.max_batch_events {
         return Err(ApiError::field(
             "batch",
@@ -260,7 +343,8 @@ async fn customerio_webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = read_body(body, MAX_WEBHOOK_BYTES).await?;
+    let body = read_body(&s, &headers, body, MAX_WEBHOOK_BYTES).await?;
+    let body = &body.bytes[..];
     let key = s.customerio_key.as_ref().ok_or_else(|| {
         ApiError::new(
             ErrorCode::Unauthenticated,
@@ -269,14 +353,14 @@ async fn customerio_webhook(
     })?;
     signature::verify_customerio(
         key.expose(),
-        header(&headers, "x-cio-timestamp"),
-        header(&headers, "x-cio-signature"),
-        &body,
+        signature_header(&headers, "X-CIO-Timestamp")?,
+        signature_header(&headers, "X-CIO-Signature")?,
+        body,
         now_ms() / 1000,
         i64::try_from(s.customerio_tolerance.as_secs()).unwrap_or(i64::MAX),
     )
     .map_err(unauthenticated)?;
-    let event = normalize::customerio_event(parse_json(&body)?, "", MAX_WEBHOOK_BYTES)?;
+    let event = normalize::customerio_event(parse_json(body)?, "", MAX_WEBHOOK_BYTES)?;
     let accepted = s
         .ingest
         .accept(vec![event], header(&headers, "traceparent"))

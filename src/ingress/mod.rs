@@ -6,4 +6,5 @@
 
 pub mod grpc;
 pub mod http;
+pub mod http_server;
 pub mod signature;

@@ -23,9 +23,9 @@ pub enum SignatureError {
     #[error("malformed `{0}` header")]
     Malformed(&'static str),
     /// The timestamp is outside the tolerance.
-    #[error("timestamp is {age_secs} s away from now, outside the {tolerance_secs} s tolerance{unit_hint}")]
+    #[error("timestamp is {}, outside the {tolerance_secs} s tolerance{unit_hint}", age(*.age_secs))]
     Stale {
-        /// How far from now.
+        /// How old (negative: how far in the future).
         age_secs: i64,
         /// The tolerance.
         tolerance_secs: i64,
@@ -52,8 +52,25 @@ fn verify(
     mac.verify_slice(&expected).map_err(|_| SignatureError::Mismatch)
 }
 
+fn age(age_secs: i64) -> String {
+    if age_secs < 0 {
+        format!("{} s in the future", age_secs.unsigned_abs())
+    } else {
+        format!("{age_secs} s old")
+    }
+}
+
+/// How far in the future a timestamp may be, at most: clocks differ a little, but a sender
+/// signs requests when it sends them, so the tolerance for old ones (retries) is not needed.
+const FUTURE_SKEW_SECS: i64 = 300;
+
 fn check_age(age_secs: i64, tolerance_secs: i64, unit_hint: &'static str) -> Result<(), SignatureError> {
-    if age_secs.abs() > tolerance_secs {
+    let allowed = if age_secs < 0 {
+        tolerance_secs.min(FUTURE_SKEW_SECS)
+    } else {
+        tolerance_secs
+    };
+    if age_secs.unsigned_abs() > allowed.unsigned_abs() {
         return Err(SignatureError::Stale {
             age_secs,
             tolerance_secs,
@@ -94,7 +111,7 @@ pub fn verify_customerio(
     } else {
         ""
     };
-    check_age(now_secs - ts_num, tolerance_secs, unit_hint)
+    check_age(now_secs.saturating_sub(ts_num), tolerance_secs, unit_hint)
 }
 
 /// Verifies a Signal HTTP ingestion request.
@@ -118,12 +135,12 @@ pub fn verify_signal(
         sig,
         "X-Signature",
     )?;
-    let unit_hint = if ts_ms.abs() < MILLIS_FROM {
+    let unit_hint = if ts_ms.unsigned_abs() < MILLIS_FROM.unsigned_abs() {
         " (`X-Timestamp` is in milliseconds since the epoch; this one looks like seconds)"
     } else {
         ""
     };
-    check_age((now_ms - ts_ms) / 1000, tolerance_secs, unit_hint)
+    check_age(now_ms.saturating_sub(ts_ms) / 1000, tolerance_secs, unit_hint)
 }
 
 #[cfg(test)]
@@ -247,5 +264,49 @@ mod tests {
         let e =
             verify_customerio("k", Some("1700000000000"), Some(&sig), body, 1_700_000_000, 300).unwrap_err();
         assert!(e.to_string().contains("`X-CIO-Timestamp` is in seconds"), "{e}");
+    }
+
+    #[test]
+    fn extreme_and_future_timestamps_are_stale_not_overflows() {
+        let sign = |secret: &str, parts: &[&[u8]]| {
+            let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
+            for p in parts {
+                mac.update(p);
+            }
+            hex::encode(mac.finalize().into_bytes())
+        };
+        let body = br#"{"a":1}"#;
+        let week = 7 * 24 * 3600;
+        let now = 1_700_000_000;
+        for ts in [i64::MIN, i64::MIN + 1, -9_223_372_036_854_775_000, i64::MAX] {
+            let t = ts.to_string();
+            let sig = sign("k", &[b"v0:", t.as_bytes(), b":", body]);
+            let e = verify_customerio("k", Some(&t), Some(&sig), body, now, week).unwrap_err();
+            assert!(matches!(e, SignatureError::Stale { .. }), "{ts}: {e}");
+            let sig = format!("sha256={}", sign("s", &[t.as_bytes(), b".", body]));
+            let e = verify_signal("s", Some(&t), Some(&sig), body, now * 1000, 300).unwrap_err();
+            assert!(matches!(e, SignatureError::Stale { .. }), "{ts}: {e}");
+        }
+        // A week old is within Customer.io's tolerance; ten minutes ahead is not: only clock skew
+        // is allowed into the future.
+        let old = (now - week + 60).to_string();
+        let sig = sign("k", &[b"v0:", old.as_bytes(), b":", body]);
+        assert_eq!(
+            verify_customerio("k", Some(&old), Some(&sig), body, now, week),
+            Ok(())
+        );
+        let ahead = (now + 600).to_string();
+        let sig = sign("k", &[b"v0:", ahead.as_bytes(), b":", body]);
+        let e = verify_customerio("k", Some(&ahead), Some(&sig), body, now, week).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("timestamp is 600 s in the future, outside the {week} s tolerance")
+        );
+        let ahead = (now + 200).to_string();
+        let sig = sign("k", &[b"v0:", ahead.as_bytes(), b":", body]);
+        assert_eq!(
+            verify_customerio("k", Some(&ahead), Some(&sig), body, now, week),
+            Ok(())
+        );
     }
 }
