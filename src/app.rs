@@ -106,6 +106,49 @@ async fn push_lql_to_emulator(files: &[crate::rules::CompiledFile], url: &str) {
     }
 }
 
+/// The file in the data directory a running relay holds locked.
+pub const LOCK_FILE: &str = "relay.lock";
+
+/// Takes the data directory's lock, or says which process holds it.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open `{}`", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            anyhow::bail!(
+                "the data directory `{}` is in use by another running relay{}: two relays on one \
+                 data directory would deliver each other's records twice and lose some; give each \
+                 its own --data-dir (or share a NATS queue, see docs/scaling.md)",
+                dir.display(),
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (process {holder})")
+                }
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock `{}`", path.display()));
+        }
+    }
+    // The holder's pid, for the message above; the lock, not the text, is what counts.
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 /// Runs the relay until `shutdown` resolves.
 pub async fn run(
     settings: Settings,
@@ -128,6 +171,9 @@ pub async fn run(
                 )
             })?;
     }
+    // One relay per data directory: two would each take the other's queued records for their
+    // own, deliver them twice and delete records they did not write. Held until `run` returns.
+    let _data_dir_lock = lock_data_dir(&settings.data_dir)?;
     // Start-up loads rules the way a reload does: compiled, test cases run, or refused.
     let rules_source = RulesSource::resolve(settings.rules.as_deref());
     let rules = reload::load(&rules_source).map_err(|problems| {

@@ -376,3 +376,50 @@ async fn a_wrong_token_pauses_delivery_with_the_seed_hint_and_holds_events() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_second_relay_on_the_same_data_directory_is_refused() {
+    use lytics_relay::app::{self, Listeners};
+    let emu = EmulatorHandle::start().await;
+    let (settings, dir) = settings(&emu.url(), TOKEN);
+    let first = RelayHandle::start(settings.clone(), Telemetry::disabled()).await;
+    wait_until_serving(&first).await;
+
+    let listeners = Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        emulator: None,
+    };
+    let second = app::run(
+        settings.clone(),
+        listeners,
+        Telemetry::disabled(),
+        std::future::pending(),
+    )
+    .await;
+    let e = format!(
+        "{:#}",
+        second.expect_err("a second relay on the data directory must not start")
+    );
+    assert!(e.contains("is in use by another running relay"), "{e}");
+    assert!(e.contains(&format!("process {}", std::process::id())), "{e}");
+
+    // Once the first has stopped, the directory is free again.
+    first.stop().await;
+    let again = RelayHandle::start(settings, Telemetry::disabled()).await;
+    wait_until_serving(&again).await;
+    again.stop().await;
+    drop(dir);
+}
+
+async fn wait_until_serving(relay: &RelayHandle) {
+    for _ in 0..500 {
+        if let Ok(r) = reqwest::get(relay.http_url("/healthz")).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the relay did not start serving");
+}

@@ -122,7 +122,7 @@ CREATE TABLE IF NOT EXISTS records (
 DROP INDEX IF EXISTS records_due;
 CREATE TABLE IF NOT EXISTS dedup_log (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, keys BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     integration TEXT NOT NULL,
     stream TEXT NOT NULL,
     timestamp_field TEXT NOT NULL,
@@ -192,6 +192,9 @@ pub struct SqliteQueue {
     failure: Failure,
     /// The database and its log, as SQLite names them.
     files: [std::path::PathBuf; 2],
+    /// The database file's device and inode at open: a file gone from its path, or another in
+    /// its place, means what is committed from then on is lost at exit.
+    identity: Option<(u64, u64)>,
     /// Event ids the dedup index remembers, as of the last commit.
     dedup_ids: Arc<AtomicUsize>,
     /// The most records it holds.
@@ -239,6 +242,7 @@ impl SqliteQueue {
         .map_err(|e| store("cannot configure the store", e))?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
+        never_reuse_dead_letter_ids(&mut conn).map_err(|e| store("cannot migrate the dead letters", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
         let seen = load_seen(&mut conn, dedup).map_err(|e| store("cannot read the dedup log", e))?;
         for suffix in ["-wal", "-shm"] {
@@ -249,7 +253,8 @@ impl SqliteQueue {
         let synced = syncer(open_log(&conn)?)?;
         // Named as `open_log` found them (it fails for a database without a file).
         let db = conn.path().unwrap_or_default();
-        let files = [db.into(), format!("{db}-wal").into()];
+        let files: [std::path::PathBuf; 2] = [db.into(), format!("{db}-wal").into()];
+        let identity = file_identity(&files[0]);
         let failure = synced.failure();
         let counts = Arc::new(Counts::default());
         let checkpointer =
@@ -285,6 +290,7 @@ impl SqliteQueue {
             work,
             failure,
             files,
+            identity,
             dedup_ids,
             capacity,
             #[cfg(test)]
@@ -297,6 +303,43 @@ impl SqliteQueue {
         self.ops.send(op(tx)).await.map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
+}
+
+/// Dead letters are replayed by id, so an id must never name a second dead letter: a table
+/// from before `AUTOINCREMENT` (where SQLite reuses the highest id once it is deleted) is
+/// rebuilt with it, keeping every row and id.
+fn never_reuse_dead_letter_ids(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+    let sql: String = conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'",
+        [],
+        |r| r.get(0),
+    )?;
+    if sql.contains("AUTOINCREMENT") {
+        return Ok(());
+    }
+    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    txn.execute_batch(&format!(
+        "ALTER TABLE dead_letters RENAME TO dead_letters_before;
+         DROP INDEX IF EXISTS dead_letters_at;
+         {create}
+         INSERT INTO dead_letters SELECT * FROM dead_letters_before;
+         DROP TABLE dead_letters_before;
+         CREATE INDEX dead_letters_at ON dead_letters (at_ms);",
+        create = SCHEMA
+            .split_once("CREATE TABLE IF NOT EXISTS dead_letters")
+            .and_then(|(_, rest)| rest.split_once(';'))
+            .map(|(columns, _)| format!("CREATE TABLE dead_letters{columns};"))
+            .unwrap_or_default()
+    ))?;
+    txn.commit()?;
+    tracing::info!("dead-letter ids are never reused from now on (table rebuilt with AUTOINCREMENT)");
+    Ok(())
+}
+
+/// A file's device and inode, if it exists.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Rebuilds the dedup index from `dedup_log`, forgetting (and deleting) what has expired. A database from before the log keeps its ids:
@@ -539,6 +582,21 @@ impl Queue for SqliteQueue {
     }
 
     fn fault(&self) -> Option<String> {
+        if self.failure.get().is_none()
+            && let Some(was) = self.identity
+            && file_identity(&self.files[0]) != Some(was)
+        {
+            // Deleted (a cleanup of the data directory) or replaced: commits go to a file no
+            // path leads to, which is gone at exit. Acknowledging more would lose it.
+            super::wal_sync::fail(
+                &self.failure,
+                format!(
+                    "the queue's database `{}` was deleted or replaced while the relay ran: what \
+                     was stored since is lost when the relay exits",
+                    self.files[0].display()
+                ),
+            );
+        }
         self.failure.get().cloned()
     }
 
@@ -595,6 +653,9 @@ struct Waiting {
     record: Option<QueuedRecord>,
 }
 
+/// How long records whose settling failed to commit wait before they are leased again.
+const SETTLE_RETRY_MS: i64 = 5_000;
+
 /// The writer's view of the records that wait (queued, not leased): per integration, their
 /// (due time, id) in order, and the new records kept in memory until leased.
 ///
@@ -608,6 +669,13 @@ struct Schedule {
     by_integration: HashMap<Arc<str>, BTreeSet<Slot>>,
     fresh: HashMap<i64, QueuedRecord>,
     fresh_bytes: usize,
+    /// The records leased and not yet settled (acked, retried or dead-lettered), by id: should
+    /// their settling fail to commit (a full disk), they wait again rather than stay leased
+    /// until a restart.
+    leased: HashMap<i64, Arc<str>>,
+    /// Records waiting again after their settling failed, with their slot: settled after all
+    /// (an operation repeated once the disk has room), they leave their set.
+    unsettled: HashMap<i64, (Arc<str>, i64)>,
 }
 
 impl Schedule {
@@ -676,6 +744,43 @@ impl Schedule {
         let record = self.fresh.remove(&id)?;
         self.fresh_bytes -= record.record.body.len() + record.record.input.len();
         Some(record)
+    }
+
+    /// Records whose settling failed to commit wait again, due at `due_ms` (their rows are as
+    /// they were before).
+    fn unsettle(&mut self, ids: &[i64], due_ms: i64) {
+        for id in ids {
+            if let Some(integration) = self.leased.remove(id) {
+                self.unsettled.insert(*id, (integration.clone(), due_ms));
+                self.wait(Waiting {
+                    integration,
+                    due_ms,
+                    id: *id,
+                    record: None,
+                });
+            }
+        }
+    }
+
+    /// Records settled by a committed operation: neither leased nor waiting any more (a retry
+    /// makes them wait again afterwards, at their new time).
+    fn settled(&mut self, ids: &[i64]) {
+        for id in ids {
+            self.leased.remove(id);
+            if let Some((integration, due_ms)) = self.unsettled.remove(id)
+                && let Some(set) = self.by_integration.get_mut(&integration)
+            {
+                set.remove(&(due_ms, *id));
+            }
+        }
+    }
+
+    /// Records leased by a committed operation.
+    fn leased(&mut self, taken: Vec<(Arc<str>, Slot)>) {
+        for (integration, (_, id)) in taken {
+            self.unsettled.remove(&id);
+            self.leased.insert(id, integration);
+        }
     }
 
     /// Puts taken records back (their lease failed).
@@ -791,6 +896,19 @@ impl Writer {
             self.forget_expired_keys(now);
         }
         let forgotten = self.dedup_rows_to_delete;
+        // The leased records this group settles.
+        let settling: Vec<i64> = ops
+            .iter()
+            .flat_map(|op| -> Box<dyn Iterator<Item = i64> + '_> {
+                match op {
+                    Op::Ack(ids, _) => Box::new(ids.iter().map(|id| i64::try_from(*id).unwrap_or(i64::MAX))),
+                    Op::Retry(records, ..) | Op::DeadLetter(records, ..) => {
+                        Box::new(records.iter().map(|q| i64::try_from(q.id).unwrap_or(i64::MAX)))
+                    }
+                    _ => Box::new(std::iter::empty()),
+                }
+            })
+            .collect();
         let schedule = &mut self.schedule;
         // Bytes of new records this transaction may keep in memory for their lease.
         let mut room = FRESH_MAX_BYTES.saturating_sub(schedule.fresh_bytes);
@@ -879,6 +997,8 @@ impl Writer {
         match &commit_error {
             None => {
                 self.depth.store(depth, Ordering::Relaxed);
+                self.schedule.settled(&settling);
+                self.schedule.leased(taken);
                 for w in staged {
                     self.schedule.wait(w);
                 }
@@ -891,6 +1011,13 @@ impl Writer {
             Some(e) => {
                 tracing::error!(error = %e, "queue transaction failed; its operations were refused");
                 self.schedule.untake(taken);
+                // Records it would have acked, retried or dead-lettered are unchanged in the
+                // table: they are delivered again after a pause (an ack that failed means a
+                // duplicate, which at-least-once allows).
+                self.schedule.unsettle(&settling, now + SETTLE_RETRY_MS);
+                if !settling.is_empty() {
+                    self.work.notify_one();
+                }
             }
         }
         match commit_error {
@@ -1593,6 +1720,103 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dead_letter_id_never_names_a_second_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        let mut ids = Vec::new();
+        for key in ["a", "b", "c"] {
+            q.enqueue(vec![event(key, vec![rec("a", key)])]).await.unwrap();
+            let leased = q.lease(10, &HashSet::new()).await.unwrap();
+            q.dead_letter(leased, "rejected".into()).await.unwrap();
+            let newest = q
+                .dead_letter_ids(DeadLetterFilter {
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            ids.push(newest[0]);
+        }
+        // The newest is replayed (its row deleted); the next dead letter gets a new id.
+        assert_eq!(q.replay(&[ids[2]]).await.unwrap(), vec![ids[2]]);
+        let replayed = q.lease(10, &HashSet::new()).await.unwrap();
+        q.ack(&replayed.iter().map(|r| r.id).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        q.enqueue(vec![event("d", vec![rec("a", "d")])]).await.unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        q.dead_letter(leased, "rejected".into()).await.unwrap();
+        let all = q
+            .dead_letter_ids(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(all[0] > ids[2], "{all:?} against {ids:?}");
+        // Replaying the replayed id again finds nothing, rather than the new dead letter.
+        assert_eq!(q.replay(&[ids[2]]).await.unwrap(), Vec::<i64>::new());
+        drop(q);
+
+        // A table from before AUTOINCREMENT is rebuilt with its rows and ids.
+        {
+            let conn = Connection::open(dir.path().join("queue.sqlite3")).unwrap();
+            let columns: String = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'dead_letters'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            conn.execute_batch(&format!(
+                "ALTER TABLE dead_letters RENAME TO d0; DROP INDEX dead_letters_at;
+                 {}; INSERT INTO dead_letters SELECT * FROM d0; DROP TABLE d0;",
+                columns.replace(" AUTOINCREMENT", "")
+            ))
+            .unwrap();
+        }
+        let q =
+            reopen(|| SqliteQueue::open(&dir.path().join("queue.sqlite3"), 100, Duration::from_secs(3600)))
+                .await;
+        let kept = q
+            .dead_letter_ids(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(kept, all);
+        drop(q);
+        let conn = Connection::open(dir.path().join("queue.sqlite3")).unwrap();
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'dead_letters'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains("AUTOINCREMENT"), "{sql}");
+    }
+
+    #[tokio::test]
+    async fn a_database_deleted_while_open_is_a_fault_and_nothing_more_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![event("k1", vec![rec("a", "1")])]).await.unwrap();
+        assert_eq!(q.fault(), None);
+        for name in ["queue.sqlite3", "queue.sqlite3-wal", "queue.sqlite3-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(name));
+        }
+        let fault = q.fault().expect("the deleted database is reported");
+        assert!(fault.contains("was deleted or replaced"), "{fault}");
+        let refused = q
+            .enqueue(vec![event("k2", vec![rec("a", "2")])])
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("restart the relay"), "{refused}");
+    }
+
+    #[tokio::test]
     async fn a_drained_backlog_gives_its_disk_back_and_what_is_left_survives() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.sqlite3");
@@ -1971,6 +2195,17 @@ mod tests {
             .unwrap();
     }
 
+    /// Makes every UPDATE of the record whose event id is `poison` fail.
+    fn fail_on_poison_update(dir: &Path) {
+        Connection::open(dir.join("queue.sqlite3"))
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison_update BEFORE UPDATE ON records WHEN OLD.event_id = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+            )
+            .unwrap();
+    }
+
     #[test]
     fn an_id_marked_earlier_in_the_same_transaction_is_a_duplicate() {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -2058,7 +2293,15 @@ mod tests {
             .unwrap();
         assert!(dead.is_empty(), "half a dead letter was kept: {dead:?}");
         assert_eq!(q.depth(), 2);
-        // The records are still queued: delivery can retry them.
+        // They are no longer leased: they wait again, due after a pause, not until a restart.
+        let before = now_ms();
+        let due = q.next_due(&HashSet::new()).await.unwrap().unwrap();
+        assert!(
+            due > before && due <= before + SETTLE_RETRY_MS,
+            "{due} against {before}"
+        );
+        // The records are still queued: delivery can retry them (each once: the retry moves
+        // them to their new time, it does not add a second place in the queue).
         let attempt = Attempt {
             at_ms: 9,
             status: Some(400),
@@ -2067,6 +2310,32 @@ mod tests {
         };
         q.retry(leased, 0, attempt).await.unwrap();
         assert_eq!(q.lease(10, &HashSet::new()).await.unwrap().len(), 2);
+        assert_eq!(q.next_due(&HashSet::new()).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn records_whose_ack_or_retry_fails_to_commit_are_leased_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![event("p", vec![rec("a", "poison")])])
+            .await
+            .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        fail_on_poison(dir.path(), "DELETE", "OLD");
+        fail_on_poison_update(dir.path());
+        let ids: Vec<RecordId> = leased.iter().map(|r| r.id).collect();
+        assert!(q.ack(&ids).await.is_err());
+        let attempt = Attempt {
+            at_ms: 9,
+            status: Some(503),
+            detail: "unavailable".into(),
+            kind: AttemptKind::Spent,
+        };
+        assert!(q.retry(leased, 0, attempt).await.is_err());
+        // Neither left the record leased for good: it waits, due within the pause.
+        assert_eq!(q.depth(), 1);
+        let due = q.next_due(&HashSet::new()).await.unwrap().unwrap();
+        assert!(due <= now_ms() + SETTLE_RETRY_MS, "{due}");
     }
 
     /// Rows of the dedup log.
