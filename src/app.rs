@@ -223,7 +223,7 @@ pub async fn run(
             );
             push_lql_to_emulator(live_rules.current().files(), &format!("http://{addr}")).await;
             Integration {
-                id: IntegrationId::new(DEFAULT_INTEGRATION)?,
+                id: IntegrationId::new(crate::integration::EMULATOR_ID)?,
                 name: "Lytics (built-in emulator)".into(),
                 account_id: AccountId::new(config::EMULATOR_ACCOUNT)?,
                 stream_name: StreamName::new(config::EMULATOR_STREAM)?,

@@ -203,9 +203,14 @@ mod tests {
     }
 }
 
-/// The id of the integration built from flags, environment or config file (or the zero-setup
-/// emulator default). Installed integrations get ids of their own (`lytics-c84f57ef`).
+/// The id of the integration built from flags, environment or config file. Installed
+/// integrations get ids of their own (`lytics-c84f57ef`).
 pub const CONFIGURED_ID: &str = "lytics";
+
+/// The id of the zero-setup default, delivering to the built-in emulator: not the configured
+/// integration's, so that records queued for Lytics are never delivered to the emulator by a
+/// relay restarted without its Lytics settings.
+pub const EMULATOR_ID: &str = "emulator";
 
 /// An integration that left the set in force, as it last was.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,7 +254,7 @@ impl Integrations {
                     gone.id.to_string(),
                     Retired {
                         stream: gone.stream_name.clone(),
-                        uninstalled: gone.id.as_str() != CONFIGURED_ID,
+                        uninstalled: gone.id.as_str() != CONFIGURED_ID && gone.id.as_str() != EMULATOR_ID,
                     },
                 );
             }

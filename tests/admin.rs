@@ -196,8 +196,9 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         "{b}"
     );
 
-    // The zero-setup default pauses (in memory); installing replaces it, and its pause with it.
-    let (s, paused) = api.call("POST", "/v1/admin/integrations/lytics/pause", None, None);
+    // The zero-setup default (`emulator`) pauses (in memory); installing replaces it, and its
+    // pause with it.
+    let (s, paused) = api.call("POST", "/v1/admin/integrations/emulator/pause", None, None);
     assert_eq!((s, paused["status"].as_str()), (200, Some("paused")), "{paused}");
 
     // The seed's install call, exactly as written.
@@ -216,9 +217,9 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!(health["paused_integrations"], json!([]), "{health}");
     // The replaced default is gone, and a call naming it says why.
     for (method, path) in [
-        ("GET", "/v1/admin/integrations/lytics"),
-        ("POST", "/v1/admin/integrations/lytics/pause"),
-        ("DELETE", "/v1/admin/integrations/lytics"),
+        ("GET", "/v1/admin/integrations/emulator"),
+        ("POST", "/v1/admin/integrations/emulator/pause"),
+        ("DELETE", "/v1/admin/integrations/emulator"),
     ] {
         let (s, b) = api.call(method, path, None, None);
         assert_eq!(

@@ -340,3 +340,87 @@ async fn faults_for_a_while_lose_nothing(backend: Backend) {
     assert_eq!(ids.len(), 1000, "every event arrived");
     relay.stop().await;
 }
+
+/// The dead letters of the relay, once there are `n`.
+async fn wait_dead_letters(relay: &RelayHandle, token: &str, n: usize) -> Vec<pb::DeadLetter> {
+    let mut admin = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    for _ in 0..500 {
+        let list = admin
+            .list_dead_letters(authed(token, pb::ListDeadLettersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        if list.dead_letters.len() >= n {
+            return list.dead_letters;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} dead letters");
+}
+
+#[tokio::test]
+async fn records_queued_for_lytics_never_reach_the_built_in_emulator_after_a_restart_without_settings() {
+    let emu = EmulatorHandle::start().await;
+    emu.emulator.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    let (settings, dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings.clone(), Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    for i in 0..3 {
+        client
+            .send(pb::SendRequest {
+                event: Some(track(&format!("held{i}"), json!({}))),
+            })
+            .await
+            .unwrap();
+    }
+    relay.stop().await;
+
+    // Restarted without its Lytics settings (an environment file not loaded): the zero-setup
+    // default, `emulator`, delivers to the built-in emulator, but not the records queued for
+    // `lytics`: they become dead letters saying why, with their input kept.
+    let relay = RelayHandle::start_on_own_emulator(settings.clone()).await;
+    let token = admin_token(dir.path()).await;
+    let dead = wait_dead_letters(&relay, &token, 3).await;
+    assert_eq!(dead.len(), 3);
+    for d in &dead {
+        assert_eq!(d.integration, "lytics");
+        assert!(
+            d.reason
+                .contains("integration `lytics` is not configured or installed on this relay"),
+            "{}",
+            d.reason
+        );
+    }
+    let view = relay.admin("GET", "/v1/admin/integrations", &token, None).await;
+    assert_eq!(view["integrations"][0]["id"], json!("emulator"), "{view}");
+    relay.stop().await;
+
+    // With the settings back and Lytics answering, a replay delivers them.
+    emu.emulator.set_faults(Faults::default());
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut admin = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let replayed = admin
+        .replay_dead_letters(authed(
+            &token,
+            pb::ReplayDeadLettersRequest {
+                ids: dead.iter().map(|d| d.id).collect(),
+                filter: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.replayed, 3);
+    let records = emu.wait_for_records(STREAM, 3).await;
+    let mut ids: Vec<&str> = records.iter().filter_map(|r| r["message_id"].as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["held0", "held1", "held2"]);
+    relay.stop().await;
+}

@@ -145,6 +145,9 @@ CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (at_ms);
 
 const RECORD_COLUMNS: &str = "id, integration, stream, timestamp_field, rule, rules_version, source, event_id, \
      event_type, body, input, traceparent, accepted_ms, attempts, history";
+/// The columns of `dead_letters`.
+const DEAD_LETTER_COLUMNS: &str = "id, integration, stream, timestamp_field, rule, rules_version, source, \
+     event_id, event_type, body, input, traceparent, accepted_ms, attempts, history, reason, at_ms";
 
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
@@ -215,6 +218,18 @@ impl SqliteQueue {
             (Limits::DEFAULT, Compaction::DEFAULT),
             WalSync::for_file,
         )
+        .map_err(|e| match e {
+            // Name the file, and what can be done, when it cannot be used at all.
+            QueueError::Store(why) if why.contains("malformed") || why.contains("not a database") => {
+                QueueError::Store(format!(
+                    "the queue's database `{}` is damaged ({why}): restore it from a backup, or \
+                     move it (and its -wal file) aside to start with an empty queue, losing the \
+                     records it held",
+                    path.display()
+                ))
+            }
+            other => other,
+        })
     }
 
     /// `open`, with the checkpoint limits, when to compact, and the way the log is synced given.
@@ -240,9 +255,13 @@ impl SqliteQueue {
              PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
         )
         .map_err(|e| store("cannot configure the store", e))?;
+        check_schema_version(&conn, path)?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
         never_reuse_dead_letter_ids(&mut conn).map_err(|e| store("cannot migrate the dead letters", e))?;
+        check_columns(&conn, path)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(|e| store("cannot record the schema version", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
         let seen = load_seen(&mut conn, dedup).map_err(|e| store("cannot read the dedup log", e))?;
         for suffix in ["-wal", "-shm"] {
@@ -303,6 +322,61 @@ impl SqliteQueue {
         self.ops.send(op(tx)).await.map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
+}
+
+/// The queue file's layout, as `PRAGMA user_version` records it (0: a file from before the
+/// version was recorded, which the migrations at open bring up to this one).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Refuses a file a newer relay wrote: its layout may mean things this one cannot know.
+fn check_schema_version(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| store(format!("cannot read `{}`", path.display()), e))?;
+    if version > SCHEMA_VERSION {
+        return Err(QueueError::Store(format!(
+            "the queue's database `{}` has layout version {version}, written by a newer \
+             lytics-relay; this one knows up to {SCHEMA_VERSION}: run the newer version (it \
+             delivers what is queued), or move the file aside",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a file whose tables lack a column this relay reads or writes, naming it, rather
+/// than starting and failing every operation.
+fn check_columns(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+    for (table, columns) in [
+        ("records", format!("{RECORD_COLUMNS}, due_ms")),
+        ("dead_letters", DEAD_LETTER_COLUMNS.to_string()),
+    ] {
+        let mut present = std::collections::HashSet::new();
+        let mut stmt = conn
+            .prepare(&format!("PRAGMA table_info({table})"))
+            .map_err(|e| store("cannot read the schema", e))?;
+        let mut rows = stmt.query([]).map_err(|e| store("cannot read the schema", e))?;
+        while let Some(row) = rows.next().map_err(|e| store("cannot read the schema", e))? {
+            present.insert(
+                row.get::<_, String>(1)
+                    .map_err(|e| store("cannot read the schema", e))?,
+            );
+        }
+        let missing: Vec<&str> = columns
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !present.contains(*c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(QueueError::Store(format!(
+                "the queue's database `{}` is not one this relay can use: table `{table}` lacks \
+                 {}; was it written by another program or version?",
+                path.display(),
+                missing.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Dead letters are replayed by id, so an id must never name a second dead letter: a table
@@ -1796,6 +1870,42 @@ mod tests {
             )
             .unwrap();
         assert!(sql.contains("AUTOINCREMENT"), "{sql}");
+    }
+
+    #[tokio::test]
+    async fn files_this_relay_cannot_use_are_refused_at_open_naming_the_file_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite3");
+        let open = || SqliteQueue::open(&path, 100, Duration::from_secs(3600));
+        drop(open().unwrap());
+        let conn = || Connection::open(&path).unwrap();
+        let version: i64 = conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        // A newer relay's file.
+        conn()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = open().err().unwrap().to_string();
+        assert!(
+            e.contains("written by a newer lytics-relay") && e.contains("queue.sqlite3"),
+            "{e}"
+        );
+        conn()
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .unwrap();
+        // A table without a column the relay uses.
+        conn()
+            .execute_batch("ALTER TABLE records DROP COLUMN traceparent")
+            .unwrap();
+        let e = open().err().unwrap().to_string();
+        assert!(e.contains("table `records` lacks traceparent"), "{e}");
+        // Not a database at all.
+        for name in ["queue.sqlite3", "queue.sqlite3-wal", "queue.sqlite3-shm"] {
+            let _ = std::fs::remove_file(dir.path().join(name));
+        }
+        std::fs::write(&path, vec![b'x'; 8192]).unwrap();
+        let e = open().err().unwrap().to_string();
+        assert!(e.contains("is damaged") && e.contains("move it"), "{e}");
     }
 
     #[tokio::test]
