@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LYTICS_RELAY_LYTICS_STREAM")]
     pub lytics_stream: Option<String>,
     /// Lytics API base URL [default: https://api.lytics.io].
-    #[arg(long, env = "LYTICS_RELAY_LYTICS_URL")]
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_URL", hide_env_values = true)]
     pub lytics_url: Option<String>,
     /// Address of the built-in emulator started when no Lytics integration is configured
     /// [default: 127.0.0.1:8085].
@@ -80,7 +80,12 @@ pub struct ServeArgs {
     pub admin_token: Option<String>,
     /// NATS server URL(s) of a shared JetStream queue, comma-separated for a cluster
     /// (`nats://host:4222`); selects the `nats` queue backend.
-    #[arg(long, env = "LYTICS_RELAY_QUEUE_URL", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LYTICS_RELAY_QUEUE_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub queue_url: Vec<String>,
     /// NATS credentials file (JWT and NKey seed).
     #[arg(long, env = "LYTICS_RELAY_QUEUE_CREDS")]
@@ -159,6 +164,7 @@ pub struct LqlArgs {
     #[arg(
         long,
         env = "LYTICS_RELAY_LYTICS_URL",
+        hide_env_values = true,
         default_value = "https://api.lytics.io"
     )]
     pub lytics_url: String,

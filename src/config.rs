@@ -456,7 +456,12 @@ impl Settings {
             }
         };
 
-        let token = args.lytics_api_token.clone().or(file.lytics.api_token);
+        // Surrounding whitespace (a token pasted from a file with its newline) is not the token.
+        let token = args
+            .lytics_api_token
+            .clone()
+            .or(file.lytics.api_token)
+            .map(|t| t.trim().to_string());
         let account = args.lytics_account_id.clone().or(file.lytics.account_id);
         let stream = args.lytics_stream.clone().or(file.lytics.stream);
         let explicit_url = args
@@ -468,7 +473,15 @@ impl Settings {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bad(
                 "lytics.url (--lytics-url)",
-                format!("`{url}` must start with http:// or https://"),
+                format!("`{}` must start with http:// or https://", shown_url(&url)),
+            );
+        } else if let Some(problem) = url_secrets(&url) {
+            bad(
+                "lytics.url (--lytics-url)",
+                format!(
+                    "{problem}: the relay logs and traces its Lytics URL, so it must hold no \
+                     secret; give the token as lytics.api_token (--lytics-api-token)"
+                ),
             );
         }
         let lytics = match (token, account, stream) {
@@ -486,6 +499,14 @@ impl Settings {
                 }
                 for m in &missing {
                     bad(m, "is required when any Lytics setting is given; set all three or none (none starts the built-in emulator)".into());
+                }
+                if let Some(t) = token.as_deref().filter(|t| !t.is_empty())
+                    && let Err(e) = crate::integration::check_api_token(t)
+                {
+                    bad(
+                        "lytics.api_token (--lytics-api-token / LYTICS_RELAY_LYTICS_API_TOKEN)",
+                        e.into(),
+                    );
                 }
                 let account = account.map(|a| AccountId::new(&a));
                 let stream = stream.map(|s| StreamName::new(&s));
@@ -660,7 +681,18 @@ impl Settings {
             {
                 bad(
                     "queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL)",
-                    format!("`{u}` must start with nats://, tls://, ws:// or wss://"),
+                    format!(
+                        "`{}` must start with nats://, tls://, ws:// or wss://",
+                        shown_url(u)
+                    ),
+                );
+            } else if let Some(problem) = url_secrets(u) {
+                bad(
+                    "queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL)",
+                    format!(
+                        "{problem}: server URLs are logged, so they must hold no secret; use \
+                         queue.user and queue.password, queue.token or queue.creds_file"
+                    ),
                 );
             }
         }
@@ -871,9 +903,94 @@ fn parse_file(text: &str) -> Result<(FileConfig, Vec<ConfigProblem>), serde_yaml
     Ok((file, problems))
 }
 
+/// What in a URL could be a secret (user and password, a query), if anything; said without
+/// repeating it.
+fn url_secrets(url: &str) -> Option<&'static str> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        Some("the URL carries credentials (`user:password@`)")
+    } else if parsed.query().is_some() || parsed.fragment().is_some() {
+        Some("the URL carries a query (`?…`) or fragment (`#…`)")
+    } else {
+        None
+    }
+}
+
+/// A URL as it may be shown in an error: without anything [`url_secrets`] would refuse.
+fn shown_url(url: &str) -> String {
+    let without_query = url.split(['?', '#']).next().unwrap_or_default();
+    match without_query.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('/') {
+            Some((authority, path)) => format!(
+                "{scheme}://{}/{path}",
+                authority.rsplit('@').next().unwrap_or_default()
+            ),
+            None => format!("{scheme}://{}", rest.rsplit('@').next().unwrap_or_default()),
+        },
+        None => without_query.rsplit('@').next().unwrap_or_default().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_holding_secrets_are_refused_without_repeating_them() {
+        let args = ServeArgs {
+            lytics_url: Some("http://user:URLPASS@127.0.0.1:9/x?access_token=QTOKEN".into()),
+            ..ServeArgs::default()
+        };
+        let file: FileConfig = serde_yaml::from_str(
+            "queue: { backend: nats, urls: ['nats://natsuser:NATSPASS@127.0.0.1:4222', 'ftp://u:FTPPASS@h'] }",
+        )
+        .unwrap();
+        let err = Settings::build(&args, file).unwrap_err();
+        let text = err.to_string();
+        for secret in ["URLPASS", "QTOKEN", "NATSPASS", "FTPPASS", "natsuser"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert!(
+            text.contains("lytics.url (--lytics-url): the URL carries credentials"),
+            "{text}"
+        );
+        assert!(
+            text.contains("queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL): the URL carries credentials"),
+            "{text}"
+        );
+        assert!(text.contains("`ftp://h` must start with nats://"), "{text}");
+        let query = ServeArgs {
+            lytics_url: Some("https://api.lytics.io?access_token=QTOKEN".into()),
+            ..ServeArgs::default()
+        };
+        let text = Settings::build(&query, FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("carries a query") && !text.contains("QTOKEN"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_travel_in_a_header_is_refused_and_whitespace_around_it_trimmed() {
+        let args = |token: &str| ServeArgs {
+            lytics_api_token: Some(token.into()),
+            lytics_account_id: Some("1234".into()),
+            lytics_stream: Some("s".into()),
+            ..ServeArgs::default()
+        };
+        let text = Settings::build(&args("NL_TOKEN\nX"), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("lytics.api_token") && text.contains("control characters"),
+            "{text}"
+        );
+        assert!(!text.contains("NL_TOKEN"), "{text}");
+        let s = Settings::build(&args(" tok123\n"), FileConfig::default()).unwrap();
+        assert_eq!(s.lytics.unwrap().api_token.expose(), "tok123");
+    }
 
     #[test]
     fn defaults_start_the_emulator() {

@@ -203,6 +203,18 @@ mod tests {
     }
 }
 
+/// Checks a Lytics API token: it travels in an HTTP header, so it must be printable ASCII
+/// without spaces (Lytics issues letters and digits). Says what is wrong without repeating it.
+pub fn check_api_token(token: &str) -> Result<(), &'static str> {
+    if token.is_empty() {
+        Err("must not be empty")
+    } else if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        Err("must be printable ASCII without spaces or control characters (as Lytics issues tokens)")
+    } else {
+        Ok(())
+    }
+}
+
 /// The id of the integration built from flags, environment or config file. Installed
 /// integrations get ids of their own (`lytics-c84f57ef`).
 pub const CONFIGURED_ID: &str = "lytics";

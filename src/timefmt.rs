@@ -44,15 +44,14 @@ pub fn parse_iso_ms(text: &str) -> Option<i64> {
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Some(t.timestamp_millis());
     }
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S%.f%z",
-        "%Y-%m-%d %H:%M:%S%.f%z",
-    ] {
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"] {
         if let Ok(t) = DateTime::parse_from_str(text, fmt) {
             return Some(t.timestamp_millis());
         }
+    }
+    // Only a time with no offset at all is naive: chrono's naive parsing would read an offset
+    // it cannot apply (`+25:00`) and drop it, giving a wrong time instead of none.
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
         if let Ok(t) = NaiveDateTime::parse_from_str(text, fmt) {
             return Some(Utc.from_utc_datetime(&t).timestamp_millis());
         }
@@ -120,7 +119,17 @@ mod tests {
         assert_eq!(value_to_ms(&json!(1_772_029_800)), Some(want));
         assert_eq!(value_to_ms(&json!(want)), Some(want));
         assert_eq!(value_to_ms(&json!("1772029800")), Some(want));
+        assert_eq!(value_to_ms(&json!("2026-02-25T15:30:00+0100")), Some(want));
+        assert_eq!(value_to_ms(&json!("2026-02-25 13:30:00-01:00")), Some(want));
         assert_eq!(value_to_ms(&json!("yesterday")), None);
+        // Offsets of a day or more are not offsets: refused, not read as UTC.
+        for bad in ["+24:00", "+25:00", "-25:00", "+30:00", "+99:00"] {
+            assert_eq!(
+                value_to_ms(&json!(format!("2026-02-25T14:30:00{bad}"))),
+                None,
+                "{bad}"
+            );
+        }
         assert_eq!(value_to_ms(&json!(-5)), None);
     }
 

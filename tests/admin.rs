@@ -317,6 +317,12 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
             "config.api_token",
             "must not be empty",
         ),
+        // A token that could not travel in a header is refused, not left to fail every call.
+        (
+            json!({"config": {"api_token": "NL_TOKEN\nX"}}),
+            "config.api_token",
+            "control characters",
+        ),
         // The refused value is not repeated: a token in the wrong shape is still a token.
         (
             json!({"config": {"api_token": 98765432123_i64}}),

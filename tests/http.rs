@@ -98,6 +98,22 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
             .contains("more than 32 levels deep"),
         "{body}"
     );
+    // A batch none of whose events is valid is a bad payload: 400, each event's error kept.
+    let all_bad = json!([{"type": "page"}, {"type": "track", "userId": "u3"}]);
+    let (status, body) = post(&relay, "/v1/batch", all_bad.to_string(), true).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(body["error"]["code"], json!("invalid_argument"), "{body}");
+    let fields: Vec<&str> = body["error"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["field"].as_str())
+        .collect();
+    assert_eq!(fields, ["batch[0].userId", "batch[1].event"], "{body}");
     // Neither an array nor {"batch": [...]}.
     for (bad, field) in [(r#"{"batch": 5}"#, "batch"), ("5", "body"), ("[1,", "body")] {
         let (status, body) = post(&relay, "/v1/batch", bad.to_string(), true).await;

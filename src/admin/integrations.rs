@@ -610,8 +610,11 @@ fn to_integration(s: &StoredIntegration) -> Result<Integration, ApiError> {
     let stream = StreamName::new(&s.stream_name)
         .map_err(|e| violations.push(FieldViolation::new("config.stream_name", e.to_string())))
         .ok();
-    match (id, account, stream) {
-        (Some(id), Some(account_id), Some(stream_name)) => Ok(Integration {
+    let token = crate::integration::check_api_token(&s.api_token)
+        .map_err(|e| violations.push(FieldViolation::new("config.api_token", e)))
+        .ok();
+    match (id, account, stream, token) {
+        (Some(id), Some(account_id), Some(stream_name), Some(())) => Ok(Integration {
             id,
             name: s.name.clone(),
             account_id,
@@ -620,6 +623,15 @@ fn to_integration(s: &StoredIntegration) -> Result<Integration, ApiError> {
             base_url: s.base_url.clone(),
             enabled: true,
         }),
-        _ => Err(ApiError::invalid("invalid integration settings", violations)),
+        _ => {
+            let named: Vec<String> = violations
+                .iter()
+                .map(|v| format!("`{}` {}", v.field, v.description))
+                .collect();
+            Err(ApiError::invalid(
+                format!("invalid integration settings: {}", named.join("; ")),
+                violations,
+            ))
+        }
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
+use axum::response::IntoResponse as _;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{HeaderMap, StatusCode};
@@ -284,7 +285,7 @@ async fn signal_batch(
     State(s): State<HttpState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let limit = s
         .max_event_bytes
         .saturating_mul(s.max_batch_events)
@@ -333,9 +334,25 @@ async fn signal_batch(
         results[slot]["result"] = accepted_json(a);
     }
     let rejected = results.len() - accepted.len();
-    Ok(Json(
-        json!({"success": rejected == 0, "accepted": accepted.len(), "rejected": rejected, "results": results}),
-    ))
+    let mut answer = json!({"success": rejected == 0, "accepted": accepted.len(), "rejected": rejected, "results": results});
+    if accepted.is_empty() {
+        // Nothing of it was taken: a bad payload (400), so that a sender checking only the
+        // status does not count the batch as delivered. Each event's error is in `results`,
+        // and all their violations in `error`.
+        let violations: Vec<Value> = results
+            .iter()
+            .filter_map(|r| r["error"]["violations"].as_array())
+            .flatten()
+            .cloned()
+            .collect();
+        answer["error"] = json!({
+            "code": ErrorCode::InvalidArgument.as_str(),
+            "message": format!("none of the batch's {rejected} event(s) is valid; `results` says why for each"),
+            "violations": violations,
+        });
+        return Ok((StatusCode::BAD_REQUEST, Json(answer)).into_response());
+    }
+    Ok(Json(answer).into_response())
 }
 
 async fn customerio_webhook(
@@ -384,7 +401,9 @@ async fn health(State(s): State<HttpState>) -> (StatusCode, Json<Value>) {
         .delivery
         .paused()
         .into_iter()
-        .map(|(id, p)| json!({"integration": id, "status": p.status, "hint": p.hint, "message": p.message, "stream": p.stream, "since_ms": p.since_ms}))
+        // Lytics' own answer stays on the admin API: this endpoint needs no token, and an
+        // upstream's error text is not ours to publish.
+        .map(|(id, p)| json!({"integration": id, "status": p.status, "hint": p.hint, "stream": p.stream, "since_ms": p.since_ms}))
         .collect();
     // Delivery keeps state for integrations since replaced or removed: only those in force show.
     let live: std::collections::HashSet<String> = s
