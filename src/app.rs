@@ -346,7 +346,11 @@ pub async fn run(
         admin_token.interceptor(),
     );
     let dead_letter_service = tonic::service::interceptor::InterceptedService::new(
-        DeadLetterServiceServer::new(DeadLetters::new(queue.clone()).with_integrations(integrations.clone())),
+        DeadLetterServiceServer::new(
+            DeadLetters::new(queue.clone())
+                .with_integrations(integrations.clone())
+                .with_rules(ingest.rules().clone()),
+        ),
         admin_token.interceptor(),
     );
     let live_service = tonic::service::interceptor::InterceptedService::new(

@@ -770,6 +770,7 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     let replay = pb::ReplayDeadLettersRequest {
         ids: vec![],
         filter: Some(filter),
+        remap: false,
     };
     let refused = dead
         .replay_dead_letters(authed(&token, replay))

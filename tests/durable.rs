@@ -143,6 +143,7 @@ async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_deliv
             pb::ReplayDeadLettersRequest {
                 ids: vec![],
                 filter: Some(filter),
+                remap: false,
             },
         ))
         .await
@@ -412,6 +413,7 @@ async fn records_queued_for_lytics_never_reach_the_built_in_emulator_after_a_res
             pb::ReplayDeadLettersRequest {
                 ids: dead.iter().map(|d| d.id).collect(),
                 filter: None,
+                remap: false,
             },
         ))
         .await

@@ -423,3 +423,91 @@ fn sighup_reloads_the_rules() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[tokio::test]
+async fn a_dead_letter_caused_by_a_rule_is_replayed_mapped_by_the_fixed_rule() {
+    use lytics_relay::emulator::Faults;
+    use lytics_relay::proto::v1::dead_letter_service_client::DeadLetterServiceClient;
+    let emu = EmulatorHandle::start().await;
+    // Lytics refuses records with `"_poison": true`; the track rule copies properties as they are.
+    emu.emulator.set_faults(Faults {
+        reject_poison: true,
+        ..Faults::default()
+    });
+    let rules = rules_copy();
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.rules = Some(rules.path().join("rules"));
+    settings.rules_watch = false;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = admin_token(dir.path()).await;
+    let mut client = relay.client().await;
+    client
+        .send(pb::SendRequest {
+            event: Some(event(json!({
+                "type": "track", "event": "Clicked", "userId": "u1", "messageId": "rule-bug",
+                "properties": {"_poison": true, "plan": "pro"}
+            }))),
+        })
+        .await
+        .unwrap();
+    let mut admin = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
+        .await
+        .unwrap();
+    let dead = loop {
+        let list = admin
+            .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .dead_letters;
+        if !list.is_empty() {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let old_version = dead[0].rules_version.clone();
+
+    // The rule is fixed and reloaded: the field Lytics refused is mapped to a value it takes.
+    edit(
+        &rules.path().join("rules/signal.yaml"),
+        "      message_id: $.messageId\n      _ts: { from: $.timestamp, transform: epoch_ms, required: true }\n    flatten:\n      - $.properties\n",
+        "      message_id: $.messageId\n      _ts: { from: $.timestamp, transform: epoch_ms, required: true }\n      _poison: { value: false, when: { $.properties._poison: true } }\n    flatten:\n      - $.properties\n",
+    );
+    let r = relay.admin("POST", "/v1/admin/rules/reload", &token, None).await;
+    assert_eq!(r["swapped"], json!(true), "{r}");
+
+    // A remapping replay maps the stored input again with the fixed rule.
+    let answer = admin
+        .replay_dead_letters(authed(
+            &token,
+            pb::ReplayDeadLettersRequest {
+                ids: vec![dead[0].id, 999_999],
+                filter: None,
+                remap: true,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.replayed, 1, "{answer:?}");
+    assert_eq!(answer.not_found, vec![999_999]);
+    assert!(answer.unmapped.is_empty(), "{answer:?}");
+    let records = emu.wait_for_records(STREAM, 1).await;
+    let record = &records[0];
+    assert_eq!(record["message_id"], json!("rule-bug"));
+    assert_eq!(record["_poison"], json!(false), "{record:?}");
+    assert_eq!(
+        record["plan"],
+        json!("pro"),
+        "the rest of the mapping is kept: {record:?}"
+    );
+    let left = admin
+        .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert!(left.is_empty(), "{left:?}");
+    assert_ne!(old_version, "");
+    relay.stop().await;
+}

@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::integration::Integrations;
-use crate::normalize::json_to_struct;
+use crate::lytics::MAX_BATCH_RECORD_BYTES;
+use crate::normalize::{self, json_to_struct};
 use crate::proto::v1 as pb;
 use crate::proto::v1::dead_letter_service_server::DeadLetterService;
-use crate::queue::{DeadLetter, DeadLetterFilter, Queue, QueueError};
+use crate::queue::{DeadLetter, DeadLetterFilter, INTEGRATION_STREAM, NewRecord, Queue, QueueError, Replay};
+use crate::rules::{LiveRules, RuleSet, Source};
 use crate::telemetry::parse_traceparent;
 
 /// Dead letters per page by default, and at most.
@@ -25,6 +27,8 @@ pub struct DeadLetters {
     queue: Arc<dyn Queue>,
     /// The integrations in force, when known: a replay for one that is gone is refused.
     integrations: Option<Integrations>,
+    /// The rules in force, for replays that map the input again.
+    rules: Option<LiveRules>,
 }
 
 impl DeadLetters {
@@ -33,6 +37,7 @@ impl DeadLetters {
         DeadLetters {
             queue,
             integrations: None,
+            rules: None,
         }
     }
 
@@ -41,6 +46,56 @@ impl DeadLetters {
         self.integrations = Some(integrations);
         self
     }
+
+    /// Lets replays map dead letters' inputs again with the rules in force.
+    pub fn with_rules(mut self, rules: LiveRules) -> Self {
+        self.rules = Some(rules);
+        self
+    }
+}
+
+/// The record the rules in force make of dead letter `d`'s input, for its integration and by
+/// its rule, or why there is none.
+fn remap(d: &DeadLetter, rules: &RuleSet, integrations: &Integrations) -> Result<NewRecord, String> {
+    let r = &d.queued.record;
+    let integration = integrations
+        .get(&r.integration)
+        .ok_or_else(|| format!("integration `{}` is not in force", r.integration))?;
+    let doc = normalize::input_json(&r.input).ok_or("its stored input cannot be read")?;
+    let event = match r.source {
+        Source::Signal => normalize::signal_event(doc, "input", usize::MAX, r.accepted_ms),
+        Source::CustomerIo => normalize::customerio_event(doc, "input", usize::MAX),
+    }
+    .map_err(|e| format!("its input no longer passes validation: {e}"))?;
+    let mapping = rules.evaluate(r.source, &event.doc, &integration.context());
+    let Some(record) = mapping.records.into_iter().find(|m| m.rule == r.rule) else {
+        return Err(mapping
+            .dropped
+            .iter()
+            .find(|dropped| dropped.rule == r.rule)
+            .map(|dropped| format!("rule `{}` drops it: {}", r.rule, dropped.reason))
+            .unwrap_or_else(|| format!("rule `{}` no longer maps it", r.rule)));
+    };
+    let body = normalize::record_bytes(&record.fields);
+    if body.len() > MAX_BATCH_RECORD_BYTES {
+        return Err(format!(
+            "the record is {} bytes, over Lytics' {MAX_BATCH_RECORD_BYTES}-byte record limit",
+            body.len()
+        ));
+    }
+    Ok(NewRecord {
+        // As ingest does: a record for the integration's own stream follows the integration.
+        stream: if *record.stream == *integration.stream_name.as_str() {
+            Arc::from(INTEGRATION_STREAM)
+        } else {
+            record.stream
+        },
+        timestamp_field: record.timestamp_field,
+        rule: record.rule,
+        rules_version: rules.version().clone(),
+        body,
+        ..r.clone()
+    })
 }
 
 fn filter(f: Option<pb::DeadLetterFilter>) -> Result<DeadLetterFilter, ApiError> {
@@ -179,6 +234,8 @@ impl DeadLetterService for DeadLetters {
             .into()
         };
         let by_id = !req.ids.is_empty();
+        // With `remap`, the dead letters a filter found, read whole.
+        let mut fetched: Option<Vec<DeadLetter>> = None;
         let (ids, more) = if req.ids.is_empty() {
             let Some(f) = req.filter else {
                 return Err(ApiError::field(
@@ -202,18 +259,29 @@ impl DeadLetterService for DeadLetters {
                         ErrorCode::FailedPrecondition,
                         format!(
                             "integration `{id}` is not in force: its dead letters would be \
-                             dead-lettered again; re-send their inputs instead"
+                             dead-lettered again (their inputs are kept in them)"
                         ),
                     )
                     .into());
                 }
             }
             f.limit = allowed + 1;
-            let mut ids = self
-                .queue
-                .dead_letter_ids(f)
-                .await
-                .map_err(crate::ingest::queue_error)?;
+            let mut ids = if req.remap {
+                // Their inputs are needed: read whole.
+                let found = self
+                    .queue
+                    .dead_letters(f)
+                    .await
+                    .map_err(crate::ingest::queue_error)?;
+                let ids = found.iter().map(|d| d.id).collect();
+                fetched = Some(found);
+                ids
+            } else {
+                self.queue
+                    .dead_letter_ids(f)
+                    .await
+                    .map_err(crate::ingest::queue_error)?
+            };
             let more = ids.len() > allowed;
             if more && allowed == 0 {
                 return Err(short_of_room("the matching".into(), room));
@@ -235,7 +303,24 @@ impl DeadLetterService for DeadLetters {
             let ids: Vec<i64> = req.ids.into_iter().filter(|id| seen.insert(*id)).collect();
             (ids, false)
         };
-        let replayed = match self.queue.replay(&ids).await {
+        let (replays, unmapped) = if req.remap {
+            let found = match fetched {
+                Some(mut found) => {
+                    found.truncate(ids.len());
+                    found
+                }
+                None => self
+                    .queue
+                    .dead_letters_by_id(&ids)
+                    .await
+                    .map_err(crate::ingest::queue_error)?,
+            };
+            self.remapped(&found)?
+        } else {
+            let replays = ids.iter().map(|&id| Replay { id, remapped: None }).collect();
+            (replays, Vec::new())
+        };
+        let replayed = match self.queue.replay_records(&replays).await {
             Ok(r) => r,
             Err(QueueError::Full { .. }) => {
                 let room = capacity.saturating_sub(self.queue.depth());
@@ -244,13 +329,19 @@ impl DeadLetterService for DeadLetters {
             Err(e) => return Err(crate::ingest::queue_error(e).into()),
         };
         let found: std::collections::HashSet<i64> = replayed.iter().copied().collect();
+        let left: std::collections::HashSet<i64> = unmapped.iter().map(|u| u.id).collect();
         let not_found: Vec<i64> = if by_id {
-            ids.iter().copied().filter(|id| !found.contains(id)).collect()
+            ids.iter()
+                .copied()
+                .filter(|id| !found.contains(id) && !left.contains(id))
+                .collect()
         } else {
             Vec::new()
         };
         tracing::info!(
             replayed = replayed.len(),
+            remapped = req.remap,
+            unmapped = unmapped.len(),
             more,
             not_found = not_found.len(),
             "dead letters replayed"
@@ -259,7 +350,38 @@ impl DeadLetterService for DeadLetters {
             replayed: u32::try_from(replayed.len()).unwrap_or(u32::MAX),
             more,
             not_found,
+            unmapped,
         }))
+    }
+}
+
+impl DeadLetters {
+    /// Dead letters `ids` mapped again by the rules in force: the replays, and those the rules
+    /// make no record of (left in place).
+    fn remapped(
+        &self,
+        found: &[DeadLetter],
+    ) -> Result<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>), tonic::Status> {
+        let (Some(rules), Some(integrations)) = (&self.rules, &self.integrations) else {
+            return Err(ApiError::new(
+                ErrorCode::FailedPrecondition,
+                "this relay cannot map dead letters again (no rules given to the service)",
+            )
+            .into());
+        };
+        let rules = rules.current();
+        let mut replays = Vec::with_capacity(found.len());
+        let mut unmapped = Vec::new();
+        for d in found {
+            match remap(d, &rules, integrations) {
+                Ok(record) => replays.push(Replay {
+                    id: d.id,
+                    remapped: Some(record),
+                }),
+                Err(reason) => unmapped.push(pb::UnmappedDeadLetter { id: d.id, reason }),
+            }
+        }
+        Ok((replays, unmapped))
     }
 }
 
@@ -289,9 +411,13 @@ mod tests {
         ids: Vec<i64>,
     ) -> Result<pb::ReplayDeadLettersResponse, tonic::Status> {
         let filter = ids.is_empty().then(pb::DeadLetterFilter::default);
-        svc.replay_dead_letters(tonic::Request::new(pb::ReplayDeadLettersRequest { ids, filter }))
-            .await
-            .map(tonic::Response::into_inner)
+        svc.replay_dead_letters(tonic::Request::new(pb::ReplayDeadLettersRequest {
+            ids,
+            filter,
+            remap: false,
+        }))
+        .await
+        .map(tonic::Response::into_inner)
     }
 
     #[tokio::test]
@@ -410,5 +536,59 @@ mod tests {
         // Replayed already: nothing left under those ids.
         let r = replay(&svc, ids.clone()).await.unwrap();
         assert_eq!((r.replayed, r.not_found), (0, ids));
+    }
+
+    #[test]
+    fn a_dead_letter_the_rules_in_force_do_not_map_says_why() {
+        use crate::integration::{AccountId, Integration, IntegrationId, Secret, StreamName};
+        let rules = RuleSet::embedded().unwrap();
+        let integrations = Integrations::new(vec![Integration {
+            id: IntegrationId::new("lytics").unwrap(),
+            name: "Lytics".into(),
+            account_id: AccountId::new("1").unwrap(),
+            stream_name: StreamName::new("datafly_events").unwrap(),
+            api_token: Secret::new("t"),
+            base_url: "http://127.0.0.1:9".into(),
+            enabled: true,
+        }]);
+        let dead = |integration: &str, rule: &str, input: &serde_json::Value| DeadLetter {
+            id: 7,
+            queued: crate::queue::QueuedRecord {
+                id: 1,
+                record: NewRecord {
+                    rule: Arc::from(rule),
+                    input: bytes::Bytes::from(input.to_string()),
+                    ..NewRecord::sample(integration)
+                },
+                attempts: 0,
+                history: Vec::new(),
+            },
+            reason: "refused".into(),
+            at_ms: 0,
+        };
+        let track = serde_json::json!({"type": "track", "event": "Clicked", "userId": "u1",
+            "messageId": "m1", "timestamp": "2026-02-25T14:30:00Z", "properties": {"plan": "pro"}});
+        // Mapped again: the record the track rule makes now, for the integration's own stream.
+        let record = remap(&dead("lytics", "track_event", &track), &rules, &integrations).unwrap();
+        assert_eq!(&*record.rule, "track_event");
+        assert_eq!(&*record.stream, INTEGRATION_STREAM);
+        assert_eq!(&record.rules_version, rules.version());
+        let body: serde_json::Value = serde_json::from_slice(&record.body).unwrap();
+        assert_eq!(
+            (body["_e"].as_str(), body["plan"].as_str()),
+            (Some("Clicked"), Some("pro"))
+        );
+        // A rule that no longer maps the input, an integration gone, an input that is not one.
+        let e = remap(&dead("lytics", "page_view", &track), &rules, &integrations).unwrap_err();
+        assert_eq!(e, "rule `page_view` no longer maps it");
+        let e = remap(&dead("gone", "track_event", &track), &rules, &integrations).unwrap_err();
+        assert_eq!(e, "integration `gone` is not in force");
+        let e = remap(
+            &dead("lytics", "track_event", &serde_json::json!({"type": "track"})),
+            &rules,
+            &integrations,
+        )
+        .unwrap_err();
+        assert!(e.starts_with("its input no longer passes validation"), "{e}");
     }
 }

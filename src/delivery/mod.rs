@@ -978,7 +978,7 @@ impl Delivery {
         let reason = match retired {
             Some(r) if r.uninstalled => format!(
                 "integration `{id}` no longer exists (uninstalled): a replay would dead-letter it \
-                 again; its input is kept here for re-sending"
+                 again; its input is kept here"
             ),
             _ if self.queue.shared() => {
                 // They wait, as a paused integration's records do, until a replica that has the
@@ -1000,12 +1000,12 @@ impl Delivery {
             Some(_) => format!(
                 "integration `{id}` (the zero-setup default) was replaced by installed \
                  integrations before these records were delivered: a replay would dead-letter \
-                 them again; their input is kept here for re-sending"
+                 them again; their input is kept here"
             ),
             None => format!(
                 "integration `{id}` is not configured or installed on this relay (removed while \
-                 it was stopped, or its configuration changed): a replay would dead-letter it \
-                 again; its input is kept here for re-sending"
+                 it was stopped, or its settings are missing): replay it once the integration is \
+                 back; its input is kept here"
             ),
         };
         let none = live::CallResult {

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use super::dedup::{Dedup, HashSetOf, Seen, key_hashes};
 use super::{
     Attempt, AttemptKind, DeadLetter, DeadLetterFilter, EventRecords, Queue, QueueError, QueuedRecord,
-    RecordId,
+    RecordId, Replay,
 };
 use crate::timefmt::now_ms;
 
@@ -238,10 +238,11 @@ impl Queue for MemoryQueue {
             .collect())
     }
 
-    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
+    async fn replay_records(&self, replays: &[Replay]) -> Result<Vec<i64>, QueueError> {
         let n = {
             let mut s = self.state();
-            let wanted: HashSet<i64> = ids.iter().copied().collect();
+            let by_id: HashMap<i64, &Replay> = replays.iter().map(|r| (r.id, r)).collect();
+            let wanted: HashSet<i64> = by_id.keys().copied().collect();
             let among = s.dead.iter().filter(|d| wanted.contains(&d.id)).count();
             if s.depth() + among > self.capacity {
                 return Err(QueueError::Full {
@@ -259,7 +260,9 @@ impl Queue for MemoryQueue {
                     now,
                     QueuedRecord {
                         id,
-                        record: d.queued.record.clone(),
+                        record: by_id
+                            .get(&d.id)
+                            .map_or_else(|| d.queued.record.clone(), |r| r.record(&d.queued.record)),
                         attempts: 0,
                         history: Vec::new(),
                     },

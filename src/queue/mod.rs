@@ -188,6 +188,33 @@ pub struct DeadLetter {
     pub at_ms: i64,
 }
 
+/// One dead letter to put back in the queue.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The dead letter's id.
+    pub id: i64,
+    /// Its record mapped again by the rules in force; `None` replays it as stored.
+    pub remapped: Option<NewRecord>,
+}
+
+impl Replay {
+    /// The record to queue for dead letter `stored`: the stored one, or the remapped one with
+    /// the stored input, event and trace context.
+    pub fn record(&self, stored: &NewRecord) -> NewRecord {
+        match &self.remapped {
+            None => stored.clone(),
+            Some(r) => NewRecord {
+                stream: r.stream.clone(),
+                timestamp_field: r.timestamp_field.clone(),
+                rule: r.rule.clone(),
+                rules_version: r.rules_version.clone(),
+                body: r.body.clone(),
+                ..stored.clone()
+            },
+        }
+    }
+}
+
 /// Which dead letters to list.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterFilter {
@@ -272,7 +299,35 @@ pub trait Queue: Send + Sync + 'static {
     /// with [`QueueError::Full`] when the dead letters among them would put the queue past its
     /// capacity, checked with the depth at the moment of the replay; on NATS the stream's limit
     /// stops the replay at the first record that does not fit.
-    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError>;
+    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
+        let replays: Vec<Replay> = ids.iter().map(|&id| Replay { id, remapped: None }).collect();
+        self.replay_records(&replays).await
+    }
+
+    /// [`Queue::replay`], where a replay may carry the dead letter's record mapped again by the
+    /// rules now in force: its body, stream, timestamp field, rule and rule-set version replace
+    /// the stored ones (the input, event and trace context stay).
+    async fn replay_records(&self, replays: &[Replay]) -> Result<Vec<i64>, QueueError>;
+
+    /// The dead letters with these ids (those that exist), newest first.
+    async fn dead_letters_by_id(&self, ids: &[i64]) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut found = Vec::new();
+        for &id in ids {
+            let filter = DeadLetterFilter {
+                before_id: Some(id.saturating_add(1)),
+                limit: 1,
+                ..DeadLetterFilter::default()
+            };
+            found.extend(
+                self.dead_letters(filter)
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.id == id),
+            );
+        }
+        found.sort_by_key(|d| std::cmp::Reverse(d.id));
+        Ok(found)
+    }
 
     /// The ids of the dead letters `filter` matches, newest first, without reading the records.
     async fn dead_letter_ids(&self, filter: DeadLetterFilter) -> Result<Vec<i64>, QueueError> {

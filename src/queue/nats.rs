@@ -37,7 +37,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     Attempt, AttemptKind, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError,
-    QueuedRecord, RecordId,
+    QueuedRecord, RecordId, Replay,
 };
 use crate::integration::Secret;
 use crate::rules::Source;
@@ -713,7 +713,7 @@ impl Queue for NatsQueue {
         Ok(out)
     }
 
-    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
+    async fn replay_records(&self, replays: &[Replay]) -> Result<Vec<i64>, QueueError> {
         let inner = &self.inner;
         inner.check_connected()?;
         let stream = inner
@@ -722,7 +722,8 @@ impl Queue for NatsQueue {
             .await
             .map_err(|e| store("cannot open the dead-letter stream", e))?;
         let mut replayed = Vec::new();
-        for id in ids {
+        for replay in replays {
+            let id = &replay.id;
             let Ok(seq) = u64::try_from(*id) else { continue };
             // Only "no such message" means not a dead letter; any other failure is the store's,
             // and reporting it as not found would tell the operator a dead letter is gone.
@@ -738,7 +739,7 @@ impl Queue for NatsQueue {
                     continue;
                 }
             };
-            let fresh = Envelope::new(&d.record.record(), 0, Vec::new(), 0);
+            let fresh = Envelope::new(&replay.record(&d.record.record()), 0, Vec::new(), 0);
             inner
                 .publish(records_subject(&fresh.integration), fresh.payload()?, None)
                 .await?;

@@ -42,7 +42,7 @@ use super::dedup::{Dedup, HashSetOf, KeyHash, Seen, key_hash, key_hashes};
 use super::wal_sync::{Failure, Pending, WalSync};
 use super::{
     Attempt, AttemptKind, DeadLetter, DeadLetterFilter, EventRecords, NewRecord, Queue, QueueError,
-    QueuedRecord, RecordId,
+    QueuedRecord, RecordId, Replay,
 };
 use crate::rules::Source;
 use crate::timefmt::now_ms;
@@ -160,7 +160,7 @@ enum Op {
     DeadLetter(Vec<QueuedRecord>, String, Reply<()>),
     DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
     DeadLetterIds(DeadLetterFilter, Reply<Vec<i64>>),
-    Replay(Vec<i64>, Reply<Vec<i64>>),
+    Replay(Vec<Replay>, Reply<Vec<i64>>),
     NextDue(HashSet<String>, Reply<Option<i64>>),
     Expedite(String, Reply<usize>),
     Oldest(Reply<Option<i64>>),
@@ -614,8 +614,8 @@ impl Queue for SqliteQueue {
         self.call(|r| Op::DeadLetters(filter, r)).await
     }
 
-    async fn replay(&self, ids: &[i64]) -> Result<Vec<i64>, QueueError> {
-        self.call(|r| Op::Replay(ids.to_vec(), r)).await
+    async fn replay_records(&self, replays: &[Replay]) -> Result<Vec<i64>, QueueError> {
+        self.call(|r| Op::Replay(replays.to_vec(), r)).await
     }
 
     async fn dead_letter_ids(&self, filter: DeadLetterFilter) -> Result<Vec<i64>, QueueError> {
@@ -1035,14 +1035,15 @@ impl Writer {
                     Op::DeadLetterIds(filter, reply) => {
                         answers.push(pending(reply, dead_letter_ids(&txn, &filter)))
                     }
-                    Op::Replay(ids, reply) => {
+                    Op::Replay(replays, reply) => {
                         woke = true;
+                        let ids: Vec<i64> = replays.iter().map(|r| r.id).collect();
                         let r = if depth + dead_letters_among(&txn, &ids)? > self.capacity {
                             Err(QueueError::Full {
                                 capacity: self.capacity,
                             })
                         } else {
-                            Ok(replay(&txn, &ids, now, &mut depth, &mut staged)?)
+                            Ok(replay(&txn, &replays, now, &mut depth, &mut staged)?)
                         };
                         answers.push(pending(reply, r));
                     }
@@ -1621,25 +1622,40 @@ fn dead_letters_among(txn: &Transaction<'_>, ids: &[i64]) -> Result<usize, rusql
     Ok(n)
 }
 
+/// Copies each dead letter back into `records` (with a remapped record's fields, where a
+/// replay carries one) and deletes it.
 fn replay(
     txn: &Transaction<'_>,
-    ids: &[i64],
+    replays: &[Replay],
     now: i64,
     depth: &mut usize,
     staged: &mut Vec<Waiting>,
 ) -> Result<Vec<i64>, rusqlite::Error> {
-    let mut copy = txn
-        .prepare_cached(
-            "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
+    let mut copy = txn.prepare_cached(
+        "INSERT INTO records (integration, stream, timestamp_field, rule, rules_version, source, event_id, \
              event_type, body, input, traceparent, accepted_ms, due_ms) \
-             SELECT integration, stream, timestamp_field, rule, rules_version, source, event_id, event_type, body, \
+             SELECT integration, coalesce(?3, stream), coalesce(?4, timestamp_field), coalesce(?5, rule), \
+             coalesce(?6, rules_version), source, event_id, event_type, coalesce(?7, body), \
              input, traceparent, accepted_ms, ?2 FROM dead_letters WHERE id = ?1 RETURNING id, integration",
-        )?;
+    )?;
     let mut delete = txn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
     let mut replayed = Vec::new();
-    for id in ids {
+    for replay in replays {
+        let id = &replay.id;
+        let r = replay.remapped.as_ref();
         let copied: Option<(i64, String)> = copy
-            .query_row(params![id, now], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                params![
+                    id,
+                    now,
+                    r.map(|r| &*r.stream),
+                    r.map(|r| &*r.timestamp_field),
+                    r.map(|r| &*r.rule),
+                    r.map(|r| &*r.rules_version),
+                    r.map(|r| &r.body[..]),
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
             .optional()?;
         delete.execute(params![id])?;
         if let Some((new_id, integration)) = copied {
