@@ -61,6 +61,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".lytics_relay.v1.DryRunRequest",
             "crate::proto::raw::DryRunRequest",
         )
+        // A request that does not decode is INVALID_ARGUMENT here, not prost's INTERNAL.
+        .codec_path("crate::proto::codec::DoorCodec")
         .build_client(false)
         .build_server(true)
         .compile_fds(ingest_only)?;

@@ -2,6 +2,7 @@
 //! reflection serves. `google.protobuf.Struct` and `Value` are [`JsonStruct`] and [`JsonValue`]
 //! (`json.rs`): they decode straight into JSON.
 
+pub mod codec;
 mod json;
 pub mod raw;
 

@@ -425,3 +425,122 @@ async fn wait_until_serving(relay: &RelayHandle) {
     }
     panic!("the relay did not start serving");
 }
+
+/// Sends each item's bytes as one gRPC message, as written: for requests no well-behaved client
+/// would build.
+#[derive(Clone, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = pb::StreamResponse;
+    type Encoder = RawBytes;
+    type Decoder = tonic_prost::ProstDecoder<pb::StreamResponse>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_invalid_argument_and_a_stream_says_what_it_took() {
+    use prost::Message as _;
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    // Field 1 (`event`, a message) sent as a number: not a SendRequest at all.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NumberOne {
+        #[prost(uint64, tag = "1")]
+        n: u64,
+    }
+    let not_a_request = NumberOne { n: 5 };
+    let status = relay
+        .unary::<_, pb::SendResponse>(
+            "/lytics_relay.v1.IngestService/Send",
+            tonic::Request::new(not_a_request),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let details = status.get_error_details();
+    let field = &details.bad_request().unwrap().field_violations[0];
+    assert_eq!(field.field, "request");
+    assert!(
+        field.description.contains("invalid wire type"),
+        "{}",
+        field.description
+    );
+
+    // A stream of 300 events (more than one chunk), then a message that does not decode.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut messages: Vec<Vec<u8>> = (0..300)
+        .map(|i| {
+            pb::StreamRequest {
+                event: Some(event(
+                    json!({"type": "track", "event": "e", "userId": "u", "messageId": format!("s{i}")}),
+                )),
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    messages.push(vec![0x08, 0x05]);
+    messages.push(
+        pb::StreamRequest {
+            event: Some(event(
+                json!({"type": "track", "event": "e", "userId": "u", "messageId": "after"}),
+            )),
+        }
+        .encode_to_vec(),
+    );
+    let status = grpc
+        .client_streaming(
+            tonic::Request::new(tokio_stream::iter(messages)),
+            http::uri::PathAndQuery::from_static("/lytics_relay.v1.IngestService/Stream"),
+            RawBytes,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("message 300 of the stream")
+            && status
+                .message()
+                .contains("the 300 valid events before it were accepted"),
+        "{}",
+        status.message()
+    );
+    // They were: each is a duplicate now, and the one after the broken message was not read.
+    let mut client = relay.client().await;
+    let again = |id: &str| pb::SendRequest {
+        event: Some(event(
+            json!({"type": "track", "event": "e", "userId": "u", "messageId": id}),
+        )),
+    };
+    let r = client.send(again("s299")).await.unwrap().into_inner();
+    assert_eq!(r.result.unwrap().status, pb::IngestStatus::Duplicate as i32);
+    let r = client.send(again("after")).await.unwrap().into_inner();
+    assert_eq!(r.result.unwrap().status, pb::IngestStatus::Accepted as i32);
+    relay.stop().await;
+}

@@ -193,7 +193,25 @@ impl IngestService for IngestGrpc {
         let mut chunk = Vec::with_capacity(STREAM_CHUNK);
         let mut index: u64 = 0;
         while let Some(message) = stream.next().await {
-            let message = message?;
+            let message = match message {
+                Ok(m) => m,
+                Err(status) => {
+                    // What came before the broken message is taken, and the answer says so:
+                    // the sender resends from that message on.
+                    self.flush(&mut chunk, &mut response, tp.as_deref()).await?;
+                    return Err(Status::with_details(
+                        status.code(),
+                        format!(
+                            "message {index} of the stream: {}; the stream stopped there, and the \
+                             {} valid events before it were accepted ({} refused)",
+                            status.message(),
+                            response.accepted,
+                            response.rejected
+                        ),
+                        status.details().to_vec().into(),
+                    ));
+                }
+            };
             match self.normalize(message.event.as_ref(), "event") {
                 Ok(ev) => chunk.push(ev),
                 Err(err) => {
