@@ -344,12 +344,17 @@ pub fn signal_event(
             "must be a JSON object (a Signal canonical event)",
         ));
     };
+    // The limit is on what the sender sent: the `messageId` and `timestamp` the relay fills in
+    // do not count against it.
+    let sent_len =
+        (!m.contains_key("messageId") || !m.contains_key("timestamp")).then(|| json_bytes(&doc).len());
     let checked = check_signal(m, field)?;
     check_nesting(&doc, field)?;
     let filled = checked.fill_in(&mut doc, received_ms);
     let input = json_bytes(&doc);
-    if input.len() > max_bytes {
-        return Err(too_large(whole(field), input.len(), max_bytes));
+    let size = sent_len.unwrap_or(input.len());
+    if size > max_bytes {
+        return Err(too_large(whole(field), size, max_bytes));
     }
     Ok(filled.into_event(doc, input))
 }
@@ -1021,6 +1026,23 @@ mod tests {
                 (a, b) => panic!("{doc}: JSON {a:?}, protobuf {b:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_size_limit_counts_what_the_sender_sent_not_what_the_relay_fills_in() {
+        let sized = |len: usize| {
+            let mut doc = json!({"type": "track", "event": "e", "userId": "u", "properties": {"pad": ""}});
+            let base = json_bytes(&doc).len();
+            doc["properties"]["pad"] = json!("x".repeat(len - base));
+            assert_eq!(json_bytes(&doc).len(), len);
+            doc
+        };
+        // Exactly at the limit without messageId and timestamp: accepted, though the stored
+        // input, with the two filled in, is larger.
+        let event = signal_event(sized(1024), "", 1024, 1).unwrap();
+        assert!(event.input.len() > 1024);
+        let e = signal_event(sized(1025), "", 1024, 1).unwrap_err();
+        assert!(e.message.contains("the event is 1025 bytes"), "{e:?}");
     }
 
     #[test]

@@ -98,6 +98,30 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
             .contains("more than 32 levels deep"),
         "{body}"
     );
+    // A batch's own `context` applies to each of its events; an event's own values win.
+    let shared = json!({"batch": [
+        {"type": "track", "event": "ctx", "userId": "u4", "messageId": "ctx-1",
+         "context": {"page": {"title": "Own title"}}}
+    ], "context": {"ip": "198.51.100.7", "page": {"url": "https://batch.example/", "title": "Shared"}}});
+    let (status, body) = post(&relay, "/v1/batch", shared.to_string(), true).await;
+    assert_eq!(status, 200, "{body}");
+    let mut ctx = None;
+    for _ in 0..500 {
+        ctx = emu
+            .emulator
+            .stream_events(STREAM)
+            .into_iter()
+            .map(|e| e.record)
+            .find(|r| r["message_id"] == json!("ctx-1"));
+        if ctx.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ctx = ctx.expect("the event with the batch's context arrives");
+    assert_eq!(ctx["ip"], json!("198.51.100.7"), "{ctx:?}");
+    assert_eq!(ctx["url"], json!("https://batch.example/"), "{ctx:?}");
+    assert_eq!(ctx["title"], json!("Own title"), "{ctx:?}");
     // A batch none of whose events is valid is a bad payload: 400, each event's error kept.
     let all_bad = json!([{"type": "page"}, {"type": "track", "userId": "u3"}]);
     let (status, body) = post(&relay, "/v1/batch", all_bad.to_string(), true).await;
@@ -124,7 +148,7 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
             "{bad}: {body}"
         );
     }
-    emu.wait_for_records(STREAM, 4).await;
+    emu.wait_for_records(STREAM, 5).await;
     relay.stop().await;
 }
 
@@ -363,4 +387,57 @@ async fn idle_and_slow_connections_are_closed_and_bodies_share_a_memory_budget()
     let batch = json!([{"type": "track", "event": "again", "userId": "u1"}]).to_string();
     let (status, answer) = post(&relay, "/v1/batch", batch, true).await;
     assert_eq!(status, 200, "{answer}");
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_inflated_after_their_signature_is_checked() {
+    use std::io::Write as _;
+    let emu = EmulatorHandle::start().await;
+    let (relay, _dir) = relay(&emu).await;
+    let send = |body: Vec<u8>, encoding: &'static str| {
+        let ts = now_ms();
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(format!("{ts}.").as_bytes());
+        mac.update(&body);
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        reqwest::Client::new()
+            .post(relay.http_url("/v1/batch"))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .header("X-Timestamp", ts.to_string())
+            .header("X-Signature", signature)
+            .body(body)
+            .send()
+    };
+    let batch = json!([{"type": "track", "event": "zipped", "userId": "u1", "messageId": "gz-1"}]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(batch.to_string().as_bytes()).unwrap();
+    let zipped = gz.finish().unwrap();
+    // Signed over the bytes as sent (compressed), read as the JSON inside.
+    let r = send(zipped.clone(), "gzip").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["accepted"], json!(1), "{answer}");
+    let records = emu.wait_for_records(STREAM, 1).await;
+    assert_eq!(records[0]["_e"], json!("zipped"));
+    // Not gzip inside, or another encoding: a 400 that says which.
+    let r = send(b"not gzip".to_vec(), "gzip").await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let answer: Value = r.json().await.unwrap();
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not valid gzip"),
+        "{answer}"
+    );
+    let r = send(zipped, "br").await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["error"]["violations"][0]["field"],
+        json!("Content-Encoding"),
+        "{answer}"
+    );
+    relay.stop().await;
 }

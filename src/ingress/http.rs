@@ -46,12 +46,13 @@ const BODY_BUDGET_WAIT: Duration = Duration::from_secs(5);
 /// bodies cannot make the relay hold more than the budget: past it, requests wait a little,
 /// then get 503 with `Retry-After`.
 #[derive(Clone)]
-pub struct BodyBudget(Arc<Semaphore>);
+pub struct BodyBudget(Arc<Semaphore>, usize);
 
 impl BodyBudget {
     /// A budget of `bytes`.
     pub fn new(bytes: usize) -> Self {
-        BodyBudget(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+        let bytes = bytes.min(Semaphore::MAX_PERMITS);
+        BodyBudget(Arc::new(Semaphore::new(bytes)), bytes)
     }
 }
 
@@ -126,7 +127,19 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let reserve = u32::try_from(declared.unwrap_or(limit).min(limit).max(1)).unwrap_or(u32::MAX);
+    // A compressed body is held twice: as sent, and inflated (up to the limit).
+    let inflated = if content_encoding(headers).is_some() {
+        limit
+    } else {
+        0
+    };
+    let reserve = declared
+        .unwrap_or(limit)
+        .min(limit)
+        .max(1)
+        .saturating_add(inflated)
+        .min(s.bodies.1);
+    let reserve = u32::try_from(reserve).unwrap_or(u32::MAX);
     let wait = BODY_BUDGET_WAIT.min(s.body_timeout / 4);
     let reserved = match tokio::time::timeout(wait, s.bodies.0.clone().acquire_many_owned(reserve)).await {
         Ok(Ok(permit)) => permit,
@@ -154,6 +167,44 @@ async fn read_body(
             ),
         )),
     }
+}
+
+/// The request's `Content-Encoding`, unless it is none or `identity`.
+fn content_encoding(headers: &HeaderMap) -> Option<&http::HeaderValue> {
+    headers
+        .get(http::header::CONTENT_ENCODING)
+        .filter(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+}
+
+/// The body as JSON bytes: as sent, or inflated when it came gzip-compressed (up to `limit`
+/// bytes inflated). Signatures are checked before, over the bytes as sent.
+fn inflated<'a>(
+    headers: &HeaderMap,
+    body: &'a [u8],
+    limit: usize,
+) -> Result<std::borrow::Cow<'a, [u8]>, ApiError> {
+    use std::io::Read as _;
+    let Some(encoding) = content_encoding(headers) else {
+        return Ok(std::borrow::Cow::Borrowed(body));
+    };
+    if !encoding.as_bytes().trim_ascii().eq_ignore_ascii_case(b"gzip") {
+        return Err(ApiError::field(
+            "Content-Encoding",
+            "only gzip is accepted (or no encoding)",
+        ));
+    }
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    flate2::read::GzDecoder::new(body)
+        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::field("body", format!("is not valid gzip: {e}")))?;
+    if out.len() > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body inflates to over the {limit}-byte limit"),
+        ));
+    }
+    Ok(std::borrow::Cow::Owned(out))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -228,9 +279,9 @@ async fn signal_event(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let body = read_body(&s, &headers, body, s.max_event_bytes).await?;
-    let body = &body.bytes[..];
-    verify_signal(&s, &headers, body)?;
-    let value = parse_json(body)?;
+    verify_signal(&s, &headers, &body.bytes)?;
+    let body = inflated(&headers, &body.bytes, s.max_event_bytes)?;
+    let value = parse_json(&body)?;
     // `{"event": {…}}` is the gRPC request's shape (what grpcurl takes), not this endpoint's.
     if let Value::Object(m) = &value
         && m.len() == 1
@@ -251,24 +302,43 @@ async fn signal_event(
     Ok(Json(answer))
 }
 
-/// The events of a batch body (`[…]` or `{"batch": […]}`), each still unparsed: skimming the
-/// body has no nesting limit, so an event too deep to parse does not fail its neighbours.
-fn batch_items(body: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
+/// A JSON object.
+type JsonObject = serde_json::Map<String, Value>;
+
+/// The events of a batch body (`[…]` or `{"batch": […]}`), each still unparsed (skimming the
+/// body has no nesting limit, so an event too deep to parse does not fail its neighbours), and
+/// the batch's own `context`, which applies to every event (Segment's batch API).
+fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Option<JsonObject>), ApiError> {
     #[derive(serde::Deserialize)]
     struct Wrapped<'a> {
         #[serde(borrow)]
         batch: Option<&'a RawValue>,
+        #[serde(borrow)]
+        context: Option<&'a RawValue>,
     }
     let not_json = |e: serde_json::Error| ApiError::field("body", format!("is not valid JSON: {e}"));
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     match first {
-        Some(b'[') => serde_json::from_slice(body).map_err(not_json),
+        Some(b'[') => Ok((serde_json::from_slice(body).map_err(not_json)?, None)),
         Some(b'{') => {
             let wrapped: Wrapped<'_> = serde_json::from_slice(body).map_err(not_json)?;
-            wrapped
+            let context = match wrapped.context {
+                None => None,
+                Some(c) => match serde_json::from_str::<Value>(c.get()) {
+                    Ok(Value::Object(m)) => Some(m),
+                    Ok(Value::Null) => None,
+                    Ok(_) => return Err(ApiError::field("context", "must be an object")),
+                    Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+                        return Err(normalize::too_deep("context"));
+                    }
+                    Err(e) => return Err(ApiError::field("context", format!("is not valid JSON: {e}"))),
+                },
+            };
+            let events = wrapped
                 .batch
                 .and_then(|b| serde_json::from_str(b.get()).ok())
-                .ok_or_else(|| ApiError::field("batch", "must be an array of events"))
+                .ok_or_else(|| ApiError::field("batch", "must be an array of events"))?;
+            Ok((events, context))
         }
         _ => {
             // Not an array or an object: invalid JSON is named as such.
@@ -277,6 +347,31 @@ fn batch_items(body: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
                 "body",
                 "must be an array of events or {\"batch\": [...]}",
             ))
+        }
+    }
+}
+
+/// Gives an event of a batch the batch's `context`: what the event's own context lacks, at any
+/// depth, is taken from it (the event's own values win).
+fn with_batch_context(event: &mut Value, shared: &serde_json::Map<String, Value>) {
+    fn merge(into: &mut serde_json::Map<String, Value>, from: &serde_json::Map<String, Value>) {
+        for (k, v) in from {
+            match (into.get_mut(k), v) {
+                (Some(Value::Object(mine)), Value::Object(theirs)) => merge(mine, theirs),
+                (Some(_), _) => {}
+                (None, v) => {
+                    into.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    let Value::Object(event) = event else { return };
+    match event.get_mut("context") {
+        Some(Value::Object(own)) => merge(own, shared),
+        // A context that is not an object is the event's own mistake, refused by validation.
+        Some(_) => {}
+        None => {
+            event.insert("context".into(), Value::Object(shared.clone()));
         }
     }
 }
@@ -291,9 +386,9 @@ async fn signal_batch(
         .saturating_mul(s.max_batch_events)
         .min(crate::app::MAX_GRPC_MESSAGE);
     let body = read_body(&s, &headers, body, limit).await?;
-    let body = &body.bytes[..];
-    verify_signal(&s, &headers, body)?;
-    let events = batch_items(body)?;
+    verify_signal(&s, &headers, &body.bytes)?;
+    let body = inflated(&headers, &body.bytes, limit)?;
+    let (events, batch_context) = batch_items(&body)?;
     if events.is_empty() || events.len() > s.max_batch_events {
         return Err(ApiError::field(
             "batch",
@@ -315,6 +410,12 @@ async fn signal_batch(
             } else {
                 ApiError::field(field.clone(), format!("is not valid JSON: {e}"))
             }
+        });
+        let parsed = parsed.map(|mut e| {
+            if let Some(shared) = &batch_context {
+                with_batch_context(&mut e, shared);
+            }
+            e
         });
         match parsed.and_then(|e| normalize::signal_event(e, &field, s.max_event_bytes, now)) {
             Ok(ev) => {
@@ -377,7 +478,8 @@ async fn customerio_webhook(
         i64::try_from(s.customerio_tolerance.as_secs()).unwrap_or(i64::MAX),
     )
     .map_err(unauthenticated)?;
-    let event = normalize::customerio_event(parse_json(body)?, "", MAX_WEBHOOK_BYTES)?;
+    let body = inflated(&headers, body, MAX_WEBHOOK_BYTES)?;
+    let event = normalize::customerio_event(parse_json(&body)?, "", MAX_WEBHOOK_BYTES)?;
     let accepted = s
         .ingest
         .accept(vec![event], header(&headers, "traceparent"))
