@@ -17,7 +17,7 @@ use super::model::{
     TemplatePart, Test, ValueSource,
 };
 use super::path::Selector;
-use super::spec::{RuleFileSpec, RuleSpec};
+use super::spec::{RuleFileSpec, RuleSpec, TestCaseSpec};
 use super::transform::Transform;
 
 /// The event-time field when a file names none.
@@ -78,11 +78,14 @@ pub struct CompiledFile {
 
 /// Compiles one file's text. `file` names it in problems.
 pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpec), Vec<RuleProblem>> {
-    let spec: RuleFileSpec = serde_yaml::from_str(text).map_err(|e| vec![yaml_problem(file, &e)])?;
+    let mut spec: RuleFileSpec = serde_yaml::from_str(text).map_err(|e| vec![yaml_problem(file, &e)])?;
     let mut c = Compiler {
         file: Arc::from(file),
         text,
         problems: Vec::new(),
+        rule_lines: rule_lines(text).filter(|lines| lines.len() == spec.rules.len()),
+        anchor: None,
+        field_anchor: None,
     };
     let source = match Source::parse(&spec.source) {
         Some(s) => Some(s),
@@ -108,7 +111,10 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
     }
     let mut names = HashSet::new();
     let mut rules = Vec::new();
-    for rule in &spec.rules {
+    for (i, rule) in spec.rules.iter().enumerate() {
+        // Problems of this rule are looked for from its own first line: two rules of one name
+        // (or a field name met earlier in the file) are told apart.
+        c.anchor = c.rule_lines.as_ref().and_then(|lines| lines.get(i)).copied();
         if !names.insert(rule.name.clone()) {
             c.problem(
                 Some(&rule.name),
@@ -119,6 +125,47 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
         }
         if let Some(r) = c.rule(rule, spec.stream.as_deref(), &ts_field, &file_identity) {
             rules.push(r);
+        }
+    }
+    c.anchor = None;
+    for (i, case) in std::mem::take(&mut spec.test_specs).into_iter().enumerate() {
+        let name = case.get("name").and_then(Yaml::as_str).map(str::to_string);
+        let needle = name.as_ref().map_or_else(|| "tests:".to_string(), |n| n.clone());
+        match serde_yaml::from_value::<TestCaseSpec>(case) {
+            Ok(case) if case.input.is_some() && case.input_file.is_some() => c.problem(
+                None,
+                &needle,
+                format!("tests[{i}] (`{}`) gives both `input` and `input_file`", case.name),
+                Some("keep one: the input inline, or the file holding it".to_string()),
+            ),
+            Ok(case) if case.input.is_none() && case.input_file.is_none() => c.problem(
+                None,
+                &needle,
+                format!("tests[{i}] (`{}`) has no input", case.name),
+                Some("add `input:` (the event) or `input_file:` (a JSON file beside the rules)".to_string()),
+            ),
+            Ok(case) => spec.tests.push(case),
+            Err(e) => {
+                let raw = e.to_string();
+                let message = raw.find(" at line ").map_or(raw.as_str(), |at| &raw[..at]);
+                c.problem(
+                    None,
+                    &needle,
+                    format!("tests[{i}]: {message}"),
+                    Some(format!(
+                        "a case takes {}",
+                        [
+                            "name",
+                            "input",
+                            "input_file",
+                            "config",
+                            "expect",
+                            "expect_dropped"
+                        ]
+                        .join(", ")
+                    )),
+                );
+            }
         }
     }
     match (c.problems.is_empty(), source) {
@@ -168,6 +215,42 @@ struct Compiler<'a> {
     file: Arc<str>,
     text: &'a str,
     problems: Vec<RuleProblem>,
+    /// The line (0-based) each rule's list item starts on, in order, when the file's layout
+    /// lets them be found.
+    rule_lines: Option<Vec<usize>>,
+    /// The first line of the rule being compiled, when known.
+    anchor: Option<usize>,
+    /// The line of the field being compiled, when known.
+    field_anchor: Option<usize>,
+}
+
+/// The line (0-based) of each item of the top-level `rules:` list.
+fn rule_lines(text: &str) -> Option<Vec<usize>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.trim_end() == "rules:")?;
+    let mut items = Vec::new();
+    let mut indent = None;
+    for (i, line) in lines.iter().enumerate().skip(start + 1) {
+        let t = line.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let at = line.len() - t.len();
+        if at == 0 && !t.starts_with('-') {
+            break;
+        }
+        if t.starts_with("- ") || t == "-" {
+            match indent {
+                None => {
+                    indent = Some(at);
+                    items.push(i);
+                }
+                Some(first) if first == at => items.push(i),
+                Some(_) => {}
+            }
+        }
+    }
+    Some(items)
 }
 
 const FIELD_KEYS: &[&str] = &[
@@ -188,8 +271,19 @@ const FIELD_KEYS: &[&str] = &[
 const TEST_KEYS: &[&str] = &["exists", "equals", "not_equals", "in", "not_in", "matches"];
 
 impl Compiler<'_> {
+    /// Where `needle` is, looked for from the field or rule being compiled when known.
+    fn locate(&self, rule: Option<&str>, needle: &str) -> (Option<usize>, Option<usize>) {
+        match (rule, self.field_anchor.or(self.anchor)) {
+            (Some(_), Some(start)) => match locate_from(self.text, start, needle) {
+                (None, _) => (Some(start + 1), None),
+                found => found,
+            },
+            _ => locate(self.text, rule, needle),
+        }
+    }
+
     fn problem(&mut self, rule: Option<&str>, needle: &str, message: String, hint: Option<String>) {
-        let (line, column) = locate(self.text, rule, needle);
+        let (line, column) = self.locate(rule, needle);
         self.problems.push(RuleProblem {
             file: self.file.to_string(),
             line,
@@ -233,10 +327,19 @@ impl Compiler<'_> {
         let when = spec.when.as_ref().and_then(|w| self.condition(name, w, None));
         let mut fields = Vec::new();
         let mut seen: Vec<Arc<str>> = Vec::new();
+        // A field's problems are looked for from its own line, found after the rule's `fields:`.
+        let fields_line = self
+            .anchor
+            .and_then(|start| locate_from(self.text, start, "fields:").0)
+            .map(|line| line - 1);
         for (field_name, body) in &spec.fields {
+            self.field_anchor = fields_line
+                .and_then(|start| locate_from(self.text, start, &format!("{field_name}:")).0)
+                .map(|line| line - 1);
             if let Some(f) = self.field(name, field_name, body, &seen) {
                 fields.push(f);
             }
+            self.field_anchor = None;
             seen.push(Arc::from(field_name.as_str()));
         }
         let mut flatten = Vec::new();
@@ -313,7 +416,7 @@ impl Compiler<'_> {
                 } else {
                     "write paths as `$.a.b`, `$['a b']`, `$.items[0]` or RFC 9535 queries".to_string()
                 };
-                let (line, column) = locate(self.text, Some(rule), text);
+                let (line, column) = self.locate(Some(rule), text);
                 self.problems.push(RuleProblem {
                     file: self.file.to_string(),
                     line,
@@ -388,6 +491,25 @@ impl Compiler<'_> {
                 field.sources.push(ValueSource::Const(to_json(body)));
             }
             Yaml::Mapping(m) => {
+                let given: Vec<&str> = ["from", "path", "value", "config", "template"]
+                    .into_iter()
+                    .filter(|k| m.contains_key(*k))
+                    .collect();
+                if given.len() > 1 {
+                    self.problem(
+                        Some(rule),
+                        given[1],
+                        format!(
+                            "field `{name}` has several sources ({}): only one would be used",
+                            given.join(", ")
+                        ),
+                        Some(
+                            "keep one; for fallbacks list alternatives under `from` (`{value: …}` \
+                             and `{template: …}` are alternatives too), or use `default`"
+                                .into(),
+                        ),
+                    );
+                }
                 for (k, v) in m {
                     let Some(key) = k.as_str() else {
                         self.problem(
@@ -618,8 +740,33 @@ impl Compiler<'_> {
                     chars.next();
                     literal.push('}');
                 }
+                '}' => {
+                    self.problem(
+                        Some(rule),
+                        text,
+                        format!("template `{text}` has a `}}` that closes nothing"),
+                        Some("write `}}` for a literal brace".into()),
+                    );
+                    return None;
+                }
                 '{' => {
-                    let reference: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    let mut closed = false;
+                    let reference: String = chars
+                        .by_ref()
+                        .take_while(|c| {
+                            closed = *c == '}';
+                            !closed
+                        })
+                        .collect();
+                    if !closed {
+                        self.problem(
+                            Some(rule),
+                            text,
+                            format!("template `{text}` opens `{{` without closing it"),
+                            Some("close the reference with `}`, or write `{{` for a literal brace".into()),
+                        );
+                        return None;
+                    }
                     if !literal.is_empty() {
                         parts.push(TemplatePart::Text(std::mem::take(&mut literal)));
                     }
@@ -928,6 +1075,15 @@ pub fn locate(text: &str, rule: Option<&str>, needle: &str) -> (Option<usize>, O
     if needle.is_empty() {
         return (rule.map(|_| start_line + 1), None);
     }
+    match locate_from(text, start_line, needle) {
+        (None, _) => (rule.map(|_| start_line + 1), None),
+        found => found,
+    }
+}
+
+/// Finds `needle` as a whole token from line `start_line` (0-based) on, outside comments and
+/// descriptions; its 1-based line and column.
+fn locate_from(text: &str, start_line: usize, needle: &str) -> (Option<usize>, Option<usize>) {
     // The needle as a whole token, outside comments and descriptions (a path `properties`
     // must not be found in "…with its properties flattened").
     let word = |c: char| c.is_alphanumeric() || c == '_';
@@ -950,5 +1106,5 @@ pub fn locate(text: &str, rule: Option<&str>, needle: &str) -> (Option<usize>, O
             return (Some(i + 1), Some(line[..col].chars().count() + 1));
         }
     }
-    (rule.map(|_| start_line + 1), None)
+    (None, None)
 }

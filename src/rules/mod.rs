@@ -234,12 +234,34 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
     let mut seen: std::collections::HashMap<(String, &str), FieldSemantics> =
         std::collections::HashMap::new();
     let mut problems = Vec::new();
+    // Rule names are how the live view, dead letters and remapping replays name a rule: one
+    // name, one rule, across the whole set.
+    let mut names: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
     for file in files {
         let text = texts
             .iter()
             .find(|(n, _, _)| **n == *file.file)
             .map(|(_, _, t)| t.as_str())
             .unwrap_or("");
+        for rule in &file.rules {
+            match names.get(&*rule.name) {
+                Some(first) if *first != &*file.file => {
+                    let (line, column) = compile::locate(text, Some(&rule.name), "");
+                    problems.push(RuleProblem {
+                        file: file.file.to_string(),
+                        line,
+                        column,
+                        rule: Some(rule.name.to_string()),
+                        message: format!("rule `{}` is also defined in {first}", rule.name),
+                        hint: Some("give every rule of the set a unique name".into()),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    names.insert(&rule.name, &file.file);
+                }
+            }
+        }
         for rule in &file.rules {
             let stream = rule.stream.as_deref().unwrap_or("").to_string();
             for field in rule

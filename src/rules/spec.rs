@@ -31,8 +31,12 @@ pub struct RuleFileSpec {
     pub alias: Option<String>,
     /// The rules, evaluated in order; every rule whose `when` holds produces a record.
     pub rules: Vec<RuleSpec>,
-    /// Test cases: an input and the records it must produce.
-    #[serde(default)]
+    /// Test cases as written: each is read on its own by the compiler, so a mistake in one is
+    /// reported beside every other problem of the file rather than instead of them.
+    #[serde(default, rename = "tests")]
+    pub test_specs: Vec<Yaml>,
+    /// Test cases: an input and the records it must produce (the readable ones of `tests`).
+    #[serde(skip)]
     pub tests: Vec<TestCaseSpec>,
     /// Keys the language does not know; the compiler reports each, so one run shows every
     /// mistake instead of stopping at the first.
@@ -88,7 +92,7 @@ pub struct RuleSpec {
     #[serde(default)]
     pub flatten: Vec<Yaml>,
     /// The record's fields, in order.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub fields: IndexMap<String, Yaml>,
     /// Keys the language does not know (reported by the compiler).
     #[serde(flatten)]
@@ -131,4 +135,31 @@ pub struct ExpectedRecordSpec {
     pub stream: Option<String>,
     /// The exact fields.
     pub fields: IndexMap<String, Yaml>,
+}
+
+/// A mapping whose keys are unique: YAML parsers keep the last of two equal keys, so a field
+/// written twice would silently lose its first definition.
+fn unique_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IndexMap<String, Yaml>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = IndexMap<String, Yaml>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a mapping of field names to field definitions")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = IndexMap::new();
+            while let Some((k, v)) = map.next_entry::<String, Yaml>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "field `{k}` is defined twice in one rule (the second would silently replace the first)"
+                    )));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
 }

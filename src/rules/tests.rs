@@ -405,3 +405,161 @@ tests:
         "{text}"
     );
 }
+
+#[test]
+fn problems_are_located_in_the_rule_and_field_they_belong_to() {
+    // Two rules named alike: the second one's problems point at the second one; a field
+    // condition that is not a mapping points at that field, not at an earlier valid one.
+    let text = "source: signal
+identity: [user_id]
+rules:
+  - name: first
+    when: { $.type: track }
+    fields:
+      user_id: $.userId
+      _ts: { from: $.timestamp, transform: epoch_ms }
+      good: { from: $.a, when: { $.a: 1 } }
+      bad: { from: $.b, when: [1, 2] }
+  - name: first
+    when: { $.type: page }
+    fields:
+      user_id: $.userId
+";
+    let problems = compile(text).unwrap_err();
+    let at = |says: &str| {
+        let p = problems
+            .iter()
+            .find(|p| p.message.contains(says))
+            .unwrap_or_else(|| panic!("no problem saying `{says}`: {problems:?}"));
+        (p.line, p.column)
+    };
+    assert_eq!(at("two rules are named `first`"), (Some(11), Some(5)));
+    assert_eq!(at("has no field `_ts`").0, Some(11));
+    assert_eq!(at("a condition must be a mapping").0, Some(10));
+}
+
+#[test]
+fn a_mistake_in_a_test_case_is_reported_beside_the_rules_problems() {
+    let text = "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    wen: { $.type: track }
+    fields:
+      user_id: $.userId
+      _ts: { from: $.timestamp, transform: epoch_ms }
+tests:
+  - name: typo
+    input: { type: track }
+    expect_droped: x
+  - name: both
+    input: { type: track }
+    input_file: fixtures/x.json
+  - name: neither
+";
+    let problems = compile(text).unwrap_err();
+    let says: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+    assert!(says.iter().any(|m| m.contains("unknown key `wen`")), "{says:?}");
+    assert!(
+        says.iter()
+            .any(|m| m.contains("tests[0]: unknown field `expect_droped`")),
+        "{says:?}"
+    );
+    assert!(
+        says.iter().any(|m| m.contains("tests[1] (`both`) gives both")),
+        "{says:?}"
+    );
+    assert!(
+        says.iter()
+            .any(|m| m.contains("tests[2] (`neither`) has no input")),
+        "{says:?}"
+    );
+    let typo = problems
+        .iter()
+        .find(|p| p.message.starts_with("tests[0]"))
+        .unwrap();
+    assert_eq!(typo.line, Some(10), "{typo:?}");
+}
+
+#[test]
+fn a_field_written_twice_in_a_rule_is_refused() {
+    let text = "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      _ts: { from: $.timestamp, transform: epoch_ms }
+      user_id: $.anonymousId
+";
+    let problems = compile(text).unwrap_err();
+    assert!(
+        problems[0].message.contains("field `user_id` is defined twice"),
+        "{problems:?}"
+    );
+    assert!(problems[0].line.is_some(), "{problems:?}");
+}
+
+#[test]
+fn a_field_with_two_sources_or_an_unclosed_template_is_refused() {
+    let text = "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      _ts: { from: $.timestamp, transform: epoch_ms }
+      both: { from: $.event, value: x }
+      open: { template: \"{$.event\" }
+      stray: { template: \"a } b\" }
+";
+    let problems = compile(text).unwrap_err();
+    let says: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+    assert!(
+        says.iter()
+            .any(|m| m.contains("field `both` has several sources (from, value)")),
+        "{says:?}"
+    );
+    assert!(
+        says.iter().any(|m| m.contains("opens `{` without closing it")),
+        "{says:?}"
+    );
+    assert!(
+        says.iter().any(|m| m.contains("has a `}` that closes nothing")),
+        "{says:?}"
+    );
+    let both = problems.iter().find(|p| p.message.contains("`both`")).unwrap();
+    assert_eq!(both.line, Some(8), "{both:?}");
+}
+
+#[test]
+fn a_rule_name_used_in_two_files_is_refused() {
+    let text = |source: &str| {
+        format!(
+            "source: {source}
+identity: [user_id]
+rules:
+  - name: same
+    fields:
+      user_id: $.userId
+      _ts: {{ from: $.timestamp, transform: epoch_ms }}
+"
+        )
+    };
+    let e = RuleSet::compile(vec![
+        ("a.yaml".into(), PathBuf::from("a.yaml"), text("signal")),
+        ("b.yaml".into(), PathBuf::from("b.yaml"), text("customerio")),
+    ])
+    .unwrap_err();
+    let RulesError::Invalid(problems) = e else {
+        panic!("{e}")
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].file, "b.yaml");
+    assert!(
+        problems[0]
+            .message
+            .contains("rule `same` is also defined in a.yaml"),
+        "{problems:?}"
+    );
+}
