@@ -413,7 +413,8 @@ impl Settings {
                     bad(
                         key,
                         format!(
-                            "`{text}` is not a socket address; write host:port, for example 127.0.0.1:8084"
+                            "`{text}` is not an IP address and port (host names are not resolved \
+                             here); write for example 127.0.0.1:8084, 0.0.0.0:8084 or [::1]:8084"
                         ),
                     );
                     SocketAddr::from(([127, 0, 0, 1], 0))
