@@ -316,6 +316,37 @@ impl DeadLetterService for DeadLetters {
                     .map_err(crate::ingest::queue_error)?,
             };
             self.remapped(&found)?
+        } else if by_id && let Some(integrations) = &self.integrations {
+            // As a filtered replay is refused for an integration that is gone, so are ids of
+            // its dead letters: replayed, they could only be dead-lettered again.
+            let found = self
+                .queue
+                .dead_letters_by_id(&ids)
+                .await
+                .map_err(crate::ingest::queue_error)?;
+            let mut replays = Vec::with_capacity(found.len());
+            let mut left = Vec::new();
+            for d in &found {
+                let id = &d.queued.record.integration;
+                let gone = match integrations.retired(id) {
+                    Some(r) => r.uninstalled || !self.queue.shared(),
+                    None => integrations.get(id).is_none() && !self.queue.shared(),
+                };
+                if gone {
+                    left.push(pb::UnmappedDeadLetter {
+                        id: d.id,
+                        reason: format!(
+                            "integration `{id}` is not in force: it would be dead-lettered again"
+                        ),
+                    });
+                } else {
+                    replays.push(Replay {
+                        id: d.id,
+                        remapped: None,
+                    });
+                }
+            }
+            (replays, left)
         } else {
             let replays = ids.iter().map(|&id| Replay { id, remapped: None }).collect();
             (replays, Vec::new())
