@@ -778,5 +778,23 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("not in force"), "{refused:?}");
+    // By id, the same dead letter stays in place, and the answer says why.
+    let by_id = dead
+        .replay_dead_letters(authed(
+            &token,
+            pb::ReplayDeadLettersRequest {
+                ids: vec![letter.id],
+                filter: None,
+                remap: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_id.replayed, 0, "{by_id:?}");
+    assert!(by_id.not_found.is_empty(), "{by_id:?}");
+    assert_eq!(by_id.unmapped.len(), 1, "{by_id:?}");
+    assert_eq!(by_id.unmapped[0].id, letter.id);
+    assert!(by_id.unmapped[0].reason.contains("is not in force"), "{by_id:?}");
     relay.stop().await;
 }

@@ -357,13 +357,20 @@ async fn idle_and_slow_connections_are_closed_and_bodies_share_a_memory_budget()
         assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     }
 
-    // A body that stops arriving holds 30,000 of the budget's 40,960 bytes until it times out.
+    // A body that declares 30,000 bytes holds only what it sent: the budget is taken as bytes
+    // arrive. This one sends 29,990 and stops, holding them until it times out.
     let mut slow = TcpStream::connect(relay.http).await.unwrap();
-    slow.write_all(b"POST /v1/batch HTTP/1.1\r\nHost: relay\r\nContent-Length: 30000\r\n\r\n[{")
+    slow.write_all(b"POST /v1/batch HTTP/1.1\r\nHost: relay\r\nContent-Length: 30000\r\n\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    // Meanwhile a small body fits beside it; a large one waits for room, then gets 503.
+    slow.write_all(&[b' '; 29_990]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Meanwhile a small body fits beside it; a large one waits for room, then gets 503. A body
+    // that declares a large size but sends little is not refused for what it declares.
+    let mut liar = TcpStream::connect(relay.http).await.unwrap();
+    liar.write_all(b"POST /v1/batch HTTP/1.1\r\nHost: relay\r\nContent-Length: 40000\r\n\r\n[")
+        .await
+        .unwrap();
     let body = json!({"type": "track", "event": "fits", "userId": "u1"}).to_string();
     let (status, answer) = post(&relay, "/v1/events", body, true).await;
     assert_eq!(status, 200, "{answer}");
@@ -378,7 +385,9 @@ async fn idle_and_slow_connections_are_closed_and_bodies_share_a_memory_budget()
     assert_eq!(big.headers()["retry-after"], "1");
     let answer: Value = big.json().await.unwrap();
     assert_eq!(answer["error"]["code"], json!("unavailable"), "{answer}");
-    // The stalled body gets 408 in the JSON error shape.
+    // The stalled bodies get 408 in the JSON error shape.
+    let (got, _) = until_closed(&mut liar).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
     let (got, _) = until_closed(&mut slow).await;
     assert!(got.starts_with("HTTP/1.1 408"), "{got}");
     assert!(got.contains(r#""code":"request_timeout""#), "{got}");

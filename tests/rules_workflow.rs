@@ -441,15 +441,17 @@ async fn a_dead_letter_caused_by_a_rule_is_replayed_mapped_by_the_fixed_rule() {
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     let token = admin_token(dir.path()).await;
     let mut client = relay.client().await;
-    client
-        .send(pb::SendRequest {
-            event: Some(event(json!({
-                "type": "track", "event": "Clicked", "userId": "u1", "messageId": "rule-bug",
-                "properties": {"_poison": true, "plan": "pro"}
-            }))),
-        })
-        .await
-        .unwrap();
+    for (id, name) in [("rule-bug", "Clicked"), ("old-1", "Old"), ("new-1", "Clicked")] {
+        client
+            .send(pb::SendRequest {
+                event: Some(event(json!({
+                    "type": "track", "event": name, "userId": "u1", "messageId": id,
+                    "properties": {"_poison": true, "plan": "pro"}
+                }))),
+            })
+            .await
+            .unwrap();
+    }
     let mut admin = DeadLetterServiceClient::connect(format!("http://{}", relay.grpc))
         .await
         .unwrap();
@@ -460,32 +462,37 @@ async fn a_dead_letter_caused_by_a_rule_is_replayed_mapped_by_the_fixed_rule() {
             .unwrap()
             .into_inner()
             .dead_letters;
-        if !list.is_empty() {
+        if list.len() == 3 {
             break list;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let old_version = dead[0].rules_version.clone();
+    let id_of = |event: &str| dead.iter().find(|d| d.event_id == event).unwrap().id;
 
-    // The rule is fixed and reloaded: the field Lytics refused is mapped to a value it takes.
+    // The rule is fixed and reloaded: the field Lytics refused is mapped to a value it takes,
+    // and events named `Old` are no longer the track rule's.
+    let signal = rules.path().join("rules/signal.yaml");
     edit(
-        &rules.path().join("rules/signal.yaml"),
+        &signal,
         "      message_id: $.messageId\n      _ts: { from: $.timestamp, transform: epoch_ms, required: true }\n    flatten:\n      - $.properties\n",
         "      message_id: $.messageId\n      _ts: { from: $.timestamp, transform: epoch_ms, required: true }\n      _poison: { value: false, when: { $.properties._poison: true } }\n    flatten:\n      - $.properties\n",
+    );
+    edit(
+        &signal,
+        "  - name: track_event\n    description: A tracked action, named by `_e`, with its properties flattened\n    kind: event\n    when:\n      $.type: track\n",
+        "  - name: track_event\n    description: A tracked action, named by `_e`, with its properties flattened\n    kind: event\n    when:\n      $.type: track\n      $.event: { not_in: [Old] }\n",
     );
     let r = relay.admin("POST", "/v1/admin/rules/reload", &token, None).await;
     assert_eq!(r["swapped"], json!(true), "{r}");
 
-    // A remapping replay maps the stored input again with the fixed rule.
+    // A remapping replay by id maps the stored input again with the fixed rule.
+    let replay = |ids: Vec<i64>, filter: Option<pb::DeadLetterFilter>| pb::ReplayDeadLettersRequest {
+        ids,
+        filter,
+        remap: true,
+    };
     let answer = admin
-        .replay_dead_letters(authed(
-            &token,
-            pb::ReplayDeadLettersRequest {
-                ids: vec![dead[0].id, 999_999],
-                filter: None,
-                remap: true,
-            },
-        ))
+        .replay_dead_letters(authed(&token, replay(vec![id_of("rule-bug"), 999_999], None)))
         .await
         .unwrap()
         .into_inner();
@@ -501,13 +508,42 @@ async fn a_dead_letter_caused_by_a_rule_is_replayed_mapped_by_the_fixed_rule() {
         json!("pro"),
         "the rest of the mapping is kept: {record:?}"
     );
+
+    // By filter: `new-1` is delivered; `old-1`, which the rules no longer map, stays in place
+    // and is listed with the reason. Called again, the replay ends rather than finding it
+    // forever.
+    let filter = pb::DeadLetterFilter {
+        reason: "_poison".into(),
+        ..Default::default()
+    };
+    let answer = admin
+        .replay_dead_letters(authed(&token, replay(vec![], Some(filter.clone()))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((answer.replayed, answer.more), (1, false), "{answer:?}");
+    assert_eq!(answer.unmapped.len(), 1, "{answer:?}");
+    assert_eq!(answer.unmapped[0].id, id_of("old-1"));
+    assert_eq!(answer.unmapped[0].reason, "rule `track_event` no longer maps it");
+    let again = admin
+        .replay_dead_letters(authed(&token, replay(vec![], Some(filter))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.replayed, again.more, again.unmapped.len()),
+        (0, false, 1),
+        "{again:?}"
+    );
+    let records = emu.wait_for_records(STREAM, 2).await;
+    assert!(records.iter().any(|r| r["message_id"] == json!("new-1")));
     let left = admin
         .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
         .await
         .unwrap()
         .into_inner()
         .dead_letters;
-    assert!(left.is_empty(), "{left:?}");
-    assert_ne!(old_version, "");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].event_id, "old-1");
     relay.stop().await;
 }

@@ -234,8 +234,8 @@ impl DeadLetterService for DeadLetters {
             .into()
         };
         let by_id = !req.ids.is_empty();
-        // With `remap`, the dead letters a filter found, read whole.
-        let mut fetched: Option<Vec<DeadLetter>> = None;
+        // With `remap` and a filter: the replays and the dead letters left, found by paging.
+        let mut mapped: Option<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>)> = None;
         let (ids, more) = if req.ids.is_empty() {
             let Some(f) = req.filter else {
                 return Err(ApiError::field(
@@ -265,29 +265,28 @@ impl DeadLetterService for DeadLetters {
                     .into());
                 }
             }
-            f.limit = allowed + 1;
-            let mut ids = if req.remap {
-                // Their inputs are needed: read whole.
-                let found = self
-                    .queue
-                    .dead_letters(f)
-                    .await
-                    .map_err(crate::ingest::queue_error)?;
-                let ids = found.iter().map(|d| d.id).collect();
-                fetched = Some(found);
-                ids
+            if req.remap {
+                if allowed == 0 {
+                    return Err(short_of_room("the matching".into(), room));
+                }
+                let (replays, unmapped, more) = self.remap_matching(f, allowed).await?;
+                let ids = replays.iter().map(|r| r.id).collect();
+                mapped = Some((replays, unmapped));
+                (ids, more)
             } else {
-                self.queue
+                f.limit = allowed + 1;
+                let mut ids = self
+                    .queue
                     .dead_letter_ids(f)
                     .await
-                    .map_err(crate::ingest::queue_error)?
-            };
-            let more = ids.len() > allowed;
-            if more && allowed == 0 {
-                return Err(short_of_room("the matching".into(), room));
+                    .map_err(crate::ingest::queue_error)?;
+                let more = ids.len() > allowed;
+                if more && allowed == 0 {
+                    return Err(short_of_room("the matching".into(), room));
+                }
+                ids.truncate(allowed);
+                (ids, more)
             }
-            ids.truncate(allowed);
-            (ids, more)
         } else if req.ids.len() > REPLAY_MAX {
             return Err(ApiError::field(
                 "ids",
@@ -303,18 +302,14 @@ impl DeadLetterService for DeadLetters {
             let ids: Vec<i64> = req.ids.into_iter().filter(|id| seen.insert(*id)).collect();
             (ids, false)
         };
-        let (replays, unmapped) = if req.remap {
-            let found = match fetched {
-                Some(mut found) => {
-                    found.truncate(ids.len());
-                    found
-                }
-                None => self
-                    .queue
-                    .dead_letters_by_id(&ids)
-                    .await
-                    .map_err(crate::ingest::queue_error)?,
-            };
+        let (replays, unmapped) = if let Some(mapped) = mapped {
+            mapped
+        } else if req.remap {
+            let found = self
+                .queue
+                .dead_letters_by_id(&ids)
+                .await
+                .map_err(crate::ingest::queue_error)?;
             self.remapped(&found)?
         } else if by_id && let Some(integrations) = &self.integrations {
             // As a filtered replay is refused for an integration that is gone, so are ids of
@@ -387,6 +382,48 @@ impl DeadLetterService for DeadLetters {
 }
 
 impl DeadLetters {
+    /// The dead letters `f` matches, newest first, mapped again by the rules in force: up to
+    /// `allowed` replays, the dead letters left in place on the way, and whether more match.
+    /// Paged past the ones left in place, which stay the newest and would otherwise fill every
+    /// call.
+    async fn remap_matching(
+        &self,
+        f: DeadLetterFilter,
+        allowed: usize,
+    ) -> Result<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>, bool), tonic::Status> {
+        // Dead letters looked at per call, at most: the rest waits for the next call.
+        const EXAMINED_MAX: usize = 10 * REPLAY_MAX;
+        let mut replays = Vec::new();
+        let mut unmapped = Vec::new();
+        let mut cursor = f.before_id;
+        let mut examined = 0;
+        loop {
+            let page = self
+                .queue
+                .dead_letters(DeadLetterFilter {
+                    before_id: cursor,
+                    limit: PAGE_MAX,
+                    ..f.clone()
+                })
+                .await
+                .map_err(crate::ingest::queue_error)?;
+            let last_page = page.len() < PAGE_MAX;
+            for d in page {
+                if replays.len() >= allowed || examined >= EXAMINED_MAX {
+                    return Ok((replays, unmapped, true));
+                }
+                examined += 1;
+                cursor = Some(d.id);
+                let (mut r, mut u) = self.remapped(std::slice::from_ref(&d))?;
+                replays.append(&mut r);
+                unmapped.append(&mut u);
+            }
+            if last_page {
+                return Ok((replays, unmapped, false));
+            }
+        }
+    }
+
     /// Dead letters `ids` mapped again by the rules in force: the replays, and those the rules
     /// make no record of (left in place).
     fn remapped(

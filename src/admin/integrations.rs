@@ -202,7 +202,15 @@ impl IntegrationAdmin {
                 self.delivery.resume(c.id.as_str());
             }
         }
-        list.extend(stored.iter().filter_map(|s| to_integration(s).ok()));
+        list.extend(stored.iter().filter_map(|s| match to_integration(s) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                // Stored before a check it fails was made (a token with a control character):
+                // it cannot deliver; say so instead of dropping it silently.
+                tracing::warn!(integration = %s.id, problem = %e.message, "an installed integration is not in force: fix it with PATCH /v1/admin/integrations/{{id}}");
+                None
+            }
+        }));
         self.live.replace(list);
     }
 

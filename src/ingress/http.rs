@@ -46,20 +46,19 @@ const BODY_BUDGET_WAIT: Duration = Duration::from_secs(5);
 /// bodies cannot make the relay hold more than the budget: past it, requests wait a little,
 /// then get 503 with `Retry-After`.
 #[derive(Clone)]
-pub struct BodyBudget(Arc<Semaphore>, usize);
+pub struct BodyBudget(Arc<Semaphore>);
 
 impl BodyBudget {
     /// A budget of `bytes`.
     pub fn new(bytes: usize) -> Self {
-        let bytes = bytes.min(Semaphore::MAX_PERMITS);
-        BodyBudget(Arc::new(Semaphore::new(bytes)), bytes)
+        BodyBudget(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
     }
 }
 
 /// A body read within the budget: its share of the budget is returned when this is dropped.
 struct ReadBody {
     bytes: Bytes,
-    _reserved: OwnedSemaphorePermit,
+    _reserved: Option<OwnedSemaphorePermit>,
 }
 
 /// What the HTTP handlers share.
@@ -105,19 +104,28 @@ pub fn router(state: HttpState) -> Router {
 }
 
 /// Reads a request body of at most `limit` bytes, within the body timeout and the port's body
-/// budget.
+/// budget. The budget is taken as the bytes arrive, not for what the request declares: a sender
+/// who stalls holds only what it sent, and the whole body must arrive within the timeout.
 async fn read_body(
     s: &HttpState,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
 ) -> Result<ReadBody, ApiError> {
+    use http_body_util::BodyExt as _;
     let too_large = || ApiError {
         violations: Vec::new(),
         retry_after: None,
         ..ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!("the request body is over the {limit}-byte limit"),
+        )
+    };
+    let busy = || ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            ErrorCode::Unavailable,
+            "the relay is reading as many request bodies as its memory budget allows; retry shortly",
         )
     };
     let declared = headers
@@ -127,46 +135,48 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    // A compressed body is held twice: as sent, and inflated (up to the limit).
-    let inflated = if content_encoding(headers).is_some() {
-        limit
-    } else {
-        0
-    };
-    let reserve = declared
-        .unwrap_or(limit)
-        .min(limit)
-        .max(1)
-        .saturating_add(inflated)
-        .min(s.bodies.1);
-    let reserve = u32::try_from(reserve).unwrap_or(u32::MAX);
+    let deadline = tokio::time::Instant::now() + s.body_timeout;
     let wait = BODY_BUDGET_WAIT.min(s.body_timeout / 4);
-    let reserved = match tokio::time::timeout(wait, s.bodies.0.clone().acquire_many_owned(reserve)).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            return Err(ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(
-                    ErrorCode::Unavailable,
-                    "the relay is reading as many request bodies as its memory budget allows; retry shortly",
-                )
-            });
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::RequestTimeout,
+                    format!(
+                        "the request body did not arrive within {} s",
+                        s.body_timeout.as_secs()
+                    ),
+                ));
+            }
+            Ok(None) => break,
+            // The connection broke mid-body: nobody reads this answer.
+            Ok(Some(Err(_))) => return Err(ApiError::field("body", "could not be read to its end")),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if buf.len() + data.len() > limit {
+            return Err(too_large());
         }
-    };
-    match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => Ok(ReadBody {
-            bytes,
-            _reserved: reserved,
-        }),
-        Ok(Err(_)) => Err(too_large()),
-        Err(_) => Err(ApiError::new(
-            ErrorCode::RequestTimeout,
-            format!(
-                "the request body did not arrive within {} s",
-                s.body_timeout.as_secs()
-            ),
-        )),
+        let need = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        if need > 0 {
+            let permit = match tokio::time::timeout(wait, s.bodies.0.clone().acquire_many_owned(need)).await {
+                Ok(Ok(permit)) => permit,
+                _ => return Err(busy()),
+            };
+            match reserved.as_mut() {
+                Some(r) => r.merge(permit),
+                None => reserved = Some(permit),
+            }
+        }
+        buf.extend_from_slice(&data);
     }
+    Ok(ReadBody {
+        bytes: buf.freeze(),
+        _reserved: reserved,
+    })
 }
 
 /// The request's `Content-Encoding`, unless it is none or `identity`.
@@ -389,6 +399,13 @@ async fn signal_batch(
     verify_signal(&s, &headers, &body.bytes)?;
     let body = inflated(&headers, &body.bytes, limit)?;
     let (events, batch_context) = batch_items(&body)?;
+    // The batch's context joins every event: alone over an event's limit, no event could take it.
+    if let Some(c) = &batch_context {
+        let size = normalize::json_bytes(&Value::Object(c.clone())).len();
+        if size > s.max_event_bytes {
+            return Err(normalize::too_large("context", size, s.max_event_bytes));
+        }
+    }
     if events.is_empty() || events.len() > s.max_batch_events {
         return Err(ApiError::field(
             "batch",

@@ -1,13 +1,16 @@
-//! The HTTP port's connections: hyper, with the limits a port open to the internet needs.
+//! The HTTP port's connections: hyper's HTTP/1.1 server, with the limits a port open to the
+//! internet needs.
 //!
 //! Input: the bound listener and the router. Output: connections served until `stop`, then
 //! closed gracefully (requests in progress finish; the caller bounds the wait). Customer.io
 //! must reach this port from the internet, so nobody can hold it with idle or slow connections:
 //!
-//! - a connection must send its first byte, and an HTTP/1 request its whole head, within
-//!   [`HttpLimits::head_timeout`];
-//! - HTTP/2 connections carry at most [`HTTP2_MAX_STREAMS`] requests at once and are pinged
-//!   while idle, and closed when the ping goes unanswered;
+//! - the port speaks HTTP/1.1 only (gRPC, on its own port, is the HTTP/2 door): no protocol
+//!   detection or HTTP/2 handshake that could be left hanging, no stream windows to fill;
+//! - a connection must send each request's whole head within [`HttpLimits::head_timeout`],
+//!   counted from the moment it opens (or the previous response), so a silent or idle
+//!   connection is closed after that long;
+//! - a request head is at most [`MAX_HEAD_BYTES`];
 //! - at most [`HttpLimits::max_connections`] connections are open; past that, new ones wait in
 //!   the listener's backlog until one closes;
 //! - request bodies are read within [`HttpLimits::body_timeout`] and a shared memory budget
@@ -17,26 +20,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Throttle;
 
-/// Requests one HTTP/2 connection carries at once.
-pub const HTTP2_MAX_STREAMS: u32 = 100;
-/// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
-const HTTP2_PING: Duration = Duration::from_secs(30);
-const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// The largest request head (request line and headers) read, in bytes: larger gets 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The HTTP port's limits (`limits.http_*` in the config file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
-    /// The longest wait for a connection's first byte and for an HTTP/1 request's head.
+    /// The longest wait for a request's head, from the connection's start or the last answer.
     pub head_timeout: Duration,
     /// The longest a request body may take to arrive.
     pub body_timeout: Duration,
@@ -60,17 +59,11 @@ impl Default for HttpLimits {
 /// Serves `app` on `listener` until `stop` is cancelled, then closes the connections
 /// gracefully and returns once they are closed.
 pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, stop: CancellationToken) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.head_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(HTTP2_MAX_STREAMS)
-        .keep_alive_interval(Some(HTTP2_PING))
-        .keep_alive_timeout(HTTP2_PING_TIMEOUT);
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -99,29 +92,15 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, stop:
         };
         // Answers go out at once, not after the previous one is acknowledged.
         let _ = tcp.set_nodelay(true);
-        let (builder, app, watcher) = (builder.clone(), app.clone(), graceful.watcher());
+        let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _slot = slot;
-            if !first_byte(&tcp, limits.head_timeout).await {
-                return;
-            }
-            let conn =
-                builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(app));
-            if let Err(e) = watcher.watch(conn).await {
+            if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
-}
-
-/// Waits for the connection's first byte (or its end) for at most `timeout`: hyper's own
-/// timeout starts only once it knows the protocol, which takes a byte.
-async fn first_byte(tcp: &TcpStream, timeout: Duration) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        tokio::time::timeout(timeout, tcp.peek(&mut byte)).await,
-        Ok(Ok(n)) if n > 0
-    )
 }

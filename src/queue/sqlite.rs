@@ -45,6 +45,7 @@ use super::{
     QueuedRecord, RecordId, Replay,
 };
 use crate::rules::Source;
+use crate::telemetry::Throttle;
 use crate::timefmt::now_ms;
 
 /// Operations one transaction takes at most.
@@ -258,8 +259,8 @@ impl SqliteQueue {
         check_schema_version(&conn, path)?;
         conn.execute_batch(SCHEMA)
             .map_err(|e| store("cannot create the schema", e))?;
-        never_reuse_dead_letter_ids(&mut conn).map_err(|e| store("cannot migrate the dead letters", e))?;
         check_columns(&conn, path)?;
+        never_reuse_dead_letter_ids(&mut conn).map_err(|e| store("cannot migrate the dead letters", e))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(|e| store("cannot record the schema version", e))?;
         let schedule = Schedule::load(&conn).map_err(|e| store("cannot read the queued records", e))?;
@@ -298,6 +299,8 @@ impl SqliteQueue {
             next_compaction_check: std::time::Instant::now(),
             log_to_empty: false,
             schedule,
+            pending_acks: Vec::new(),
+            next_pending_ack: std::time::Instant::now(),
         };
         std::thread::Builder::new()
             .name("queue-writer".into())
@@ -396,7 +399,7 @@ fn never_reuse_dead_letter_ids(conn: &mut Connection) -> Result<(), rusqlite::Er
         "ALTER TABLE dead_letters RENAME TO dead_letters_before;
          DROP INDEX IF EXISTS dead_letters_at;
          {create}
-         INSERT INTO dead_letters SELECT * FROM dead_letters_before;
+         INSERT INTO dead_letters ({DEAD_LETTER_COLUMNS}) SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters_before;
          DROP TABLE dead_letters_before;
          CREATE INDEX dead_letters_at ON dead_letters (at_ms);",
         create = SCHEMA
@@ -414,6 +417,16 @@ fn never_reuse_dead_letter_ids(conn: &mut Connection) -> Result<(), rusqlite::Er
 fn file_identity(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether the file at `path` is gone or another than `was`; a path that cannot be looked at
+/// (permissions) says nothing either way.
+fn file_replaced(path: &Path, was: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata(path) {
+        Ok(m) => (m.dev(), m.ino()) != was,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 /// Rebuilds the dedup index from `dedup_log`, forgetting (and deleting) what has expired. A database from before the log keeps its ids:
@@ -658,17 +671,15 @@ impl Queue for SqliteQueue {
     fn fault(&self) -> Option<String> {
         if self.failure.get().is_none()
             && let Some(was) = self.identity
-            && file_identity(&self.files[0]) != Some(was)
+            && file_replaced(&self.files[0], was)
         {
             // Deleted (a cleanup of the data directory) or replaced: commits go to a file no
             // path leads to, which is gone at exit. Acknowledging more would lose it.
             super::wal_sync::fail(
                 &self.failure,
-                format!(
-                    "the queue's database `{}` was deleted or replaced while the relay ran: what \
-                     was stored since is lost when the relay exits",
-                    self.files[0].display()
-                ),
+                "the queue's database file was deleted or replaced while the relay ran: what \
+                 was stored since is lost when the relay exits"
+                    .to_string(),
             );
         }
         self.failure.get().cloned()
@@ -713,6 +724,10 @@ struct Writer {
     /// A compaction's `TRUNCATE` checkpoint gave up (a checkpointer pass was running).
     log_to_empty: bool,
     schedule: Schedule,
+    /// Delivered records whose ack failed to commit: deleted again later, never redelivered.
+    pending_acks: Vec<RecordId>,
+    /// When to try them again.
+    next_pending_ack: std::time::Instant,
 }
 
 /// A waiting record's place in its integration's order: (due time in unix ms, id).
@@ -727,8 +742,9 @@ struct Waiting {
     record: Option<QueuedRecord>,
 }
 
-/// How long records whose settling failed to commit wait before they are leased again.
-const SETTLE_RETRY_MS: i64 = 5_000;
+/// How long records whose retry or dead letter failed to commit wait before they are leased
+/// again.
+const SETTLE_RETRY_MS: i64 = 30_000;
 
 /// The writer's view of the records that wait (queued, not leased): per integration, their
 /// (due time, id) in order, and the new records kept in memory until leased.
@@ -841,10 +857,11 @@ impl Schedule {
     fn settled(&mut self, ids: &[i64]) {
         for id in ids {
             self.leased.remove(id);
-            if let Some((integration, due_ms)) = self.unsettled.remove(id)
+            // By id: an expedite may have moved the slot since it was unsettled.
+            if let Some((integration, _)) = self.unsettled.remove(id)
                 && let Some(set) = self.by_integration.get_mut(&integration)
             {
-                set.remove(&(due_ms, *id));
+                set.retain(|(_, waiting)| waiting != id);
             }
         }
     }
@@ -953,6 +970,7 @@ impl Writer {
             }
             return;
         }
+        self.retry_pending_acks();
         let changes_before = self.conn.total_changes();
         let mut depth = self.depth.load(Ordering::Relaxed);
         let mut answers: Vec<Pending> = Vec::with_capacity(ops.len());
@@ -971,18 +989,20 @@ impl Writer {
         }
         let forgotten = self.dedup_rows_to_delete;
         // The leased records this group settles.
-        let settling: Vec<i64> = ops
-            .iter()
-            .flat_map(|op| -> Box<dyn Iterator<Item = i64> + '_> {
-                match op {
-                    Op::Ack(ids, _) => Box::new(ids.iter().map(|id| i64::try_from(*id).unwrap_or(i64::MAX))),
-                    Op::Retry(records, ..) | Op::DeadLetter(records, ..) => {
-                        Box::new(records.iter().map(|q| i64::try_from(q.id).unwrap_or(i64::MAX)))
-                    }
-                    _ => Box::new(std::iter::empty()),
+        let mut acking: Vec<RecordId> = Vec::new();
+        let mut settling: Vec<i64> = Vec::new();
+        for op in &ops {
+            match op {
+                Op::Ack(ids, _) => {
+                    acking.extend_from_slice(ids);
+                    settling.extend(ids.iter().map(|id| i64::try_from(*id).unwrap_or(i64::MAX)));
                 }
-            })
-            .collect();
+                Op::Retry(records, ..) | Op::DeadLetter(records, ..) => {
+                    settling.extend(records.iter().map(|q| i64::try_from(q.id).unwrap_or(i64::MAX)));
+                }
+                _ => {}
+            }
+        }
         let schedule = &mut self.schedule;
         // Bytes of new records this transaction may keep in memory for their lease.
         let mut room = FRESH_MAX_BYTES.saturating_sub(schedule.fresh_bytes);
@@ -1086,9 +1106,17 @@ impl Writer {
             Some(e) => {
                 tracing::error!(error = %e, "queue transaction failed; its operations were refused");
                 self.schedule.untake(taken);
-                // Records it would have acked, retried or dead-lettered are unchanged in the
-                // table: they are delivered again after a pause (an ack that failed means a
-                // duplicate, which at-least-once allows).
+                // Records it would have acked are delivered: they stay leased, and their delete
+                // is tried again apart (a full disk must not make delivery send them again and
+                // again). Records it would have retried or dead-lettered are unchanged in the
+                // table: they wait again, and are delivered after a pause.
+                self.pending_acks.extend(acking);
+                let acked: HashSet<i64> = self
+                    .pending_acks
+                    .iter()
+                    .filter_map(|id| i64::try_from(*id).ok())
+                    .collect();
+                settling.retain(|id| !acked.contains(id));
                 self.schedule.unsettle(&settling, now + SETTLE_RETRY_MS);
                 if !settling.is_empty() {
                     self.work.notify_one();
@@ -1120,6 +1148,42 @@ impl Writer {
 }
 
 impl Writer {
+    /// Deletes delivered records whose ack failed to commit, at most once a second, in a
+    /// transaction of their own (so that a delete that keeps failing holds up nothing else).
+    fn retry_pending_acks(&mut self) {
+        if self.pending_acks.is_empty() || std::time::Instant::now() < self.next_pending_ack {
+            return;
+        }
+        let mut depth = self.depth.load(Ordering::Relaxed);
+        let ids = std::mem::take(&mut self.pending_acks);
+        let result = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .and_then(|txn| {
+                ack(&txn, &ids, &mut depth)?;
+                txn.commit()
+            });
+        match result {
+            Ok(()) => {
+                self.depth.store(depth, Ordering::Relaxed);
+                let settled: Vec<i64> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).collect();
+                self.schedule.settled(&settled);
+                tracing::info!(
+                    records = ids.len(),
+                    "deleted delivered records whose ack had failed"
+                );
+            }
+            Err(e) => {
+                static LOGGED: Throttle = Throttle::new(10_000);
+                if LOGGED.pass().is_some() {
+                    tracing::error!(error = %e, records = ids.len(), "cannot delete delivered records (their ack failed); retrying every second");
+                }
+                self.pending_acks = ids;
+                self.next_pending_ack = std::time::Instant::now() + Duration::from_secs(1);
+            }
+        }
+    }
+
     /// Forgets the dedup keys past the window (or the bound); the next transaction deletes
     /// their log rows.
     fn forget_expired_keys(&mut self, now: i64) {
@@ -2440,28 +2504,53 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn records_whose_ack_or_retry_fails_to_commit_are_leased_again() {
+    async fn a_failed_ack_is_retried_apart_and_a_failed_retry_waits_again() {
         let dir = tempfile::tempdir().unwrap();
         let q = open(dir.path());
-        q.enqueue(vec![event("p", vec![rec("a", "poison")])])
-            .await
-            .unwrap();
+        q.enqueue(vec![
+            event("p", vec![rec("a", "poison")]),
+            event("k", vec![rec("a", "kept")]),
+        ])
+        .await
+        .unwrap();
         let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        let (poison, kept): (Vec<_>, Vec<_>) =
+            leased.into_iter().partition(|r| &*r.record.event_id == "poison");
         fail_on_poison(dir.path(), "DELETE", "OLD");
         fail_on_poison_update(dir.path());
-        let ids: Vec<RecordId> = leased.iter().map(|r| r.id).collect();
+        // A delivered record whose ack fails is not delivered again: it stays leased, and its
+        // delete is tried again apart, so the others' operations go on meanwhile.
+        let ids: Vec<RecordId> = poison.iter().map(|r| r.id).collect();
         assert!(q.ack(&ids).await.is_err());
+        assert_eq!(q.next_due(&HashSet::new()).await.unwrap(), None);
+        assert_eq!(q.depth(), 2);
+        // A retry that fails to commit leaves its record waiting again, within the pause.
         let attempt = Attempt {
             at_ms: 9,
             status: Some(503),
             detail: "unavailable".into(),
             kind: AttemptKind::Spent,
         };
-        assert!(q.retry(leased, 0, attempt).await.is_err());
-        // Neither left the record leased for good: it waits, due within the pause.
-        assert_eq!(q.depth(), 1);
-        let due = q.next_due(&HashSet::new()).await.unwrap().unwrap();
-        assert!(due <= now_ms() + SETTLE_RETRY_MS, "{due}");
+        let before = now_ms();
+        assert!(
+            q.retry(poison, 0, attempt.clone()).await.is_err(),
+            "the record is acked-pending, its update refused"
+        );
+        q.retry(kept, before + 60_000, attempt).await.unwrap();
+        assert_eq!(q.next_due(&HashSet::new()).await.unwrap(), Some(before + 60_000));
+        // Once the delete can be made, the pending ack goes through.
+        Connection::open(dir.path().join("queue.sqlite3"))
+            .unwrap()
+            .execute_batch("DROP TRIGGER poison; DROP TRIGGER poison_update;")
+            .unwrap();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = q.next_due(&HashSet::new()).await.unwrap();
+            if q.depth() == 1 {
+                break;
+            }
+        }
+        assert_eq!(q.depth(), 1, "the delivered record was deleted");
     }
 
     /// Rows of the dedup log.

@@ -235,8 +235,8 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
         std::collections::HashMap::new();
     let mut problems = Vec::new();
     // Rule names are how the live view, dead letters and remapping replays name a rule: one
-    // name, one rule, across the whole set.
-    let mut names: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    // name, one rule, among the rules of a source.
+    let mut names: std::collections::HashMap<(Source, &str), &str> = std::collections::HashMap::new();
     for file in files {
         let text = texts
             .iter()
@@ -244,7 +244,7 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
             .map(|(_, _, t)| t.as_str())
             .unwrap_or("");
         for rule in &file.rules {
-            match names.get(&*rule.name) {
+            match names.get(&(file.source, &*rule.name)) {
                 Some(first) if *first != &*file.file => {
                     let (line, column) = compile::locate(text, Some(&rule.name), "");
                     problems.push(RuleProblem {
@@ -258,7 +258,7 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
                 }
                 Some(_) => {}
                 None => {
-                    names.insert(&rule.name, &file.file);
+                    names.insert((file.source, &rule.name), &file.file);
                 }
             }
         }

@@ -533,7 +533,7 @@ rules:
 }
 
 #[test]
-fn a_rule_name_used_in_two_files_is_refused() {
+fn a_rule_name_used_in_two_files_of_a_source_is_refused() {
     let text = |source: &str| {
         format!(
             "source: {source}
@@ -546,9 +546,15 @@ rules:
 "
         )
     };
-    let e = RuleSet::compile(vec![
+    // Across sources a name may repeat: each source's rules are told apart by their source.
+    RuleSet::compile(vec![
         ("a.yaml".into(), PathBuf::from("a.yaml"), text("signal")),
         ("b.yaml".into(), PathBuf::from("b.yaml"), text("customerio")),
+    ])
+    .unwrap();
+    let e = RuleSet::compile(vec![
+        ("a.yaml".into(), PathBuf::from("a.yaml"), text("signal")),
+        ("b.yaml".into(), PathBuf::from("b.yaml"), text("signal")),
     ])
     .unwrap_err();
     let RulesError::Invalid(problems) = e else {
