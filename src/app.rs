@@ -49,6 +49,10 @@ use crate::telemetry::Telemetry;
 
 /// The largest gRPC message accepted (a batch of events).
 pub const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
+/// HTTP/2 flow-control windows of the gRPC port, in bytes (see where the server is built).
+const GRPC_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+const GRPC_STREAM_WINDOW: u32 = 256 * 1024;
+
 /// The id of the integration built from settings (flags, environment, config file).
 pub const DEFAULT_INTEGRATION: &str = crate::integration::CONFIGURED_ID;
 
@@ -401,6 +405,14 @@ pub async fn run(
         });
         tokio::spawn(
             tonic::transport::Server::builder()
+                // h2 ends a connection (GOAWAY ENHANCE_YOUR_CALM) when small DATA frames waiting
+                // to be read cost more than half the connection window: a client streaming
+                // one-message frames (grpcurl, grpc-go) while a chunk commits got there with
+                // hyper's 1 MiB stream windows. Streams get a quarter of that window each, so
+                // what one stream can leave waiting stays under the connection's allowance;
+                // a 100-event SendBatch (90 KB) still fits a window.
+                .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
+                .initial_stream_window_size(GRPC_STREAM_WINDOW)
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -471,7 +471,8 @@ impl Settings {
             .or(file.lytics.url)
             .map(|u| u.trim_end_matches('/').to_string());
         let url = explicit_url.clone().unwrap_or_else(|| LYTICS_URL.to_string());
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        let scheme = url.split("://").next().unwrap_or_default().to_ascii_lowercase();
+        if !(scheme == "http" || scheme == "https") || !url.contains("://") {
             bad(
                 "lytics.url (--lytics-url)",
                 format!("`{}` must start with http:// or https://", shown_url(&url)),
@@ -676,10 +677,8 @@ impl Settings {
             );
         }
         for u in &urls {
-            if !["nats://", "tls://", "ws://", "wss://"]
-                .iter()
-                .any(|scheme| u.starts_with(scheme))
-            {
+            let scheme = u.split("://").next().unwrap_or_default().to_ascii_lowercase();
+            if !u.contains("://") || !["nats", "tls", "ws", "wss"].contains(&scheme.as_str()) {
                 bad(
                     "queue.urls (--queue-url / LYTICS_RELAY_QUEUE_URL)",
                     format!(
@@ -907,7 +906,10 @@ fn parse_file(text: &str) -> Result<(FileConfig, Vec<ConfigProblem>), serde_yaml
 /// What in a URL could be a secret (user and password, a query), if anything; said without
 /// repeating it.
 fn url_secrets(url: &str) -> Option<&'static str> {
-    let parsed = reqwest::Url::parse(url).ok()?;
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        // Unreadable, it would be shown whole in every delivery error: refused here.
+        return Some("the URL cannot be read (host, port or characters)");
+    };
     if !parsed.username().is_empty() || parsed.password().is_some() {
         Some("the URL carries credentials (`user:password@`)")
     } else if parsed.query().is_some() || parsed.fragment().is_some() {
@@ -971,6 +973,29 @@ mod tests {
             text.contains("carries a query") && !text.contains("QTOKEN"),
             "{text}"
         );
+        // A URL that cannot be read at all is refused too, without being repeated.
+        for bad in [
+            "https://user:SECRETD@[::1",
+            "https://api.lytics.io:99999/?access_token=SECRETE",
+        ] {
+            let args = ServeArgs {
+                lytics_url: Some(bad.into()),
+                ..ServeArgs::default()
+            };
+            let text = Settings::build(&args, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains("cannot be read") && !text.contains("SECRET"),
+                "{text}"
+            );
+        }
+        // The scheme's case does not matter.
+        let upper = ServeArgs {
+            lytics_url: Some("HTTPS://api.lytics.io".into()),
+            ..ServeArgs::default()
+        };
+        Settings::build(&upper, FileConfig::default()).unwrap();
     }
 
     #[test]

@@ -147,3 +147,43 @@ fn grpcurl_lists_describes_sends_and_reads_violations() {
         .unwrap();
     assert_eq!(events["data"].as_array().unwrap().len(), 3, "{events}");
 }
+
+#[test]
+fn grpcurl_streams_ten_thousand_one_frame_messages() {
+    use std::io::Write as _;
+    // grpcurl (grpc-go) sends each message in a DATA frame of its own; many small frames waiting
+    // while a chunk commits once made h2 close the connection (ENHANCE_YOUR_CALM).
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Spawned::start(dir.path(), &[]);
+    let mut input = String::new();
+    for i in 0..10_000 {
+        input.push_str(
+            &json!({"event": {"type": "track", "event": "e", "userId": "u", "messageId": format!("m{i}")}})
+                .to_string(),
+        );
+        input.push('\n');
+    }
+    let mut child = Command::new(grpcurl_bin())
+        .args([
+            "-plaintext",
+            "-d",
+            "@",
+            &relay.grpc,
+            "lytics_relay.v1.IngestService/Stream",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("grpcurl runs (the test command installs it)");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["accepted"], json!("10000"), "{text}");
+}

@@ -204,7 +204,8 @@ fn inflated<'a>(
         ));
     }
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-    flate2::read::GzDecoder::new(body)
+    // Every member of the stream (gzip allows several, concatenated).
+    flate2::read::MultiGzDecoder::new(body)
         .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
         .read_to_end(&mut out)
         .map_err(|e| ApiError::field("body", format!("is not valid gzip: {e}")))?;
@@ -368,10 +369,11 @@ fn with_batch_context(event: &mut Value, shared: &serde_json::Map<String, Value>
         for (k, v) in from {
             match (into.get_mut(k), v) {
                 (Some(Value::Object(mine)), Value::Object(theirs)) => merge(mine, theirs),
-                (Some(_), _) => {}
-                (None, v) => {
+                // `null` is no value, as everywhere in the rules.
+                (Some(Value::Null), v) | (None, v) => {
                     into.insert(k.clone(), v.clone());
                 }
+                (Some(_), _) => {}
             }
         }
     }
