@@ -759,10 +759,6 @@ struct Schedule {
     by_integration: HashMap<Arc<str>, BTreeSet<Slot>>,
     fresh: HashMap<i64, QueuedRecord>,
     fresh_bytes: usize,
-    /// The records leased and not yet settled (acked, retried or dead-lettered), by id: should
-    /// their settling fail to commit (a full disk), they wait again rather than stay leased
-    /// until a restart.
-    leased: HashMap<i64, Arc<str>>,
     /// Records waiting again after their settling failed, with their slot: settled after all
     /// (an operation repeated once the disk has room), they leave their set.
     unsettled: HashMap<i64, (Arc<str>, i64)>,
@@ -838,25 +834,29 @@ impl Schedule {
 
     /// Records whose settling failed to commit wait again, due at `due_ms` (their rows are as
     /// they were before).
-    fn unsettle(&mut self, ids: &[i64], due_ms: i64) {
-        for id in ids {
-            if let Some(integration) = self.leased.remove(id) {
-                self.unsettled.insert(*id, (integration.clone(), due_ms));
-                self.wait(Waiting {
-                    integration,
-                    due_ms,
-                    id: *id,
-                    record: None,
-                });
+    fn unsettle(&mut self, records: Vec<(i64, Arc<str>)>, due_ms: i64) {
+        for (id, integration) in records {
+            if self.unsettled.contains_key(&id) {
+                continue;
             }
+            self.unsettled.insert(id, (integration.clone(), due_ms));
+            self.wait(Waiting {
+                integration,
+                due_ms,
+                id,
+                record: None,
+            });
         }
     }
 
     /// Records settled by a committed operation: neither leased nor waiting any more (a retry
     /// makes them wait again afterwards, at their new time).
-    fn settled(&mut self, ids: &[i64]) {
+    fn settled(&mut self, ids: impl Iterator<Item = i64>) {
+        if self.unsettled.is_empty() {
+            return;
+        }
         for id in ids {
-            self.leased.remove(id);
+            let id = &id;
             // By id: an expedite may have moved the slot since it was unsettled.
             if let Some((integration, _)) = self.unsettled.remove(id)
                 && let Some(set) = self.by_integration.get_mut(&integration)
@@ -866,11 +866,13 @@ impl Schedule {
         }
     }
 
-    /// Records leased by a committed operation.
-    fn leased(&mut self, taken: Vec<(Arc<str>, Slot)>) {
-        for (integration, (_, id)) in taken {
-            self.unsettled.remove(&id);
-            self.leased.insert(id, integration);
+    /// Records leased by a committed operation (no longer waiting after a failed settle).
+    fn leased(&mut self, taken: &[(Arc<str>, Slot)]) {
+        if self.unsettled.is_empty() {
+            return;
+        }
+        for (_, (_, id)) in taken {
+            self.unsettled.remove(id);
         }
     }
 
@@ -988,17 +990,19 @@ impl Writer {
             self.forget_expired_keys(now);
         }
         let forgotten = self.dedup_rows_to_delete;
-        // The leased records this group settles.
+        // The leased records this group settles: acked, and retried or dead-lettered.
         let mut acking: Vec<RecordId> = Vec::new();
-        let mut settling: Vec<i64> = Vec::new();
+        let mut rescheduling: Vec<(i64, Arc<str>)> = Vec::new();
         for op in &ops {
             match op {
-                Op::Ack(ids, _) => {
-                    acking.extend_from_slice(ids);
-                    settling.extend(ids.iter().map(|id| i64::try_from(*id).unwrap_or(i64::MAX)));
-                }
+                Op::Ack(ids, _) => acking.extend_from_slice(ids),
                 Op::Retry(records, ..) | Op::DeadLetter(records, ..) => {
-                    settling.extend(records.iter().map(|q| i64::try_from(q.id).unwrap_or(i64::MAX)));
+                    rescheduling.extend(records.iter().map(|q| {
+                        (
+                            i64::try_from(q.id).unwrap_or(i64::MAX),
+                            q.record.integration.clone(),
+                        )
+                    }))
                 }
                 _ => {}
             }
@@ -1092,8 +1096,10 @@ impl Writer {
         match &commit_error {
             None => {
                 self.depth.store(depth, Ordering::Relaxed);
-                self.schedule.settled(&settling);
-                self.schedule.leased(taken);
+                let ids = acking.iter().map(|id| i64::try_from(*id).unwrap_or(i64::MAX));
+                self.schedule
+                    .settled(ids.chain(rescheduling.iter().map(|(id, _)| *id)));
+                self.schedule.leased(&taken);
                 for w in staged {
                     self.schedule.wait(w);
                 }
@@ -1116,9 +1122,9 @@ impl Writer {
                     .iter()
                     .filter_map(|id| i64::try_from(*id).ok())
                     .collect();
-                settling.retain(|id| !acked.contains(id));
-                self.schedule.unsettle(&settling, now + SETTLE_RETRY_MS);
-                if !settling.is_empty() {
+                rescheduling.retain(|(id, _)| !acked.contains(id));
+                if !rescheduling.is_empty() {
+                    self.schedule.unsettle(rescheduling, now + SETTLE_RETRY_MS);
                     self.work.notify_one();
                 }
             }
@@ -1166,8 +1172,8 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.depth.store(depth, Ordering::Relaxed);
-                let settled: Vec<i64> = ids.iter().filter_map(|id| i64::try_from(*id).ok()).collect();
-                self.schedule.settled(&settled);
+                self.schedule
+                    .settled(ids.iter().map(|id| i64::try_from(*id).unwrap_or(i64::MAX)));
                 tracing::info!(
                     records = ids.len(),
                     "deleted delivered records whose ack had failed"
