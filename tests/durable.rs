@@ -131,6 +131,37 @@ async fn a_poison_record_is_dead_lettered_its_neighbours_arrive_and_replay_deliv
     assert_eq!(d.attempts.len(), 1);
     assert_eq!(d.attempts[0].status, 400);
 
+    // Replayed by id before the fix, it is refused again and comes back as a new dead letter;
+    // an id that is no dead letter is named.
+    let again = admin
+        .replay_dead_letters(authed(
+            &token,
+            pb::ReplayDeadLettersRequest {
+                ids: vec![d.id, 999_999],
+                filter: None,
+                remap: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.replayed, again.not_found.clone()),
+        (1, vec![999_999]),
+        "{again:?}"
+    );
+    loop {
+        let list = admin
+            .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        if list.dead_letters.len() == 1 && list.dead_letters[0].id != d.id {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // After the fix, a replay delivers it.
     emu.emulator.set_faults(Faults::default());
     let filter = pb::DeadLetterFilter {

@@ -713,6 +713,41 @@ impl Queue for NatsQueue {
         Ok(out)
     }
 
+    /// One lookup per id (the default walks back from each id to the nearest dead letter).
+    async fn dead_letters_by_id(&self, ids: &[i64]) -> Result<Vec<DeadLetter>, QueueError> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let stream = inner
+            .js
+            .get_stream(DEAD_STREAM)
+            .await
+            .map_err(|e| store("cannot open the dead-letter stream", e))?;
+        let mut out = Vec::new();
+        for &id in ids {
+            let Ok(seq) = u64::try_from(id) else { continue };
+            let m = match stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => continue,
+                Err(e) => return Err(store("cannot read a dead letter", e)),
+            };
+            if let Ok(d) = serde_json::from_slice::<DeadEnvelope>(&m.payload) {
+                out.push(DeadLetter {
+                    id,
+                    queued: QueuedRecord {
+                        id: seq,
+                        record: d.record.record(),
+                        attempts: d.record.attempts,
+                        history: d.record.history,
+                    },
+                    reason: d.reason,
+                    at_ms: d.at_ms,
+                });
+            }
+        }
+        out.sort_by_key(|d| std::cmp::Reverse(d.id));
+        Ok(out)
+    }
+
     async fn replay_records(&self, replays: &[Replay]) -> Result<Vec<i64>, QueueError> {
         let inner = &self.inner;
         inner.check_connected()?;

@@ -162,6 +162,7 @@ enum Op {
     DeadLetters(DeadLetterFilter, Reply<Vec<DeadLetter>>),
     DeadLetterIds(DeadLetterFilter, Reply<Vec<i64>>),
     Replay(Vec<Replay>, Reply<Vec<i64>>),
+    DeadLettersById(Vec<i64>, Reply<Vec<DeadLetter>>),
     NextDue(HashSet<String>, Reply<Option<i64>>),
     Expedite(String, Reply<usize>),
     Oldest(Reply<Option<i64>>),
@@ -180,6 +181,7 @@ impl Op {
             Op::DeadLetters(_, reply) => drop(reply.send(Err(e))),
             Op::DeadLetterIds(_, reply) => drop(reply.send(Err(e))),
             Op::Replay(_, reply) => drop(reply.send(Err(e))),
+            Op::DeadLettersById(_, reply) => drop(reply.send(Err(e))),
             Op::NextDue(_, reply) => drop(reply.send(Err(e))),
             Op::Expedite(_, reply) => drop(reply.send(Err(e))),
             Op::Oldest(reply) => drop(reply.send(Err(e))),
@@ -635,6 +637,10 @@ impl Queue for SqliteQueue {
         self.call(|r| Op::DeadLetterIds(filter, r)).await
     }
 
+    async fn dead_letters_by_id(&self, ids: &[i64]) -> Result<Vec<DeadLetter>, QueueError> {
+        self.call(|r| Op::DeadLettersById(ids.to_vec(), r)).await
+    }
+
     fn capacity(&self) -> usize {
         self.capacity
     }
@@ -1058,6 +1064,9 @@ impl Writer {
                     }
                     Op::DeadLetterIds(filter, reply) => {
                         answers.push(pending(reply, dead_letter_ids(&txn, &filter)))
+                    }
+                    Op::DeadLettersById(ids, reply) => {
+                        answers.push(pending(reply, dead_letters_by_id(&txn, &ids)))
                     }
                     Op::Replay(replays, reply) => {
                         woke = true;
@@ -1680,6 +1689,34 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
     Ok(rows)
 }
 
+/// The dead letters with these ids, newest first: one statement, a lookup per id.
+fn dead_letters_by_id(txn: &Transaction<'_>, ids: &[i64]) -> Result<Vec<DeadLetter>, QueueError> {
+    let mut stmt = txn
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS}, reason, at_ms FROM dead_letters WHERE id = ?1"
+        ))
+        .map_err(sql)?;
+    let mut names = Names::default();
+    let mut out = Vec::new();
+    for id in ids.iter().collect::<HashSet<_>>() {
+        let found = stmt
+            .query_row(params![id], |row| {
+                let queued = read_record(row, &mut names)?;
+                Ok(DeadLetter {
+                    id: queued.id as i64,
+                    queued,
+                    reason: row.get(15)?,
+                    at_ms: row.get(16)?,
+                })
+            })
+            .optional()
+            .map_err(sql)?;
+        out.extend(found);
+    }
+    out.sort_by_key(|d| std::cmp::Reverse(d.id));
+    Ok(out)
+}
+
 /// How many of `ids` (each counted once) are dead letters.
 fn dead_letters_among(txn: &Transaction<'_>, ids: &[i64]) -> Result<usize, rusqlite::Error> {
     let mut exists = txn.prepare_cached("SELECT 1 FROM dead_letters WHERE id = ?1")?;
@@ -1992,6 +2029,33 @@ mod tests {
         std::fs::write(&path, vec![b'x'; 8192]).unwrap();
         let e = open().err().unwrap().to_string();
         assert!(e.contains("is damaged") && e.contains("move it"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_read_by_id_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        q.enqueue(vec![
+            event("1", vec![rec("a", "one")]),
+            event("2", vec![rec("a", "two")]),
+        ])
+        .await
+        .unwrap();
+        let leased = q.lease(10, &HashSet::new()).await.unwrap();
+        q.dead_letter(leased, "rejected".into()).await.unwrap();
+        let ids = q
+            .dead_letter_ids(DeadLetterFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let found = q
+            .dead_letters_by_id(&[ids[1], 999, ids[0], ids[1]])
+            .await
+            .unwrap();
+        let got: Vec<(i64, &str)> = found.iter().map(|d| (d.id, &*d.queued.record.event_id)).collect();
+        assert_eq!(got, [(ids[0], "two"), (ids[1], "one")]);
     }
 
     #[tokio::test]
