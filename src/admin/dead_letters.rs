@@ -246,24 +246,18 @@ impl DeadLetterService for DeadLetters {
             };
             let allowed = room.min(REPLAY_MAX);
             let mut f = filter(Some(f))?;
-            // Replaying for an integration that is gone could only dead-letter them again. On a
-            // shared queue one this relay does not have may be another replica's: gone means
-            // uninstalled.
-            if let (Some(id), Some(integrations)) = (&f.integration, &self.integrations) {
-                let gone = match integrations.retired(id) {
-                    Some(r) => r.uninstalled || !self.queue.shared(),
-                    None => integrations.get(id).is_none() && !self.queue.shared(),
-                };
-                if gone {
-                    return Err(ApiError::new(
-                        ErrorCode::FailedPrecondition,
-                        format!(
-                            "integration `{id}` is not in force: its dead letters would be \
+            // Replaying for an integration that is gone could only dead-letter them again.
+            if let Some(id) = &f.integration
+                && self.gone(id)
+            {
+                return Err(ApiError::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "integration `{id}` is not in force: its dead letters would be \
                              dead-lettered again (their inputs are kept in them)"
-                        ),
-                    )
-                    .into());
-                }
+                    ),
+                )
+                .into());
             }
             if req.remap {
                 if allowed == 0 {
@@ -311,7 +305,7 @@ impl DeadLetterService for DeadLetters {
                 .await
                 .map_err(crate::ingest::queue_error)?;
             self.remapped(&found)?
-        } else if by_id && let Some(integrations) = &self.integrations {
+        } else if by_id && self.integrations.is_some() {
             // As a filtered replay is refused for an integration that is gone, so are ids of
             // its dead letters: replayed, they could only be dead-lettered again.
             let found = self
@@ -323,11 +317,7 @@ impl DeadLetterService for DeadLetters {
             let mut left = Vec::new();
             for d in &found {
                 let id = &d.queued.record.integration;
-                let gone = match integrations.retired(id) {
-                    Some(r) => r.uninstalled || !self.queue.shared(),
-                    None => integrations.get(id).is_none() && !self.queue.shared(),
-                };
-                if gone {
+                if self.gone(id) {
                     left.push(pb::UnmappedDeadLetter {
                         id: d.id,
                         reason: format!(
@@ -382,6 +372,19 @@ impl DeadLetterService for DeadLetters {
 }
 
 impl DeadLetters {
+    /// Whether integration `id` is gone, so that its dead letters could only be dead-lettered
+    /// again. On a shared queue one this relay does not have may be another replica's: gone
+    /// means uninstalled. Unknown without the integrations.
+    fn gone(&self, id: &str) -> bool {
+        let Some(integrations) = &self.integrations else {
+            return false;
+        };
+        match integrations.retired(id) {
+            Some(r) => r.uninstalled || !self.queue.shared(),
+            None => integrations.get(id).is_none() && !self.queue.shared(),
+        }
+    }
+
     /// The dead letters `f` matches, newest first, mapped again by the rules in force: up to
     /// `allowed` replays, the dead letters left in place on the way, and whether more match.
     /// Paged past the ones left in place, which stay the newest and would otherwise fill every

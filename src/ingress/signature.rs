@@ -240,15 +240,17 @@ mod tests {
         );
     }
 
+    /// Hex HMAC-SHA256 of `parts` under `secret`.
+    fn sign(secret: &str, parts: &[&[u8]]) -> String {
+        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
+        for p in parts {
+            mac.update(p);
+        }
+        hex::encode(mac.finalize().into_bytes())
+    }
+
     #[test]
     fn a_timestamp_in_the_other_unit_is_named() {
-        let sign = |secret: &str, parts: &[&[u8]]| {
-            let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
-            for p in parts {
-                mac.update(p);
-            }
-            hex::encode(mac.finalize().into_bytes())
-        };
         let body = br#"{"a":1}"#;
         // Signal wants milliseconds; a sender giving seconds is told so.
         let now_ms = 1_700_000_000_000;
@@ -268,13 +270,6 @@ mod tests {
 
     #[test]
     fn extreme_and_future_timestamps_are_stale_not_overflows() {
-        let sign = |secret: &str, parts: &[&[u8]]| {
-            let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).unwrap();
-            for p in parts {
-                mac.update(p);
-            }
-            hex::encode(mac.finalize().into_bytes())
-        };
         let body = br#"{"a":1}"#;
         let week = 7 * 24 * 3600;
         let now = 1_700_000_000;

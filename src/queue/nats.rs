@@ -132,6 +132,23 @@ struct DeadEnvelope {
     at_ms: i64,
 }
 
+impl DeadEnvelope {
+    /// The dead letter stored at `seq` of the dead-letter stream.
+    fn into_dead_letter(self, seq: u64) -> DeadLetter {
+        DeadLetter {
+            id: i64::try_from(seq).unwrap_or(i64::MAX),
+            queued: QueuedRecord {
+                id: seq,
+                record: self.record.record(),
+                attempts: self.record.attempts,
+                history: self.record.history,
+            },
+            reason: self.reason,
+            at_ms: self.at_ms,
+        }
+    }
+}
+
 impl Envelope {
     fn new(r: &NewRecord, attempts: u32, history: Vec<Attempt>, due_ms: i64) -> Self {
         let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
@@ -693,17 +710,7 @@ impl Queue for NatsQueue {
             if let Ok(m) = stream.get_raw_message(seq).await
                 && let Ok(d) = serde_json::from_slice::<DeadEnvelope>(&m.payload)
             {
-                let dead = DeadLetter {
-                    id: i64::try_from(seq).unwrap_or(i64::MAX),
-                    queued: QueuedRecord {
-                        id: seq,
-                        record: d.record.record(),
-                        attempts: d.record.attempts,
-                        history: d.record.history,
-                    },
-                    reason: d.reason,
-                    at_ms: d.at_ms,
-                };
+                let dead = d.into_dead_letter(seq);
                 if filter.matches(&dead) {
                     out.push(dead);
                 }
@@ -731,17 +738,7 @@ impl Queue for NatsQueue {
                 Err(e) => return Err(store("cannot read a dead letter", e)),
             };
             if let Ok(d) = serde_json::from_slice::<DeadEnvelope>(&m.payload) {
-                out.push(DeadLetter {
-                    id,
-                    queued: QueuedRecord {
-                        id: seq,
-                        record: d.record.record(),
-                        attempts: d.record.attempts,
-                        history: d.record.history,
-                    },
-                    reason: d.reason,
-                    at_ms: d.at_ms,
-                });
+                out.push(d.into_dead_letter(seq));
             }
         }
         out.sort_by_key(|d| std::cmp::Reverse(d.id));

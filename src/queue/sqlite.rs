@@ -1674,19 +1674,22 @@ fn dead_letters(txn: &Transaction<'_>, f: &DeadLetterFilter) -> Result<Vec<DeadL
     let refs: Vec<&dyn rusqlite::ToSql> = values.iter().map(|v| v.as_ref()).collect();
     let mut names = Names::default();
     let rows = stmt
-        .query_map(refs.as_slice(), |row| {
-            let queued = read_record(row, &mut names)?;
-            Ok(DeadLetter {
-                id: queued.id as i64,
-                queued,
-                reason: row.get(15)?,
-                at_ms: row.get(16)?,
-            })
-        })
+        .query_map(refs.as_slice(), |row| read_dead_letter(row, &mut names))
         .map_err(sql)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(sql)?;
     Ok(rows)
+}
+
+/// A dead letter from a row of `{RECORD_COLUMNS}, reason, at_ms`.
+fn read_dead_letter(row: &rusqlite::Row<'_>, names: &mut Names) -> Result<DeadLetter, rusqlite::Error> {
+    let queued = read_record(row, names)?;
+    Ok(DeadLetter {
+        id: queued.id as i64,
+        queued,
+        reason: row.get(15)?,
+        at_ms: row.get(16)?,
+    })
 }
 
 /// The dead letters with these ids, newest first: one statement, a lookup per id.
@@ -1700,15 +1703,7 @@ fn dead_letters_by_id(txn: &Transaction<'_>, ids: &[i64]) -> Result<Vec<DeadLett
     let mut out = Vec::new();
     for id in ids.iter().collect::<HashSet<_>>() {
         let found = stmt
-            .query_row(params![id], |row| {
-                let queued = read_record(row, &mut names)?;
-                Ok(DeadLetter {
-                    id: queued.id as i64,
-                    queued,
-                    reason: row.get(15)?,
-                    at_ms: row.get(16)?,
-                })
-            })
+            .query_row(params![id], |row| read_dead_letter(row, &mut names))
             .optional()
             .map_err(sql)?;
         out.extend(found);
