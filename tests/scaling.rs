@@ -407,9 +407,17 @@ async fn an_integration_installed_on_one_replica_is_in_force_on_the_other() {
         .unwrap();
     let id = installed["id"].as_str().unwrap().to_string();
     let view = |r: &RelayHandle| admin(http.get(r.http_url(&format!("/v1/admin/integrations/{id}"))));
+    // B learns of the install from the bucket's watch: wait until it is in force there (a dry
+    // run for it is answered), not merely stored.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = view(b).send().await.unwrap().status();
+        let s = admin(http.post(b.http_url("/v1/admin/rules/dry-run")))
+            .json(&json!({"integration": id, "event": {"type": "track", "event": "Probe",
+                          "userId": "u-1", "messageId": "probe-1"}}))
+            .send()
+            .await
+            .unwrap()
+            .status();
         if s == 200 {
             break;
         }
@@ -471,11 +479,13 @@ async fn records_for_an_integration_one_replica_lacks_are_left_for_the_replica_t
     let nats = NatsServer::start().await;
     let emu = EmulatorHandle::start().await;
     // A delivers its configured integration `lytics` to the emulator. B runs on its own
-    // emulator's default `lytics`, which an install replaces on B only.
+    // emulator's zero-setup integration `emulator`, so `lytics` is A's alone; an integration
+    // installed on B is shared with A through the NATS bucket.
     let (mut a, _dir_a) = settings(&emu.url(), TOKEN);
     let (mut b, _dir_b) = settings(&emu.url(), TOKEN);
     use_nats(&mut a, &nats);
     use_nats(&mut b, &nats);
+    a.admin_token = Some(lytics_relay::integration::Secret::new("admin-secret"));
     b.admin_token = Some(lytics_relay::integration::Secret::new("admin-secret"));
     b.lytics_url = Some(emu.url());
     let relay_a = RelayHandle::start(a, Telemetry::disabled()).await;
@@ -494,6 +504,27 @@ async fn records_for_an_integration_one_replica_lacks_are_left_for_the_replica_t
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    let installed: Value = r.json().await.unwrap();
+    let id = installed["id"].as_str().unwrap().to_string();
+    // A learns of the install from the bucket's watch; events it maps before then have no
+    // record for it, so wait until A has it in force (a dry run for it is then answered).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = http
+            .post(relay_a.http_url("/v1/admin/rules/dry-run"))
+            .bearer_auth("admin-secret")
+            .json(&json!({"integration": id, "event": {"type": "track", "event": "Probe",
+                          "userId": "u-1", "messageId": "probe-1"}}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if s == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica A never saw the installed integration ({s})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Events sent to A: each makes a `lytics` record (only A has that integration) and one for
     // the installed integration. B leases some of the `lytics` ones and must leave them to A.
     send_all(&relay_a, "lacks", 200).await;
