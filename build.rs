@@ -26,8 +26,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
         .extern_path(".google.protobuf.Value", "crate::proto::JsonValue")
         .build_client(true)
-        .build_server(true)
+        .build_server(false)
         .compile_fds(compiler.file_descriptor_set())?;
+
+    // The AdminService, DeadLetterService and LiveEventsService servers, on the types generated
+    // above, with the door codec: a request that does not decode is INVALID_ARGUMENT.
+    let admin_dir = out_dir.join("admin");
+    std::fs::create_dir_all(&admin_dir)?;
+    let mut admin_only = compiler.file_descriptor_set();
+    admin_only
+        .file
+        .retain(|f| f.name() == "lytics_relay/v1/admin.proto" || f.name() == "lytics_relay/v1/live.proto");
+    tonic_prost_build::configure()
+        .out_dir(&admin_dir)
+        .extern_path(".google.protobuf.Struct", "crate::proto::JsonStruct")
+        .extern_path(".google.protobuf.Value", "crate::proto::JsonValue")
+        .extern_path(".lytics_relay.v1", "crate::proto::v1")
+        .codec_path("crate::proto::codec::DoorCodec")
+        .build_client(false)
+        .build_server(true)
+        .compile_fds(admin_only)?;
 
     // Second IngestService and RulesService servers whose request types keep each event's
     // bytes as received (src/proto/raw.rs): the gRPC door decodes events itself (so an event

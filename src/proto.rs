@@ -14,11 +14,13 @@ pub mod v1 {
     tonic::include_proto!("lytics_relay.v1");
 }
 
-/// The `IngestService` and `RulesService` servers as the relay runs them: requests keep each
-/// event's bytes ([`raw`]).
+/// The servers as the relay runs them, each with the door codec ([`codec`]): a request that
+/// does not decode is `INVALID_ARGUMENT`. The `IngestService` and `RulesService` requests keep
+/// each event's bytes ([`raw`]); the others are the types of [`v1`].
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod servers {
     include!(concat!(env!("OUT_DIR"), "/raw/lytics_relay.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/admin/lytics_relay.v1.rs"));
 }
 
 /// The encoded descriptor set of every `.proto` file, well-known types included.

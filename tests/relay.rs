@@ -461,7 +461,8 @@ impl tonic::codec::Encoder for RawBytes {
 async fn a_request_that_does_not_decode_is_invalid_argument_and_a_stream_says_what_it_took() {
     use prost::Message as _;
     let emu = EmulatorHandle::start().await;
-    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.admin_token = Some(lytics_relay::integration::Secret::new("admin-secret"));
     let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
     // Field 1 (`event`, a message) sent as a number: not a SendRequest at all.
     #[derive(Clone, PartialEq, prost::Message)]
@@ -473,7 +474,7 @@ async fn a_request_that_does_not_decode_is_invalid_argument_and_a_stream_says_wh
     let status = relay
         .unary::<_, pb::SendResponse>(
             "/lytics_relay.v1.IngestService/Send",
-            tonic::Request::new(not_a_request),
+            tonic::Request::new(not_a_request.clone()),
         )
         .await
         .unwrap_err();
@@ -486,6 +487,29 @@ async fn a_request_that_does_not_decode_is_invalid_argument_and_a_stream_says_wh
         "{}",
         field.description
     );
+    // Every other service answers the same: a client's mistake, not the relay's (INTERNAL).
+    for path in [
+        "/lytics_relay.v1.AdminService/GetIntegration",
+        "/lytics_relay.v1.AdminService/InstallIntegration",
+        "/lytics_relay.v1.DeadLetterService/ListDeadLetters",
+        "/lytics_relay.v1.RulesService/DryRun",
+    ] {
+        let mut request = tonic::Request::new(not_a_request.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer admin-secret".parse().unwrap());
+        let status = relay
+            .unary::<_, pb::SendResponse>(path, request)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{path}: {status:?}");
+        let details = status.get_error_details();
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "request",
+            "{path}"
+        );
+    }
 
     // A stream of 300 events (more than one chunk), then a message that does not decode.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))

@@ -9,8 +9,8 @@ use super::catalog::{self, CatalogEntry, ConfigInput};
 use super::integrations::{InstallRequest, IntegrationAdmin, IntegrationView, UpdateRequest};
 use crate::error::{ApiError, ErrorCode};
 use crate::normalize::json_to_struct;
+use crate::proto::servers::admin_service_server::AdminService;
 use crate::proto::v1 as pb;
-use crate::proto::v1::admin_service_server::AdminService;
 
 /// The service.
 #[derive(Clone)]

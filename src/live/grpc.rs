@@ -14,8 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{Filter, LiveBus, LiveEvent, Outcome, Seen};
 use crate::error::ApiError;
 use crate::normalize::json_to_struct;
+use crate::proto::servers::live_events_service_server::LiveEventsService;
 use crate::proto::v1 as pb;
-use crate::proto::v1::live_events_service_server::LiveEventsService;
 
 /// Messages a watch holds for its client before its subscription starts falling behind.
 const SEND_BUFFER: usize = 16;
