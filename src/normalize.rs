@@ -26,6 +26,10 @@ pub const SIGNAL_TYPES: &[&str] = &["track", "page", "identify", "screen", "grou
 /// the decoders' own limits (protobuf's recursion limit, at about 50 levels of a `Struct`, and
 /// serde_json's, at 127) lie beyond it and would otherwise differ by door.
 pub const MAX_NESTING: usize = 32;
+
+/// The largest Customer.io webhook accepted, on every door (Customer.io's own bodies are far
+/// larger than a Signal event: they carry the message's subject and, for some events, content).
+pub const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
 // The event message itself is one more level than what it holds.
 const _: () = assert!(
     crate::proto::SHALLOW_NESTING < MAX_NESTING,

@@ -210,3 +210,38 @@ fn lql_export_matches_the_golden_query_and_the_emulator_parses_it() {
         assert!(names.contains(&f), "{f} missing from {names:?}");
     }
 }
+
+#[tokio::test]
+async fn a_webhook_has_the_same_size_limit_over_grpc_as_over_http() {
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.customerio_signing_key = Some(lytics_relay::integration::Secret::new(KEY));
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    // Customer.io webhooks carry the message's content: 40 KB is over a Signal event's 32 KB
+    // limit but well within the webhook's 256 KB, on both doors.
+    let mut big = opened("big-grpc", now(), 123, "Big");
+    big["data"]["content_html"] = json!("x".repeat(40_000));
+    let r = client
+        .send_customer_io_event(pb::SendCustomerIoEventRequest {
+            webhook: json_to_struct(&big),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result.unwrap().status(), pb::IngestStatus::Accepted);
+    big["event_id"] = json!("big-http");
+    assert_eq!(post(&relay, &big, now(), None).await.0, 200);
+    // Past 256 KB, both refuse.
+    big["data"]["content_html"] = json!("x".repeat(300_000));
+    let refused = client
+        .send_customer_io_event(pb::SendCustomerIoEventRequest {
+            webhook: json_to_struct(&big),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("262144"), "{refused:?}");
+    assert_eq!(post(&relay, &big, now(), None).await.0, 413);
+    relay.stop().await;
+}

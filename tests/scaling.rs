@@ -412,8 +412,10 @@ async fn an_integration_installed_on_one_replica_is_in_force_on_the_other() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = admin(http.post(b.http_url("/v1/admin/rules/dry-run")))
-            .json(&json!({"integration": id, "event": {"type": "track", "event": "Probe",
-                          "userId": "u-1", "messageId": "probe-1"}}))
+            .json(
+                &json!({"integration": id, "event": {"type": "track", "event": "Probe",
+                          "userId": "u-1", "messageId": "probe-1"}}),
+            )
             .send()
             .await
             .unwrap()
@@ -513,8 +515,10 @@ async fn records_for_an_integration_one_replica_lacks_are_left_for_the_replica_t
         let s = http
             .post(relay_a.http_url("/v1/admin/rules/dry-run"))
             .bearer_auth("admin-secret")
-            .json(&json!({"integration": id, "event": {"type": "track", "event": "Probe",
-                          "userId": "u-1", "messageId": "probe-1"}}))
+            .json(
+                &json!({"integration": id, "event": {"type": "track", "event": "Probe",
+                          "userId": "u-1", "messageId": "probe-1"}}),
+            )
             .send()
             .await
             .unwrap()
@@ -522,7 +526,10 @@ async fn records_for_an_integration_one_replica_lacks_are_left_for_the_replica_t
         if s == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "replica A never saw the installed integration ({s})");
+        assert!(
+            Instant::now() < deadline,
+            "replica A never saw the installed integration ({s})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Events sent to A: each makes a `lytics` record (only A has that integration) and one for

@@ -59,7 +59,7 @@ impl RulesAdmin {
         let event = match source {
             Source::Signal => normalize::signal_event(doc, "event", self.max_event_bytes, now_ms())?,
             Source::CustomerIo => {
-                normalize::customerio_event(doc, "customerio_webhook", self.max_event_bytes)?
+                normalize::customerio_event(doc, "customerio_webhook", normalize::MAX_WEBHOOK_BYTES)?
             }
         };
         self.explain(source, &event.doc, integration)
@@ -141,7 +141,7 @@ impl RulesService for RulesAdmin {
             ),
             (None, Some(w)) => (
                 Source::CustomerIo,
-                normalize::customerio_proto_webhook(&w, "customerio_webhook", self.max_event_bytes)?,
+                normalize::customerio_proto_webhook(&w, "customerio_webhook", normalize::MAX_WEBHOOK_BYTES)?,
             ),
             _ => {
                 return Err(

@@ -176,7 +176,7 @@ impl IngestService for IngestGrpc {
                 "is required: send {\"webhook\": <the Customer.io JSON>}",
             )
         })?;
-        let event = normalize::customerio_proto_webhook(&webhook, "webhook", self.max_event_bytes)?;
+        let event = normalize::customerio_proto_webhook(&webhook, "webhook", normalize::MAX_WEBHOOK_BYTES)?;
         let accepted = self.ingest.accept(vec![event], tp.as_deref()).await?;
         Ok(Response::new(pb::SendCustomerIoEventResponse {
             result: accepted.first().map(result_pb),

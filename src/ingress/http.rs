@@ -35,8 +35,7 @@ use crate::normalize::{self, InboundEvent};
 use crate::queue::Queue;
 use crate::timefmt::now_ms;
 
-/// The largest Customer.io webhook accepted.
-pub const MAX_WEBHOOK_BYTES: usize = 256 * 1024;
+use crate::normalize::MAX_WEBHOOK_BYTES;
 /// The longest a request waits for room in the body budget before it is refused (at most a
 /// quarter of the body timeout).
 const BODY_BUDGET_WAIT: Duration = Duration::from_secs(5);
