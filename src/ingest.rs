@@ -15,7 +15,6 @@ use opentelemetry::trace::Span as _;
 use crate::error::{ApiError, ErrorCode};
 use crate::integration::Integrations;
 use crate::live::Mapped;
-use crate::lytics::MAX_BATCH_RECORD_BYTES;
 use crate::metrics::IngestTally;
 use crate::monitor::Monitor;
 use crate::normalize::InboundEvent;
@@ -204,17 +203,6 @@ impl Ingest {
                 let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped);
                 for record in mapping.records {
-                    let body = crate::normalize::record_bytes(&record.fields);
-                    if body.len() > MAX_BATCH_RECORD_BYTES {
-                        answer.dropped.push(DroppedRecord {
-                            rule: record.rule.clone(),
-                            reason: format!(
-                                "the record is {} bytes, over Lytics' {MAX_BATCH_RECORD_BYTES}-byte record limit; map fewer fields",
-                                body.len()
-                            ),
-                        });
-                        continue;
-                    }
                     // Each rule once, however many integrations it mapped the event for.
                     if !answer.rules.contains(&record.rule) {
                         answer.rules.push(record.rule.clone());
@@ -235,7 +223,7 @@ impl Ingest {
                         source: event.source,
                         event_id: event.id.clone(),
                         event_type: event.event_type.clone(),
-                        body,
+                        body: record.body,
                         input: event.input.clone(),
                         traceparent: tp.clone(),
                         accepted_ms,

@@ -796,5 +796,37 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     assert_eq!(by_id.unmapped.len(), 1, "{by_id:?}");
     assert_eq!(by_id.unmapped[0].id, letter.id);
     assert!(by_id.unmapped[0].reason.contains("is not in force"), "{by_id:?}");
+    // So does a replay of everything, or of its stream: the dead letter keeps its id.
+    for filter in [
+        pb::DeadLetterFilter::default(),
+        pb::DeadLetterFilter {
+            stream: STREAM.into(),
+            ..Default::default()
+        },
+    ] {
+        let all = dead
+            .replay_dead_letters(authed(
+                &token,
+                pb::ReplayDeadLettersRequest {
+                    ids: vec![],
+                    filter: Some(filter.clone()),
+                    remap: false,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(all.replayed, 0, "{filter:?}: {all:?}");
+        assert!(!all.more, "{all:?}");
+        assert_eq!(all.unmapped.len(), 1, "{all:?}");
+        assert_eq!(all.unmapped[0].id, letter.id, "{all:?}");
+    }
+    let list = dead
+        .list_dead_letters(authed(&token, pb::ListDeadLettersRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<i64> = list.dead_letters.iter().map(|d| d.id).collect();
+    assert_eq!(ids, vec![letter.id], "still in place under its id");
     relay.stop().await;
 }

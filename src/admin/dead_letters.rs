@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::integration::Integrations;
-use crate::lytics::MAX_BATCH_RECORD_BYTES;
 use crate::normalize::{self, json_to_struct};
+use crate::proto::servers::dead_letter_service_server::DeadLetterService;
 use crate::proto::v1 as pb;
-use crate::proto::v1::dead_letter_service_server::DeadLetterService;
 use crate::queue::{DeadLetter, DeadLetterFilter, INTEGRATION_STREAM, NewRecord, Queue, QueueError, Replay};
 use crate::rules::{LiveRules, RuleSet, Source};
 use crate::telemetry::parse_traceparent;
@@ -76,13 +75,7 @@ fn remap(d: &DeadLetter, rules: &RuleSet, integrations: &Integrations) -> Result
             .map(|dropped| format!("rule `{}` drops it: {}", r.rule, dropped.reason))
             .unwrap_or_else(|| format!("rule `{}` no longer maps it", r.rule)));
     };
-    let body = normalize::record_bytes(&record.fields);
-    if body.len() > MAX_BATCH_RECORD_BYTES {
-        return Err(format!(
-            "the record is {} bytes, over Lytics' {MAX_BATCH_RECORD_BYTES}-byte record limit",
-            body.len()
-        ));
-    }
+    let body = record.body;
     Ok(NewRecord {
         // As ingest does: a record for the integration's own stream follows the integration.
         stream: if *record.stream == *integration.stream_name.as_str() {
@@ -234,7 +227,7 @@ impl DeadLetterService for DeadLetters {
             .into()
         };
         let by_id = !req.ids.is_empty();
-        // With `remap` and a filter: the replays and the dead letters left, found by paging.
+        // With a filter: the replays and the dead letters left in place, found by paging.
         let mut mapped: Option<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>)> = None;
         let (ids, more) = if req.ids.is_empty() {
             let Some(f) = req.filter else {
@@ -245,7 +238,7 @@ impl DeadLetterService for DeadLetters {
                 .into());
             };
             let allowed = room.min(REPLAY_MAX);
-            let mut f = filter(Some(f))?;
+            let f = filter(Some(f))?;
             // Replaying for an integration that is gone could only dead-letter them again.
             if let Some(id) = &f.integration
                 && self.gone(id)
@@ -259,28 +252,13 @@ impl DeadLetterService for DeadLetters {
                 )
                 .into());
             }
-            if req.remap {
-                if allowed == 0 {
-                    return Err(short_of_room("the matching".into(), room));
-                }
-                let (replays, unmapped, more) = self.remap_matching(f, allowed).await?;
-                let ids = replays.iter().map(|r| r.id).collect();
-                mapped = Some((replays, unmapped));
-                (ids, more)
-            } else {
-                f.limit = allowed + 1;
-                let mut ids = self
-                    .queue
-                    .dead_letter_ids(f)
-                    .await
-                    .map_err(crate::ingest::queue_error)?;
-                let more = ids.len() > allowed;
-                if more && allowed == 0 {
-                    return Err(short_of_room("the matching".into(), room));
-                }
-                ids.truncate(allowed);
-                (ids, more)
+            let (replays, unmapped, more) = self.matching(f, allowed, req.remap).await?;
+            if more && allowed == 0 {
+                return Err(short_of_room("the matching".into(), room));
             }
+            let ids = replays.iter().map(|r| r.id).collect();
+            mapped = Some((replays, unmapped));
+            (ids, more)
         } else if req.ids.len() > REPLAY_MAX {
             return Err(ApiError::field(
                 "ids",
@@ -298,40 +276,13 @@ impl DeadLetterService for DeadLetters {
         };
         let (replays, unmapped) = if let Some(mapped) = mapped {
             mapped
-        } else if req.remap {
+        } else if req.remap || self.integrations.is_some() {
             let found = self
                 .queue
                 .dead_letters_by_id(&ids)
                 .await
                 .map_err(crate::ingest::queue_error)?;
-            self.remapped(&found)?
-        } else if by_id && self.integrations.is_some() {
-            // As a filtered replay is refused for an integration that is gone, so are ids of
-            // its dead letters: replayed, they could only be dead-lettered again.
-            let found = self
-                .queue
-                .dead_letters_by_id(&ids)
-                .await
-                .map_err(crate::ingest::queue_error)?;
-            let mut replays = Vec::with_capacity(found.len());
-            let mut left = Vec::new();
-            for d in &found {
-                let id = &d.queued.record.integration;
-                if self.gone(id) {
-                    left.push(pb::UnmappedDeadLetter {
-                        id: d.id,
-                        reason: format!(
-                            "integration `{id}` is not in force: it would be dead-lettered again"
-                        ),
-                    });
-                } else {
-                    replays.push(Replay {
-                        id: d.id,
-                        remapped: None,
-                    });
-                }
-            }
-            (replays, left)
+            self.classified(&found, req.remap)?
         } else {
             let replays = ids.iter().map(|&id| Replay { id, remapped: None }).collect();
             (replays, Vec::new())
@@ -385,14 +336,15 @@ impl DeadLetters {
         }
     }
 
-    /// The dead letters `f` matches, newest first, mapped again by the rules in force: up to
+    /// The dead letters `f` matches, newest first, as replays ([`Self::classified`]): up to
     /// `allowed` replays, the dead letters left in place on the way, and whether more match.
     /// Paged past the ones left in place, which stay the newest and would otherwise fill every
     /// call.
-    async fn remap_matching(
+    async fn matching(
         &self,
         f: DeadLetterFilter,
         allowed: usize,
+        remap: bool,
     ) -> Result<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>, bool), tonic::Status> {
         // Dead letters looked at per call, at most: the rest waits for the next call.
         const EXAMINED_MAX: usize = 10 * REPLAY_MAX;
@@ -417,7 +369,7 @@ impl DeadLetters {
                 }
                 examined += 1;
                 cursor = Some(d.id);
-                let (mut r, mut u) = self.remapped(std::slice::from_ref(&d))?;
+                let (mut r, mut u) = self.classified(std::slice::from_ref(&d), remap)?;
                 replays.append(&mut r);
                 unmapped.append(&mut u);
             }
@@ -425,6 +377,36 @@ impl DeadLetters {
                 return Ok((replays, unmapped, false));
             }
         }
+    }
+
+    /// Dead letters as replays: mapped again by the rules in force with `remap`, as they are
+    /// without. Those the rules make no record of, and those of an integration that is gone
+    /// (which could only be dead-lettered again), are left in place, with the reason.
+    fn classified(
+        &self,
+        found: &[DeadLetter],
+        remap: bool,
+    ) -> Result<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>), tonic::Status> {
+        if remap {
+            return self.remapped(found);
+        }
+        let mut replays = Vec::with_capacity(found.len());
+        let mut left = Vec::new();
+        for d in found {
+            let id = &d.queued.record.integration;
+            if self.gone(id) {
+                left.push(pb::UnmappedDeadLetter {
+                    id: d.id,
+                    reason: format!("integration `{id}` is not in force: it would be dead-lettered again"),
+                });
+            } else {
+                replays.push(Replay {
+                    id: d.id,
+                    remapped: None,
+                });
+            }
+        }
+        Ok((replays, left))
     }
 
     /// Dead letters `ids` mapped again by the rules in force: the replays, and those the rules

@@ -393,6 +393,9 @@ impl Compiler<'_> {
                 ),
             );
         }
+        for field in &mut fields {
+            field.identity = identity.contains(&field.name);
+        }
         (self.problems.len() == before).then(|| Rule {
             name: Arc::from(name),
             file: self.file.clone(),
@@ -480,6 +483,7 @@ impl Compiler<'_> {
             merge: None,
             kind: None,
             description: None,
+            identity: false,
         };
         match body {
             Yaml::String(s) if s.starts_with('$') => {

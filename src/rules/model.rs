@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::path::Selector;
 use super::record::{Fields, RecordBuilder};
 use super::transform::Transform;
+use crate::lytics::MAX_BATCH_RECORD_BYTES;
 
 /// Which input a rule reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -283,6 +284,9 @@ pub struct FieldRule {
     pub kind: Option<FieldKind>,
     /// What the field means.
     pub description: Option<String>,
+    /// The field is one of the rule's identities: it takes one value (text or a number), never
+    /// an array or an object, which would tie several users' profiles together.
+    pub identity: bool,
 }
 
 /// An object whose members are copied into the record.
@@ -332,6 +336,9 @@ pub struct MappedRecord<'a> {
     pub timestamp_field: Arc<str>,
     /// The flat record.
     pub fields: Fields<'a>,
+    /// The record as compact JSON, as it is queued and sent (at most
+    /// [`MAX_BATCH_RECORD_BYTES`]).
+    pub body: bytes::Bytes,
 }
 
 /// A record a rule built but refused to send.
@@ -484,6 +491,15 @@ impl Rule {
                 ids.join(", ")
             ))));
         }
+        // Lytics refuses a whole collect call over one oversized record: refused here, so a dry
+        // run and a rule test see what ingest does.
+        let body = crate::normalize::record_bytes(&out);
+        if body.len() > MAX_BATCH_RECORD_BYTES {
+            return Some(Err(self.drop(format!(
+                "the record is {} bytes, over Lytics' {MAX_BATCH_RECORD_BYTES}-byte record limit; map fewer fields",
+                body.len()
+            ))));
+        }
         let stream = self
             .stream
             .clone()
@@ -494,6 +510,7 @@ impl Rule {
             stream,
             timestamp_field: self.timestamp_field.clone(),
             fields: out,
+            body,
         }))
     }
 
@@ -568,6 +585,13 @@ impl Rule {
                     .try_fold(value.into_owned(), |v, t| t.apply(v))?,
             )
         };
+        if field.identity && matches!(&*value, Value::Array(_) | Value::Object(_)) {
+            return Err(format!(
+                "{} cannot be an identity: an identity is one value, and several would tie \
+                 different users' profiles together",
+                crate::rules::transform::describe(&value)
+            ));
+        }
         if let Some(kind) = field.kind
             && !kind.holds(&value)
         {

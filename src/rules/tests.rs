@@ -89,7 +89,7 @@ rules:
   - name: r
     fields:
       user_id: $.userId
-      email: { from: $.traits.email, transform: email }
+      email: { from: [$.traits.email, $.context.traits.email], transform: email }
       plan: { from: $.traits.plan, kind: string }
       score: { from: $.traits.score, kind: int, required: true }
       _ts: { value: 1 }
@@ -105,11 +105,23 @@ rules:
         Value::Object(m.records[0].fields.to_map()),
         json!({"user_id": "u1", "score": 3, "_ts": 1})
     );
+    // An identity takes one value: an array of emails would tie two users' profiles together,
+    // so it is refused and the next alternative is tried.
     let d = doc(json!({"email": [" A@B.com", "c@d.COM"], "plan": "pro", "score": 3}));
     let m = set.evaluate(Source::Signal, &d, &ctx());
-    assert_eq!(
-        m.records[0].fields.to_map()["email"],
-        json!(["a@b.com", "c@d.com"])
+    assert_eq!(m.records[0].fields.to_map().get("email"), None);
+    let mut d = doc(json!({"email": ["a@b.com", "c@d.com"], "score": 3}));
+    d["context"] = json!({"traits": {"email": "C@D.com"}});
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(m.records[0].fields.to_map()["email"], json!("c@d.com"));
+    // With no other identity, the record is refused as unidentified.
+    let d = json!({"type": "identify", "traits": {"email": ["a@b.com", "c@d.com"], "score": 3}});
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert!(m.records.is_empty());
+    assert!(
+        m.dropped[0].reason.contains("missing identifiers"),
+        "{}",
+        m.dropped[0].reason
     );
     // A required one refuses the record, saying why.
     let d = doc(json!({"score": {"n": 3}}));
@@ -120,6 +132,23 @@ rules:
         "{}",
         m.dropped[0].reason
     );
+}
+
+#[test]
+fn a_record_over_lytics_record_limit_is_refused_by_the_rules_themselves() {
+    let set = compile("source: signal\nidentity: [user_id]\nrules:\n  - name: r\n    fields:\n      user_id: $.userId\n      _ts: { value: 1 }\n    flatten: [$.properties]\n").unwrap();
+    let doc = json!({"type": "track", "userId": "u", "properties": {"big": "x".repeat(20_000)}});
+    // What ingest, a dry run, a rule test and a remapping replay all see.
+    let m = set.evaluate(Source::Signal, &doc, &ctx());
+    assert!(m.records.is_empty());
+    assert!(
+        m.dropped[0].reason.contains("16384-byte record limit"),
+        "{}",
+        m.dropped[0].reason
+    );
+    let doc = json!({"type": "track", "userId": "u", "properties": {"small": "x"}});
+    let m = set.evaluate(Source::Signal, &doc, &ctx());
+    assert_eq!(&m.records[0].body[..], br#"{"_ts":1,"small":"x","user_id":"u"}"#);
 }
 
 #[test]
