@@ -362,7 +362,8 @@ pub async fn run(
         admin_token.interceptor(),
     );
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = tonic_health::server::HealthService::from_health_reporter(health.clone());
     health.set_serving::<IngestServiceServer<IngestGrpc>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
     let stop_fault_watch = CancellationToken::new();
@@ -413,7 +414,9 @@ pub async fn run(
                 // a 100-event SendBatch (90 KB) still fits a window.
                 .initial_connection_window_size(GRPC_CONNECTION_WINDOW)
                 .initial_stream_window_size(GRPC_STREAM_WINDOW)
-                .add_service(health_service)
+                .add_service(tonic_health::pb::health_server::HealthServer::new(
+                    crate::ingress::health::EndingHealth::new(health_service, stop_servers.clone()),
+                ))
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(ingest_service)

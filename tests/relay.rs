@@ -83,6 +83,42 @@ async fn page_track_and_identify_reach_lytics_and_merge_into_one_profile() {
 }
 
 #[tokio::test]
+async fn an_open_health_watch_hears_not_serving_and_does_not_hold_up_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.shutdown_grace = Duration::from_secs(5);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", relay.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // Load balancers keep such a watch open: shutdown tells it and ends it, well within grace.
+    let started = std::time::Instant::now();
+    let report = relay.stop().await;
+    assert!(report.graceful, "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let last = watch.message().await.unwrap().unwrap();
+    assert_eq!(last.status(), ServingStatus::NotServing);
+    assert!(watch.message().await.map(|m| m.is_none()).unwrap_or(true));
+}
+
+#[tokio::test]
 async fn invalid_events_get_field_violations_and_nothing_is_queued() {
     let emu = EmulatorHandle::start().await;
     let (settings, _dir) = settings(&emu.url(), TOKEN);

@@ -5,6 +5,7 @@
 //! validation and one error type, so gRPC and HTTP answer alike.
 
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod http_server;
 pub mod signature;
