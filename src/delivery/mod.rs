@@ -171,9 +171,17 @@ impl DeliveryState {
         skip
     }
 
-    /// Integrations in an outage (their calls keep failing with retryable errors).
+    /// Integrations in an outage: their last three calls or more failed
+    /// with retryable errors, so delivery holds them. Fewer failures in a row are counted but
+    /// are no outage yet.
     pub fn outages(&self) -> HashMap<String, Outage> {
-        self.outages.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.outages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, o)| o.failed_calls >= OUTAGE_AFTER_FAILED_CALLS)
+            .map(|(id, o)| (id.clone(), *o))
+            .collect()
     }
 
     /// A call failed with a retryable error; returns the outage when the integration is in one.
@@ -1119,10 +1127,7 @@ impl Delivery {
             let now = now_ms();
             let paused = self.state.paused();
             for (id, outage) in self.state.outages() {
-                if outage.failed_calls < OUTAGE_AFTER_FAILED_CALLS
-                    || outage.hold_until_ms > now
-                    || paused.contains_key(&id)
-                {
+                if outage.hold_until_ms > now || paused.contains_key(&id) {
                     continue;
                 }
                 let Some(integration) = self.integrations.get(&id) else {

@@ -1039,3 +1039,19 @@ async fn a_probe_that_finds_another_setup_error_updates_the_pause() {
     assert!(state.paused().is_empty());
     assert!(dead_letters(&queue).await.is_empty());
 }
+
+#[test]
+fn fewer_than_three_failed_calls_in_a_row_are_no_outage_yet() {
+    let state = DeliveryState::default();
+    let backoff = Backoff::try_new(Duration::from_secs(1), Duration::from_secs(60)).unwrap();
+    assert!(state.call_failed("lytics", &backoff).is_none());
+    assert!(state.call_failed("lytics", &backoff).is_none());
+    // Shown nowhere (status, /healthz) before the hold starts: it would have no hold time.
+    assert!(state.outages().is_empty(), "{:?}", state.outages());
+    let o = state.call_failed("lytics", &backoff).unwrap();
+    assert_eq!(o.failed_calls, 3);
+    assert!(o.hold_until_ms > now_ms());
+    assert_eq!(state.outages().get("lytics").copied(), Some(o));
+    assert!(state.call_answered("lytics"));
+    assert!(state.outages().is_empty());
+}

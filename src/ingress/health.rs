@@ -85,7 +85,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_watch_hears_not_serving_and_then_ends_at_shutdown() {
-        let (reporter, service) = tonic_health::server::health_reporter();
+        let reporter = tonic_health::server::HealthReporter::new();
+        let service = HealthService::from_health_reporter(reporter.clone());
         reporter.set_service_status("", ServingStatus::Serving).await;
         let stop = CancellationToken::new();
         let health = EndingHealth::new(service, stop.clone());
