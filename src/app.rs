@@ -52,6 +52,8 @@ pub const MAX_GRPC_MESSAGE: usize = 16 * 1024 * 1024;
 /// HTTP/2 flow-control windows of the gRPC port, in bytes (see where the server is built).
 const GRPC_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const GRPC_STREAM_WINDOW: u32 = 256 * 1024;
+/// How long past the grace period delivery may take to cut off its calls before it is stopped.
+const DELIVERY_STOP_MARGIN: Duration = Duration::from_secs(1);
 
 /// The id of the integration built from settings (flags, environment, config file).
 pub const DEFAULT_INTEGRATION: &str = crate::integration::CONFIGURED_ID;
@@ -514,16 +516,22 @@ pub async fn run(
     stop_follower.cancel();
     let _ = follower_task.await;
     stop_delivery.cancel();
-    // Whatever is left of the grace period (delivery bounds its own calls by the whole period).
-    let abort_delivery = delivery_task.abort_handle();
-    let delivery_done =
-        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), delivery_task).await {
-            Ok(done) => done.unwrap_or(false),
-            Err(_) => {
-                abort_delivery.abort();
-                false
-            }
-        };
+    // Delivery bounds its own calls by the grace period and cuts off the rest itself; a moment
+    // more is allowed for that before it is stopped from here.
+    let mut delivery_task = delivery_task;
+    let delivery_done = match tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()) + DELIVERY_STOP_MARGIN,
+        &mut delivery_task,
+    )
+    .await
+    {
+        Ok(done) => done.unwrap_or(false),
+        Err(_) => {
+            delivery_task.abort();
+            let _ = delivery_task.await;
+            false
+        }
+    };
     // What the memory queue still holds once delivery is done is lost with the process.
     let left = if queue.durable() { 0 } else { queue.depth() };
     stop_emulator.cancel();

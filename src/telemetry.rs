@@ -220,7 +220,7 @@ impl Telemetry {
         &self,
         traceparents: impl Iterator<Item = &'a str>,
         attrs: Vec<KeyValue>,
-    ) -> Option<opentelemetry_sdk::trace::Span> {
+    ) -> Option<CallSpan> {
         let t = self.inner.as_ref()?;
         let mut links: Vec<Link> = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -234,14 +234,16 @@ impl Telemetry {
                 links.push(Link::with_context(sc));
             }
         }
-        Some(
-            t.calls
+        Some(CallSpan {
+            span: t
+                .calls
                 .span_builder(names::SPAN_LYTICS_COLLECT)
                 .with_kind(SpanKind::Client)
                 .with_links(links)
                 .with_attributes(attrs)
                 .start(&t.calls),
-        )
+            ended: false,
+        })
     }
 
     /// Flushes and stops the exporters.
@@ -251,6 +253,41 @@ impl Telemetry {
             let _ = t.ingest_provider.force_flush();
             let _ = t.calls_provider.shutdown();
             let _ = t.ingest_provider.shutdown();
+        }
+    }
+}
+
+/// A Lytics call's span. Ended by [`CallSpan::end`] once the answer is on it; a call cut off
+/// before that (its task stopped at shutdown) ends it as failed, `error.type` `cancelled`,
+/// where a plain span would be exported with no status, looking like a success.
+pub struct CallSpan {
+    span: opentelemetry_sdk::trace::Span,
+    ended: bool,
+}
+
+impl CallSpan {
+    /// The span, to put the answer on.
+    pub fn span(&mut self) -> &mut opentelemetry_sdk::trace::Span {
+        &mut self.span
+    }
+
+    /// Ends the span as it stands.
+    pub fn end(mut self) {
+        self.ended = true;
+        self.span.end();
+    }
+}
+
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        if !self.ended {
+            fail_span(
+                &mut self.span,
+                "cancelled",
+                "the call was cut off before Lytics answered (the relay stopped); its records stay queued"
+                    .into(),
+            );
+            self.span.end();
         }
     }
 }

@@ -317,3 +317,51 @@ async fn a_dryrun_probe_of_a_paused_integration_has_its_span_and_is_counted() {
         assert_eq!(probe.status.as_ref().unwrap().code, 2, "an error status");
     }
 }
+
+#[tokio::test]
+async fn a_call_cut_off_by_shutdown_is_exported_as_failed_not_as_a_success() {
+    let (receiver, otlp, stop) = receive_spans().await;
+    let emu = EmulatorHandle::start().await;
+    // Lytics takes a minute to answer: shutdown cuts the call off.
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        slow_rate: 1.0,
+        slow_ms: 60_000,
+        ..Default::default()
+    });
+    let (mut settings, _dir) = settings(&emu.url(), TOKEN);
+    settings.shutdown_grace = Duration::from_millis(500);
+    let relay = RelayHandle::start(
+        settings,
+        Telemetry::with_endpoint(&format!("http://{otlp}"), 4096, 1.0).unwrap(),
+    )
+    .await;
+    relay
+        .client()
+        .await
+        .send(pb::SendRequest {
+            event: Some(event(json!({"type": "page", "userId": "u3"}))),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emu.emulator.stats().collect_requests == 0 {
+        assert!(Instant::now() < deadline, "no collect call reached Lytics");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!relay.stop().await.graceful, "the call was cut off");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let call = loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        if let Some(c) = spans.into_iter().find(|s| s.name == names::SPAN_LYTICS_COLLECT) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no call span received");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = stop.send(());
+    assert_eq!(text(&call, names::ERROR_TYPE), "cancelled");
+    let status = call.status.as_ref().unwrap();
+    assert_eq!(status.code, 2, "an error status: {status:?}");
+    assert!(status.message.contains("cut off"), "{status:?}");
+    assert!(attr(&call, names::HTTP_RESPONSE_STATUS_CODE).is_none());
+}

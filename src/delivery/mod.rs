@@ -478,11 +478,15 @@ impl Delivery {
             }
         }
         prober.abort();
+        let _ = prober.await;
         let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
             .await
             .is_ok();
         if !drained {
+            // Cut off, and waited for: each call's span is ended as cut off before the
+            // exporters are flushed.
             tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
         }
         drained
     }
@@ -606,7 +610,7 @@ impl Delivery {
                 first.record.rules_version.to_string(),
             ),
         ]);
-        let mut span = self.telemetry.start_call(
+        let span = self.telemetry.start_call(
             batch.iter().filter_map(|r| r.record.traceparent.as_deref()),
             attrs,
         );
@@ -625,17 +629,13 @@ impl Delivery {
             matches!(&result, Ok(r) if r.status == 429),
             matches!(outcome, Outcome::Delivered { .. }),
         );
-        if let Some(s) = span.as_mut() {
-            record_answer(s, &result, &outcome);
-        }
-        let status = result.as_ref().ok().map(|r| r.status);
-        let split = self
-            .settle(integration, batch, outcome, CallResult { status, latency })
-            .await;
         if let Some(mut s) = span {
+            record_answer(s.span(), &result, &outcome);
             s.end();
         }
-        split
+        let status = result.as_ref().ok().map(|r| r.status);
+        self.settle(integration, batch, outcome, CallResult { status, latency })
+            .await
     }
 
     async fn settle(
@@ -1235,7 +1235,7 @@ async fn probe_outcome(
     );
     let outcome = lytics::classify(&result);
     if let Some(mut s) = span.take() {
-        record_answer(&mut s, &result, &outcome);
+        record_answer(s.span(), &result, &outcome);
         s.end();
     }
     Ok(outcome)
