@@ -94,20 +94,29 @@ pub struct Report {
     pub graceful: bool,
 }
 
-/// Registers the rules' LQL in the built-in emulator, so its profiles merge user fields exactly
-/// as the rules declare (as `rules lql --push` does for a real account).
-async fn push_lql_to_emulator(files: &[crate::rules::CompiledFile], url: &str) {
-    let Ok(client) = crate::lytics::LyticsClient::new(Duration::from_secs(5)) else {
-        return;
-    };
-    let token = Secret::new(config::EMULATOR_TOKEN);
-    for q in crate::rules::lql::queries(files) {
-        match client
-            .push_query(url, &token, config::EMULATOR_ACCOUNT, &q.text)
-            .await
-        {
-            Ok(()) => tracing::info!(alias = %q.alias, "registered the rules' LQL in the emulator"),
-            Err(e) => tracing::warn!(error = %e, "cannot register the rules' LQL in the emulator"),
+/// Fits the built-in emulator to the rules: creates every stream they name (a rule's own
+/// `stream:` would otherwise be answered 404, pausing the whole integration), and registers
+/// their LQL so its profiles merge user fields exactly as the rules declare (as `rules lql
+/// --push` does for a real account). Runs at start and after every reload.
+fn fit_emulator_to_rules(emulator: &Emulator, rules: &crate::rules::RuleSet) {
+    for file in rules.files() {
+        let streams = file
+            .stream
+            .iter()
+            .map(String::as_str)
+            .chain(file.rules.iter().filter_map(|r| r.stream.as_deref()));
+        for stream in streams {
+            if emulator.add_stream(stream) {
+                tracing::info!(stream, file = %file.file, "the built-in emulator now has the stream the rules name");
+            }
+        }
+    }
+    for q in crate::rules::lql::queries(rules.files(), config::EMULATOR_STREAM) {
+        match emulator.register_lql(&q.text) {
+            Ok(_) => tracing::info!(alias = %q.alias, "registered the rules' LQL in the emulator"),
+            Err(e) => {
+                tracing::warn!(alias = %q.alias, error = %e, "cannot register the rules' LQL in the emulator")
+            }
         }
     }
 }
@@ -192,7 +201,7 @@ pub async fn run(
     tracing::info!(version = %rules.version(), files = rules.files().len(), source = ?rules_source, "rules loaded");
     let live_rules = LiveRules::new(rules);
     let metrics = Arc::new(Metrics::new());
-    let reloader = Reloader::new(live_rules.clone(), rules_source).with_metrics(metrics.clone());
+    let mut reloader = Reloader::new(live_rules.clone(), rules_source).with_metrics(metrics.clone());
 
     let stop_emulator = CancellationToken::new();
     let mut emulator_task = None;
@@ -217,7 +226,9 @@ pub async fn run(
             own_emulator = Some((emulator.clone(), format!("http://{addr}")));
             let stop = stop_emulator.clone();
             emulator_task = Some(tokio::spawn(
-                emulator.serve(listener, async move { stop.cancelled().await }),
+                emulator
+                    .clone()
+                    .serve(listener, async move { stop.cancelled().await }),
             ));
             tracing::info!(
                 emulator = %format!("http://{addr}"),
@@ -227,7 +238,11 @@ pub async fn run(
                 config::EMULATOR_ACCOUNT,
                 config::EMULATOR_STREAM
             );
-            push_lql_to_emulator(live_rules.current().files(), &format!("http://{addr}")).await;
+            fit_emulator_to_rules(&emulator, &live_rules.current());
+            reloader = reloader.on_swap({
+                let emulator = emulator.clone();
+                Arc::new(move |rules: &crate::rules::RuleSet| fit_emulator_to_rules(&emulator, rules))
+            });
             Integration {
                 id: IntegrationId::new(crate::integration::EMULATOR_ID)?,
                 name: "Lytics (built-in emulator)".into(),

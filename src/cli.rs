@@ -174,4 +174,8 @@ pub struct LqlArgs {
     /// Lytics account id (needed with --push).
     #[arg(long, env = "LYTICS_RELAY_LYTICS_ACCOUNT_ID")]
     pub lytics_account_id: Option<String>,
+    /// The integration's data stream: what a rule file without `stream:` writes to, and so
+    /// what its query reads (needed when such a file declares merged fields).
+    #[arg(long, env = "LYTICS_RELAY_LYTICS_STREAM")]
+    pub lytics_stream: Option<String>,
 }

@@ -145,7 +145,27 @@ async fn lql_command(args: lytics_relay::cli::LqlArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let queries = rules::lql::queries(set.files());
+    // A file without `stream:` writes to the integration's stream, which only the caller knows.
+    let unplaced: Vec<&str> = set
+        .files()
+        .iter()
+        .filter(|f| f.stream.is_none() && f.rules.iter().any(|r| r.fields.iter().any(|x| x.merge.is_some())))
+        .map(|f| &*f.file)
+        .collect();
+    let default_stream = match (&args.lytics_stream, unplaced.is_empty()) {
+        (Some(s), _) => s.as_str(),
+        (None, true) => "",
+        (None, false) => {
+            eprintln!(
+                "error: {} declare merged user fields but no `stream:`, so their records go to the \
+                 integration's stream: give it with --lytics-stream (LYTICS_RELAY_LYTICS_STREAM), \
+                 or set `stream:` in the file",
+                unplaced.join(", ")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let queries = rules::lql::queries(set.files(), default_stream);
     if queries.is_empty() {
         eprintln!(
             "no rule in `{}` declares a merged user field (`merge:`)",

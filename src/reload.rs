@@ -113,7 +113,12 @@ pub struct Reloader {
     attempts: Arc<AtomicU64>,
     /// Counts swaps in `rule_reloads_total`, when wired.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Told of each set put in force, when wired.
+    on_swap: Option<OnSwap>,
 }
+
+/// What a [`Reloader`] tells of each rule set it puts in force.
+pub type OnSwap = Arc<dyn Fn(&RuleSet) + Send + Sync>;
 
 impl Reloader {
     /// Wraps the live set loaded from `source`.
@@ -129,7 +134,15 @@ impl Reloader {
             status: Arc::new(Mutex::new(status)),
             attempts: Arc::default(),
             metrics: None,
+            on_swap: None,
         }
+    }
+
+    /// Tells `f` of each rule set a reload puts in force (the built-in emulator fits its
+    /// streams and queries to it).
+    pub fn on_swap(mut self, f: OnSwap) -> Self {
+        self.on_swap = Some(f);
+        self
     }
 
     /// Counts each swap in `metrics`.
@@ -168,6 +181,9 @@ impl Reloader {
                 let test_cases = set.specs().iter().map(|(_, _, s)| s.tests.len()).sum();
                 let swapped = version != previous;
                 if swapped {
+                    if let Some(f) = &self.on_swap {
+                        f(&set);
+                    }
                     self.live.swap(set);
                     status.version = version.clone();
                     status.loaded_ms = now_ms();

@@ -76,6 +76,36 @@ fn a_bad_config_reports_every_problem_and_exits_64() {
     }
 }
 
+#[test]
+fn rules_lql_asks_for_the_stream_of_a_file_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("totals.yaml");
+    std::fs::write(
+        &file,
+        "source: signal\nidentity: [user_id]\nrules:\n  - name: r\n    fields:\n      user_id: $.userId\n      total: { from: $.properties.total, merge: sum, kind: number }\n      _ts: { value: 1 }\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["rules", "lql"])
+        .arg(&file)
+        .env_remove("LYTICS_RELAY_LYTICS_STREAM")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("totals.yaml") && err.contains("--lytics-stream"),
+        "{err}"
+    );
+    let out = bin()
+        .args(["rules", "lql", "--lytics-stream", "datafly_events"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FROM datafly_events"));
+}
+
 #[tokio::test]
 async fn rules_lql_push_registers_the_query_in_lytics() {
     let emu = EmulatorHandle::start().await;

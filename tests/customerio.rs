@@ -57,7 +57,7 @@ async fn webhooks_in_both_formats_merge_into_the_user_fields_the_rules_declare()
     let emu = EmulatorHandle::start().await;
     // The emulator merges by the LQL generated from the shipped rules, as Lytics would.
     let rules = RuleSet::load(std::path::Path::new("rules")).unwrap();
-    for q in lql::queries(rules.files()) {
+    for q in lql::queries(rules.files(), "datafly_events") {
         emu.emulator.register_lql(&q.text).unwrap();
     }
     let (mut settings, _dir) = settings(&emu.url(), TOKEN);
@@ -189,7 +189,7 @@ async fn webhooks_in_both_formats_merge_into_the_user_fields_the_rules_declare()
 #[test]
 fn lql_export_matches_the_golden_query_and_the_emulator_parses_it() {
     let rules = RuleSet::load(std::path::Path::new("rules")).unwrap();
-    let queries = lql::queries(rules.files());
+    let queries = lql::queries(rules.files(), "datafly_events");
     assert_eq!(queries.len(), 1);
     let golden = std::fs::read_to_string("tests/golden/customerio.lql").unwrap();
     assert_eq!(queries[0].text, golden);

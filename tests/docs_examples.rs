@@ -51,7 +51,7 @@ fn the_lql_shown_for_the_merge_example_is_what_rules_lql_prints() {
         doc[start..end].to_string(),
     )])
     .unwrap();
-    let lql = lytics_relay::rules::lql::queries(set.files());
+    let lql = lytics_relay::rules::lql::queries(set.files(), "datafly_events");
     let shown_start = doc.find("SELECT\n    email(email)").unwrap();
     let shown_end = shown_start + doc[shown_start..].find("```").unwrap();
     assert_eq!(lql[0].text, doc[shown_start..shown_end]);

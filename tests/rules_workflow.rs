@@ -547,3 +547,123 @@ async fn a_dead_letter_caused_by_a_rule_is_replayed_mapped_by_the_fixed_rule() {
     assert_eq!(left[0].event_id, "old-1");
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn the_built_in_emulator_follows_reloaded_rules_streams_and_merged_fields() {
+    let rules = rules_copy();
+    let data = tempfile::tempdir().unwrap();
+    let rules_dir = rules.path().join("rules");
+    let relay = Spawned::start(
+        data.path(),
+        &[
+            "--rules-watch",
+            "false",
+            "--rules",
+            rules_dir.to_str().unwrap(),
+            "--admin-token",
+            "admin-secret",
+        ],
+    );
+    let emulator = relay.emulator.clone().unwrap();
+    // Added while the relay runs: a file writing to a stream of its own, and one without
+    // `stream:` (its records go to the integration's stream) whose fields merge.
+    std::fs::write(
+        rules_dir.join("zz_orders.yaml"),
+        r#"source: signal
+stream: orders
+identity: [user_id]
+rules:
+  - name: order_to_its_stream
+    when: { $.event: Order Completed }
+    fields:
+      user_id: $.userId
+      order_id: $.properties.order_id
+      _ts: { from: $.timestamp, transform: epoch_ms, required: true }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        rules_dir.join("zz_totals.yaml"),
+        r#"source: signal
+alias: order_totals
+identity: [user_id]
+rules:
+  - name: order_totals
+    when: { $.event: Order Completed }
+    fields:
+      user_id: $.userId
+      orders_total: { from: $.properties.total, merge: sum, kind: number }
+      order_ids: { from: $.properties.order_id, merge: set }
+      _ts: { from: $.timestamp, transform: epoch_ms, required: true }
+"#,
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let r: Value = http
+        .post(format!("{}/v1/admin/rules/reload", relay.http))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["swapped"], json!(true), "{r}");
+    let mut client =
+        pb::ingest_service_client::IngestServiceClient::connect(format!("http://{}", relay.grpc))
+            .await
+            .unwrap();
+    for (id, total) in [("ORD-1", 10.5), ("ORD-2", 4.5)] {
+        client
+            .send(pb::SendRequest {
+                event: Some(event(
+                    json!({"type": "track", "event": "Order Completed", "userId": "u-orders",
+                    "messageId": id, "properties": {"order_id": id, "total": total}}),
+                )),
+            })
+            .await
+            .unwrap();
+    }
+    // The rule's own stream exists in the emulator (no 404, no pause), and the totals merge
+    // as declared (sum, set), not latest-wins.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let profile = loop {
+        let v: Value = http
+            .get(format!("{emulator}/api/entity/user/user_id/u-orders"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"]["orders_total"].as_f64() == Some(15.0) || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(profile["data"]["orders_total"].as_f64(), Some(15.0), "{profile}");
+    // The stream's other fields still reach the profile, as Lytics' own query maps them.
+    assert_eq!(profile["data"]["_e"], json!("Order Completed"), "{profile}");
+    let mut ids: Vec<String> = serde_json::from_value(profile["data"]["order_ids"].clone()).unwrap();
+    ids.sort();
+    assert_eq!(ids, ["ORD-1", "ORD-2"], "{profile}");
+    let orders: Value = http
+        .get(format!("{emulator}/v2/stream/orders/events?limit=0"))
+        .header("Authorization", "emulator-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(orders["data"].as_array().map(Vec::len), Some(2), "{orders}");
+    let health: Value = http
+        .get(format!("{}/healthz", relay.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["paused_integrations"], json!([]), "{health}");
+}

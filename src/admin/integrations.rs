@@ -305,9 +305,10 @@ impl IntegrationAdmin {
 
     fn view_configured(&self, i: &Integration) -> IntegrationView {
         let (status, detail) = self.status(i.id.as_str());
-        // The hint says to update the integration's config; this one is not changed here.
+        // The hint says to update the integration's config; this one is not changed here
+        // (unless the stream at fault is a rule's own).
         let detail = match detail {
-            Some(d) if status == "setup_error" => Some(format!(
+            Some(d) if status == "setup_error" && self.rule_stream_at_fault(i).is_none() => Some(format!(
                 "{d} (this integration comes from the relay's configuration — flags, environment, \
                  config file — so change it there and restart)"
             )),
@@ -332,7 +333,33 @@ impl IntegrationAdmin {
         }
     }
 
+    /// The stream of a setup-error pause when a rule's own `stream:` named it, not the
+    /// integration's `stream_name`: the fix is then in Lytics or the rules, not the integration.
+    fn rule_stream_at_fault(&self, i: &Integration) -> Option<String> {
+        let paused = self.delivery.paused();
+        let p = paused.get(i.id.as_str()).filter(|p| !p.manual)?;
+        p.stream.clone().filter(|s| s != i.stream_name.as_str())
+    }
+
     fn status(&self, id: &str) -> (String, Option<String>) {
+        if let Some(i) = self.live.get(id)
+            && let Some(stream) = self.rule_stream_at_fault(&i)
+        {
+            let status = self
+                .delivery
+                .paused()
+                .get(id)
+                .map(|p| p.status)
+                .unwrap_or_default();
+            return (
+                "setup_error".into(),
+                Some(format!(
+                    "Lytics answered {status} for stream `{stream}`, which a rule names \
+                     (`stream:`), not the integration: create the stream in Lytics, or change the \
+                     rule and reload the rules; then resume the integration"
+                )),
+            );
+        }
         match self.delivery.paused().get(id) {
             Some(p) if p.manual => ("paused".into(), Some(p.hint.clone())),
             Some(p) => (

@@ -76,6 +76,11 @@ pub struct CompiledQuery {
 }
 
 impl CompiledQuery {
+    /// The profile fields it writes.
+    pub fn field_names(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|f| f.name.as_str())
+    }
+
     /// Compiles a parsed query: resolves each field's kind and merge op with Lytics' defaults.
     pub fn new(query: LqlQuery, text: &str) -> Self {
         let fields = query

@@ -206,8 +206,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// How one stored record updates profiles.
 enum Update {
-    /// The update the stream's queries computed.
-    Computed(ProfileUpdate),
+    /// The update the stream's queries computed, then the record's other fields by these
+    /// identities (as Lytics' own query for a stream maps what custom queries do not).
+    Computed(ProfileUpdate, Vec<(String, String)>),
     /// Every field of the record, by these identities (a stream without queries).
     CopyAll(Vec<(String, String)>),
 }
@@ -347,6 +348,16 @@ impl Emulator {
         lock(&self.inner.data).profiles.find(field, value)
     }
 
+    /// Creates stream `name` if it does not exist yet; returns whether it was created.
+    pub fn add_stream(&self, name: &str) -> bool {
+        let mut data = lock(&self.inner.data);
+        if data.streams.contains_key(name) {
+            return false;
+        }
+        data.streams.insert(name.to_string(), VecDeque::new());
+        true
+    }
+
     /// Parses and registers a query; it maps records of its stream received from now on.
     /// A query with the same alias is replaced.
     pub fn register_lql(&self, text: &str) -> Result<LqlQuery, LqlError> {
@@ -397,14 +408,6 @@ impl Emulator {
             rejected: stats.rejected.load(Ordering::Relaxed),
             faulted: stats.faulted.load(Ordering::Relaxed),
         }
-    }
-
-    /// Creates a stream if it does not exist yet.
-    pub fn add_stream(&self, name: &str) {
-        lock(&self.inner.data)
-            .streams
-            .entry(name.to_string())
-            .or_default();
     }
 
     /// Empties every stream, forgets every profile and zeroes the counters; streams, queries
@@ -478,12 +481,21 @@ impl Emulator {
             return;
         }
         let queries = lock(&self.inner.queries).by_stream.get(stream).cloned();
-        // Streams with queries get their computed updates; the others copy each record's
-        // fields, read in place under the lock (only the identities are computed here).
+        // The fields the stream's queries select merge as they declare; every other field is
+        // copied latest-wins, as on a stream without queries (Lytics keeps its own generated
+        // query for a stream beside custom ones). Copied fields are read in place under the
+        // lock (only the identities are computed here).
+        let declared: Vec<String> = queries
+            .iter()
+            .flat_map(|qs| qs.iter().flat_map(|q| q.field_names().map(str::to_string)))
+            .collect();
         let updates: Vec<_> = accepted
             .iter()
             .map(|a| match &queries {
-                Some(queries) => Update::Computed(mapping::query_update(queries, &a.record, a.event_time_ms)),
+                Some(queries) => Update::Computed(
+                    mapping::query_update(queries, &a.record, a.event_time_ms),
+                    mapping::default_ids(&a.record),
+                ),
                 None => Update::CopyAll(mapping::default_ids(&a.record)),
             })
             .collect();
@@ -498,7 +510,10 @@ impl Emulator {
         };
         for (a, update) in accepted.into_iter().zip(updates) {
             match update {
-                Update::Computed(update) => profiles.apply(update),
+                Update::Computed(update, ids) => {
+                    profiles.apply(update);
+                    profiles.apply_record_except(ids, &a.record, a.event_time_ms, &declared);
+                }
                 Update::CopyAll(ids) => profiles.apply_record(ids, &a.record, a.event_time_ms),
             }
             if events.len() >= self.inner.max_events {

@@ -319,10 +319,24 @@ impl ProfileStore {
     /// `latest` wins. The record is read in place, so a field name is copied only when the
     /// profile does not hold it yet.
     pub fn apply_record(&mut self, ids: Vec<(String, String)>, record: &Map<String, Value>, at_ms: i64) {
+        self.apply_record_except(ids, record, at_ms, &[]);
+    }
+
+    /// [`Self::apply_record`] for every field but those `declared` (by a stream's queries).
+    pub fn apply_record_except(
+        &mut self,
+        ids: Vec<(String, String)>,
+        record: &Map<String, Value>,
+        at_ms: i64,
+        declared: &[String],
+    ) {
         let Some(profile) = self.stitch(ids) else {
             return;
         };
-        for (name, value) in record.iter().filter(|(_, v)| !v.is_null()) {
+        for (name, value) in record
+            .iter()
+            .filter(|(n, v)| !v.is_null() && !declared.iter().any(|d| d == *n))
+        {
             let incoming = FieldValue {
                 val: Val::Json(value.clone()),
                 op: MergeOp::Latest,

@@ -885,7 +885,10 @@ mod tests {
                 "cio_last_open_ts": "2021-02-11T17:04:49Z",
                 "cio_subjects": ["Test Email"],
                 "email": "test@example.com",
-                "last_active_ts": "2021-02-11T17:04:49Z"
+                "last_active_ts": "2021-02-11T17:04:49Z",
+                // A field no query selects is copied as it is (latest wins), as on a stream
+                // without queries.
+                "ignored": "x"
             })
         );
 

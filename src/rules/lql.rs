@@ -18,12 +18,13 @@ pub struct LqlQuery {
     pub text: String,
 }
 
-/// The queries of every file with merged fields.
-pub fn queries(files: &[CompiledFile]) -> Vec<LqlQuery> {
-    files.iter().filter_map(query).collect()
+/// The queries of every file with merged fields; a file without `stream:` reads
+/// `default_stream` (the integration's `stream_name`, where its records go).
+pub fn queries(files: &[CompiledFile], default_stream: &str) -> Vec<LqlQuery> {
+    files.iter().filter_map(|f| query(f, default_stream)).collect()
 }
 
-fn query(file: &CompiledFile) -> Option<LqlQuery> {
+fn query(file: &CompiledFile, default_stream: &str) -> Option<LqlQuery> {
     let mut fields: Vec<&FieldRule> = Vec::new();
     let mut identity: Vec<String> = Vec::new();
     for rule in &file.rules {
@@ -53,7 +54,8 @@ fn query(file: &CompiledFile) -> Option<LqlQuery> {
             }
         }
     }
-    let stream = file.stream.clone().unwrap_or_else(|| "default".to_string());
+    // A file without `stream:` writes to the integration's stream.
+    let stream = file.stream.clone().unwrap_or_else(|| default_stream.to_string());
     let alias = file
         .alias
         .clone()

@@ -364,7 +364,7 @@ rules:
 "#,
     )
     .unwrap();
-    let queries = lql::queries(set.files());
+    let queries = lql::queries(set.files(), "datafly_events");
     assert_eq!(queries.len(), 1);
     let text = &queries[0].text;
     assert!(text.contains("INTO user BY email"), "{text}");
@@ -372,6 +372,30 @@ rules:
         text.contains("email(email) AS email KIND string MERGEOP latest"),
         "{text}"
     );
+}
+
+#[test]
+fn the_query_of_a_file_without_a_stream_reads_the_integrations_stream() {
+    let set = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      total: { from: $.properties.total, merge: sum, kind: number }
+      _ts: { value: 1 }
+",
+    )
+    .unwrap();
+    let queries = lql::queries(set.files(), "orders_stream");
+    assert_eq!(queries.len(), 1);
+    assert!(
+        queries[0].text.contains("FROM orders_stream\n"),
+        "{}",
+        queries[0].text
+    );
+    assert_eq!(queries[0].alias, "orders_stream_user_fields");
 }
 
 #[test]
