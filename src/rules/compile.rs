@@ -78,7 +78,8 @@ pub struct CompiledFile {
 
 /// Compiles one file's text. `file` names it in problems.
 pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpec), Vec<RuleProblem>> {
-    let mut spec: RuleFileSpec = serde_yaml::from_str(text).map_err(|e| vec![yaml_problem(file, &e)])?;
+    let mut spec: RuleFileSpec =
+        serde_yaml::from_str(text).map_err(|e| vec![yaml_problem(file, text, &e)])?;
     let mut c = Compiler {
         file: Arc::from(file),
         text,
@@ -128,45 +129,61 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
         }
     }
     c.anchor = None;
+    // Each case is located by its own list item (its name may also be a rule's, or any text),
+    // and a misspelt key at that key.
+    let case_lines = item_lines(text, "tests:").filter(|lines| lines.len() == spec.test_specs.len());
     for (i, case) in std::mem::take(&mut spec.test_specs).into_iter().enumerate() {
-        let name = case.get("name").and_then(Yaml::as_str).map(str::to_string);
-        let needle = name.as_ref().map_or_else(|| "tests:".to_string(), |n| n.clone());
-        match serde_yaml::from_value::<TestCaseSpec>(case) {
-            Ok(case) if case.input.is_some() && case.input_file.is_some() => c.problem(
-                None,
-                &needle,
+        let start = case_lines.as_ref().map(|lines| lines[i]);
+        let end = case_lines.as_ref().and_then(|lines| lines.get(i + 1).copied());
+        let at = |c: &Compiler, key: &str| match start {
+            Some(line) => match locate_from(c.text, line, key) {
+                // Within this case's item (1-based `l` is the 0-based line `l - 1`).
+                (Some(l), col) if key != "-" && end.is_none_or(|e| l <= e) => (Some(l), col),
+                _ => (Some(line + 1), None),
+            },
+            None => locate(c.text, None, "tests:"),
+        };
+        let (place, message, hint) = match serde_yaml::from_value::<TestCaseSpec>(case) {
+            Ok(case) if case.input.is_some() && case.input_file.is_some() => (
+                at(&c, "input_file"),
                 format!("tests[{i}] (`{}`) gives both `input` and `input_file`", case.name),
-                Some("keep one: the input inline, or the file holding it".to_string()),
+                "keep one: the input inline, or the file holding it".to_string(),
             ),
-            Ok(case) if case.input.is_none() && case.input_file.is_none() => c.problem(
-                None,
-                &needle,
+            Ok(case) if case.input.is_none() && case.input_file.is_none() => (
+                at(&c, "-"),
                 format!("tests[{i}] (`{}`) has no input", case.name),
-                Some("add `input:` (the event) or `input_file:` (a JSON file beside the rules)".to_string()),
+                "add `input:` (the event) or `input_file:` (a JSON file beside the rules)".to_string(),
             ),
-            Ok(case) => spec.tests.push(case),
+            Ok(case) => {
+                spec.tests.push(case);
+                continue;
+            }
             Err(e) => {
                 let raw = e.to_string();
                 let message = raw.find(" at line ").map_or(raw.as_str(), |at| &raw[..at]);
-                c.problem(
-                    None,
-                    &needle,
-                    format!("tests[{i}]: {message}"),
-                    Some(format!(
-                        "a case takes {}",
-                        [
-                            "name",
-                            "input",
-                            "input_file",
-                            "config",
-                            "expect",
-                            "expect_dropped"
-                        ]
-                        .join(", ")
-                    )),
-                );
+                // serde names the unknown key first: `unknown field `feilds`, expected …`.
+                let key = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|rest| rest.split('`').next())
+                    .unwrap_or("-")
+                    .to_string();
+                // An unknown key inside an `expect` entry lists that entry's keys.
+                let hint = if message.contains("`fields`") && !message.contains("`expect`") {
+                    "an `expect` entry takes rule, stream, fields".to_string()
+                } else {
+                    "a case takes name, input, input_file, config, expect, expect_dropped".to_string()
+                };
+                (at(&c, &key), format!("tests[{i}]: {message}"), hint)
             }
-        }
+        };
+        c.problems.push(RuleProblem {
+            file: c.file.to_string(),
+            line: place.0,
+            column: place.1,
+            rule: None,
+            message,
+            hint: Some(hint),
+        });
     }
     match (c.problems.is_empty(), source) {
         (true, Some(source)) => Ok((
@@ -183,8 +200,8 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
     }
 }
 
-fn yaml_problem(file: &str, e: &serde_yaml::Error) -> RuleProblem {
-    let (line, column) = e
+fn yaml_problem(file: &str, text: &str, e: &serde_yaml::Error) -> RuleProblem {
+    let (mut line, mut column) = e
         .location()
         .map(|l| (Some(l.line()), Some(l.column())))
         .unwrap_or((None, None));
@@ -194,7 +211,30 @@ fn yaml_problem(file: &str, e: &serde_yaml::Error) -> RuleProblem {
         Some(i) => raw[..i].to_string(),
         None => raw,
     };
-    let hint = if message.contains("unknown field") {
+    // A key written twice: serde points at the mapping; the second writing is the one to fix.
+    let twice = message
+        .strip_prefix("rules[")
+        .and_then(|_| message.split("field `").nth(1))
+        .filter(|_| message.contains("is defined twice"))
+        .and_then(|rest| rest.split('`').next());
+    if let (Some(key), Some(from)) = (twice, line) {
+        let mut seen = 0;
+        let key_at = format!("{key}:");
+        for (i, l) in text.lines().enumerate().skip(from.saturating_sub(1)) {
+            let t = l.trim_start();
+            if t.starts_with(&key_at) {
+                seen += 1;
+                if seen == 2 {
+                    line = Some(i + 1);
+                    column = Some(l.len() - t.len() + 1);
+                    break;
+                }
+            }
+        }
+    }
+    let hint = if twice.is_some() {
+        Some("keep one of them: remove or rename the other".to_string())
+    } else if message.contains("unknown field") {
         Some("check the key's spelling against docs/rules.md".to_string())
     } else if message.contains("missing field") {
         Some("add the missing key".to_string())
@@ -226,8 +266,13 @@ struct Compiler<'a> {
 
 /// The line (0-based) of each item of the top-level `rules:` list.
 fn rule_lines(text: &str) -> Option<Vec<usize>> {
+    item_lines(text, "rules:")
+}
+
+/// The line (0-based) of each item of the top-level list under `key` (`rules:`, `tests:`).
+fn item_lines(text: &str, key: &str) -> Option<Vec<usize>> {
     let lines: Vec<&str> = text.lines().collect();
-    let start = lines.iter().position(|l| l.trim_end() == "rules:")?;
+    let start = lines.iter().position(|l| l.trim_end() == key)?;
     let mut items = Vec::new();
     let mut indent = None;
     for (i, line) in lines.iter().enumerate().skip(start + 1) {

@@ -226,8 +226,8 @@ impl RuleSet {
     }
 }
 
-/// The rule that first declared a user field, with its merge op and kind.
-type FieldSemantics<'a> = (&'a str, Option<MergeOp>, Option<FieldKind>);
+/// The rule (and its file) that first declared a user field, with its merge op and kind.
+type FieldSemantics<'a> = (&'a str, &'a str, Option<MergeOp>, Option<FieldKind>);
 
 /// Problems that span rules: two rules writing one user field with different semantics.
 fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> Vec<RuleProblem> {
@@ -271,7 +271,9 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
             {
                 let key = (stream.clone(), &*field.name);
                 match seen.get(&key) {
-                    Some((other, merge, kind)) if (*merge, *kind) != (field.merge, field.kind) => {
+                    Some((other, other_file, merge, kind))
+                        if (*merge, *kind) != (field.merge, field.kind) =>
+                    {
                         let (line, column) = compile::locate(text, Some(&rule.name), &field.name);
                         problems.push(RuleProblem {
                             file: file.file.to_string(),
@@ -279,7 +281,7 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
                             column,
                             rule: Some(rule.name.to_string()),
                             message: format!(
-                                "field `{}` is merged as {} here but as {} by rule `{other}`",
+                                "field `{}` is merged as {} here but as {} by rule `{other}` in {other_file}",
                                 field.name,
                                 semantics(field.merge, field.kind),
                                 semantics(*merge, *kind)
@@ -289,7 +291,7 @@ fn cross_checks(files: &[CompiledFile], texts: &[(String, PathBuf, String)]) -> 
                     }
                     Some(_) => {}
                     None => {
-                        seen.insert(key, (&rule.name, field.merge, field.kind));
+                        seen.insert(key, (&rule.name, &file.file, field.merge, field.kind));
                     }
                 }
             }

@@ -509,6 +509,11 @@ tests:
     input: { type: track }
     input_file: fixtures/x.json
   - name: neither
+  - name: r
+    input: { type: track }
+    expect:
+      - rule: r
+        feilds: { user_id: u }
 ";
     let problems = compile(text).unwrap_err();
     let says: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
@@ -527,11 +532,21 @@ tests:
             .any(|m| m.contains("tests[2] (`neither`) has no input")),
         "{says:?}"
     );
-    let typo = problems
-        .iter()
-        .find(|p| p.message.starts_with("tests[0]"))
-        .unwrap();
-    assert_eq!(typo.line, Some(10), "{typo:?}");
+    // Each at its own case, on the key at fault: not at a rule or text of the same name.
+    let at = |prefix: &str| {
+        let p = problems.iter().find(|p| p.message.starts_with(prefix)).unwrap();
+        (p.line, p.column, p.hint.clone().unwrap_or_default())
+    };
+    assert_eq!(at("tests[0]").0, Some(12));
+    assert_eq!(at("tests[0]").1, Some(5));
+    assert_eq!(at("tests[1]").0, Some(15));
+    assert_eq!(at("tests[2]").0, Some(16));
+    let (line, _, hint) = at("tests[3]");
+    assert_eq!(line, Some(21));
+    assert!(
+        hint.contains("an `expect` entry takes rule, stream, fields"),
+        "{hint}"
+    );
 }
 
 #[test]
@@ -550,7 +565,16 @@ rules:
         problems[0].message.contains("field `user_id` is defined twice"),
         "{problems:?}"
     );
-    assert!(problems[0].line.is_some(), "{problems:?}");
+    // At the second writing, the one to remove or rename.
+    assert_eq!(
+        (problems[0].line, problems[0].column),
+        (Some(8), Some(7)),
+        "{problems:?}"
+    );
+    assert!(
+        problems[0].hint.as_deref().unwrap().contains("keep one"),
+        "{problems:?}"
+    );
 }
 
 #[test]
