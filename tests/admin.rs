@@ -180,6 +180,28 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         vec!["config.api_token", "config.account_id", "config.stream_name"],
         "{b}"
     );
+    // Missing and malformed values, and a bad name, all in one answer.
+    let (s, b) = api.call(
+        "POST",
+        "/v1/admin/integration-catalog/lytics/install",
+        Some(
+            json!({"name": "two\nlines", "config": {"api_token": "SECRETTOKEN12345abc",
+                    "account_id": "", "stream_name": "bad stream/name"}}),
+        ),
+        None,
+    );
+    assert_eq!(s, 400);
+    let bad: Vec<&str> = b["error"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bad,
+        vec!["config.account_id", "config.stream_name", "name"],
+        "{b}"
+    );
     let mut body = install_body("datafly_events", "1234");
     body["variant"] = json!("fancy");
     body["delivery_mode"] = json!("client_side");
@@ -213,6 +235,22 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     assert_eq!(installed["config"]["api_token"], json!("***"));
     assert_eq!(installed["config"]["stream_name"], json!("datafly_events"));
     assert_eq!(installed["status"], json!("active"));
+    // Running the install again would deliver every event twice: refused, naming the first.
+    let (s, again) = api.call(
+        "POST",
+        "/v1/admin/integration-catalog/lytics/install",
+        Some(install_body("datafly_events", "1234")),
+        None,
+    );
+    assert_eq!(
+        (s, again["error"]["code"].as_str()),
+        (409, Some("already_exists")),
+        "{again}"
+    );
+    assert!(
+        again["error"]["message"].as_str().unwrap().contains(&id),
+        "{again}"
+    );
     let (_, health) = api.call("GET", "/healthz", None, None);
     assert_eq!(health["paused_integrations"], json!([]), "{health}");
     // The replaced default is gone, and a call naming it says why.

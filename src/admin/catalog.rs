@@ -127,6 +127,7 @@ pub struct ConfigInput {
 pub fn validate_install(
     entry: &CatalogEntry,
     config: &ConfigInput,
+    name: Option<&str>,
     variant: &str,
     mode: &str,
 ) -> Result<(), ApiError> {
@@ -143,6 +144,21 @@ pub fn validate_install(
                 format!("is required: {}", f.help_text),
             ));
         }
+    }
+    // Every problem in one answer: the values given are checked too.
+    for (key, value) in [
+        ("api_token", &config.api_token),
+        ("account_id", &config.account_id),
+        ("stream_name", &config.stream_name),
+    ] {
+        if let Some(v) = value.as_deref().filter(|v| !v.trim().is_empty())
+            && let Some(problem) = setting_problem(key, v.trim())
+        {
+            violations.push(FieldViolation::new(format!("config.{key}"), problem));
+        }
+    }
+    if let Some(problem) = name.and_then(name_problem) {
+        violations.push(FieldViolation::new("name", problem));
     }
     if !entry.variants.iter().any(|v| v.key == variant) {
         let valid: Vec<&str> = entry.variants.iter().map(|v| v.key).collect();
@@ -167,4 +183,29 @@ pub fn validate_install(
         return Ok(());
     }
     Err(ApiError::violations("install request", violations))
+}
+
+/// What is wrong with a (trimmed, non-empty) integration setting, if anything.
+pub fn setting_problem(key: &str, value: &str) -> Option<String> {
+    use crate::integration::{AccountId, StreamName, check_api_token};
+    match key {
+        "api_token" => check_api_token(value).err().map(str::to_string),
+        "account_id" => AccountId::new(value).err().map(|e| e.to_string()),
+        "stream_name" => StreamName::new(value).err().map(|e| e.to_string()),
+        _ => None,
+    }
+}
+
+/// The longest integration name accepted, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// What is wrong with an integration's display name, if anything.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.chars().count() > MAX_NAME_CHARS {
+        Some(format!("must be at most {MAX_NAME_CHARS} characters"))
+    } else if name.chars().any(char::is_control) {
+        Some("must not hold control characters (line breaks, tabs, NUL)".into())
+    } else {
+        None
+    }
 }

@@ -110,7 +110,7 @@ fn filter(f: Option<pb::DeadLetterFilter>) -> Result<DeadLetterFilter, ApiError>
         ));
     }
     if !violations.is_empty() {
-        return Err(ApiError::invalid("invalid dead-letter filter", violations));
+        return Err(ApiError::violations("dead-letter filter", violations));
     }
     Ok(DeadLetterFilter {
         integration: text(f.integration),
@@ -548,10 +548,10 @@ mod tests {
             until_ms: 1,
             ..Default::default()
         };
-        assert_eq!(
-            fields(list(backwards, 0).await.unwrap_err()),
-            vec!["filter.until_ms"]
-        );
+        let e = list(backwards, 0).await.unwrap_err();
+        // The message says what is wrong, not only the details.
+        assert!(e.message().contains("`filter.until_ms`"), "{e:?}");
+        assert_eq!(fields(e), vec!["filter.until_ms"]);
         let negative = pb::DeadLetterFilter {
             since_ms: -1,
             ..Default::default()

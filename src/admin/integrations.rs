@@ -438,7 +438,12 @@ impl IntegrationAdmin {
         })?;
         let variant = req.variant.clone().unwrap_or_else(|| "default".into());
         let mode = req.delivery_mode.clone().unwrap_or_else(|| "server_side".into());
-        catalog::validate_install(&entry, &req.config, &variant, &mode)?;
+        catalog::validate_install(&entry, &req.config, req.name.as_deref(), &variant, &mode)?;
+        self.refuse_duplicate(
+            req.config.account_id.as_deref().unwrap_or_default().trim(),
+            req.config.stream_name.as_deref().unwrap_or_default().trim(),
+        )
+        .await?;
         let now = now_ms();
         let stored = StoredIntegration {
             id: format!("{key}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
@@ -481,6 +486,31 @@ impl IntegrationAdmin {
         Ok(self.view_stored(&stored))
     }
 
+    /// Refuses a second installed integration for an account and stream an installed one
+    /// already delivers to: every event would reach the stream twice (running an install twice
+    /// is an easy mistake). The integration from the relay's own settings is not compared: an
+    /// install beside it is how its settings are tried before they are changed.
+    async fn refuse_duplicate(&self, account_id: &str, stream_name: &str) -> Result<(), ApiError> {
+        let installed = self.store.list().await.map_err(store_error)?;
+        let same = installed
+            .iter()
+            .find(|s| {
+                s.account_id == account_id && s.stream_name == stream_name && s.base_url == self.base_url
+            })
+            .map(|s| s.id.clone());
+        match same {
+            Some(id) => Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!(
+                    "integration `{id}` already delivers to account `{account_id}`, stream \
+                     `{stream_name}`: a second one would deliver every event twice; change `{id}` \
+                     instead (PATCH /v1/admin/integrations/{id}, or UpdateIntegration)"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Changes an installed integration; a delivery paused by a setup error resumes.
     pub async fn update(&self, id: &str, req: UpdateRequest) -> Result<IntegrationView, ApiError> {
         let c = &req.config;
@@ -492,10 +522,13 @@ impl IntegrationAdmin {
             ));
         }
         let mut s = self.stored(id).await?;
+        let mut violations = Vec::new();
         if let Some(n) = req.name.filter(|n| !n.trim().is_empty()) {
+            if let Some(problem) = catalog::name_problem(&n) {
+                violations.push(FieldViolation::new("name", problem));
+            }
             s.name = n;
         }
-        let mut violations = Vec::new();
         for (key, value, slot) in [
             ("api_token", req.config.api_token, &mut s.api_token),
             ("account_id", req.config.account_id, &mut s.account_id),
@@ -505,7 +538,12 @@ impl IntegrationAdmin {
                 Some(v) if v.trim().is_empty() => {
                     violations.push(FieldViolation::new(format!("config.{key}"), "must not be empty"))
                 }
-                Some(v) => *slot = v.trim().to_string(),
+                Some(v) => {
+                    if let Some(problem) = catalog::setting_problem(key, v.trim()) {
+                        violations.push(FieldViolation::new(format!("config.{key}"), problem));
+                    }
+                    *slot = v.trim().to_string();
+                }
                 None => {}
             }
         }
