@@ -201,7 +201,10 @@ impl Ingest {
             for (integration, context) in &targets {
                 let before = records.len();
                 let mapping = rules.evaluate(event.source, &event.doc, context);
-                answer.dropped.extend(mapping.dropped);
+                answer.dropped.extend(mapping.dropped.into_iter().map(|mut d| {
+                    d.integration = Some(integration.id.as_arc());
+                    d
+                }));
                 for record in mapping.records {
                     // Each rule once, however many integrations it mapped the event for.
                     if !answer.rules.contains(&record.rule) {

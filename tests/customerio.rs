@@ -116,6 +116,8 @@ async fn webhooks_in_both_formats_merge_into_the_user_fields_the_rules_declare()
             .contains("missing identifiers"),
         "{body}"
     );
+    assert_eq!(body["dropped"][0]["integration"], json!("lytics"), "{body}");
+    assert_eq!(body["status"], json!("ignored"), "{body}");
     // A duplicate event id is acknowledged and not delivered again.
     let (status, body) = post(&relay, &opened("o1", 1_613_063_089, 123, "Test Email"), t, None).await;
     assert_eq!(

@@ -167,6 +167,7 @@ impl RulesService for RulesAdmin {
                 .map(|x| pb::DroppedRecord {
                     rule: text(x, "rule"),
                     reason: text(x, "reason"),
+                    integration: text(x, "integration"),
                 })
                 .collect(),
             fields: d

@@ -78,6 +78,7 @@ pub fn result_pb(a: &Accepted) -> pb::IngestResult {
             .map(|d| pb::DroppedRecord {
                 rule: String::from(&*d.rule),
                 reason: d.reason.clone(),
+                integration: d.integration.as_deref().unwrap_or_default().to_string(),
             })
             .collect(),
         rules_version: String::from(&*a.rules_version),

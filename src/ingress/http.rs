@@ -274,7 +274,7 @@ pub fn accepted_json(a: &Accepted) -> Value {
         },
         "records": a.records,
         "rules": a.rules.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
-        "dropped": a.dropped.iter().map(|d| json!({"rule": &*d.rule, "reason": d.reason})).collect::<Vec<_>>(),
+        "dropped": a.dropped.iter().map(|d| json!({"rule": &*d.rule, "reason": d.reason, "integration": d.integration.as_deref()})).collect::<Vec<_>>(),
         "rules_version": &*a.rules_version,
     })
 }

@@ -100,6 +100,7 @@ pub fn live_event_pb(e: &LiveEvent) -> pb::LiveEvent {
             .map(|d| pb::DroppedRecord {
                 rule: d.rule.to_string(),
                 reason: d.reason.clone(),
+                integration: d.integration.as_deref().unwrap_or_default().to_string(),
             })
             .collect(),
         status: e.status.map(u32::from).unwrap_or(0),

@@ -247,7 +247,7 @@ impl LiveEvent {
                 "rule": &*r.rule,
                 "record": parse_json(&r.body),
             })).collect::<Vec<_>>(),
-            "dropped": self.dropped.iter().map(|d| json!({"rule": &*d.rule, "reason": d.reason})).collect::<Vec<_>>(),
+            "dropped": self.dropped.iter().map(|d| json!({"rule": &*d.rule, "reason": d.reason, "integration": d.integration.as_deref()})).collect::<Vec<_>>(),
             "status": self.status,
             "latency_ms": self.latency_ms,
             "attempt": self.attempt,

@@ -348,6 +348,9 @@ pub struct DroppedRecord {
     pub rule: Arc<str>,
     /// Why, with a hint.
     pub reason: String,
+    /// The integration it was built for, when an event went to several: set by ingest (the
+    /// rules do not know it).
+    pub integration: Option<Arc<str>>,
 }
 
 /// How one output field got its value, for dry runs.
@@ -518,6 +521,7 @@ impl Rule {
         DroppedRecord {
             rule: self.name.clone(),
             reason,
+            integration: None,
         }
     }
 
