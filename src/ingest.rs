@@ -200,6 +200,17 @@ impl Ingest {
             };
             for (integration, context) in &targets {
                 let before = records.len();
+                if let Some(switch) = switched_off(&event.doc, integration.id.as_str()) {
+                    answer.dropped.push(DroppedRecord {
+                        rule: Arc::from(""),
+                        reason: format!(
+                            "the event's `integrations` sets `{switch}` to false, so it is not sent to this integration"
+                        ),
+                        integration: Some(integration.id.as_arc()),
+                    });
+                    per_target.push(0);
+                    continue;
+                }
                 let mapping = rules.evaluate(event.source, &event.doc, context);
                 answer.dropped.extend(mapping.dropped.into_iter().map(|mut d| {
                     d.integration = Some(integration.id.as_arc());
@@ -368,4 +379,15 @@ pub fn queue_error(e: QueueError) -> ApiError {
             }
         }
     }
+}
+
+/// The key of a sender's `integrations` switches (Segment's per-destination switches) that
+/// turns this integration off, if one does: the integration's own id, else `Lytics`, else
+/// `All`, the first present deciding. `true` or an options object leaves it on.
+fn switched_off(doc: &serde_json::Value, integration_id: &str) -> Option<String> {
+    let switches = doc.get("integrations")?.as_object()?;
+    let key = [integration_id, "Lytics", "All"]
+        .into_iter()
+        .find(|k| switches.contains_key(*k))?;
+    (switches.get(key) == Some(&serde_json::Value::Bool(false))).then(|| key.to_string())
 }

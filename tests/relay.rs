@@ -604,3 +604,51 @@ async fn a_request_that_does_not_decode_is_invalid_argument_and_a_stream_says_wh
     assert_eq!(r.result.unwrap().status, pb::IngestStatus::Accepted as i32);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_senders_integrations_switches_turn_lytics_off_and_on() {
+    let emu = EmulatorHandle::start().await;
+    let (settings, _dir) = settings(&emu.url(), TOKEN);
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let mut client = relay.client().await;
+    let mut send = async |id: &str, switches: Value| {
+        client
+            .send(pb::SendRequest {
+                event: Some(event(
+                    json!({"type": "track", "event": "Clicked", "userId": "u-sw",
+                    "messageId": id, "integrations": switches}),
+                )),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap()
+    };
+    // Segment's switches: `All: false` turns every destination off...
+    let off = send("sw-1", json!({"All": false})).await;
+    assert_eq!(off.status(), pb::IngestStatus::Ignored, "{off:?}");
+    assert_eq!(off.dropped[0].integration, "lytics");
+    assert!(off.dropped[0].reason.contains("`All` to false"), "{off:?}");
+    // ...unless the destination is turned back on by name, or by this integration's id.
+    let on = send("sw-2", json!({"All": false, "Lytics": true})).await;
+    assert_eq!(on.status(), pb::IngestStatus::Accepted, "{on:?}");
+    let by_id = send("sw-3", json!({"Lytics": false, "lytics": true})).await;
+    assert_eq!(by_id.status(), pb::IngestStatus::Accepted, "{by_id:?}");
+    let named_off = send("sw-4", json!({"Lytics": false, "Amplitude": true})).await;
+    assert_eq!(named_off.status(), pb::IngestStatus::Ignored, "{named_off:?}");
+    emu.wait_for_records(STREAM, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: Vec<String> = emu
+        .emulator
+        .stream_events(STREAM)
+        .iter()
+        .map(|e| e.record["message_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(
+        ids.contains(&"sw-2".to_string()) && ids.contains(&"sw-3".to_string()),
+        "{ids:?}"
+    );
+    relay.stop().await;
+}
