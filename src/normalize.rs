@@ -585,13 +585,20 @@ fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError>
         }
     }
     let timestamp = text_of("timestamp", &mut violations);
-    if let Some(ts) = timestamp
-        && timefmt::parse_iso_ms(ts).is_none()
-    {
-        violations.push(FieldViolation::new(
-            at("timestamp"),
-            format!("`{ts}` is not an ISO-8601 time such as 2026-02-25T14:30:00.000Z"),
-        ));
+    if let Some(ts) = timestamp {
+        match timefmt::parse_iso_ms(ts) {
+            None => violations.push(FieldViolation::new(
+                at("timestamp"),
+                format!("`{ts}` is not an ISO-8601 time such as 2026-02-25T14:30:00.000Z"),
+            )),
+            // Lytics files events by epoch milliseconds: a time before the epoch is a broken
+            // clock or a placeholder (0001-01-01), as a negative Customer.io timestamp is.
+            Some(ms) if ms < 0 => violations.push(FieldViolation::new(
+                at("timestamp"),
+                format!("`{ts}` is before 1970-01-01T00:00:00Z, which no event time can be"),
+            )),
+            Some(_) => {}
+        }
     }
     let message_id = text_of("messageId", &mut violations);
     if message_id.is_some_and(|id| id.len() > 256) {
@@ -890,6 +897,10 @@ mod tests {
                 json!({"type": "page", "userId": 5, "anonymousId": "a", "properties": [], "timestamp": "soon"})
             ),
             vec!["event.userId", "event.properties", "event.timestamp"]
+        );
+        assert_eq!(
+            fields(json!({"type": "page", "userId": "u", "timestamp": "0001-01-01T00:00:00Z"})),
+            vec!["event.timestamp"]
         );
         // An email in the traits is identity enough, over JSON and protobuf alike.
         for doc in [

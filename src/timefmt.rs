@@ -66,10 +66,20 @@ pub fn value_to_ms(value: &Value) -> Option<i64> {
         Value::Number(n) => n.as_f64().and_then(number_to_ms),
         Value::String(s) => match s.trim().parse::<f64>() {
             Ok(n) => number_to_ms(n),
-            Err(_) => parse_iso_ms(s),
+            Err(_) => parse_iso_ms(s).or_else(|| parse_date_ms(s)),
         },
         _ => None,
     }
+}
+
+/// A date alone (`2024-03-10`, as traits such as a birthday or a signup day are written): its
+/// midnight, UTC.
+fn parse_date_ms(text: &str) -> Option<i64> {
+    let date = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").ok()?;
+    Some(
+        Utc.from_utc_datetime(&date.and_hms_opt(0, 0, 0)?)
+            .timestamp_millis(),
+    )
 }
 
 fn number_to_ms(n: f64) -> Option<i64> {
@@ -116,6 +126,10 @@ mod tests {
         assert_eq!(value_to_ms(&json!("2026-02-25T15:30:00+01:00")), Some(want));
         assert_eq!(value_to_ms(&json!("2026-02-25T14:30:00")), Some(want));
         assert_eq!(value_to_ms(&json!("2026-02-25 14:30:00")), Some(want));
+        // A date alone is its midnight, UTC; an event's own timestamp still needs a time.
+        assert_eq!(value_to_ms(&json!("2026-02-25")), Some(want - 52_200_000));
+        assert_eq!(parse_iso_ms("2026-02-25"), None);
+        assert_eq!(value_to_ms(&json!("2026-02-30")), None);
         assert_eq!(value_to_ms(&json!(1_772_029_800)), Some(want));
         assert_eq!(value_to_ms(&json!(want)), Some(want));
         assert_eq!(value_to_ms(&json!("1772029800")), Some(want));
