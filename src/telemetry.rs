@@ -121,6 +121,22 @@ impl Telemetry {
                 format!("{}://{host}{port}{}", u.scheme_str().unwrap_or("http"), u.path())
             })
             .unwrap_or_default();
+        // Only OTLP/gRPC is built in: say so rather than export to a port that speaks HTTP.
+        for key in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Ok(v) = std::env::var(key)
+                && !v.trim().is_empty()
+                && v.trim() != "grpc"
+            {
+                tracing::warn!(
+                    variable = key,
+                    value = %v.trim(),
+                    "only OTLP/gRPC export is supported: this protocol is ignored; point the endpoint at the collector's gRPC port (4317 by default)"
+                );
+            }
+        }
         let telemetry = Self::build(None, call_queue, ingest_ratio)?;
         tracing::info!(
             %endpoint,
@@ -148,7 +164,16 @@ impl Telemetry {
             };
             b.build().map_err(|e| TelemetryError(e.to_string()))
         };
-        let resource = Resource::builder().with_service_name("lytics-relay").build();
+        // `OTEL_SERVICE_NAME`, or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, names the
+        // service (the builder reads both); `lytics-relay` otherwise.
+        let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+                .is_ok_and(|v| v.split(',').any(|kv| kv.trim().starts_with("service.name=")));
+        let resource = if named {
+            Resource::builder().build()
+        } else {
+            Resource::builder().with_service_name("lytics-relay").build()
+        };
         let processor = |queue: usize| -> Result<BatchSpanProcessor, TelemetryError> {
             Ok(BatchSpanProcessor::builder(exporter()?)
                 .with_batch_config(

@@ -29,6 +29,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<Span>>>,
+    /// The `service.name` of each batch's resource.
+    services: Arc<Mutex<Vec<String>>>,
 }
 
 #[tonic::async_trait]
@@ -39,6 +41,17 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().unwrap();
         for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(AnyValue::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                });
+            self.services.lock().unwrap().extend(service);
             for ss in rs.scope_spans {
                 spans.extend(ss.spans);
             }
@@ -364,4 +377,37 @@ async fn a_call_cut_off_by_shutdown_is_exported_as_failed_not_as_a_success() {
     assert_eq!(status.code, 2, "an error status: {status:?}");
     assert!(status.message.contains("cut off"), "{status:?}");
     assert!(attr(&call, names::HTTP_RESPONSE_STATUS_CODE).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_is_named_by_otel_service_name_and_lytics_relay_otherwise() {
+    let (receiver, otlp, stop) = receive_spans().await;
+    let endpoint = format!("http://{otlp}");
+    for (name, want) in [(Some("relay-prod"), "relay-prod"), (None, "lytics-relay")] {
+        receiver.services.lock().unwrap().clear();
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+        env.extend(name.map(|n| ("OTEL_SERVICE_NAME", n)));
+        let mut relay = tokio::task::block_in_place(|| Spawned::start_env(dir.path(), &[], &env));
+        let mut client =
+            pb::ingest_service_client::IngestServiceClient::connect(format!("http://{}", relay.grpc))
+                .await
+                .unwrap();
+        client
+            .send(pb::SendRequest {
+                event: Some(event(json!({"type": "page", "userId": "u-name"}))),
+            })
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The call span is exported within half a second of the delivery.
+        while receiver.services.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "no span exported");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::task::block_in_place(|| relay.terminate());
+        let services = receiver.services.lock().unwrap().clone();
+        assert!(services.iter().all(|s| s == want), "{services:?}");
+    }
+    let _ = stop.send(());
 }
