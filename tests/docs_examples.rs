@@ -1,4 +1,6 @@
-//! Every `yaml rules` block of docs/rules.md is a complete rule file whose cases must pass.
+//! The documentation's examples, run: every `yaml rules` block of docs/rules.md is a complete rule
+//! file whose cases must pass, its LQL example is what `rules lql` prints, and the README's config
+//! file sample loads.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
@@ -55,4 +57,30 @@ fn the_lql_shown_for_the_merge_example_is_what_rules_lql_prints() {
     let shown_start = doc.find("SELECT\n    email(email)").unwrap();
     let shown_end = shown_start + doc[shown_start..].find("```").unwrap();
     assert_eq!(lql[0].text, doc[shown_start..shown_end]);
+}
+
+#[test]
+fn the_readme_config_file_sample_loads() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let after = readme
+        .split("Flags and variables override the config file.")
+        .nth(1)
+        .expect("the config section");
+    let start = after.find("```yaml\n").expect("the sample") + "```yaml\n".len();
+    let sample = &after[start..start + after[start..].find("```").unwrap()];
+    // The sample's placeholders ("…") are not valid secrets or tokens: fill them in.
+    let sample = sample.replace('…', "xxxxxxxxxxxxxxxxxxxx");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.yaml");
+    std::fs::write(
+        &path,
+        sample.replace("./data", dir.path().join("data").to_str().unwrap()),
+    )
+    .unwrap();
+    let args = lytics_relay::cli::ServeArgs {
+        config: Some(path),
+        ..Default::default()
+    };
+    let settings = lytics_relay::config::Settings::load(&args);
+    assert!(settings.is_ok(), "{:?}", settings.err().map(|e| e.to_string()));
 }
