@@ -113,6 +113,27 @@ impl Ingest {
         }
     }
 
+    /// Notes an HTTP request from `source` refused for its signature: counted, and logged at
+    /// most every 10 s per source (a wrong signing key refuses every request, and Customer.io
+    /// then holds back its whole feed: the relay's side must show it).
+    pub fn unauthenticated(&self, source: Source, why: &str) {
+        static SIGNAL: Throttle = Throttle::new(10_000);
+        static CUSTOMERIO: Throttle = Throttle::new(10_000);
+        self.monitor.metrics().unauthenticated(source);
+        let throttle = match source {
+            Source::Signal => &SIGNAL,
+            Source::CustomerIo => &CUSTOMERIO,
+        };
+        if let Some(held_back) = throttle.pass() {
+            tracing::warn!(
+                source = source.as_str(),
+                reason = why,
+                refused_since_last_line = held_back,
+                "refused a request for its signature (401); if every request is refused, check the signing secret on both sides"
+            );
+        }
+    }
+
     /// Reports accepted events to `monitor` (metrics, live events).
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
         self.monitor = monitor;

@@ -103,6 +103,7 @@ pub struct Metrics {
     duplicates: Family<SourceLabels, Counter>,
     dropped: Family<SourceLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    unauthenticated: Family<SourceLabels, Counter>,
     mapped: Family<RecordLabels, Counter>,
     delivered: Family<RecordLabels, Counter>,
     retried: Family<RecordLabels, Counter>,
@@ -110,6 +111,7 @@ pub struct Metrics {
     paused: Family<RecordLabels, Counter>,
     rejected: Family<IntegrationLabels, Counter>,
     integration_paused: Family<PausedLabels, Gauge>,
+    integration_failing: Family<IntegrationLabels, Gauge>,
     calls: Family<CallLabels, Counter>,
     latency: Family<IntegrationLabels, Histogram, fn() -> Histogram>,
     rule_reloads: Counter,
@@ -147,6 +149,7 @@ impl Metrics {
             duplicates: Family::default(),
             dropped: Family::default(),
             refused: Family::default(),
+            unauthenticated: Family::default(),
             mapped: Family::default(),
             delivered: Family::default(),
             retried: Family::default(),
@@ -154,6 +157,7 @@ impl Metrics {
             paused: Family::default(),
             rejected: Family::default(),
             integration_paused: Family::default(),
+            integration_failing: Family::default(),
             calls: Family::default(),
             latency: Family::new_with_constructor(call_latency),
             rule_reloads: Counter::default(),
@@ -191,6 +195,11 @@ impl Metrics {
             "Valid events refused because the relay could not queue them (reason: queue_full, store_unavailable, shutting_down); the sender was told to retry",
             m.refused.clone(),
         );
+        registry.register(
+            "requests_unauthenticated",
+            "HTTP ingest requests refused with 401 (missing, malformed or wrong signature, a timestamp out of tolerance, or no secret configured); nothing was queued",
+            m.unauthenticated.clone(),
+        );
         registry.register("records_mapped", "Records mapped and queued", m.mapped.clone());
         registry.register("records_delivered", "Records Lytics took", m.delivered.clone());
         registry.register(
@@ -217,6 +226,11 @@ impl Metrics {
             "integration_paused",
             "1 for each integration whose delivery is paused, labelled with the status that paused it and the troubleshooting text",
             m.integration_paused.clone(),
+        );
+        registry.register(
+            "integration_lytics_failing",
+            "1 for each integration in an outage hold (its calls keep failing with retryable errors: Lytics down?); its events stay queued",
+            m.integration_failing.clone(),
         );
         registry.register(
             "lytics_calls",
@@ -269,7 +283,13 @@ impl Metrics {
             let labels = SourceLabels {
                 source: source.as_str(),
             };
-            for family in [&m.received, &m.ignored, &m.duplicates, &m.dropped] {
+            for family in [
+                &m.received,
+                &m.ignored,
+                &m.duplicates,
+                &m.dropped,
+                &m.unauthenticated,
+            ] {
                 drop(family.get_or_create(&labels));
             }
             for reason in ["queue_full", "store_unavailable", "shutting_down"] {
@@ -313,6 +333,15 @@ impl Metrics {
                 reason,
             })
             .inc_by(events);
+    }
+
+    /// Counts an HTTP request from `source` refused for its signature (401).
+    pub fn unauthenticated(&self, source: Source) {
+        self.unauthenticated
+            .get_or_create(&SourceLabels {
+                source: source.as_str(),
+            })
+            .inc();
     }
 
     /// Counts one Lytics call: `status` is the HTTP status, or the transport failure's kind.
@@ -375,6 +404,7 @@ impl Metrics {
         queue: &dyn Queue,
         bus: &LiveBus,
         paused: impl FnOnce() -> HashMap<String, Pause>,
+        failing: impl FnOnce() -> Vec<String>,
     ) -> Result<String, std::fmt::Error> {
         let _one_at_a_time = self.render_sync.lock().await;
         // Read in turn, so a scrape that waited does not publish an older set than the last.
@@ -387,6 +417,12 @@ impl Metrics {
                     status: p.status.to_string(),
                     hint: p.hint.clone(),
                 })
+                .set(1);
+        }
+        self.integration_failing.clear();
+        for integration in failing() {
+            self.integration_failing
+                .get_or_create(&IntegrationLabels { integration })
                 .set(1);
         }
         self.queue_depth
@@ -451,7 +487,12 @@ pub fn router(state: MetricsState) -> Router {
 async fn scrape(State(s): State<MetricsState>) -> Response {
     match s
         .metrics
-        .render(s.queue.as_ref(), &s.bus, || s.delivery.paused())
+        .render(
+            s.queue.as_ref(),
+            &s.bus,
+            || s.delivery.paused(),
+            || s.delivery.outages().into_keys().collect(),
+        )
         .await
     {
         Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
@@ -565,16 +606,24 @@ mod tests {
             stream: None,
         };
         let paused = HashMap::from([("b".to_string(), pause(401, "invalid API token"))]);
-        let text = m.render(&queue, &bus, || paused.clone()).await.unwrap();
+        let text = m
+            .render(&queue, &bus, || paused.clone(), || vec!["c".to_string()])
+            .await
+            .unwrap();
         for line in [
             r#"lytics_relay_records_rejected_total{integration="a"} 5"#,
             r#"lytics_relay_integration_paused{integration="b",status="401",hint="invalid API token"} 1"#,
+            r#"lytics_relay_integration_lytics_failing{integration="c"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         // Resumed: the series goes away with the pause.
-        let text = m.render(&queue, &bus, HashMap::new).await.unwrap();
+        let text = m.render(&queue, &bus, HashMap::new, Vec::new).await.unwrap();
         assert!(!text.contains("lytics_relay_integration_paused{"), "{text}");
+        assert!(
+            !text.contains("lytics_relay_integration_lytics_failing{"),
+            "{text}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -600,7 +649,7 @@ mod tests {
                 let mut missing = 0;
                 for _ in 0..300 {
                     let text = m
-                        .render(queue.as_ref(), &bus, || paused.as_ref().clone())
+                        .render(queue.as_ref(), &bus, || paused.as_ref().clone(), Vec::new)
                         .await
                         .unwrap();
                     if !text.contains(r#"lytics_relay_integration_paused{integration="b""#) {

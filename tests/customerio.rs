@@ -147,6 +147,14 @@ async fn webhooks_in_both_formats_merge_into_the_user_fields_the_rules_declare()
         body["error"]["message"].as_str().unwrap().contains("tolerance"),
         "{body}"
     );
+    // Both refusals are counted, so a wrong signing key shows on the relay's side.
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"lytics_relay_requests_unauthenticated_total{source="customerio"} 2"#),
+        "{metrics}"
+    );
     // Malformed bodies get a clear 400.
     let (status, body) = post(&relay, &json!({"event_id": "m1", "timestamp": 1}), t, None).await;
     assert_eq!(status, 400, "{body}");

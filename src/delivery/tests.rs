@@ -631,7 +631,7 @@ async fn a_200_with_rejected_records_is_a_partial_failure_in_metrics_and_the_liv
     task.await.unwrap();
     assert_eq!(state.counters.rejected_in_200.load(Ordering::Relaxed), 1);
     let text = metrics
-        .render(queue.as_ref(), &bus, || state.paused())
+        .render(queue.as_ref(), &bus, || state.paused(), Vec::new)
         .await
         .unwrap();
     assert!(

@@ -33,6 +33,7 @@ use crate::ingress::signature;
 use crate::integration::Secret;
 use crate::normalize::{self, InboundEvent};
 use crate::queue::Queue;
+use crate::rules::Source;
 use crate::timefmt::now_ms;
 
 use crate::normalize::MAX_WEBHOOK_BYTES;
@@ -246,6 +247,10 @@ fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
 }
 
 fn verify_signal(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    check_signal(s, headers, body).inspect_err(|e| s.ingest.unauthenticated(Source::Signal, &e.message))
+}
+
+fn check_signal(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let secret = s.signal_secret.as_ref().ok_or_else(|| {
         ApiError::new(
             ErrorCode::Unauthenticated,
@@ -481,21 +486,24 @@ async fn customerio_webhook(
 ) -> Result<Json<Value>, ApiError> {
     let body = read_body(&s, &headers, body, MAX_WEBHOOK_BYTES).await?;
     let body = &body.bytes[..];
-    let key = s.customerio_key.as_ref().ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::Unauthenticated,
-            "Customer.io webhooks are not configured: set --customerio-signing-key (LYTICS_RELAY_CUSTOMERIO_SIGNING_KEY)",
+    let signed = || {
+        let key = s.customerio_key.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthenticated,
+                "Customer.io webhooks are not configured: set --customerio-signing-key (LYTICS_RELAY_CUSTOMERIO_SIGNING_KEY)",
+            )
+        })?;
+        signature::verify_customerio(
+            key.expose(),
+            signature_header(&headers, "X-CIO-Timestamp")?,
+            signature_header(&headers, "X-CIO-Signature")?,
+            body,
+            now_ms() / 1000,
+            i64::try_from(s.customerio_tolerance.as_secs()).unwrap_or(i64::MAX),
         )
-    })?;
-    signature::verify_customerio(
-        key.expose(),
-        signature_header(&headers, "X-CIO-Timestamp")?,
-        signature_header(&headers, "X-CIO-Signature")?,
-        body,
-        now_ms() / 1000,
-        i64::try_from(s.customerio_tolerance.as_secs()).unwrap_or(i64::MAX),
-    )
-    .map_err(unauthenticated)?;
+        .map_err(unauthenticated)
+    };
+    signed().inspect_err(|e| s.ingest.unauthenticated(Source::CustomerIo, &e.message))?;
     let body = inflated(&headers, body, MAX_WEBHOOK_BYTES)?;
     let event = normalize::customerio_event(parse_json(&body)?, "", MAX_WEBHOOK_BYTES)?;
     let accepted = s
