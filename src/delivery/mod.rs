@@ -569,10 +569,16 @@ impl Delivery {
     /// sends the halves, so only the bad records end in the dead-letter queue.
     async fn send(&self, integration: &Integration, batch: Vec<QueuedRecord>) {
         let mut pending = vec![batch];
+        // The bad records the halving isolates, by reason: dead-lettered together at the end,
+        // one log line per reason rather than one per record.
+        let mut refused = Refused::default();
         while let Some(batch) = pending.pop() {
-            if let Some(halves) = self.send_one(integration, batch).await {
+            if let Some(halves) = self.send_one(integration, batch, &mut refused).await {
                 pending.extend(halves);
             }
+        }
+        for (reason, records) in refused.by_reason {
+            self.dead_letter(records, reason).await;
         }
     }
 
@@ -580,6 +586,7 @@ impl Delivery {
         &self,
         integration: &Integration,
         batch: Vec<QueuedRecord>,
+        refused: &mut Refused,
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let first = batch.first()?;
         let stream = first.record.stream.clone();
@@ -634,8 +641,14 @@ impl Delivery {
             s.end();
         }
         let status = result.as_ref().ok().map(|r| r.status);
-        self.settle(integration, batch, outcome, CallResult { status, latency })
-            .await
+        self.settle(
+            integration,
+            batch,
+            outcome,
+            CallResult { status, latency },
+            refused,
+        )
+        .await
     }
 
     async fn settle(
@@ -644,6 +657,7 @@ impl Delivery {
         batch: Vec<QueuedRecord>,
         outcome: Outcome,
         call: CallResult,
+        refused: &mut Refused,
     ) -> Option<[Vec<QueuedRecord>; 2]> {
         let c = &self.state.counters;
         let status = call.status;
@@ -710,14 +724,18 @@ impl Delivery {
                 None
             }
             Outcome::BadPayload { status: s, message } if batch.len() > 1 => {
-                tracing::info!(
-                    integration = %integration.id,
-                    stream = %batch[0].record.stream,
-                    status = s,
-                    records = batch.len(),
-                    lytics_message = %message,
-                    "Lytics refused the batch; splitting it to find the bad records"
-                );
+                // Once per batch sent, not for each half.
+                if !refused.splitting {
+                    refused.splitting = true;
+                    tracing::info!(
+                        integration = %integration.id,
+                        stream = %batch[0].record.stream,
+                        status = s,
+                        records = batch.len(),
+                        lytics_message = %message,
+                        "Lytics refused the batch; resending it in halves to find the bad records"
+                    );
+                }
                 let detail = format!(
                     "Lytics refused the batch ({s}): {message}; resending it in halves to isolate the bad records"
                 );
@@ -740,7 +758,10 @@ impl Delivery {
                         kind: AttemptKind::Spent,
                     },
                 );
-                self.dead_letter(batch, reason).await;
+                match refused.by_reason.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, records)) => records.extend(batch),
+                    None => refused.by_reason.push((reason, batch)),
+                }
                 None
             }
         }
@@ -1297,6 +1318,14 @@ fn record_answer(
             *rejected_count as i64,
         ));
     }
+}
+
+/// What the halving of a refused batch found: the records Lytics refused alone, by reason.
+#[derive(Default)]
+struct Refused {
+    /// The batch was split (logged once).
+    splitting: bool,
+    by_reason: Vec<(String, Vec<QueuedRecord>)>,
 }
 
 /// The event ids of `records` for a log line: the first ten, and how many more.

@@ -1055,3 +1055,76 @@ fn fewer_than_three_failed_calls_in_a_row_are_no_outage_yet() {
     assert!(state.call_answered("lytics"));
     assert!(state.outages().is_empty());
 }
+
+/// Refuses (400) every call carrying a poison record, takes every other; counts the calls.
+#[derive(Default)]
+struct PoisonRefused {
+    calls: AtomicU64,
+    delivered: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl CollectSender for PoisonRefused {
+    async fn post(&self, _url: Url, _token: &Secret, body: Bytes) -> Result<Reply, TransportError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if body.windows(6).any(|w| w == b"poison") {
+            return answer(400, br#"{"status":400,"message":"bad record"}"#);
+        }
+        let records = serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+            .unwrap()
+            .len();
+        self.delivered.fetch_add(records as u64, Ordering::Relaxed);
+        answer(
+            200,
+            br#"{"status":200,"message":"success","data":{"message_count":1,"rejected_count":0}}"#,
+        )
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_batch_is_halved_until_only_its_bad_records_are_dead_lettered() {
+    let lytics = Arc::new(PoisonRefused::default());
+    let queue = Arc::new(MemoryQueue::new(100, Duration::from_secs(60)));
+    let events: Vec<_> = (0..8)
+        .map(|i| EventRecords {
+            dedup_key: Some(Arc::from(format!("e{i}"))),
+            records: vec![NewRecord {
+                body: if [1, 4, 6].contains(&i) {
+                    Bytes::from(format!(r#"{{"poison":true,"n":{i}}}"#))
+                } else {
+                    Bytes::from(format!(r#"{{"n":{i}}}"#))
+                },
+                ..record()
+            }],
+        })
+        .collect();
+    queue.enqueue(events).await.unwrap();
+    let (_state, stop, task) = start(&queue, settings(), lytics.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        lytics.delivered.load(Ordering::Relaxed),
+        5,
+        "the good neighbours arrive"
+    );
+    let dead = dead_letters(&queue).await;
+    let mut bad: Vec<String> = dead
+        .iter()
+        .map(|d| d.queued.record.event_id.to_string())
+        .collect();
+    bad.sort();
+    assert_eq!(dead.len(), 3, "{bad:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.reason == "Lytics refused the record (400): bad record"),
+        "{dead:?}"
+    );
+    assert_eq!(queue.depth(), 0);
+    // One batch of 8 with 3 bad records: the whole, then halves down to single records.
+    assert!(
+        lytics.calls.load(Ordering::Relaxed) <= 13,
+        "{}",
+        lytics.calls.load(Ordering::Relaxed)
+    );
+}
