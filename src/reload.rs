@@ -192,6 +192,14 @@ impl Reloader {
                         m.rule_reloaded();
                     }
                     tracing::info!(trigger, version = %version, previous = %previous, "rules reloaded");
+                } else if self.source == RulesSource::Embedded {
+                    tracing::info!(
+                        trigger,
+                        version = %version,
+                        "rules unchanged: they are built into the binary (start with --rules DIR to edit and reload them)"
+                    );
+                } else {
+                    tracing::info!(trigger, version = %version, "rules unchanged: nothing to swap");
                 }
                 status.last_error.clear();
                 ReloadOutcome {
