@@ -607,7 +607,8 @@ impl Delivery {
             }
         };
         let body = lytics::batch_body(batch.iter().map(|r| &r.record.body));
-        let attempt = batch.iter().map(|r| r.attempts).max().unwrap_or(0);
+        // Calls before this one (deferred ones too), as the live view counts them.
+        let attempt = batch.iter().map(QueuedRecord::calls_failed).max().unwrap_or(0);
         let mut attrs = call_attributes(&url, &stream, integration, batch.len());
         attrs.extend([
             KeyValue::new(names::LYTICS_ATTEMPT, i64::from(attempt) + 1),

@@ -156,7 +156,8 @@ pub struct LiveEvent {
     pub status: Option<u16>,
     /// How long the Lytics call took (ms).
     pub latency_ms: Option<u64>,
-    /// The delivery attempt (1-based); 0 at ingest.
+    /// The delivery attempt (1-based): the calls the record was in, this one included, whether
+    /// they spent an attempt or were deferred (an outage hold, a 429); 0 at ingest.
     pub attempt: u32,
     /// What happens next or why (retry reason, dead-letter reason, pause hint).
     pub detail: String,
@@ -215,7 +216,8 @@ impl LiveEvent {
             dropped: Vec::new(),
             status: call.status,
             latency_ms: Some(u64::try_from(call.latency.as_millis()).unwrap_or(u64::MAX)),
-            attempt: r.attempts + 1,
+            // Calls the record was in before (a deferred call is still a call), and this one.
+            attempt: r.calls_failed().saturating_add(1),
             detail: detail.to_string(),
             traceparent: rec.traceparent.clone(),
         }

@@ -99,3 +99,31 @@ fn the_json_form_shows_input_record_status_and_trace_id() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
 }
+
+#[test]
+fn the_attempt_counts_every_call_the_record_was_in_deferred_or_spent() {
+    use crate::queue::AttemptKind;
+    let kind = |kind: AttemptKind| crate::queue::Attempt {
+        at_ms: 1,
+        status: Some(503),
+        detail: String::new(),
+        kind,
+    };
+    let r = QueuedRecord {
+        id: 1,
+        record: NewRecord::sample("lytics"),
+        attempts: 1,
+        // A deferred call (outage hold), a spent one, and a hand-back that made no call.
+        history: vec![
+            kind(AttemptKind::Deferred),
+            kind(AttemptKind::Spent),
+            kind(AttemptKind::Held),
+        ],
+    };
+    let call = CallResult {
+        status: Some(200),
+        latency: Duration::from_millis(3),
+    };
+    let e = LiveEvent::settled(&r, Outcome::Delivered, &call, "", 5);
+    assert_eq!(e.attempt, 3, "two calls before, and this one");
+}

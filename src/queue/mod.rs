@@ -111,6 +111,17 @@ pub struct QueuedRecord {
 }
 
 impl QueuedRecord {
+    /// The Lytics calls the record was in so far that failed, whether they spent one of its
+    /// attempts or were deferred (a hand-back or hold without a call is not one).
+    pub fn calls_failed(&self) -> u32 {
+        let n = self
+            .history
+            .iter()
+            .filter(|a| matches!(a.kind, AttemptKind::Spent | AttemptKind::Deferred))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// The failures (spent or deferred) since the record was last held or replayed, oldest
     /// first: its current run of retries.
     fn retry_run(&self) -> &[Attempt] {
