@@ -479,6 +479,24 @@ impl Compiler<'_> {
     }
 
     fn spread(&mut self, rule: &str, entry: &Yaml) -> Option<Spread> {
+        let spread = self.spread_entry(rule, entry)?;
+        // A query selecting several values would be flattened as one list (keys `[0].a`).
+        if !spread.from.is_singular() {
+            self.problem(
+                Some(rule),
+                spread.from.text(),
+                format!(
+                    "`flatten` path `{}` can select several values; it must name one object",
+                    spread.from.text()
+                ),
+                Some("flatten the object holding them (`$.properties`), or map the values as fields".into()),
+            );
+            return None;
+        }
+        Some(spread)
+    }
+
+    fn spread_entry(&mut self, rule: &str, entry: &Yaml) -> Option<Spread> {
         match entry {
             Yaml::String(path) => self.selector(rule, path).map(|from| Spread {
                 from,

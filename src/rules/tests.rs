@@ -646,3 +646,26 @@ rules:
         "{problems:?}"
     );
 }
+
+#[test]
+fn a_flatten_path_that_can_select_several_values_is_refused() {
+    let problems = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+    flatten:
+      - \"$.properties.items[*]\"
+",
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].message.contains("can select several values"),
+        "{problems:?}"
+    );
+    assert_eq!(problems[0].line, Some(9), "{problems:?}");
+}
