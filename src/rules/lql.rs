@@ -101,7 +101,11 @@ fn select_item(f: &FieldRule, is_identity: bool) -> String {
     };
     let mut item = format!("{expr} AS {name}");
     if let Some(d) = &f.description {
-        item.push_str(&format!(" SHORTDESC \"{}\"", d.replace('"', "'")));
+        // An LQL string: quotes and backslashes escaped.
+        item.push_str(&format!(
+            " SHORTDESC \"{}\"",
+            d.replace('\\', "\\\\").replace('"', "\\\"")
+        ));
     }
     item.push_str(&format!(" KIND {} MERGEOP {mergeop}", kind.name()));
     item
