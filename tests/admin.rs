@@ -15,6 +15,9 @@ use serde_json::{Value, json};
 
 const LYTICS_TOKEN: &str = "xxxxxxxxxxxxxxxxxxxx-seed-token";
 
+/// A stream of the emulator other than the configured integration's, for installed ones.
+const OTHER: &str = "customerio_events";
+
 fn start(dir: &std::path::Path) -> Spawned {
     Spawned::start_env(
         dir,
@@ -462,8 +465,10 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
             .json(&body)
             .send()
     };
+    // The installed integration writes to a stream of its own (OTHER): one beside the
+    // configured integration's would deliver every event twice, and is refused.
     // A wrong token with test_connection refuses the install.
-    let mut body = json!({"config": {"api_token": "wrong", "account_id": ACCOUNT, "stream_name": STREAM}, "test_connection": true});
+    let mut body = json!({"config": {"api_token": "wrong", "account_id": ACCOUNT, "stream_name": OTHER}, "test_connection": true});
     let r = post(
         "/v1/admin/integration-catalog/lytics/install".into(),
         body.clone(),
@@ -539,15 +544,30 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let records = emu.wait_for_records(STREAM, 2).await;
     assert_eq!(
-        records
-            .iter()
-            .filter(|r| r["message_id"] == json!("held-1"))
-            .count(),
-        2,
-        "both integrations delivered it"
+        r.status().as_u16(),
+        409,
+        "the configured integration delivers there"
+    );
+    let r = client
+        .patch(relay.http_url(&format!("/v1/admin/integrations/{id}")))
+        .header("Authorization", format!("Bearer {token}"))
+        .json(&json!({"config": {"stream_name": OTHER}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let records = emu.wait_for_records(OTHER, 1).await;
+    assert_eq!(
+        records[0]["message_id"],
+        json!("held-1"),
+        "the held event, once fixed"
+    );
+    let records = emu.wait_for_records(STREAM, 1).await;
+    assert_eq!(
+        records[0]["message_id"],
+        json!("held-1"),
+        "and by the configured one"
     );
     // The config-managed integration is read-only here.
     let r = client
@@ -576,11 +596,11 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
     })
     .await
     .unwrap();
-    // The installed integration (same account and stream) delivers it; the paused one holds it.
+    // The installed integration delivers it; the paused one holds it.
     let sent = |emu: &EmulatorHandle| {
-        emu.emulator
-            .stream_events(STREAM)
+        [STREAM, OTHER]
             .iter()
+            .flat_map(|s| emu.emulator.stream_events(s))
             .filter(|r| r.record.get("message_id") == Some(&json!("while-paused")))
             .count()
     };
@@ -731,7 +751,7 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
             "POST",
             "/v1/admin/integration-catalog/lytics/install",
             &token,
-            Some(json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": STREAM}})),
+            Some(json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": OTHER}})),
         )
         .await;
     let id = installed["id"].as_str().unwrap().to_string();
@@ -792,7 +812,7 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(letter.stream, STREAM, "{letter:?}");
+    assert_eq!(letter.stream, OTHER, "{letter:?}");
     assert!(letter.reason.contains("no longer exists"), "{}", letter.reason);
     // Counted as every other dead letter is.
     let metrics = relay.metrics().await;
@@ -838,7 +858,7 @@ async fn records_of_an_uninstalled_integration_are_dead_lettered_naming_its_stre
     for filter in [
         pb::DeadLetterFilter::default(),
         pb::DeadLetterFilter {
-            stream: STREAM.into(),
+            stream: OTHER.into(),
             ..Default::default()
         },
     ] {

@@ -442,6 +442,7 @@ impl IntegrationAdmin {
         self.refuse_duplicate(
             req.config.account_id.as_deref().unwrap_or_default().trim(),
             req.config.stream_name.as_deref().unwrap_or_default().trim(),
+            None,
         )
         .await?;
         let now = now_ms();
@@ -486,25 +487,41 @@ impl IntegrationAdmin {
         Ok(self.view_stored(&stored))
     }
 
-    /// Refuses a second installed integration for an account and stream an installed one
-    /// already delivers to: every event would reach the stream twice (running an install twice
-    /// is an easy mistake). The integration from the relay's own settings is not compared: an
-    /// install beside it is how its settings are tried before they are changed.
-    async fn refuse_duplicate(&self, account_id: &str, stream_name: &str) -> Result<(), ApiError> {
+    /// Refuses a second integration for an account and stream another one (installed, or from
+    /// the relay's settings) already delivers to: every event would reach the stream twice
+    /// (running an install twice is an easy mistake). `except` is the integration being changed.
+    async fn refuse_duplicate(
+        &self,
+        account_id: &str,
+        stream_name: &str,
+        except: Option<&str>,
+    ) -> Result<(), ApiError> {
         let installed = self.store.list().await.map_err(store_error)?;
         let same = installed
             .iter()
+            .filter(|s| Some(s.id.as_str()) != except)
             .find(|s| {
                 s.account_id == account_id && s.stream_name == stream_name && s.base_url == self.base_url
             })
-            .map(|s| s.id.clone());
+            .map(|s| s.id.clone())
+            .or_else(|| {
+                self.configured
+                    .as_ref()
+                    .filter(|c| {
+                        !self.configured_is_default
+                            && c.account_id.as_str() == account_id
+                            && c.stream_name.as_str() == stream_name
+                            && c.base_url == self.base_url
+                    })
+                    .map(|c| c.id.to_string())
+            });
         match same {
             Some(id) => Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!(
                     "integration `{id}` already delivers to account `{account_id}`, stream \
-                     `{stream_name}`: a second one would deliver every event twice; change `{id}` \
-                     instead (PATCH /v1/admin/integrations/{id}, or UpdateIntegration)"
+                     `{stream_name}`: a second one would deliver every event twice; change or \
+                     remove `{id}` instead"
                 ),
             )),
             None => Ok(()),
@@ -558,6 +575,8 @@ impl IntegrationAdmin {
             ));
         }
         to_integration(&s)?;
+        self.refuse_duplicate(&s.account_id, &s.stream_name, Some(&s.id))
+            .await?;
         s.updated_ms = now_ms();
         if let Some(e) = &self.emulator {
             e.add_credentials(&s.api_token, &s.account_id);
