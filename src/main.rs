@@ -149,7 +149,11 @@ async fn lql_command(args: lytics_relay::cli::LqlArgs) -> ExitCode {
     let unplaced: Vec<&str> = set
         .files()
         .iter()
-        .filter(|f| f.stream.is_none() && f.rules.iter().any(|r| r.fields.iter().any(|x| x.merge.is_some())))
+        .filter(|f| {
+            f.rules
+                .iter()
+                .any(|r| r.stream.is_none() && r.fields.iter().any(|x| x.merge.is_some()))
+        })
         .map(|f| &*f.file)
         .collect();
     let default_stream = match (&args.lytics_stream, unplaced.is_empty()) {
@@ -157,7 +161,7 @@ async fn lql_command(args: lytics_relay::cli::LqlArgs) -> ExitCode {
         (None, true) => "",
         (None, false) => {
             eprintln!(
-                "error: {} declare merged user fields but no `stream:`, so their records go to the \
+                "error: rules merging user fields without a `stream:` (in {}) write to the \
                  integration's stream: give it with --lytics-stream (LYTICS_RELAY_LYTICS_STREAM), \
                  or set `stream:` in the file",
                 unplaced.join(", ")

@@ -5,7 +5,7 @@
 //! ALIAS <alias>` query per file that declares merged fields. Pure.
 
 use super::compile::CompiledFile;
-use super::model::{FieldKind, FieldRule, MergeOp};
+use super::model::{FieldKind, FieldRule, MergeOp, Rule};
 
 /// One generated query.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,16 +18,55 @@ pub struct LqlQuery {
     pub text: String,
 }
 
-/// The queries of every file with merged fields; a file without `stream:` reads
-/// `default_stream` (the integration's `stream_name`, where its records go).
+/// The queries of every file with merged fields: one per stream its rules write to (the
+/// file's, or a rule's own `stream:`); rules without one write to `default_stream` (the
+/// integration's `stream_name`).
 pub fn queries(files: &[CompiledFile], default_stream: &str) -> Vec<LqlQuery> {
-    files.iter().filter_map(|f| query(f, default_stream)).collect()
+    files
+        .iter()
+        .flat_map(|f| file_queries(f, default_stream))
+        .collect()
 }
 
-fn query(file: &CompiledFile, default_stream: &str) -> Option<LqlQuery> {
+fn file_queries(file: &CompiledFile, default_stream: &str) -> Vec<LqlQuery> {
+    let file_stream = file.stream.clone().unwrap_or_else(|| default_stream.to_string());
+    // The streams the rules write to, the file's first.
+    let mut streams: Vec<String> = vec![file_stream.clone()];
+    for rule in &file.rules {
+        let s = rule
+            .stream
+            .as_deref()
+            .map_or_else(|| default_stream.to_string(), str::to_string);
+        if !streams.contains(&s) {
+            streams.push(s);
+        }
+    }
+    let base_alias = file
+        .alias
+        .clone()
+        .unwrap_or_else(|| format!("{file_stream}_user_fields"));
+    streams
+        .into_iter()
+        .filter_map(|stream| {
+            let rules: Vec<&Rule> = file
+                .rules
+                .iter()
+                .filter(|r| r.stream.as_deref().unwrap_or(default_stream) == stream)
+                .collect();
+            let alias = if stream == file_stream {
+                base_alias.clone()
+            } else {
+                format!("{base_alias}_{stream}")
+            };
+            query(&file.file, &rules, &stream, alias)
+        })
+        .collect()
+}
+
+fn query(file: &str, rules: &[&Rule], stream: &str, alias: String) -> Option<LqlQuery> {
     let mut fields: Vec<&FieldRule> = Vec::new();
     let mut identity: Vec<String> = Vec::new();
-    for rule in &file.rules {
+    for rule in rules {
         for f in rule.fields.iter().filter(|f| f.merge.is_some()) {
             if !fields.iter().any(|g| g.name == f.name) {
                 fields.push(f);
@@ -43,7 +82,7 @@ fn query(file: &CompiledFile, default_stream: &str) -> Option<LqlQuery> {
         return None;
     }
     // The query stitches by the identity fields, so it selects them, merged or not.
-    for rule in &file.rules {
+    for rule in rules {
         for f in rule
             .fields
             .iter()
@@ -54,12 +93,6 @@ fn query(file: &CompiledFile, default_stream: &str) -> Option<LqlQuery> {
             }
         }
     }
-    // A file without `stream:` writes to the integration's stream.
-    let stream = file.stream.clone().unwrap_or_else(|| default_stream.to_string());
-    let alias = file
-        .alias
-        .clone()
-        .unwrap_or_else(|| format!("{stream}_user_fields"));
     let lines: Vec<String> = fields
         .iter()
         .map(|f| select_item(f, identity.iter().any(|i| **i == *f.name)))
@@ -72,12 +105,12 @@ fn query(file: &CompiledFile, default_stream: &str) -> Option<LqlQuery> {
     let text = format!(
         "SELECT\n    {}\nFROM {}\nINTO user BY {}\nALIAS {}\n",
         lines.join(",\n    "),
-        ident(&stream),
+        ident(stream),
         by,
         ident(&alias)
     );
     Some(LqlQuery {
-        file: file.file.to_string(),
+        file: file.to_string(),
         alias,
         text,
     })

@@ -669,3 +669,44 @@ rules:
     );
     assert_eq!(problems[0].line, Some(9), "{problems:?}");
 }
+
+#[test]
+fn a_rule_with_its_own_stream_gets_its_own_query() {
+    let set = compile(
+        "source: signal
+identity: [user_id]
+alias: levels
+rules:
+  - name: to_the_integration
+    fields:
+      user_id: $.userId
+      total: { from: $.properties.total, merge: sum, kind: number }
+      _ts: { value: 1 }
+  - name: to_its_own
+    stream: rule_level_stream
+    fields:
+      user_id: $.userId
+      lvl: { from: $.traits.lvl, merge: max, kind: int }
+      _ts: { value: 1 }
+",
+    )
+    .unwrap();
+    let queries = lql::queries(set.files(), "datafly_events");
+    let heads: Vec<(&str, bool, bool)> = queries
+        .iter()
+        .map(|q| {
+            let from = q.text.lines().find(|l| l.starts_with("FROM ")).unwrap();
+            (&from[5..], q.text.contains("AS total"), q.text.contains("AS lvl"))
+        })
+        .collect();
+    assert_eq!(
+        heads,
+        vec![
+            ("datafly_events", true, false),
+            ("rule_level_stream", false, true)
+        ],
+        "{queries:?}"
+    );
+    assert_eq!(queries[0].alias, "levels");
+    assert_eq!(queries[1].alias, "levels_rule_level_stream");
+}
