@@ -122,6 +122,21 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
     assert_eq!(ctx["ip"], json!("198.51.100.7"), "{ctx:?}");
     assert_eq!(ctx["url"], json!("https://batch.example/"), "{ctx:?}");
     assert_eq!(ctx["title"], json!("Own title"), "{ctx:?}");
+    // So do its `integrations` switches: this batch is not for Lytics, except where an event
+    // says otherwise.
+    let switched = json!({"batch": [
+        {"type": "track", "event": "off", "userId": "u5", "messageId": "sw-off"},
+        {"type": "track", "event": "on", "userId": "u5", "messageId": "sw-on", "integrations": {"Lytics": true}}
+    ], "integrations": {"All": false}});
+    let (status, body) = post(&relay, "/v1/batch", switched.to_string(), true).await;
+    assert_eq!(status, 200, "{body}");
+    let statuses: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["ignored", "accepted"], "{body}");
     // A batch none of whose events is valid is a bad payload: 400, each event's error kept.
     let all_bad = json!([{"type": "page"}, {"type": "track", "userId": "u3"}]);
     let (status, body) = post(&relay, "/v1/batch", all_bad.to_string(), true).await;

@@ -227,6 +227,13 @@ impl DeadLetterService for DeadLetters {
             .into()
         };
         let by_id = !req.ids.is_empty();
+        if by_id && req.filter.is_some() {
+            return Err(ApiError::field(
+                "filter",
+                "give dead letter ids or a filter, not both (a filter is not applied to ids)",
+            )
+            .into());
+        }
         // With a filter: the replays and the dead letters left in place, found by paging.
         let mut mapped: Option<(Vec<Replay>, Vec<pb::UnmappedDeadLetter>)> = None;
         let (ids, more) = if req.ids.is_empty() {
@@ -570,6 +577,16 @@ mod tests {
             ..Default::default()
         };
         assert!(list(fine, 0).await.unwrap().into_inner().dead_letters.is_empty());
+        // A replay given ids and a filter would ignore the filter: refused.
+        let both = svc
+            .replay_dead_letters(tonic::Request::new(pb::ReplayDeadLettersRequest {
+                ids: vec![1],
+                filter: Some(pb::DeadLetterFilter::default()),
+                remap: false,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(fields(both), vec!["filter"]);
     }
 
     #[tokio::test]

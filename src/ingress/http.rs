@@ -322,38 +322,48 @@ type JsonObject = serde_json::Map<String, Value>;
 
 /// The events of a batch body (`[…]` or `{"batch": […]}`), each still unparsed (skimming the
 /// body has no nesting limit, so an event too deep to parse does not fail its neighbours), and
-/// the batch's own `context`, which applies to every event (Segment's batch API).
-fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Option<JsonObject>), ApiError> {
+/// the batch's own `context` and `integrations`, which apply to every event (Segment's batch
+/// API), by key.
+fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Vec<(&'static str, JsonObject)>), ApiError> {
     #[derive(serde::Deserialize)]
     struct Wrapped<'a> {
         #[serde(borrow)]
         batch: Option<&'a RawValue>,
         #[serde(borrow)]
         context: Option<&'a RawValue>,
+        #[serde(borrow)]
+        integrations: Option<&'a RawValue>,
     }
     let not_json = |e: serde_json::Error| ApiError::field("body", format!("is not valid JSON: {e}"));
+    let object = |key: &'static str,
+                  raw: Option<&RawValue>|
+     -> Result<Option<(&'static str, JsonObject)>, ApiError> {
+        let Some(raw) = raw else { return Ok(None) };
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Object(m)) => Ok(Some((key, m))),
+            Ok(Value::Null) => Ok(None),
+            Ok(_) => Err(ApiError::field(key, "must be an object")),
+            Err(e) if e.to_string().starts_with("recursion limit exceeded") => Err(normalize::too_deep(key)),
+            Err(e) => Err(ApiError::field(key, format!("is not valid JSON: {e}"))),
+        }
+    };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     match first {
-        Some(b'[') => Ok((serde_json::from_slice(body).map_err(not_json)?, None)),
+        Some(b'[') => Ok((serde_json::from_slice(body).map_err(not_json)?, Vec::new())),
         Some(b'{') => {
             let wrapped: Wrapped<'_> = serde_json::from_slice(body).map_err(not_json)?;
-            let context = match wrapped.context {
-                None => None,
-                Some(c) => match serde_json::from_str::<Value>(c.get()) {
-                    Ok(Value::Object(m)) => Some(m),
-                    Ok(Value::Null) => None,
-                    Ok(_) => return Err(ApiError::field("context", "must be an object")),
-                    Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
-                        return Err(normalize::too_deep("context"));
-                    }
-                    Err(e) => return Err(ApiError::field("context", format!("is not valid JSON: {e}"))),
-                },
-            };
+            let shared = [
+                object("context", wrapped.context)?,
+                object("integrations", wrapped.integrations)?,
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             let events = wrapped
                 .batch
                 .and_then(|b| serde_json::from_str(b.get()).ok())
                 .ok_or_else(|| ApiError::field("batch", "must be an array of events"))?;
-            Ok((events, context))
+            Ok((events, shared))
         }
         _ => {
             // Not an array or an object: invalid JSON is named as such.
@@ -366,9 +376,9 @@ fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Option<JsonObject>), ApiE
     }
 }
 
-/// Gives an event of a batch the batch's `context`: what the event's own context lacks, at any
-/// depth, is taken from it (the event's own values win).
-fn with_batch_context(event: &mut Value, shared: &serde_json::Map<String, Value>) {
+/// Gives an event of a batch the batch's `key` object (`context`, `integrations`): what the
+/// event's own lacks, at any depth, is taken from it (the event's own values win).
+fn with_batch_object(event: &mut Value, key: &str, shared: &serde_json::Map<String, Value>) {
     fn merge(into: &mut serde_json::Map<String, Value>, from: &serde_json::Map<String, Value>) {
         for (k, v) in from {
             match (into.get_mut(k), v) {
@@ -382,12 +392,12 @@ fn with_batch_context(event: &mut Value, shared: &serde_json::Map<String, Value>
         }
     }
     let Value::Object(event) = event else { return };
-    match event.get_mut("context") {
+    match event.get_mut(key) {
         Some(Value::Object(own)) => merge(own, shared),
-        // A context that is not an object is the event's own mistake, refused by validation.
+        // One that is not an object is the event's own mistake, refused by validation.
         Some(_) => {}
         None => {
-            event.insert("context".into(), Value::Object(shared.clone()));
+            event.insert(key.into(), Value::Object(shared.clone()));
         }
     }
 }
@@ -404,12 +414,12 @@ async fn signal_batch(
     let body = read_body(&s, &headers, body, limit).await?;
     verify_signal(&s, &headers, &body.bytes)?;
     let body = inflated(&headers, &body.bytes, limit)?;
-    let (events, batch_context) = batch_items(&body)?;
-    // The batch's context joins every event: alone over an event's limit, no event could take it.
-    if let Some(c) = &batch_context {
+    let (events, shared) = batch_items(&body)?;
+    // The batch's objects join every event: alone over an event's limit, no event could take one.
+    for (key, c) in &shared {
         let size = normalize::json_bytes(&Value::Object(c.clone())).len();
         if size > s.max_event_bytes {
-            return Err(normalize::too_large("context", size, s.max_event_bytes));
+            return Err(normalize::too_large(key, size, s.max_event_bytes));
         }
     }
     if events.is_empty() || events.len() > s.max_batch_events {
@@ -435,8 +445,8 @@ async fn signal_batch(
             }
         });
         let parsed = parsed.map(|mut e| {
-            if let Some(shared) = &batch_context {
-                with_batch_context(&mut e, shared);
+            for (key, object) in &shared {
+                with_batch_object(&mut e, key, object);
             }
             e
         });
