@@ -356,21 +356,37 @@ pub fn format_traceparent(sc: &SpanContext) -> String {
     )
 }
 
-/// Sets up logging: `RUST_LOG` filters (default `info`), text or JSON lines on stderr.
+/// Sets up logging: `RUST_LOG` filters (default `info`), text or JSON lines on stderr. The
+/// OpenTelemetry exporter's own warnings and errors (one per failed export while the collector
+/// is down) pass at most once every 30 s.
 pub fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
+    use tracing_subscriber::filter::{FilterExt as _, dynamic_filter_fn};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+    static EXPORTER_LINES: Throttle = Throttle::new(30_000);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // Asked at every line (a plain `filter_fn` is asked once per call site and cached).
+        .and(dynamic_filter_fn(|m, _| {
+            !exporter_problem(m.target(), *m.level()) || EXPORTER_LINES.pass().is_some()
+        }));
     // Colours only for a person at a terminal, never into a log file or a journal.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     let _ = if json {
-        builder.json().try_init()
+        registry.with(layer.json().with_filter(filter)).try_init()
     } else {
-        builder.try_init()
+        registry.with(layer.with_filter(filter)).try_init()
     };
+}
+
+/// Whether a log line is a warning or error of the OpenTelemetry SDK or exporter.
+fn exporter_problem(target: &str, level: tracing::Level) -> bool {
+    target.starts_with("opentelemetry") && level <= tracing::Level::WARN
 }
 
 /// Lets a log line that can repeat many times a second (a store out of reach, a full queue)
@@ -420,6 +436,14 @@ mod tests {
         assert_eq!(format_traceparent(&sc), tp);
         assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
         assert!(parse_traceparent("junk").is_none());
+    }
+
+    #[test]
+    fn only_the_exporters_warnings_and_errors_are_throttled() {
+        assert!(exporter_problem("opentelemetry_sdk", tracing::Level::ERROR));
+        assert!(exporter_problem("opentelemetry-otlp", tracing::Level::WARN));
+        assert!(!exporter_problem("opentelemetry_sdk", tracing::Level::INFO));
+        assert!(!exporter_problem("lytics_relay::delivery", tracing::Level::ERROR));
     }
 
     #[test]
