@@ -667,3 +667,58 @@ rules:
         .unwrap();
     assert_eq!(health["paused_integrations"], json!([]), "{health}");
 }
+
+#[tokio::test]
+async fn a_pause_caused_by_a_rules_own_stream_says_to_fix_the_stream_or_the_rule() {
+    let emu = EmulatorHandle::start().await;
+    let rules = rules_copy();
+    std::fs::write(
+        rules.path().join("rules/zz_exp.yaml"),
+        r#"source: signal
+stream: experiments
+identity: [user_id]
+rules:
+  - name: experiment_viewed
+    when: { $.event: Experiment Viewed }
+    fields:
+      user_id: $.userId
+      _ts: { from: $.timestamp, transform: epoch_ms, required: true }
+"#,
+    )
+    .unwrap();
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.rules = Some(rules.path().join("rules"));
+    settings.rules_watch = false;
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = admin_token(dir.path()).await;
+    relay
+        .client()
+        .await
+        .send(pb::SendRequest {
+            event: Some(event(
+                json!({"type": "track", "event": "Experiment Viewed", "userId": "u-exp"}),
+            )),
+        })
+        .await
+        .unwrap();
+    // Lytics has no stream `experiments` (404): the integration pauses, and its status names
+    // the rule's stream and the fix, not the relay's configuration.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let view = loop {
+        let v = relay
+            .admin("GET", "/v1/admin/integrations/lytics", &token, None)
+            .await;
+        if v["status"] == json!("setup_error") {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no setup error: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let detail = view["status_detail"].as_str().unwrap();
+    assert!(
+        detail.contains("stream `experiments`, which a rule names"),
+        "{detail}"
+    );
+    assert!(!detail.contains("change it there and restart"), "{detail}");
+    relay.stop().await;
+}
