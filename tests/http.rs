@@ -465,3 +465,68 @@ async fn gzip_bodies_are_inflated_after_their_signature_is_checked() {
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_sender_writing_a_whole_oversized_body_first_still_reads_the_413() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let emu = EmulatorHandle::start().await;
+    let (relay, _dir) = relay(&emu).await;
+    // Most HTTP clients write the whole body before they read the answer: were the relay to
+    // answer and close at once, they would see a reset, not the 413, and retry for ever.
+    for declared in [true, false] {
+        let body = vec![b' '; 8 * 1024 * 1024];
+        let head = if declared {
+            format!(
+                "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+        } else {
+            "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_string()
+        };
+        let mut conn = tokio::net::TcpStream::connect(relay.http).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        if declared {
+            conn.write_all(&body).await.expect("the whole body is read");
+        } else {
+            for chunk in body.chunks(64 * 1024) {
+                conn.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                    .await
+                    .unwrap();
+                conn.write_all(chunk).await.expect("the whole body is read");
+                conn.write_all(b"\r\n").await.unwrap();
+            }
+            conn.write_all(b"0\r\n\r\n").await.unwrap();
+        }
+        let mut answer = vec![0u8; 4096];
+        let n = conn.read(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 413"), "declared {declared}: {text}");
+        assert!(text.contains("payload_too_large"), "{text}");
+    }
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_in_a_batch_is_measured_as_sent_as_a_lone_event_is() {
+    let emu = EmulatorHandle::start().await;
+    let (relay, _dir) = relay(&emu).await;
+    // Compact, the event fits in 32 KB; as sent, with its spaces, it does not.
+    let pad = "x".repeat(32_500);
+    let spaced = format!(
+        r#"{{ "type" : "track" , "event" : "E" , "userId" : "u" , "properties" : {{ "pad" : "{pad}" }} {} }}"#,
+        " ".repeat(400)
+    );
+    let compact: Value = serde_json::from_str(&spaced).unwrap();
+    assert!(compact.to_string().len() < 32 * 1024 && spaced.len() > 32 * 1024);
+    let (status, _) = post(&relay, "/v1/events", spaced.clone(), true).await;
+    assert_eq!(status, 413);
+    let (status, body) = post(&relay, "/v1/batch", format!("[{spaced}]"), true).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["results"][0]["error"]["code"],
+        json!("payload_too_large"),
+        "{body}"
+    );
+    relay.stop().await;
+}

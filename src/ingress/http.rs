@@ -132,10 +132,13 @@ async fn read_body(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    let deadline = tokio::time::Instant::now() + s.body_timeout;
+    if let Some(n) = declared.filter(|n| *n > limit) {
+        if n <= DRAIN_MAX {
+            drain(body, deadline).await;
+        }
         return Err(too_large());
     }
-    let deadline = tokio::time::Instant::now() + s.body_timeout;
     let wait = BODY_BUDGET_WAIT.min(s.body_timeout / 4);
     let mut body = body;
     let mut buf = bytes::BytesMut::new();
@@ -158,6 +161,7 @@ async fn read_body(
         };
         let Ok(data) = frame.into_data() else { continue };
         if buf.len() + data.len() > limit {
+            drain(body, deadline).await;
             return Err(too_large());
         }
         let need = u32::try_from(data.len()).unwrap_or(u32::MAX);
@@ -177,6 +181,24 @@ async fn read_body(
         bytes: buf.freeze(),
         _reserved: reserved,
     })
+}
+
+/// The most of an oversized body read (and dropped) before the 413 is answered: a sender that
+/// writes its whole body before reading the answer (most HTTP clients) would otherwise see the
+/// connection reset instead of the 413, and retry the same body for ever.
+const DRAIN_MAX: usize = 64 * 1024 * 1024;
+
+/// Reads the rest of a refused body and drops it, until it ends, [`DRAIN_MAX`] bytes have
+/// come, or `deadline`; whatever is left then is cut off with the connection.
+async fn drain(mut body: Body, deadline: tokio::time::Instant) {
+    use http_body_util::BodyExt as _;
+    let mut read = 0usize;
+    while read <= DRAIN_MAX {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
 }
 
 /// The request's `Content-Encoding`, unless it is none or `identity`.
@@ -434,6 +456,12 @@ async fn signal_batch(
     let mut slots = Vec::new();
     for (i, e) in events.into_iter().enumerate() {
         let field = format!("batch[{i}]");
+        // An event's bytes as sent count, as a body to /v1/events does.
+        if e.get().len() > s.max_event_bytes {
+            let err = normalize::too_large(&field, e.get().len(), s.max_event_bytes);
+            results.push(json!({"index": i, "error": error_json(&err)}));
+            continue;
+        }
         // Each event is parsed on its own, so one nested past the parser's limit is refused
         // alone, as gRPC `SendBatch` refuses it.
         let parsed = serde_json::from_str::<Value>(e.get()).map_err(|e| {
