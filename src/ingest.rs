@@ -356,6 +356,7 @@ impl Ingest {
             QueueError::Full { .. } => "queue_full",
             QueueError::Closed => "shutting_down",
             QueueError::Store(_) => "store_unavailable",
+            QueueError::InProcess => "in_process",
         };
         self.monitor.metrics().refused(source, reason, events);
         if let QueueError::Full { capacity } = e
@@ -381,7 +382,7 @@ pub fn queue_error(e: QueueError) -> ApiError {
                 format!("{e}: Lytics delivery is behind"),
             )
         },
-        QueueError::Closed => ApiError {
+        QueueError::Closed | QueueError::InProcess => ApiError {
             retry_after: Some(1),
             ..ApiError::new(ErrorCode::Unavailable, e.to_string())
         },

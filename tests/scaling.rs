@@ -648,3 +648,142 @@ async fn nats_retries_come_forward_within_the_recheck_once_brought_forward() {
         .unwrap();
     nothing_due_for(&q, Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn two_replicas_replaying_the_same_dead_letters_at_once_requeue_each_once() {
+    use lytics_relay::queue::{DeadLetterFilter, EventRecords, NewRecord, Queue as _, Replay};
+    use lytics_relay::queue::{NatsOptions, NatsQueue};
+    let nats = NatsServer::start().await;
+    let options = NatsOptions {
+        urls: vec![nats.url()],
+        ..Default::default()
+    };
+    let a = NatsQueue::connect(&options, 1000, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let b = NatsQueue::connect(&options, 1000, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let n = 40;
+    let record = |i: usize| NewRecord {
+        integration: "lytics".into(),
+        stream: "s".into(),
+        timestamp_field: "_ts".into(),
+        rule: "r".into(),
+        rules_version: "v".into(),
+        source: lytics_relay::rules::Source::Signal,
+        event_id: format!("dl-{i}").into(),
+        event_type: "track".into(),
+        body: bytes::Bytes::from_static(b"{}"),
+        input: bytes::Bytes::from_static(b"{}"),
+        traceparent: None,
+        accepted_ms: lytics_relay::timefmt::now_ms(),
+    };
+    a.enqueue(
+        (0..n)
+            .map(|i| EventRecords {
+                dedup_key: Some(format!("dl-{i}").into()),
+                records: vec![record(i)],
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let leased = lease_until(&a, n, Duration::from_secs(10)).await;
+    a.dead_letter(leased, "refused".into()).await.unwrap();
+    let ids = a
+        .dead_letter_ids(DeadLetterFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), n);
+    let replays: Vec<Replay> = ids.iter().map(|&id| Replay { id, remapped: None }).collect();
+    // Both replicas replay every dead letter at the same moment.
+    let (ra, rb) = tokio::join!(a.replay_records(&replays), b.replay_records(&replays));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(
+        ra.len() + rb.len(),
+        n,
+        "each replayed once: {} + {}",
+        ra.len(),
+        rb.len()
+    );
+    // The records stream holds each once.
+    let requeued = lease_until(&b, n, Duration::from_secs(10)).await;
+    assert_eq!(requeued.len(), n);
+    nothing_due_for(&a, Duration::from_millis(500)).await;
+    let left = a
+        .dead_letter_ids(DeadLetterFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_stored_by_two_replicas_at_once_is_never_a_store_failure() {
+    use lytics_relay::queue::{EventRecords, NewRecord, Queue as _, QueueError};
+    use lytics_relay::queue::{NatsOptions, NatsQueue};
+    let nats = NatsServer::start().await;
+    let options = NatsOptions {
+        urls: vec![nats.url()],
+        ..Default::default()
+    };
+    let a = std::sync::Arc::new(
+        NatsQueue::connect(&options, 10_000, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    let b = std::sync::Arc::new(
+        NatsQueue::connect(&options, 10_000, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    // Several records an event (ids `race-i#0`, `#1`, …): more writes of one id that overlap.
+    let event = |i: usize| {
+        vec![EventRecords {
+            dedup_key: Some(format!("race-{i}").into()),
+            records: vec![
+                NewRecord {
+                    integration: "lytics".into(),
+                    stream: "s".into(),
+                    timestamp_field: "_ts".into(),
+                    rule: "r".into(),
+                    rules_version: "v".into(),
+                    source: lytics_relay::rules::Source::Signal,
+                    event_id: format!("race-{i}").into(),
+                    event_type: "track".into(),
+                    body: bytes::Bytes::from_static(b"{}"),
+                    input: bytes::Bytes::from_static(b"{}"),
+                    traceparent: None,
+                    accepted_ms: lytics_relay::timefmt::now_ms(),
+                };
+                20
+            ],
+        }]
+    };
+    let mut stored = 0;
+    for i in 0..100 {
+        let (ea, eb) = (event(i), event(i));
+        let (qa, qb) = (a.clone(), b.clone());
+        let (ra, rb) = tokio::join!(
+            tokio::spawn(async move { qa.enqueue(ea).await }),
+            tokio::spawn(async move { qb.enqueue(eb).await })
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        for r in [ra, rb] {
+            match r {
+                Ok(dup) if !dup[0] => stored += 1,
+                // The other call stored it, or is storing it (the sender retries and hears
+                // DUPLICATE): never an outage of the store.
+                Ok(_) | Err(QueueError::InProcess) => {}
+                Err(e) => panic!("round {i}: {e}"),
+            }
+        }
+    }
+    assert_eq!(stored, 100, "each event stored once");
+}

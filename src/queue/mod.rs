@@ -273,6 +273,10 @@ pub enum QueueError {
     /// The backing store failed.
     #[error("queue store failed: {0}")]
     Store(String),
+    /// Another call is storing the same event at this moment (a shared queue's server refuses
+    /// the second of two simultaneous writes of one event id until the first is done).
+    #[error("the same event is being stored by another call right now; retry shortly")]
+    InProcess,
 }
 
 /// The queue seam between ingest and delivery.

@@ -260,8 +260,9 @@ impl NatsQueue {
             .map_err(|e| store(&format!("cannot connect to NATS at `{urls}`"), e))?;
         let js = jetstream::new(client.clone());
         let replicas = options.replicas.max(1);
-        let records = js
-            .create_or_update_stream(stream::Config {
+        let records = ensure_stream(
+            &js,
+            stream::Config {
                 name: RECORDS_STREAM.into(),
                 subjects: vec![format!("{RECORDS_SUBJECT}.>")],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -271,26 +272,28 @@ impl NatsQueue {
                 duplicate_window: dedup_window,
                 num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| store(&format!("cannot create the stream `{RECORDS_STREAM}`"), e))?;
+            },
+        )
+        .await?;
         tracing::debug!(
             stream = RECORDS_STREAM,
             messages = records.state.messages,
             "records stream ready"
         );
-        js.create_or_update_stream(stream::Config {
-            name: DEAD_STREAM.into(),
-            subjects: vec![format!("{DEAD_SUBJECT}.>")],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            max_messages: DEAD_LETTER_CAP,
-            discard: stream::DiscardPolicy::Old,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| store(&format!("cannot create the stream `{DEAD_STREAM}`"), e))?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: DEAD_STREAM.into(),
+                subjects: vec![format!("{DEAD_SUBJECT}.>")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_messages: DEAD_LETTER_CAP,
+                discard: stream::DiscardPolicy::Old,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         let stream = js
             .get_stream(RECORDS_STREAM)
             .await
@@ -413,14 +416,7 @@ impl Inner {
     }
 
     fn full_or_store(&self, what: &str, e: impl std::fmt::Display) -> QueueError {
-        let text = e.to_string();
-        if text.contains("maximum messages") || text.contains("maximum bytes") {
-            QueueError::Full {
-                capacity: self.capacity,
-            }
-        } else {
-            store(what, text)
-        }
+        publish_error(what, &e.to_string(), self.capacity)
     }
 
     /// Publishes and waits until JetStream stored it; returns whether it was a duplicate.
@@ -442,6 +438,43 @@ impl Inner {
             .await
             .map_err(|e| self.full_or_store("NATS did not store a record", e))?;
         Ok(ack.duplicate)
+    }
+}
+
+/// Creates stream `config` or brings it to `config`. A request that timed out is tried again, a
+/// few times: replicas starting together on a fresh cluster ask for the same streams at once,
+/// and the cluster may answer neither in time while it places them.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<jetstream::stream::Info, QueueError> {
+    const TRIES: u32 = 4;
+    let name = config.name.clone();
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        match js.create_or_update_stream(config.clone()).await {
+            Ok(info) => return Ok(info),
+            Err(e) if tried < TRIES && e.to_string().contains("timed out") => {
+                tracing::warn!(stream = %name, error = %e, "creating a NATS stream timed out; trying again");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(tried))).await;
+            }
+            Err(e) => return Err(store(&format!("cannot create the stream `{name}`"), e)),
+        }
+    }
+}
+
+/// What a refused publish means: the stream is full, another call is storing the same id, or
+/// the store failed.
+fn publish_error(what: &str, text: &str, capacity: usize) -> QueueError {
+    if text.contains("maximum messages") || text.contains("maximum bytes") {
+        QueueError::Full { capacity }
+    } else if text.contains("10158") || text.contains("duplicate message id is in process") {
+        // JetStream's answer to the second of two simultaneous publishes of one id: the first
+        // may still fail, so this one is not a duplicate yet; the sender retries.
+        QueueError::InProcess
+    } else {
+        store(what, text)
     }
 }
 
@@ -772,14 +805,34 @@ impl Queue for NatsQueue {
                 }
             };
             let fresh = Envelope::new(&replay.record(&d.record.record()), 0, Vec::new(), 0);
-            inner
-                .publish(records_subject(&fresh.integration), fresh.payload()?, None)
-                .await?;
-            // Published first, deleted second: a failure between leaves a copy in both.
-            stream
-                .delete_message(seq)
+            // Keyed by the dead letter's sequence (never reused): two replicas replaying it at
+            // once store it once, and the one the server calls the duplicate leaves it to the
+            // other.
+            let duplicate = match inner
+                .publish(
+                    records_subject(&fresh.integration),
+                    fresh.payload()?,
+                    Some(format!("replay:{seq}")),
+                )
                 .await
-                .map_err(|e| store("cannot delete a replayed dead letter", e))?;
+            {
+                Ok(duplicate) => duplicate,
+                Err(QueueError::InProcess) => true,
+                Err(e) => return Err(e),
+            };
+            // Published first, deleted second: a failure between leaves a copy in both.
+            match stream.delete_message(seq).await {
+                Ok(_) => {}
+                // Deleted by a replica replaying it at the same moment.
+                Err(e)
+                    if ["10043", "10057", "not found"]
+                        .iter()
+                        .any(|t| e.to_string().contains(t)) => {}
+                Err(e) => return Err(store("cannot delete a replayed dead letter", e)),
+            }
+            if duplicate {
+                continue;
+            }
             inner.depth.fetch_add(1, Ordering::Relaxed);
             replayed.push(*id);
         }
@@ -864,5 +917,23 @@ impl Queue for NatsQueue {
 
     fn connected(&self) -> bool {
         self.inner.connected.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_publish_is_told_apart_by_what_the_server_said() {
+        let full = "JetStream error: maximum messages exceeded (code 503, error code 10077)";
+        assert!(matches!(
+            publish_error("x", full, 7),
+            QueueError::Full { capacity: 7 }
+        ));
+        let racing = "JetStream error: duplicate message id is in process (code 409, error code 10158)";
+        assert!(matches!(publish_error("x", racing, 7), QueueError::InProcess));
+        let down = "timed out: didn't receive an acknowledgement";
+        assert!(matches!(publish_error("x", down, 7), QueueError::Store(_)));
     }
 }
