@@ -342,11 +342,14 @@ async fn signal_event(
 /// A JSON object.
 type JsonObject = serde_json::Map<String, Value>;
 
+/// An object a batch gives all its events, by its key (`context`, `integrations`).
+type Shared = (&'static str, JsonObject);
+
 /// The events of a batch body (`[…]` or `{"batch": […]}`), each still unparsed (skimming the
 /// body has no nesting limit, so an event too deep to parse does not fail its neighbours), and
 /// the batch's own `context` and `integrations`, which apply to every event (Segment's batch
 /// API), by key.
-fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Vec<(&'static str, JsonObject)>), ApiError> {
+fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Vec<Shared>), ApiError> {
     #[derive(serde::Deserialize)]
     struct Wrapped<'a> {
         #[serde(borrow)]
