@@ -100,12 +100,8 @@ pub struct Report {
 /// --push` does for a real account). Runs at start and after every reload.
 fn fit_emulator_to_rules(emulator: &Emulator, rules: &crate::rules::RuleSet) {
     for file in rules.files() {
-        let streams = file
-            .stream
-            .iter()
-            .map(String::as_str)
-            .chain(file.rules.iter().filter_map(|r| r.stream.as_deref()));
-        for stream in streams {
+        // A rule's stream is its own or, without one, its file's.
+        for stream in file.rules.iter().filter_map(|r| r.stream.as_deref()) {
             if emulator.add_stream(stream) {
                 tracing::info!(stream, file = %file.file, "the built-in emulator now has the stream the rules name");
             }
@@ -531,8 +527,10 @@ pub async fn run(
     stop_follower.cancel();
     let _ = follower_task.await;
     stop_delivery.cancel();
-    // Delivery bounds its own calls by the grace period and cuts off the rest itself; a moment
-    // more is allowed for that before it is stopped from here.
+    // Delivery bounds its calls by the grace period from when it is told to stop, and cuts off
+    // the rest itself (their spans ended as cut off); a moment more is allowed for that. On a
+    // durable queue it is told when the shutdown starts; the memory queue's, told once the
+    // draining ends, is stopped from here at the deadline.
     let mut delivery_task = delivery_task;
     let delivery_done = match tokio::time::timeout(
         deadline.saturating_duration_since(Instant::now()) + DELIVERY_STOP_MARGIN,

@@ -308,7 +308,9 @@ impl Ingest {
                 tally.duplicates += 1;
                 continue;
             }
-            tally.dropped += answer.dropped.len() as u64;
+            // What the rules refused; a sender's own switch (no rule) is not a refusal.
+            let refused = answer.dropped.iter().filter(|d| !d.rule.is_empty());
+            tally.dropped += refused.clone().count() as u64;
             match answer.disposition {
                 Disposition::Queued => {
                     let counts = per_target.get(i * width..(i + 1) * width).unwrap_or_default();
@@ -319,7 +321,7 @@ impl Ingest {
                 Disposition::Ignored => tally.ignored += 1,
                 Disposition::Duplicate => {}
             }
-            for d in &answer.dropped {
+            for d in refused {
                 tracing::warn!(event_id = %answer.id, rule = %d.rule, reason = %d.reason, "record not sent");
             }
         }

@@ -192,7 +192,7 @@ impl Metrics {
         );
         registry.register(
             "events_refused",
-            "Valid events refused because the relay could not queue them (reason: queue_full, store_unavailable, shutting_down); the sender was told to retry",
+            "Valid events refused because the relay could not queue them (reason: queue_full, store_unavailable, shutting_down, in_process); the sender was told to retry",
             m.refused.clone(),
         );
         registry.register(
@@ -292,7 +292,7 @@ impl Metrics {
             ] {
                 drop(family.get_or_create(&labels));
             }
-            for reason in ["queue_full", "store_unavailable", "shutting_down"] {
+            for reason in ["queue_full", "store_unavailable", "shutting_down", "in_process"] {
                 drop(m.refused.get_or_create(&RefusedLabels {
                     source: source.as_str(),
                     reason,

@@ -137,6 +137,13 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
         .map(|r| r["result"]["status"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["ignored", "accepted"], "{body}");
+    // An event's own switches are its own: a batch's `Lytics: true` does not overrule them.
+    let own = json!({"batch": [
+        {"type": "track", "event": "own", "userId": "u5", "messageId": "sw-own", "integrations": {"All": false}}
+    ], "integrations": {"Lytics": true}});
+    let (status, body) = post(&relay, "/v1/batch", own.to_string(), true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["result"]["status"], json!("ignored"), "{body}");
     // A batch none of whose events is valid is a bad payload: 400, each event's error kept.
     let all_bad = json!([{"type": "page"}, {"type": "track", "userId": "u3"}]);
     let (status, body) = post(&relay, "/v1/batch", all_bad.to_string(), true).await;

@@ -650,5 +650,13 @@ async fn a_senders_integrations_switches_turn_lytics_off_and_on() {
         ids.contains(&"sw-2".to_string()) && ids.contains(&"sw-3".to_string()),
         "{ids:?}"
     );
+    // A sender's switch is not a record the rules refused.
+    let metrics = relay.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"lytics_relay_records_dropped_total{source="signal"} 0"#),
+        "{metrics}"
+    );
     relay.stop().await;
 }

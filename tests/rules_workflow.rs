@@ -647,15 +647,23 @@ rules:
     let mut ids: Vec<String> = serde_json::from_value(profile["data"]["order_ids"].clone()).unwrap();
     ids.sort();
     assert_eq!(ids, ["ORD-1", "ORD-2"], "{profile}");
-    let orders: Value = http
-        .get(format!("{emulator}/v2/stream/orders/events?limit=0"))
-        .header("Authorization", "emulator-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // The rule's own stream gets its records (delivered in calls of their own).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let orders = loop {
+        let v: Value = http
+            .get(format!("{emulator}/v2/stream/orders/events?limit=0"))
+            .header("Authorization", "emulator-token")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["data"].as_array().map(Vec::len) == Some(2) || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(orders["data"].as_array().map(Vec::len), Some(2), "{orders}");
     let health: Value = http
         .get(format!("{}/healthz", relay.http))

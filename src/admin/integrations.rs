@@ -539,6 +539,7 @@ impl IntegrationAdmin {
             ));
         }
         let mut s = self.stored(id).await?;
+        let before = s.clone();
         let mut violations = Vec::new();
         if let Some(n) = req.name.filter(|n| !n.trim().is_empty()) {
             if let Some(problem) = catalog::name_problem(&n) {
@@ -575,8 +576,10 @@ impl IntegrationAdmin {
             ));
         }
         to_integration(&s)?;
-        self.refuse_duplicate(&s.account_id, &s.stream_name, Some(&s.id))
-            .await?;
+        if (&s.account_id, &s.stream_name) != (&before.account_id, &before.stream_name) {
+            self.refuse_duplicate(&s.account_id, &s.stream_name, Some(&s.id))
+                .await?;
+        }
         s.updated_ms = now_ms();
         if let Some(e) = &self.emulator {
             e.add_credentials(&s.api_token, &s.account_id);

@@ -569,16 +569,22 @@ impl Delivery {
     /// sends the halves, so only the bad records end in the dead-letter queue.
     async fn send(&self, integration: &Integration, batch: Vec<QueuedRecord>) {
         let mut pending = vec![batch];
-        // The bad records the halving isolates, by reason: dead-lettered together at the end,
-        // one log line per reason rather than one per record.
+        // The bad records the halving isolates: dead-lettered as found, logged once per reason
+        // at the end rather than once per record.
         let mut refused = Refused::default();
         while let Some(batch) = pending.pop() {
             if let Some(halves) = self.send_one(integration, batch, &mut refused).await {
                 pending.extend(halves);
             }
         }
-        for (reason, records) in refused.by_reason {
-            self.dead_letter(records, reason).await;
+        for (reason, (records, ids)) in refused.by_reason {
+            tracing::warn!(
+                integration = %integration.id,
+                records,
+                event_ids = %ids,
+                %reason,
+                "dead-lettered the records Lytics refused alone"
+            );
         }
     }
 
@@ -759,9 +765,20 @@ impl Delivery {
                         kind: AttemptKind::Spent,
                     },
                 );
+                // Dead-lettered now (its lease must not run out meanwhile); logged once per
+                // reason when the batch is done.
+                let ids = event_ids(&batch);
+                let n = batch.len();
+                self.store_dead_letters(batch, reason.clone()).await;
                 match refused.by_reason.iter_mut().find(|(r, _)| *r == reason) {
-                    Some((_, records)) => records.extend(batch),
-                    None => refused.by_reason.push((reason, batch)),
+                    Some((_, (count, shown))) => {
+                        *count += n;
+                        if shown.len() < 200 {
+                            shown.push(',');
+                            shown.push_str(&ids);
+                        }
+                    }
+                    None => refused.by_reason.push((reason, (n, ids))),
                 }
                 None
             }
@@ -1048,10 +1065,6 @@ impl Delivery {
     }
 
     async fn dead_letter(&self, records: Vec<QueuedRecord>, reason: String) {
-        self.state
-            .counters
-            .dead_lettered
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
         if let Some(first) = records.first() {
             tracing::warn!(
                 integration = %first.record.integration,
@@ -1062,6 +1075,15 @@ impl Delivery {
                 "dead-lettering records"
             );
         }
+        self.store_dead_letters(records, reason).await;
+    }
+
+    /// Moves records to the dead-letter queue, counted; the caller logs them.
+    async fn store_dead_letters(&self, records: Vec<QueuedRecord>, reason: String) {
+        self.state
+            .counters
+            .dead_lettered
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
         if let Err(e) = self.queue.dead_letter(records, reason).await {
             tracing::error!(error = %e, "cannot dead-letter records");
         }
@@ -1321,12 +1343,14 @@ fn record_answer(
     }
 }
 
-/// What the halving of a refused batch found: the records Lytics refused alone, by reason.
+/// What the halving of a refused batch found: the records Lytics refused alone, by reason (each
+/// dead-lettered as it is found, logged together).
 #[derive(Default)]
 struct Refused {
     /// The batch was split (logged once).
     splitting: bool,
-    by_reason: Vec<(String, Vec<QueuedRecord>)>,
+    /// Per reason: how many records were dead-lettered, and (some of) their event ids.
+    by_reason: Vec<(String, (usize, String))>,
 }
 
 /// The event ids of `records` for a log line: the first ten, and how many more.

@@ -161,6 +161,9 @@ async fn read_body(
         };
         let Ok(data) = frame.into_data() else { continue };
         if buf.len() + data.len() > limit {
+            // What was read, and its share of the budget, go before the rest is read out.
+            drop(buf);
+            drop(reserved);
             drain(body, deadline).await;
             return Err(too_large());
         }
@@ -401,8 +404,10 @@ fn batch_items(body: &[u8]) -> Result<(Vec<&RawValue>, Vec<Shared>), ApiError> {
     }
 }
 
-/// Gives an event of a batch the batch's `key` object (`context`, `integrations`): what the
-/// event's own lacks, at any depth, is taken from it (the event's own values win).
+/// Gives an event of a batch the batch's `key` object: a `context` fills what the event's own
+/// lacks, at any depth (the event's own values win); `integrations` switches apply only to an
+/// event without its own, since a switch is decided by the most specific key present, and a
+/// merged batch `Lytics: true` would overrule the event's own `All: false`.
 fn with_batch_object(event: &mut Value, key: &str, shared: &serde_json::Map<String, Value>) {
     fn merge(into: &mut serde_json::Map<String, Value>, from: &serde_json::Map<String, Value>) {
         for (k, v) in from {
@@ -418,6 +423,7 @@ fn with_batch_object(event: &mut Value, key: &str, shared: &serde_json::Map<Stri
     }
     let Value::Object(event) = event else { return };
     match event.get_mut(key) {
+        Some(Value::Object(_)) if key == "integrations" => {}
         Some(Value::Object(own)) => merge(own, shared),
         // One that is not an object is the event's own mistake, refused by validation.
         Some(_) => {}

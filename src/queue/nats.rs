@@ -817,7 +817,9 @@ impl Queue for NatsQueue {
                 .await
             {
                 Ok(duplicate) => duplicate,
-                Err(QueueError::InProcess) => true,
+                // Another replica is publishing it right now and may still fail: its dead
+                // letter stays until the one whose publish succeeds deletes it.
+                Err(QueueError::InProcess) => continue,
                 Err(e) => return Err(e),
             };
             // Published first, deleted second: a failure between leaves a copy in both.

@@ -344,7 +344,8 @@ pub struct MappedRecord<'a> {
 /// A record a rule built but refused to send.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DroppedRecord {
-    /// The rule.
+    /// The rule; empty when no rule ran because the sender's `integrations` switches kept the
+    /// event from the integration (ingest's note, not a refusal).
     pub rule: Arc<str>,
     /// Why, with a hint.
     pub reason: String,
