@@ -342,33 +342,27 @@ impl IntegrationAdmin {
     }
 
     fn status(&self, id: &str) -> (String, Option<String>) {
-        if let Some(i) = self.live.get(id)
-            && let Some(stream) = self.rule_stream_at_fault(&i)
-        {
-            let status = self
-                .delivery
-                .paused()
-                .get(id)
-                .map(|p| p.status)
-                .unwrap_or_default();
-            return (
-                "setup_error".into(),
-                Some(format!(
-                    "Lytics answered {status} for stream `{stream}`, which a rule names \
-                     (`stream:`), not the integration: create the stream in Lytics, or change the \
-                     rule and reload the rules; then resume the integration"
-                )),
-            );
-        }
         match self.delivery.paused().get(id) {
             Some(p) if p.manual => ("paused".into(), Some(p.hint.clone())),
-            Some(p) => (
-                "setup_error".into(),
-                Some(match &p.stream {
-                    Some(stream) => format!("Lytics answered {} for stream `{stream}`: {}", p.status, p.hint),
-                    None => format!("Lytics answered {}: {}", p.status, p.hint),
-                }),
-            ),
+            Some(p) => {
+                let own_stream = self.live.get(id).map(|i| i.stream_name.as_str().to_string());
+                (
+                    "setup_error".into(),
+                    Some(match &p.stream {
+                        // The fix is in Lytics or the rules, not in the integration.
+                        Some(stream) if own_stream.is_some_and(|own| own != *stream) => format!(
+                            "Lytics answered {} for stream `{stream}`, which a rule names \
+                             (`stream:`), not the integration: create the stream in Lytics, or \
+                             change the rule and reload the rules; then resume the integration",
+                            p.status
+                        ),
+                        Some(stream) => {
+                            format!("Lytics answered {} for stream `{stream}`: {}", p.status, p.hint)
+                        }
+                        None => format!("Lytics answered {}: {}", p.status, p.hint),
+                    }),
+                )
+            }
             None => match self.delivery.outages().get(id) {
                 Some(o) => (
                     "lytics_failing".into(),
