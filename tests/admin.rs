@@ -63,6 +63,16 @@ impl Api {
     }
 }
 
+/// The fields an error answer's violations name, in order.
+fn violation_fields(answer: &Value) -> Vec<&str> {
+    answer["error"]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect()
+}
+
 fn install_body(stream: &str, account: &str) -> Value {
     json!({"name": "Lytics", "variant": "default",
            "config": {"api_token": LYTICS_TOKEN, "account_id": account, "stream_name": stream},
@@ -172,12 +182,7 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         None,
     );
     assert_eq!(s, 400);
-    let bad: Vec<&str> = b["error"]["violations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["field"].as_str().unwrap())
-        .collect();
+    let bad = violation_fields(&b);
     assert_eq!(
         bad,
         vec!["config.api_token", "config.account_id", "config.stream_name"],
@@ -194,12 +199,7 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
         None,
     );
     assert_eq!(s, 400);
-    let bad: Vec<&str> = b["error"]["violations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["field"].as_str().unwrap())
-        .collect();
+    let bad = violation_fields(&b);
     assert_eq!(
         bad,
         vec!["config.account_id", "config.stream_name", "name"],

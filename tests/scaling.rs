@@ -555,6 +555,24 @@ async fn records_for_an_integration_one_replica_lacks_are_left_for_the_replica_t
     relay_b.stop().await;
 }
 
+/// A record for `integration` of event `event_id`, as the queue tests enqueue them.
+fn queued_record(integration: &str, event_id: &str) -> lytics_relay::queue::NewRecord {
+    lytics_relay::queue::NewRecord {
+        integration: integration.into(),
+        stream: "s".into(),
+        timestamp_field: "_ts".into(),
+        rule: "r".into(),
+        rules_version: "v".into(),
+        source: lytics_relay::rules::Source::Signal,
+        event_id: event_id.into(),
+        event_type: "track".into(),
+        body: bytes::Bytes::from_static(b"{}"),
+        input: bytes::Bytes::from_static(b"{}"),
+        traceparent: None,
+        accepted_ms: lytics_relay::timefmt::now_ms(),
+    }
+}
+
 /// Leases until `n` records come back, or fails after `within`.
 async fn lease_until(
     q: &lytics_relay::queue::NatsQueue,
@@ -585,24 +603,11 @@ async fn nothing_due_for(q: &lytics_relay::queue::NatsQueue, span: Duration) {
 
 #[tokio::test]
 async fn nats_retries_come_forward_within_the_recheck_once_brought_forward() {
-    use lytics_relay::queue::{Attempt, AttemptKind, EventRecords, NewRecord, Queue as _};
+    use lytics_relay::queue::{Attempt, AttemptKind, EventRecords, Queue as _};
     use lytics_relay::queue::{NatsOptions, NatsQueue};
     use lytics_relay::timefmt::now_ms;
 
-    let record = |integration: &str| NewRecord {
-        integration: integration.into(),
-        stream: "s".into(),
-        timestamp_field: "_ts".into(),
-        rule: "r".into(),
-        rules_version: "v".into(),
-        source: lytics_relay::rules::Source::Signal,
-        event_id: format!("e-{integration}").into(),
-        event_type: "track".into(),
-        body: bytes::Bytes::from_static(b"{}"),
-        input: bytes::Bytes::from_static(b"{}"),
-        traceparent: None,
-        accepted_ms: now_ms(),
-    };
+    let record = |integration: &str| queued_record(integration, &format!("e-{integration}"));
     let nats = NatsServer::start().await;
     let options = NatsOptions {
         urls: vec![nats.url()],
@@ -651,7 +656,7 @@ async fn nats_retries_come_forward_within_the_recheck_once_brought_forward() {
 
 #[tokio::test]
 async fn two_replicas_replaying_the_same_dead_letters_at_once_requeue_each_once() {
-    use lytics_relay::queue::{DeadLetterFilter, EventRecords, NewRecord, Queue as _, Replay};
+    use lytics_relay::queue::{DeadLetterFilter, EventRecords, Queue as _, Replay};
     use lytics_relay::queue::{NatsOptions, NatsQueue};
     let nats = NatsServer::start().await;
     let options = NatsOptions {
@@ -665,20 +670,7 @@ async fn two_replicas_replaying_the_same_dead_letters_at_once_requeue_each_once(
         .await
         .unwrap();
     let n = 40;
-    let record = |i: usize| NewRecord {
-        integration: "lytics".into(),
-        stream: "s".into(),
-        timestamp_field: "_ts".into(),
-        rule: "r".into(),
-        rules_version: "v".into(),
-        source: lytics_relay::rules::Source::Signal,
-        event_id: format!("dl-{i}").into(),
-        event_type: "track".into(),
-        body: bytes::Bytes::from_static(b"{}"),
-        input: bytes::Bytes::from_static(b"{}"),
-        traceparent: None,
-        accepted_ms: lytics_relay::timefmt::now_ms(),
-    };
+    let record = |i: usize| queued_record("lytics", &format!("dl-{i}"));
     a.enqueue(
         (0..n)
             .map(|i| EventRecords {
@@ -726,7 +718,7 @@ async fn two_replicas_replaying_the_same_dead_letters_at_once_requeue_each_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_event_stored_by_two_replicas_at_once_is_never_a_store_failure() {
-    use lytics_relay::queue::{EventRecords, NewRecord, Queue as _, QueueError};
+    use lytics_relay::queue::{EventRecords, Queue as _, QueueError};
     use lytics_relay::queue::{NatsOptions, NatsQueue};
     let nats = NatsServer::start().await;
     let options = NatsOptions {
@@ -747,23 +739,7 @@ async fn one_event_stored_by_two_replicas_at_once_is_never_a_store_failure() {
     let event = |i: usize| {
         vec![EventRecords {
             dedup_key: Some(format!("race-{i}").into()),
-            records: vec![
-                NewRecord {
-                    integration: "lytics".into(),
-                    stream: "s".into(),
-                    timestamp_field: "_ts".into(),
-                    rule: "r".into(),
-                    rules_version: "v".into(),
-                    source: lytics_relay::rules::Source::Signal,
-                    event_id: format!("race-{i}").into(),
-                    event_type: "track".into(),
-                    body: bytes::Bytes::from_static(b"{}"),
-                    input: bytes::Bytes::from_static(b"{}"),
-                    traceparent: None,
-                    accepted_ms: lytics_relay::timefmt::now_ms(),
-                };
-                20
-            ],
+            records: vec![queued_record("lytics", &format!("race-{i}")); 20],
         }]
     };
     let mut stored = 0;

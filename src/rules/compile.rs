@@ -176,14 +176,7 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
                 (at(&c, &key), format!("tests[{i}]: {message}"), hint)
             }
         };
-        c.problems.push(RuleProblem {
-            file: c.file.to_string(),
-            line: place.0,
-            column: place.1,
-            rule: None,
-            message,
-            hint: Some(hint),
-        });
+        c.problem_at(None, place, message, Some(hint));
     }
     match (c.problems.is_empty(), source) {
         (true, Some(source)) => Ok((
@@ -328,7 +321,18 @@ impl Compiler<'_> {
     }
 
     fn problem(&mut self, rule: Option<&str>, needle: &str, message: String, hint: Option<String>) {
-        let (line, column) = self.locate(rule, needle);
+        let place = self.locate(rule, needle);
+        self.problem_at(rule, place, message, hint);
+    }
+
+    /// A problem at a place already found (line and column, 1-based).
+    fn problem_at(
+        &mut self,
+        rule: Option<&str>,
+        (line, column): (Option<usize>, Option<usize>),
+        message: String,
+        hint: Option<String>,
+    ) {
         self.problems.push(RuleProblem {
             file: self.file.to_string(),
             line,
