@@ -6,8 +6,8 @@
 //! the queue refuses (full, closed). The records of one call are enqueued together, so a call is
 //! accepted whole or not at all. Never talks to Lytics.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
@@ -17,9 +17,10 @@ use crate::integration::Integrations;
 use crate::live::Mapped;
 use crate::metrics::IngestTally;
 use crate::monitor::Monitor;
-use crate::normalize::InboundEvent;
+use crate::normalize::{EventDoc, InboundEvent};
 use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
-use crate::rules::{DroppedRecord, LiveRules, Source};
+use crate::rules::path::Step;
+use crate::rules::{Document, DroppedRecord, LiveRules, Source};
 use crate::telemetry::{Telemetry, Throttle, names};
 use crate::timefmt::now_ms;
 
@@ -408,8 +409,10 @@ pub fn queue_error(e: QueueError) -> ApiError {
 /// The key of a sender's `integrations` switches (Segment's per-destination switches) that
 /// turns this integration off, if one does: the integration's own id, else `Lytics`, else
 /// `All`, the first present deciding. `true` or an options object leaves it on.
-fn switched_off(doc: &serde_json::Value, integration_id: &str) -> Option<String> {
-    let switches = doc.get("integrations")?.as_object()?;
+fn switched_off(doc: &EventDoc, integration_id: &str) -> Option<String> {
+    static INTEGRATIONS: LazyLock<[Step; 1]> = LazyLock::new(|| [Step::Key("integrations".into())]);
+    let switches = doc.at(&*INTEGRATIONS)?;
+    let switches = switches.as_object()?;
     let key = [integration_id, "Lytics", "All"]
         .into_iter()
         .find(|k| switches.contains_key(*k))?;

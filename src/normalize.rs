@@ -1,7 +1,8 @@
 //! The normalize stage: turns what a sender posted into a validated event document.
 //!
-//! Input: a gRPC `Event` message or JSON from HTTP. Output: an [`InboundEvent`] — the canonical
-//! JSON document the rules read, its id, type and time — or an [`ApiError`] listing every invalid
+//! Input: a gRPC `Event` message or JSON from HTTP. Output: an [`InboundEvent`] — the document
+//! the rules read (JSON, or a gRPC event read in place, [`EventDoc`]), its id, type and time —
+//! or an [`ApiError`] listing every invalid
 //! field. Both doors run the same checks, so they answer the same errors. Never maps and never
 //! queues.
 
@@ -13,8 +14,10 @@ use serde_json::{Map, Value};
 
 use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::proto::v1 as pb;
+use crate::proto::view::{self, EventView};
 use crate::proto::{JsonStruct, JsonValue};
-use crate::rules::{Fields, Source};
+use crate::rules::path::Step;
+use crate::rules::{Document, Fields, Source};
 use crate::timefmt;
 
 /// The Signal event types the relay accepts (the shipped rules map page, track and identify;
@@ -108,10 +111,48 @@ pub struct InboundEvent {
     /// Its type (`track`, `page`, …, or the Customer.io event name).
     pub event_type: Arc<str>,
     /// The document the rules read.
-    pub doc: Value,
+    pub doc: EventDoc,
     /// The event as kept with its queued records for the live view and dead letters: see
     /// [`input_json`].
     pub input: Bytes,
+}
+
+/// The document the rules read: JSON, or a gRPC event read in place.
+#[derive(Debug, Clone)]
+pub enum EventDoc {
+    /// A JSON document (HTTP, webhooks, and gRPC events the door decoded whole).
+    Json(Value),
+    /// A gRPC event read in place: the rules' plain paths convert only what they select.
+    Proto(Box<EventView>),
+}
+
+impl EventDoc {
+    /// The whole document as JSON (decoded on first use for an event read in place).
+    pub fn json(&self) -> &Value {
+        match self {
+            EventDoc::Json(v) => v,
+            EventDoc::Proto(v) => v.json(),
+        }
+    }
+}
+
+impl PartialEq for EventDoc {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
+}
+
+impl Document for EventDoc {
+    fn at(&self, steps: &[Step]) -> Option<std::borrow::Cow<'_, Value>> {
+        match self {
+            EventDoc::Json(v) => v.at(steps),
+            EventDoc::Proto(v) => v.at(steps),
+        }
+    }
+
+    fn json(&self) -> &Value {
+        EventDoc::json(self)
+    }
 }
 
 /// The first byte of an input kept as a protobuf `Event`; an input kept as JSON starts with `{`.
@@ -354,13 +395,14 @@ pub fn signal_event(
         (!m.contains_key("messageId") || !m.contains_key("timestamp")).then(|| json_bytes(&doc).len());
     let checked = check_signal(m, field)?;
     check_nesting(&doc, field)?;
-    let filled = checked.fill_in(&mut doc, received_ms);
+    let filled = checked.fill_in(received_ms);
+    filled.fill_json(&mut doc);
     let input = json_bytes(&doc);
     let size = sent_len.unwrap_or(input.len());
     if size > max_bytes {
         return Err(too_large(whole(field), size, max_bytes));
     }
-    Ok(filled.into_event(doc, input))
+    Ok(filled.into_event(EventDoc::Json(doc), input))
 }
 
 /// Decodes and validates a protobuf `Event` as [`signal_event`] validates JSON (the same
@@ -375,6 +417,9 @@ pub fn signal_proto_event(
     if event.len() > max_bytes {
         return Err(too_large(field, event.len(), max_bytes));
     }
+    if let Some(layout) = view::Layout::read(event) {
+        return read_in_place(event, layout, field, received_ms);
+    }
     let (decoded, shallow) = crate::proto::decode_noting_depth(|| pb::Event::decode(event));
     let decoded = decoded.map_err(|e| undecodable(&e, field, "lytics_relay.v1.Event"))?;
     let checked = check_signal(&decoded, field)?;
@@ -384,12 +429,42 @@ pub fn signal_proto_event(
     if !shallow {
         check_nesting(&doc, field)?;
     }
-    let filled = checked.fill_in(&mut doc, received_ms);
+    let filled = checked.fill_in(received_ms);
+    filled.fill_json(&mut doc);
+    let input = proto_input(event, &filled);
+    Ok(filled.into_event(EventDoc::Json(doc), input))
+}
+
+/// What is kept of a gRPC event: see [`input_json`].
+fn proto_input(event: &[u8], filled: &Filled) -> Bytes {
     let mut input = Vec::with_capacity(1 + event.len() + filled.added.encoded_len());
     input.push(PROTO_INPUT);
     input.extend_from_slice(event);
     filled.added.encode_raw(&mut input);
-    Ok(filled.into_event(doc, Bytes::from(input)))
+    Bytes::from(input)
+}
+
+/// A gRPC event whose layout was read: validated from its fields and kept as the bytes it
+/// arrived in, which the rules read in place.
+fn read_in_place(
+    event: &[u8],
+    layout: view::Layout,
+    field: &str,
+    received_ms: i64,
+) -> Result<InboundEvent, ApiError> {
+    let checked = check_signal(&view::Reader::new(event, &layout, None, None), field)?;
+    let filled = checked.fill_in(received_ms);
+    let input = proto_input(event, &filled);
+    let (id, timestamp) = filled.filled_in();
+    let doc = EventView::new(
+        input.clone(),
+        1,
+        event.len(),
+        layout,
+        id.map(str::to_owned),
+        timestamp.map(str::to_owned),
+    );
+    Ok(filled.into_event(EventDoc::Proto(Box::new(doc)), input))
 }
 
 /// An event's top-level fields as validation reads them, from JSON or from an `Event` message.
@@ -428,6 +503,33 @@ impl SignalFields for Map<String, Value> {
         email_in(self.get("traits"))
             || email_in(self.get("context").and_then(|c| c.get("traits")))
             || email_in(self.get("properties"))
+    }
+}
+
+impl SignalFields for view::Reader<'_> {
+    fn text(&self, key: &str) -> Result<Option<&str>, ()> {
+        Ok(view::Reader::text(self, key).filter(|text| !text.trim().is_empty()))
+    }
+
+    fn object_or_absent(&self, _key: &str) -> bool {
+        // properties, traits, context and integrations are Structs: objects or absent.
+        true
+    }
+
+    fn has_email(&self) -> bool {
+        [
+            ["traits", "email"].as_slice(),
+            &["context", "traits", "email"],
+            &["properties", "email"],
+        ]
+        .into_iter()
+        .any(|path| {
+            let steps: Vec<Step> = path.iter().map(|k| Step::Key((*k).into())).collect();
+            self.at(&steps)
+                .as_ref()
+                .and_then(Value::as_str)
+                .is_some_and(|e| !e.trim().is_empty())
+        })
     }
 }
 
@@ -470,6 +572,7 @@ struct Filled {
     event_type: Arc<str>,
     id: Arc<str>,
     id_given: bool,
+    timestamp_added: bool,
     /// An `Event` holding only what was filled in.
     added: pb::Event,
 }
@@ -477,7 +580,7 @@ struct Filled {
 impl Checked {
     /// Fills in `messageId` (a new UUID) and `timestamp` (`received_ms`) when the sender left
     /// them out.
-    fn fill_in(self, doc: &mut Value, received_ms: i64) -> Filled {
+    fn fill_in(self, received_ms: i64) -> Filled {
         let mut added = pb::Event::default();
         let id_given = self.given_id.is_some();
         let id = self.given_id.unwrap_or_else(|| {
@@ -489,25 +592,38 @@ impl Checked {
         if !self.has_timestamp {
             added.timestamp = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
         }
-        if let Value::Object(m) = doc {
-            if !id_given {
-                m.insert("messageId".into(), Value::String(added.message_id.clone()));
-            }
-            if !self.has_timestamp {
-                m.insert("timestamp".into(), Value::String(added.timestamp.clone()));
-            }
-        }
         Filled {
             event_type: self.event_type,
             id,
             id_given,
+            timestamp_added: !self.has_timestamp,
             added,
         }
     }
 }
 
 impl Filled {
-    fn into_event(self, doc: Value, input: Bytes) -> InboundEvent {
+    /// The `messageId` and `timestamp` the relay filled in, each when it did.
+    fn filled_in(&self) -> (Option<&str>, Option<&str>) {
+        (
+            (!self.id_given).then_some(self.added.message_id.as_str()),
+            self.timestamp_added.then_some(self.added.timestamp.as_str()),
+        )
+    }
+
+    /// Writes what the relay filled in into a JSON document.
+    fn fill_json(&self, doc: &mut Value) {
+        let (id, timestamp) = self.filled_in();
+        if let Value::Object(m) = doc {
+            for (key, text) in [("messageId", id), ("timestamp", timestamp)] {
+                if let Some(text) = text {
+                    m.insert(key.into(), Value::String(text.to_owned()));
+                }
+            }
+        }
+    }
+
+    fn into_event(self, doc: EventDoc, input: Bytes) -> InboundEvent {
         InboundEvent {
             source: Source::Signal,
             id: self.id,
@@ -709,7 +825,7 @@ pub fn customerio_event(doc: Value, field: &str, max_bytes: usize) -> Result<Inb
         id: Arc::from(event_id.unwrap_or_default()),
         id_given: true,
         event_type: Arc::from(event_type.unwrap_or_default()),
-        doc,
+        doc: EventDoc::Json(doc),
         input,
     })
 }
@@ -871,14 +987,14 @@ mod tests {
         let e = ok(doc.clone());
         assert_eq!(&*e.id, "a1b2c3d4-e5f6-7890-abcd-ef1234567890");
         assert_eq!(&*e.event_type, "track");
-        assert_eq!(e.doc, doc);
+        assert_eq!(*e.doc.json(), doc);
     }
 
     #[test]
     fn fills_in_message_id_and_timestamp() {
         let e = ok(json!({"type": "page", "anonymousId": "a"}));
-        assert_eq!(e.doc["messageId"].as_str().unwrap().len(), 36);
-        assert_eq!(e.doc["timestamp"], json!("1970-01-01T00:00:00.000Z"));
+        assert_eq!(e.doc.json()["messageId"].as_str().unwrap().len(), 36);
+        assert_eq!(e.doc.json()["timestamp"], json!("1970-01-01T00:00:00.000Z"));
     }
 
     #[test]
@@ -952,9 +1068,9 @@ mod tests {
         assert_eq!(&e.input[1..], &raw[..]);
         // What protobuf can carry of the fixture (it has no null for `groupId`).
         let doc = event_to_json(json_to_event(&doc));
-        assert_eq!(e.doc, doc);
-        assert_eq!(input_json(&e.input).unwrap(), e.doc);
-        assert_eq!(input_json_bytes(&e.input), json_bytes(&e.doc));
+        assert_eq!(*e.doc.json(), doc);
+        assert_eq!(input_json(&e.input).unwrap(), *e.doc.json());
+        assert_eq!(input_json_bytes(&e.input), json_bytes(e.doc.json()));
         // The same event from JSON: the same document, kept as the same JSON once read back.
         let from_json = signal_event(doc, "event", 32 * 1024, 0).unwrap();
         assert_eq!(from_json.doc, e.doc);
@@ -978,7 +1094,7 @@ mod tests {
         assert_eq!(&e.input[1..=raw.len()], &raw[..]);
         assert!(e.input.len() > raw.len() + 1);
         let kept = input_json(&e.input).unwrap();
-        assert_eq!(kept, e.doc);
+        assert_eq!(kept, *e.doc.json());
         assert_eq!(kept["messageId"], json!(&*e.id));
         assert_eq!(kept["timestamp"], json!("1970-01-01T00:00:01.000Z"));
     }
@@ -1009,6 +1125,40 @@ mod tests {
     }
 
     #[test]
+    fn the_rules_map_an_event_read_in_place_as_they_map_its_json() {
+        let rules = crate::rules::RuleSet::load(std::path::Path::new("rules")).unwrap();
+        let ctx = crate::rules::IntegrationContext {
+            stream_name: "datafly_events".into(),
+            account_id: "1234".into(),
+            ..Default::default()
+        };
+        let track: Value = serde_json::from_str(
+            &std::fs::read_to_string("tests/fixtures/signal_canonical_track.json").unwrap(),
+        )
+        .unwrap();
+        for doc in [
+            track,
+            json!({"type": "page", "name": "Pricing", "anonymousId": "a",
+                   "properties": {"title": "T", "email": " Ada@Example.COM ", "tags": ["x", {"y": [1, 2.5]}]},
+                   "context": {"page": {"url": "https://x.io/p", "referrer": "r"}, "campaign": {"source": "s"},
+                               "traits": {"email": "b@c.d"}, "ip": "1.2.3.4"}}),
+            json!({"type": "identify", "userId": "u", "traits": {"email": "a@b.c", "plan": "pro",
+                   "address": {"city": "Leeds"}, "n": null, "ok": true}}),
+            json!({"type": "track", "event": "E", "userId": "u", "timestamp": "2026-02-25T14:30:00+02:00",
+                   "properties": {"user_id": "flattened identity is skipped", "_uid": "c"}}),
+            json!({"type": "track", "event": "E", "userId": "u", "context": {"traits": {"email": ["a@b.c"]}}}),
+            json!({"type": "group", "userId": "u", "groupId": "g"}),
+        ] {
+            let e = signal_proto_event(&proto(&doc), "event", 32 * 1024, 5).unwrap();
+            assert!(matches!(e.doc, EventDoc::Proto(_)), "{doc}");
+            let in_place = rules.evaluate(Source::Signal, &e.doc, &ctx);
+            let whole = rules.evaluate(Source::Signal, e.doc.json(), &ctx);
+            assert_eq!(in_place.records, whole.records, "{doc}");
+            assert_eq!(in_place.dropped, whole.dropped, "{doc}");
+        }
+    }
+
+    #[test]
     fn grpc_and_json_events_get_the_same_answers() {
         let long_id = "m".repeat(300);
         for doc in [
@@ -1036,7 +1186,7 @@ mod tests {
                     if a.id_given {
                         assert_eq!((&a.id, &a.doc), (&b.id, &b.doc), "{doc}");
                     }
-                    assert_eq!(a.doc["timestamp"], b.doc["timestamp"], "{doc}");
+                    assert_eq!(a.doc.json()["timestamp"], b.doc.json()["timestamp"], "{doc}");
                 }
                 (a, b) => panic!("{doc}: JSON {a:?}, protobuf {b:?}"),
             }

@@ -5,6 +5,7 @@
 pub mod codec;
 mod json;
 pub mod raw;
+pub mod view;
 
 pub use json::{JsonStruct, JsonValue, SHALLOW_NESTING, decode_noting_depth};
 

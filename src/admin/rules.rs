@@ -62,7 +62,7 @@ impl RulesAdmin {
                 normalize::customerio_event(doc, "customerio_webhook", normalize::MAX_WEBHOOK_BYTES)?
             }
         };
-        self.explain(source, &event.doc, integration)
+        self.explain(source, event.doc.json(), integration)
     }
 
     /// Maps a validated event's document and explains it.
@@ -149,7 +149,7 @@ impl RulesService for RulesAdmin {
                 );
             }
         };
-        let d = self.explain(source, &event.doc, Some(&r.integration))?;
+        let d = self.explain(source, event.doc.json(), Some(&r.integration))?;
         Ok(Response::new(pb::DryRunResponse {
             rules_version: d.rules_version,
             records: d

@@ -62,7 +62,7 @@ struct Entry {
 }
 
 /// Field numbers of `google.protobuf.Value`'s `kind`.
-mod kind {
+pub(super) mod kind {
     pub const NULL: u32 = 1;
     pub const NUMBER: u32 = 2;
     pub const STRING: u32 = 3;
@@ -72,7 +72,7 @@ mod kind {
 }
 
 /// A protobuf double as JSON.
-fn number(n: f64) -> Value {
+pub(super) fn number(n: f64) -> Value {
     if n.fract() == 0.0 && n.abs() < 9.0e15 {
         Value::from(n as i64)
     } else {
@@ -182,7 +182,7 @@ fn merge_contiguous(
 /// [`slice::MAX_DEPTH`]); the caller then decodes the same bytes
 /// with prost's general path, which gives the error prost gives, so both paths accept and refuse
 /// the same inputs.
-mod slice {
+pub(super) mod slice {
     use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
     use serde_json::{Map, Value};
 
@@ -232,7 +232,7 @@ mod slice {
     }
 
     /// A `google.protobuf.Value`; the last `kind` set wins.
-    fn value(mut b: &[u8], depth: u32) -> Option<Value> {
+    pub fn value(mut b: &[u8], depth: u32) -> Option<Value> {
         let mut value = Value::Null;
         while !b.is_empty() {
             value = match key(&mut b)? {
@@ -261,7 +261,7 @@ mod slice {
         Some(value)
     }
 
-    fn object(mut b: &[u8], depth: u32) -> Option<Map<String, Value>> {
+    pub fn object(mut b: &[u8], depth: u32) -> Option<Map<String, Value>> {
         if depth > MAX_DEPTH {
             return None;
         }
@@ -279,7 +279,7 @@ mod slice {
         Some(map)
     }
 
-    fn list(mut b: &[u8], depth: u32) -> Option<Vec<Value>> {
+    pub fn list(mut b: &[u8], depth: u32) -> Option<Vec<Value>> {
         if depth > MAX_DEPTH {
             return None;
         }

@@ -1,7 +1,8 @@
 //! The rules stage: YAML rule files compiled once and evaluated as pure functions.
 //!
-//! Input: an event document (a Signal canonical event or a Customer.io webhook, as JSON) and
-//! the integration's non-secret values. Output: a [`Mapping`]: the Lytics records to queue, the
+//! Input: an event document (a Signal canonical event or a Customer.io webhook: JSON, or any
+//! [`Document`] that answers plain paths as its JSON would) and the integration's non-secret
+//! values. Output: a [`Mapping`]: the Lytics records to queue, the
 //! records refused (with the reason) and the rules that matched. Every JSONPath is parsed when
 //! rules load; a rule set that fails to compile never runs. The live set sits behind an atomic
 //! swap ([`LiveRules`]): a reload compiles to the side and swaps only on success.
@@ -22,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub use compile::{CompiledFile, DEFAULT_TIMESTAMP_FIELD, RuleProblem};
@@ -30,6 +30,7 @@ pub use flatten::flatten_into;
 pub use model::{
     DroppedRecord, Explain, FieldKind, IntegrationContext, MappedRecord, MergeOp, RecordKind, Rule, Source,
 };
+pub use path::Document;
 pub use record::Fields;
 pub use spec::{ExpectedRecordSpec, RuleFileSpec, TestCaseSpec};
 
@@ -191,15 +192,20 @@ impl RuleSet {
 
     /// Maps one event. Every rule of the source whose `when` holds produces a record or a
     /// refusal.
-    pub fn evaluate<'a>(&'a self, source: Source, doc: &'a Value, ctx: &IntegrationContext) -> Mapping<'a> {
+    pub fn evaluate<'a, D: Document + ?Sized>(
+        &'a self,
+        source: Source,
+        doc: &'a D,
+        ctx: &IntegrationContext,
+    ) -> Mapping<'a> {
         self.evaluate_inner(source, doc, ctx, None)
     }
 
     /// Maps one event and says where every output field came from.
-    pub fn explain<'a>(
+    pub fn explain<'a, D: Document + ?Sized>(
         &'a self,
         source: Source,
-        doc: &'a Value,
+        doc: &'a D,
         ctx: &IntegrationContext,
     ) -> (Mapping<'a>, Explain) {
         let mut explain = Explain::default();
@@ -207,10 +213,10 @@ impl RuleSet {
         (mapping, explain)
     }
 
-    fn evaluate_inner<'a>(
+    fn evaluate_inner<'a, D: Document + ?Sized>(
         &'a self,
         source: Source,
-        doc: &'a Value,
+        doc: &'a D,
         ctx: &IntegrationContext,
         mut explain: Option<&mut Explain>,
     ) -> Mapping<'a> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::Value;
 
-use super::path::Selector;
+use super::path::{Document, Selector};
 use super::record::{Fields, RecordBuilder};
 use super::transform::Transform;
 use crate::lytics::MAX_BATCH_RECORD_BYTES;
@@ -392,9 +392,9 @@ pub struct Explain {
 
 impl Rule {
     /// Builds this rule's record from `doc`, or `None` when the rule does not apply.
-    pub fn apply<'a>(
+    pub fn apply<'a, D: Document + ?Sized>(
         &'a self,
-        doc: &'a Value,
+        doc: &'a D,
         ctx: &IntegrationContext,
         mut explain: Option<&mut Explain>,
     ) -> Option<Result<MappedRecord<'a>, DroppedRecord>> {
@@ -441,7 +441,7 @@ impl Rule {
         let skip =
             |key: &str| key == "_uid" || self.identity.iter().any(|i| **i == *key) || refused.contains(&key);
         for spread in &self.flatten {
-            match spread.from.value(doc) {
+            match spread.from.value_in(doc) {
                 Some(v) => {
                     if let Some(e) = explain.as_deref_mut() {
                         e.fields.push(FieldExplanation {
@@ -526,10 +526,10 @@ impl Rule {
         }
     }
 
-    fn field_value<'a>(
+    fn field_value<'a, D: Document + ?Sized>(
         &self,
         field: &'a FieldRule,
-        doc: &'a Value,
+        doc: &'a D,
         ctx: &IntegrationContext,
         out: &RecordBuilder<'a>,
         mut explain: Option<&mut Explain>,
@@ -540,7 +540,7 @@ impl Rule {
         for source in &field.sources {
             let value = match source {
                 ValueSource::Path(p) => {
-                    let v = p.value(doc);
+                    let v = p.value_in(doc);
                     if v.is_none()
                         && let Some(e) = explain.as_deref_mut()
                     {
@@ -697,7 +697,7 @@ fn describe_sources(sources: &[ValueSource]) -> String {
     }
 }
 
-fn render(parts: &[TemplatePart], doc: &Value, out: &RecordBuilder<'_>) -> Option<String> {
+fn render<D: Document + ?Sized>(parts: &[TemplatePart], doc: &D, out: &RecordBuilder<'_>) -> Option<String> {
     let mut text = String::new();
     for part in parts {
         let value = match part {
@@ -705,10 +705,10 @@ fn render(parts: &[TemplatePart], doc: &Value, out: &RecordBuilder<'_>) -> Optio
                 text.push_str(t);
                 continue;
             }
-            TemplatePart::Path(p) => p.get(doc)?,
-            TemplatePart::Field(f) => out.get(f)?,
+            TemplatePart::Path(p) => p.get_in(doc)?,
+            TemplatePart::Field(f) => Cow::Borrowed(out.get(f)?),
         };
-        match value {
+        match &*value {
             Value::String(s) => text.push_str(s),
             Value::Null => return None,
             other => text.push_str(&other.to_string()),
@@ -739,17 +739,17 @@ fn has_content(value: &Value) -> bool {
 
 impl Condition {
     /// Evaluates the condition over the input and the fields computed so far.
-    pub fn holds(&self, doc: &Value, out: &RecordBuilder<'_>) -> bool {
+    pub fn holds<D: Document + ?Sized>(&self, doc: &D, out: &RecordBuilder<'_>) -> bool {
         match self {
             Condition::All(cs) => cs.iter().all(|c| c.holds(doc, out)),
             Condition::Any(cs) => cs.iter().any(|c| c.holds(doc, out)),
             Condition::Not(c) => !c.holds(doc, out),
             Condition::Check(subject, test) => {
                 let value = match subject {
-                    Subject::Input(p) => p.get(doc),
-                    Subject::Field(f) => out.get(f).filter(|v| !v.is_null()),
+                    Subject::Input(p) => p.get_in(doc),
+                    Subject::Field(f) => out.get(f).filter(|v| !v.is_null()).map(Cow::Borrowed),
                 };
-                test.holds(value)
+                test.holds(value.as_deref())
             }
         }
     }

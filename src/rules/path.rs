@@ -25,6 +25,26 @@ pub struct PathError {
     pub reason: String,
 }
 
+/// An event document the rules read: a JSON value, or an event read in place that converts
+/// only what a path selects.
+pub trait Document {
+    /// The value at a plain singular path (member and index steps from the root); `None` when
+    /// nothing is there.
+    fn at(&self, steps: &[Step]) -> Option<Cow<'_, Value>>;
+    /// The whole document, for `$` and general queries.
+    fn json(&self) -> &Value;
+}
+
+impl Document for Value {
+    fn at(&self, steps: &[Step]) -> Option<Cow<'_, Value>> {
+        walk(self, steps).map(Cow::Borrowed)
+    }
+
+    fn json(&self) -> &Value {
+        self
+    }
+}
+
 /// One step of a plain singular path.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -87,6 +107,23 @@ impl Selector {
     /// True when the path is evaluated by the direct key walk rather than by jsonpath-rust.
     pub fn is_fast_path(&self) -> bool {
         self.is_singular()
+    }
+
+    /// The selected value as rule fields see it, from any [`Document`]: as [`Selector::value`].
+    pub fn value_in<'a, D: Document + ?Sized>(&self, doc: &'a D) -> Option<Cow<'a, Value>> {
+        match &self.plan {
+            Plan::Plain(steps) => doc.at(steps).filter(|v| !v.is_null()),
+            _ => self.value(doc.json()),
+        }
+    }
+
+    /// The selected value as conditions and templates see it, from any [`Document`]: as
+    /// [`Selector::get`].
+    pub fn get_in<'a, D: Document + ?Sized>(&self, doc: &'a D) -> Option<Cow<'a, Value>> {
+        match &self.plan {
+            Plan::Plain(steps) => doc.at(steps).filter(|v| !v.is_null()),
+            _ => self.get(doc.json()).map(Cow::Borrowed),
+        }
     }
 
     /// Selects from `doc`.
@@ -217,7 +254,8 @@ fn skip_bracket(chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>) -> O
     Some(())
 }
 
-fn walk<'a>(doc: &'a Value, steps: &[Step]) -> Option<&'a Value> {
+/// Follows plain steps through a JSON value.
+pub fn walk<'a>(doc: &'a Value, steps: &[Step]) -> Option<&'a Value> {
     steps.iter().try_fold(doc, |v, step| match step {
         Step::Key(k) => v.as_object()?.get(&**k),
         Step::Index(i) => {

@@ -1,6 +1,7 @@
 //! Unit tests of compiling and evaluating rules.
 
 use super::*;
+use serde_json::Value;
 use serde_json::json;
 
 fn compile(text: &str) -> Result<RuleSet, Vec<RuleProblem>> {

@@ -1,0 +1,767 @@
+//! A gRPC `Event` read in place: the document the rules read, without decoding it whole.
+//!
+//! Input: an `Event`'s bytes as received. Output: an [`EventView`], which answers the rules'
+//! plain paths (`$.context.page.url`) by walking the encoded `Struct`s and converting only the
+//! value a path selects; `$`, general queries and everything else that wants the whole document
+//! get it decoded once, on demand. Decoding every field of every event into JSON (a string and a
+//! map node per field, all freed again) was the largest share of an event's cost, and the rules
+//! read about half of what an event carries.
+//!
+//! [`Layout::read`] takes only events it can answer exactly as the full decoder would: well
+//! formed, text in UTF-8, each `Struct` field and each entry's key and value given once, one
+//! kind per `Value`, nesting within the full decoder's fast path, no `version`. Anything else
+//! (which no common encoder writes) is decoded whole, as before, and gets its answer or its
+//! error from there.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use prost::encoding::WireType;
+use serde_json::{Map, Value};
+
+use super::json::{kind, slice};
+use crate::rules::Document;
+use crate::rules::path::Step;
+
+/// The `Event`'s text fields: their JSON name and field number.
+pub const TEXT_FIELDS: [(&str, u32); 14] = [
+    ("type", 1),
+    ("event", 2),
+    ("name", 3),
+    ("category", 4),
+    ("userId", 7),
+    ("anonymousId", 8),
+    ("groupId", 9),
+    ("previousId", 10),
+    ("timestamp", 13),
+    ("sentAt", 14),
+    ("receivedAt", 15),
+    ("originalTimestamp", 16),
+    ("messageId", 17),
+    ("channel", 18),
+];
+
+/// The `Event`'s `Struct` fields: their JSON name and field number.
+const STRUCT_FIELDS: [(&str, u32); 4] = [
+    ("properties", 5),
+    ("traits", 6),
+    ("context", 11),
+    ("integrations", 12),
+];
+
+/// Index of `messageId` and `timestamp` in [`TEXT_FIELDS`]: the fields the relay fills in.
+const MESSAGE_ID: usize = 12;
+const TIMESTAMP: usize = 8;
+
+/// A byte range inside the event.
+type Span = (u32, u32);
+
+/// One `Struct` entry or list item of the event, in document order: its key (empty for an
+/// item), its `Value`'s bytes, what the value holds, and the index after its descendants (its
+/// next sibling). The entries and items of a container follow it directly.
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    key: Span,
+    value: Span,
+    holds: Holds,
+    next: u32,
+}
+
+/// What a node's value is, as far as walking needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    Scalar,
+    Object,
+    List,
+}
+
+/// Where an event's fields lie in its bytes, once they are known to be well formed: its text
+/// fields, and for each `Struct` field its bytes and its entries' range in `tape`.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    text: [Option<Span>; TEXT_FIELDS.len()],
+    structs: [Option<(Span, u32, u32)>; STRUCT_FIELDS.len()],
+    tape: Vec<Node>,
+}
+
+/// A `google.protobuf.Value`'s one kind, containers still encoded.
+enum Kind<'a> {
+    /// Null, a number, a text (checked as UTF-8) or a bool.
+    Scalar,
+    Struct(&'a [u8]),
+    List(&'a [u8]),
+}
+
+/// True when `b` is UTF-8 (ASCII checked first: nearly every text is).
+fn utf8(b: &[u8]) -> bool {
+    b.is_ascii() || std::str::from_utf8(b).is_ok()
+}
+
+/// A varint: one byte read inline (field keys and lengths under 128, nearly all of them),
+/// longer ones by prost.
+fn varint(b: &mut &[u8]) -> Option<u64> {
+    match b.split_first() {
+        Some((&byte, rest)) if byte < 0x80 => {
+            *b = rest;
+            Some(u64::from(byte))
+        }
+        _ => prost::encoding::decode_varint(b).ok(),
+    }
+}
+
+/// A field key, refused as prost refuses it (tag 0, tags past 2^29 − 1, unknown wire types).
+fn field_key(b: &mut &[u8]) -> Option<(u32, WireType)> {
+    let key = varint(b)?;
+    let tag = u32::try_from(key >> 3)
+        .ok()
+        .filter(|t| (1..=prost::encoding::MAX_TAG).contains(t))?;
+    Some((tag, WireType::try_from(key & 0x07).ok()?))
+}
+
+fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = usize::try_from(varint(b)?).ok()?;
+    let (head, tail) = b.split_at_checked(len)?;
+    *b = tail;
+    Some(head)
+}
+
+/// The kind a `Value` message holds when it holds at most one (empty: `null`).
+fn kind_of(mut b: &[u8]) -> Option<Kind<'_>> {
+    if b.is_empty() {
+        return Some(Kind::Scalar);
+    }
+    let found = match field_key(&mut b)? {
+        (kind::NULL | kind::BOOL, WireType::Varint) => {
+            varint(&mut b)?;
+            Kind::Scalar
+        }
+        (kind::NUMBER, WireType::SixtyFourBit) => {
+            b = b.get(8..)?;
+            Kind::Scalar
+        }
+        (kind::STRING, WireType::LengthDelimited) => utf8(delimited(&mut b)?).then_some(Kind::Scalar)?,
+        (kind::STRUCT, WireType::LengthDelimited) => Kind::Struct(delimited(&mut b)?),
+        (kind::LIST, WireType::LengthDelimited) => Kind::List(delimited(&mut b)?),
+        _ => return None,
+    };
+    b.is_empty().then_some(found)
+}
+
+/// A `fields` entry given its key and value at most once each: the key's bytes (empty when
+/// absent) and the `Value`'s bytes (empty, so `null`, when absent).
+fn entry_parts(mut b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mut key, mut value) = (None, None);
+    while !b.is_empty() {
+        match field_key(&mut b)? {
+            (1, WireType::LengthDelimited) if key.is_none() => key = Some(delimited(&mut b)?),
+            (2, WireType::LengthDelimited) if value.is_none() => value = Some(delimited(&mut b)?),
+            _ => return None,
+        }
+    }
+    Some((key.unwrap_or_default(), value.unwrap_or_default()))
+}
+
+/// Calls `each` with every item of a message made only of field 1, length-delimited (a
+/// `Struct`'s entries, a `ListValue`'s values); `None` when it holds anything else.
+fn items<'a>(mut b: &'a [u8], mut each: impl FnMut(&'a [u8]) -> Option<()>) -> Option<()> {
+    while !b.is_empty() {
+        match field_key(&mut b)? {
+            (1, WireType::LengthDelimited) => each(delimited(&mut b)?)?,
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+/// Builds the tape of one event while checking it.
+struct TapeBuilder<'a> {
+    event: &'a [u8],
+    tape: Vec<Node>,
+}
+
+impl TapeBuilder<'_> {
+    /// Where `part` (a slice of the event) lies in it.
+    fn span(&self, part: &[u8]) -> Option<Span> {
+        if part.is_empty() {
+            return Some((0, 0));
+        }
+        let start = (part.as_ptr() as usize).checked_sub(self.event.as_ptr() as usize)?;
+        let start = u32::try_from(start).ok()?;
+        Some((start, start + u32::try_from(part.len()).ok()?))
+    }
+
+    /// Checks a `Struct` whose entries sit `depth` levels down, as the full decoder's fast
+    /// path counts them, and adds its entries.
+    fn object(&mut self, b: &[u8], depth: u32) -> Option<()> {
+        if depth > slice::MAX_DEPTH {
+            return None;
+        }
+        items(b, |entry| {
+            let (key, value) = entry_parts(entry)?;
+            utf8(key).then_some(())?;
+            self.node(key, value, depth)
+        })
+    }
+
+    fn node(&mut self, key: &[u8], value: &[u8], depth: u32) -> Option<()> {
+        let at = self.tape.len();
+        let (holds, children) = match kind_of(value)? {
+            Kind::Struct(s) => (Holds::Object, Some(s)),
+            Kind::List(l) if depth < slice::MAX_DEPTH => (Holds::List, Some(l)),
+            Kind::List(_) => return None,
+            Kind::Scalar => (Holds::Scalar, None),
+        };
+        self.tape.push(Node {
+            key: self.span(key)?,
+            value: self.span(value)?,
+            holds,
+            next: 0,
+        });
+        match (holds, children) {
+            (Holds::Object, Some(s)) => self.object(s, depth + 1)?,
+            (Holds::List, Some(l)) => items(l, |v| self.node(&[], v, depth + 1))?,
+            _ => {}
+        }
+        let next = u32::try_from(self.tape.len()).ok()?;
+        self.tape.get_mut(at)?.next = next;
+        Some(())
+    }
+}
+
+/// The index in [`TEXT_FIELDS`] of the text field whose JSON name is `name`.
+fn text_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "type" => 0,
+        "event" => 1,
+        "name" => 2,
+        "category" => 3,
+        "userId" => 4,
+        "anonymousId" => 5,
+        "groupId" => 6,
+        "previousId" => 7,
+        "timestamp" => TIMESTAMP,
+        "sentAt" => 9,
+        "receivedAt" => 10,
+        "originalTimestamp" => 11,
+        "messageId" => MESSAGE_ID,
+        "channel" => 13,
+        _ => return None,
+    })
+}
+
+/// The index in [`STRUCT_FIELDS`] of the `Struct` field whose JSON name is `name`.
+fn struct_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "properties" => 0,
+        "traits" => 1,
+        "context" => 2,
+        "integrations" => 3,
+        _ => return None,
+    })
+}
+
+impl Layout {
+    /// Reads an `Event`'s layout, checking everything a path may later reach; `None` when the
+    /// event must be decoded whole (malformed, unusual or deep: see the module's notes).
+    pub fn read(event: &[u8]) -> Option<Layout> {
+        let mut text_spans = [None; TEXT_FIELDS.len()];
+        let mut structs = [None; STRUCT_FIELDS.len()];
+        let mut builder = TapeBuilder {
+            event,
+            tape: Vec::with_capacity(event.len() / 24),
+        };
+        let mut b = event;
+        while !b.is_empty() {
+            let (tag, wire_type) = field_key(&mut b)?;
+            if wire_type != WireType::LengthDelimited {
+                return None;
+            }
+            let body = delimited(&mut b)?;
+            let span = builder.span(body)?;
+            if let Some(i) = TEXT_FIELDS.iter().position(|(_, t)| *t == tag) {
+                utf8(body).then_some(())?;
+                text_spans[i] = Some(span);
+            } else if let Some(i) = STRUCT_FIELDS.iter().position(|(_, t)| *t == tag) {
+                if structs[i].is_some() {
+                    return None;
+                }
+                let first = u32::try_from(builder.tape.len()).ok()?;
+                builder.object(body, 0)?;
+                structs[i] = Some((span, first, u32::try_from(builder.tape.len()).ok()?));
+            } else {
+                // `version`, or a field this relay does not know: decoded whole.
+                return None;
+            }
+        }
+        Some(Layout {
+            text: text_spans,
+            structs,
+            tape: builder.tape,
+        })
+    }
+}
+
+/// A [`Layout`] over the bytes it was read from, with what the relay filled in.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader<'a> {
+    event: &'a [u8],
+    layout: &'a Layout,
+    filled: [Option<&'a str>; 2],
+}
+
+impl<'a> Reader<'a> {
+    /// Reads `event` by its `layout`; `message_id` and `timestamp` stand in for the event's
+    /// own when the relay filled them in.
+    pub fn new(
+        event: &'a [u8],
+        layout: &'a Layout,
+        message_id: Option<&'a str>,
+        timestamp: Option<&'a str>,
+    ) -> Self {
+        Reader {
+            event,
+            layout,
+            filled: [message_id, timestamp],
+        }
+    }
+
+    fn bytes(&self, span: Span) -> &'a [u8] {
+        self.event
+            .get(span.0 as usize..span.1 as usize)
+            .unwrap_or_default()
+    }
+
+    fn node(&self, i: u32) -> Option<&'a Node> {
+        self.layout.tape.get(i as usize)
+    }
+
+    /// The text field named `name` (its JSON name) as the document holds it: `None` when it is
+    /// not a text field or is empty.
+    pub fn text(&self, name: &str) -> Option<&'a str> {
+        self.text_at(text_index(name)?)
+    }
+
+    fn text_at(&self, i: usize) -> Option<&'a str> {
+        let filled = match i {
+            MESSAGE_ID => self.filled[0],
+            TIMESTAMP => self.filled[1],
+            _ => None,
+        };
+        let text = match filled {
+            Some(t) => t,
+            None => std::str::from_utf8(self.bytes(self.layout.text[i]?)).ok()?,
+        };
+        (!text.is_empty()).then_some(text)
+    }
+
+    /// The children of the container whose children are `first..end`, by index.
+    fn children(&self, first: u32, end: u32) -> impl Iterator<Item = (u32, &'a Node)> + Clone + 'a {
+        let tape = &self.layout.tape;
+        std::iter::successors(Some(first), move |&i| tape.get(i as usize).map(|n| n.next))
+            .take_while(move |&i| i < end)
+            .filter_map(move |i| Some((i, tape.get(i as usize)?)))
+    }
+
+    /// The child of the container whose children are `first..end` that `step` selects: for a
+    /// key, its last entry of that name (as the decoder's map keeps it).
+    fn child(&self, first: u32, end: u32, holds: Holds, step: &Step) -> Option<u32> {
+        let children = self.children(first, end);
+        match (holds, step) {
+            (Holds::Object, Step::Key(name)) => {
+                let name = name.as_bytes();
+                let mut found = None;
+                for (i, n) in children {
+                    if self.bytes(n.key) == name {
+                        found = Some(i);
+                    }
+                }
+                found
+            }
+            (Holds::List, Step::Index(want)) => {
+                let want = if *want < 0 {
+                    let len = children.clone().count();
+                    len.checked_sub(usize::try_from(want.unsigned_abs()).ok()?)?
+                } else {
+                    usize::try_from(*want).ok()?
+                };
+                children.clone().nth(want).map(|(i, _)| i)
+            }
+            _ => None,
+        }
+    }
+
+    /// The value at a plain path, converted to JSON.
+    pub fn at(&self, steps: &[Step]) -> Option<Value> {
+        let (Step::Key(first), rest) = steps.split_first()? else {
+            return None;
+        };
+        if let Some(text) = self.text(first) {
+            return rest.is_empty().then(|| Value::String(text.to_owned()));
+        }
+        let i = struct_index(first)?;
+        let (span, children, end) = self.layout.structs[i]?;
+        let Some((step, rest)) = rest.split_first() else {
+            return slice::object(self.bytes(span), 0).map(Value::Object);
+        };
+        let mut at = self.child(children, end, Holds::Object, step)?;
+        for step in rest {
+            let node = self.node(at)?;
+            at = self.child(at + 1, node.next, node.holds, step)?;
+        }
+        slice::value(self.bytes(self.node(at)?.value), 0)
+    }
+
+    /// The whole document, as the full decoder makes it (camelCase keys, empty text left out).
+    pub fn json(&self) -> Value {
+        let mut m = Map::new();
+        for (i, (name, _)) in TEXT_FIELDS.iter().enumerate() {
+            if let Some(text) = self.text_at(i) {
+                m.insert((*name).to_string(), Value::String(text.to_owned()));
+            }
+        }
+        for ((name, _), fields) in STRUCT_FIELDS.iter().zip(&self.layout.structs) {
+            if let Some((span, _, _)) = fields {
+                let object = slice::object(self.bytes(*span), 0).unwrap_or_default();
+                m.insert((*name).to_string(), Value::Object(object));
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// An event read in place, owning its bytes: see the module's notes.
+#[derive(Debug)]
+pub struct EventView {
+    bytes: Bytes,
+    layout: Layout,
+    message_id: Option<String>,
+    timestamp: Option<String>,
+    whole: OnceLock<Value>,
+}
+
+impl EventView {
+    /// The event at `bytes[start..start + len]`, whose layout is `layout`, with the
+    /// `messageId` and `timestamp` the relay filled in (if it did).
+    pub fn new(
+        bytes: Bytes,
+        start: usize,
+        len: usize,
+        layout: Layout,
+        message_id: Option<String>,
+        timestamp: Option<String>,
+    ) -> Self {
+        EventView {
+            bytes: bytes.slice(start..start + len),
+            layout,
+            message_id,
+            timestamp,
+            whole: OnceLock::new(),
+        }
+    }
+
+    fn reader(&self) -> Reader<'_> {
+        Reader::new(
+            &self.bytes,
+            &self.layout,
+            self.message_id.as_deref(),
+            self.timestamp.as_deref(),
+        )
+    }
+}
+
+impl Clone for EventView {
+    fn clone(&self) -> Self {
+        EventView {
+            bytes: self.bytes.clone(),
+            layout: self.layout.clone(),
+            message_id: self.message_id.clone(),
+            timestamp: self.timestamp.clone(),
+            whole: OnceLock::new(),
+        }
+    }
+}
+
+impl Document for EventView {
+    fn at(&self, steps: &[Step]) -> Option<Cow<'_, Value>> {
+        self.reader().at(steps).map(Cow::Owned)
+    }
+
+    fn json(&self) -> &Value {
+        self.whole.get_or_init(|| self.reader().json())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test should fail loudly at the broken step")]
+mod tests {
+    use prost::Message;
+    use serde_json::json;
+
+    use super::*;
+    use crate::normalize::{event_to_json, json_to_event};
+    use crate::proto::v1 as pb;
+    use crate::rules::path::walk;
+
+    fn encoded(doc: &Value) -> Vec<u8> {
+        json_to_event(doc).encode_to_vec()
+    }
+
+    /// Every plain path into `doc`: each member and index (negative ones too), one past the
+    /// end, and a missing member at every level.
+    fn paths(doc: &Value, prefix: &mut Vec<Step>, out: &mut Vec<Vec<Step>>) {
+        out.push(prefix.clone());
+        let mut go = |step: Step, child: Option<&Value>, out: &mut Vec<Vec<Step>>| {
+            prefix.push(step);
+            match child {
+                Some(c) => paths(c, prefix, out),
+                None => out.push(prefix.clone()),
+            }
+            prefix.pop();
+        };
+        match doc {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    go(Step::Key(k.as_str().into()), Some(v), out);
+                }
+                go(Step::Key("zz-missing".into()), None, out);
+                go(Step::Index(0), None, out);
+            }
+            Value::Array(items) => {
+                let len = i64::try_from(items.len()).unwrap();
+                for (i, v) in items.iter().enumerate() {
+                    let i = i64::try_from(i).unwrap();
+                    go(Step::Index(i), Some(v), out);
+                    go(Step::Index(i - len), Some(v), out);
+                }
+                go(Step::Index(len), None, out);
+                go(Step::Index(-len - 1), None, out);
+                go(Step::Key("0".into()), None, out);
+            }
+            _ => go(Step::Key("x".into()), None, out),
+        }
+    }
+
+    /// The view answers every path, and the whole document, as the full decoder's document.
+    fn agrees(bytes: &[u8]) {
+        let layout = Layout::read(bytes).unwrap();
+        let reader = Reader::new(bytes, &layout, None, None);
+        let full = event_to_json(pb::Event::decode(bytes).unwrap());
+        assert_eq!(reader.json(), full);
+        let mut all = Vec::new();
+        paths(&full, &mut Vec::new(), &mut all);
+        for steps in all.iter().filter(|s| !s.is_empty()) {
+            assert_eq!(
+                reader.at(steps).as_ref(),
+                walk(&full, steps),
+                "{steps:?} in {full}"
+            );
+        }
+    }
+
+    fn fixture(name: &str) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(format!("tests/fixtures/{name}")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn paths_read_in_place_match_the_decoded_document() {
+        let docs = [
+            fixture("signal_canonical_track.json"),
+            json!({}),
+            json!({"type": "page", "userId": "", "name": "Home", "properties": {}}),
+            json!({"type": "identify", "userId": "u", "traits": {
+                "email": "a@b.c", "n": 1, "f": 1.5, "neg": -3, "big": 1.0e300, "t": true, "no": false,
+                "nil": null, "empty": "", "list": [1, "two", null, {"three": [3, [4]]}, []],
+                "nested": {"a": {"b": {"c": "deep"}}}, "": "blank key", "é": "ü", "a.b": "dotted"
+            }}),
+            json!({"type": "track", "event": "E", "anonymousId": "a", "messageId": "m-1",
+                   "timestamp": "2026-02-25T14:30:00Z", "name": "n", "category": "c", "groupId": "g",
+                   "previousId": "p", "sentAt": "s", "receivedAt": "r", "originalTimestamp": "o",
+                   "channel": "server", "context": {"ip": "1.2.3.4", "traits": {"email": "x@y.z"}},
+                   "integrations": {"All": false, "Lytics": true}, "properties": {"p": [[[]]]}}),
+        ];
+        for doc in &docs {
+            agrees(&encoded(doc));
+        }
+    }
+
+    /// A pseudo-random JSON value (xorshift, so every run checks the same documents).
+    fn next(seed: &mut u64, n: u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed % n
+    }
+
+    fn random_value(seed: &mut u64, depth: u32) -> Value {
+        let keys = ["a", "b", "email", "page", "url", "", "é", "x y", "0"];
+        match next(seed, if depth == 0 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => json!(next(seed, 2) == 0),
+            2 => json!(i64::try_from(next(seed, 1000)).unwrap() - 500),
+            3 => json!(f64::from(u32::try_from(next(seed, 1000)).unwrap()) / 7.0),
+            4 => json!(
+                keys[usize::try_from(next(seed, keys.len() as u64)).unwrap()]
+                    .repeat(1 + usize::try_from(next(seed, 3)).unwrap())
+            ),
+            5 => {
+                let n = next(seed, 4);
+                Value::Array((0..n).map(|_| random_value(seed, depth - 1)).collect())
+            }
+            _ => {
+                let n = next(seed, 5);
+                let mut m = Map::new();
+                for _ in 0..n {
+                    let k = keys[usize::try_from(next(seed, keys.len() as u64)).unwrap()];
+                    m.insert(k.to_string(), random_value(seed, depth - 1));
+                }
+                Value::Object(m)
+            }
+        }
+    }
+
+    #[test]
+    fn random_documents_read_in_place_as_they_decode() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..300 {
+            let mut doc = json!({"type": "track", "event": "e", "userId": "u"});
+            for field in ["properties", "traits", "context", "integrations"] {
+                if let Value::Object(m) = random_value(&mut seed, 5) {
+                    doc[field] = Value::Object(m);
+                }
+            }
+            agrees(&encoded(&doc));
+        }
+    }
+
+    #[test]
+    fn damaged_bytes_are_read_in_place_only_when_the_decoder_takes_them_alike() {
+        let good = encoded(&fixture("signal_canonical_track.json"));
+        let mut seed = 0x2545_f491_4f6c_dd1d;
+        let mut taken = 0;
+        for _ in 0..3000 {
+            let mut bytes = good.clone();
+            let at = usize::try_from(next(&mut seed, bytes.len() as u64)).unwrap();
+            bytes[at] = u8::try_from(next(&mut seed, 256)).unwrap();
+            if next(&mut seed, 4) == 0 {
+                bytes.truncate(at);
+            }
+            if Layout::read(&bytes).is_some() {
+                taken += 1;
+                agrees(&bytes);
+            }
+        }
+        assert!(taken > 100, "only {taken} damaged events were read in place");
+    }
+
+    #[test]
+    fn a_repeated_key_or_text_field_reads_its_last_value_as_the_decoder_does() {
+        let entry = |key: &str, value: &str| {
+            let mut v = Vec::new();
+            prost::encoding::string::encode(kind::STRING, &value.to_string(), &mut v);
+            let mut e = Vec::new();
+            prost::encoding::string::encode(1, &key.to_string(), &mut e);
+            prost::encoding::bytes::encode(2, &v, &mut e);
+            e
+        };
+        let mut properties = Vec::new();
+        for (k, v) in [("a", "first"), ("b", "x"), ("a", "last")] {
+            prost::encoding::bytes::encode(1, &entry(k, v), &mut properties);
+        }
+        let mut event = Vec::new();
+        prost::encoding::string::encode(1, &"track".to_string(), &mut event);
+        prost::encoding::string::encode(7, &"u-first".to_string(), &mut event);
+        prost::encoding::bytes::encode(5, &properties, &mut event);
+        prost::encoding::string::encode(7, &"u-last".to_string(), &mut event);
+        agrees(&event);
+        let layout = Layout::read(&event).unwrap();
+        let reader = Reader::new(&event, &layout, None, None);
+        assert_eq!(
+            reader.at(&[Step::Key("properties".into()), Step::Key("a".into())]),
+            Some(json!("last"))
+        );
+        assert_eq!(reader.text("userId"), Some("u-last"));
+    }
+
+    #[test]
+    fn the_name_lookups_follow_the_field_tables() {
+        for (i, (name, _)) in TEXT_FIELDS.iter().enumerate() {
+            assert_eq!(text_index(name), Some(i), "{name}");
+        }
+        for (i, (name, _)) in STRUCT_FIELDS.iter().enumerate() {
+            assert_eq!(struct_index(name), Some(i), "{name}");
+        }
+        assert_eq!(
+            (TEXT_FIELDS[MESSAGE_ID].0, TEXT_FIELDS[TIMESTAMP].0),
+            ("messageId", "timestamp")
+        );
+        assert_eq!((text_index("version"), struct_index("version")), (None, None));
+    }
+
+    #[test]
+    fn what_the_relay_fills_in_stands_in_for_the_event_own() {
+        let bytes = encoded(&json!({"type": "page", "userId": "u", "messageId": ""}));
+        let layout = Layout::read(&bytes).unwrap();
+        let reader = Reader::new(&bytes, &layout, Some("id-1"), Some("2026-01-01T00:00:00.000Z"));
+        assert_eq!(reader.at(&[Step::Key("messageId".into())]), Some(json!("id-1")));
+        assert_eq!(reader.json()["timestamp"], json!("2026-01-01T00:00:00.000Z"));
+        let view = EventView::new(
+            Bytes::from(bytes.clone()),
+            0,
+            bytes.len(),
+            layout,
+            Some("id-2".into()),
+            None,
+        );
+        assert_eq!(view.json()["messageId"], json!("id-2"));
+        assert_eq!(view.clone().json(), view.json());
+    }
+
+    #[test]
+    fn unusual_events_are_left_to_the_full_decoder() {
+        // `version`, a Struct field given twice, nesting past the fast path, a Value with two
+        // kinds, an unknown field, a text field of the wrong wire type, malformed bytes.
+        let version = pb::Event {
+            version: Some(crate::proto::JsonValue(json!(2))),
+            ..Default::default()
+        };
+        assert!(Layout::read(&version.encode_to_vec()).is_none());
+        let props = encoded(&json!({"properties": {"a": 1}}));
+        assert!(Layout::read(&[props.clone(), props].concat()).is_none());
+        let mut deep = json!("leaf");
+        for _ in 0..20 {
+            deep = json!({ "d": deep });
+        }
+        let deep = encoded(&json!({"properties": deep}));
+        assert!(Layout::read(&deep).is_none());
+        let mut deep_list = json!("leaf");
+        for _ in 0..20 {
+            deep_list = json!([deep_list]);
+        }
+        assert!(Layout::read(&encoded(&json!({"properties": {"l": deep_list}}))).is_none());
+        let mut shallow = json!("leaf");
+        for _ in 0..15 {
+            shallow = json!({ "d": shallow });
+        }
+        agrees(&encoded(&json!({"properties": shallow})));
+        let mut two_kinds = Vec::new();
+        prost::encoding::bool::encode(kind::BOOL, &true, &mut two_kinds);
+        prost::encoding::double::encode(kind::NUMBER, &1.0, &mut two_kinds);
+        let mut entry = Vec::new();
+        prost::encoding::string::encode(1, &"k".to_string(), &mut entry);
+        prost::encoding::bytes::encode(2, &two_kinds, &mut entry);
+        let mut s = Vec::new();
+        prost::encoding::bytes::encode(1, &entry, &mut s);
+        let mut event = Vec::new();
+        prost::encoding::bytes::encode(5, &s, &mut event);
+        assert!(Layout::read(&event).is_none());
+        let mut unknown = Vec::new();
+        prost::encoding::string::encode(99, &"x".to_string(), &mut unknown);
+        assert!(Layout::read(&unknown).is_none());
+        let mut wrong = Vec::new();
+        prost::encoding::uint32::encode(1, &5, &mut wrong);
+        assert!(Layout::read(&wrong).is_none());
+        assert!(Layout::read(&[0x0a, 0x05, 0x61]).is_none());
+        assert!(Layout::read(&[0x0a, 0x02, 0xff, 0xfe]).is_none(), "not UTF-8");
+    }
+}
