@@ -1,7 +1,8 @@
 //! The CPU an event costs on its way in, stage by stage, for a `SendBatch` of 100 copies of the
 //! track fixture without `messageId` (as `scripts/bench-ingest` sends): protobuf decoding into
-//! JSON, decoding with validation (normalize, as the gRPC door runs it: each event is decoded
-//! from the request's bytes, which are kept as its input), mapping and serialising the records,
+//! JSON (the full decoder, which the door keeps for events it cannot read in place), reading
+//! and validating (normalize, as the gRPC door runs it: each event is read in place from the
+//! request's bytes, which are kept as its input), mapping and serialising the records,
 //! and the whole `Ingest::accept` on the in-memory queue (rules, records, live view, metrics; no
 //! durability).
 //! Run: `cargo bench --bench ingest` (times are per call of 100 events).

@@ -6,7 +6,7 @@
 //! field. Both doors run the same checks, so they answer the same errors. Never maps and never
 //! queues.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use prost::Message;
@@ -283,7 +283,8 @@ fn write_with_serde<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) 
 }
 
 /// Hands the text fields of an `Event`, each with its canonical JSON name (camelCase), to the
-/// macro named: the one list that conversion both ways and validation read.
+/// macro named: the list that conversion both ways and validation read (`proto/view.rs` keeps
+/// them with their field numbers; a test there checks the two agree).
 macro_rules! with_text_fields {
     ($then:ident!($($args:tt)*)) => {
         $then!($($args)* [
@@ -458,8 +459,7 @@ fn read_in_place(
     let (id, timestamp) = filled.filled_in();
     let doc = EventView::new(
         input.clone(),
-        1,
-        event.len(),
+        1..1 + event.len(),
         layout,
         id.map(str::to_owned),
         timestamp.map(str::to_owned),
@@ -517,15 +517,16 @@ impl SignalFields for view::Reader<'_> {
     }
 
     fn has_email(&self) -> bool {
-        [
-            ["traits", "email"].as_slice(),
-            &["context", "traits", "email"],
-            &["properties", "email"],
-        ]
-        .into_iter()
-        .any(|path| {
-            let steps: Vec<Step> = path.iter().map(|k| Step::Key((*k).into())).collect();
-            self.at(&steps)
+        static PATHS: LazyLock<[Vec<Step>; 3]> = LazyLock::new(|| {
+            let path = |keys: &[&str]| keys.iter().map(|k| Step::Key((*k).into())).collect();
+            [
+                path(&["traits", "email"]),
+                path(&["context", "traits", "email"]),
+                path(&["properties", "email"]),
+            ]
+        });
+        PATHS.iter().any(|steps| {
+            self.at(steps)
                 .as_ref()
                 .and_then(Value::as_str)
                 .is_some_and(|e| !e.trim().is_empty())

@@ -11,7 +11,8 @@
 //! formed, text in UTF-8, each `Struct` field and each entry's key and value given once, one
 //! kind per `Value`, nesting within the full decoder's fast path, no `version`. Anything else
 //! (which no common encoder writes) is decoded whole, as before, and gets its answer or its
-//! error from there.
+//! error from there. It never answers differently from the full decoder's document, and never
+//! refuses an event: what it does not take, the full decoder judges.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -25,7 +26,7 @@ use crate::rules::Document;
 use crate::rules::path::Step;
 
 /// The `Event`'s text fields: their JSON name and field number.
-pub const TEXT_FIELDS: [(&str, u32); 14] = [
+const TEXT_FIELDS: [(&str, u32); 14] = [
     ("type", 1),
     ("event", 2),
     ("name", 3),
@@ -188,7 +189,7 @@ impl TapeBuilder<'_> {
         }
         let start = (part.as_ptr() as usize).checked_sub(self.event.as_ptr() as usize)?;
         let start = u32::try_from(start).ok()?;
-        Some((start, start + u32::try_from(part.len()).ok()?))
+        Some((start, start.checked_add(u32::try_from(part.len()).ok()?)?))
     }
 
     /// Checks a `Struct` whose entries sit `depth` levels down, as the full decoder's fast
@@ -327,9 +328,9 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&self, span: Span) -> &'a [u8] {
-        self.event
-            .get(span.0 as usize..span.1 as usize)
-            .unwrap_or_default()
+        let bytes = self.event.get(span.0 as usize..span.1 as usize);
+        debug_assert!(bytes.is_some(), "a span outside the event it was read from");
+        bytes.unwrap_or_default()
     }
 
     fn node(&self, i: u32) -> Option<&'a Node> {
@@ -337,7 +338,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The text field named `name` (its JSON name) as the document holds it: `None` when it is
-    /// not a text field or is empty.
+    /// not a text field or is empty (what the relay filled in is there as it is).
     pub fn text(&self, name: &str) -> Option<&'a str> {
         self.text_at(text_index(name)?)
     }
@@ -348,10 +349,10 @@ impl<'a> Reader<'a> {
             TIMESTAMP => self.filled[1],
             _ => None,
         };
-        let text = match filled {
-            Some(t) => t,
-            None => std::str::from_utf8(self.bytes(self.layout.text[i]?)).ok()?,
-        };
+        if filled.is_some() {
+            return filled;
+        }
+        let text = std::str::from_utf8(self.bytes(self.layout.text[i]?)).ok()?;
         (!text.is_empty()).then_some(text)
     }
 
@@ -393,7 +394,10 @@ impl<'a> Reader<'a> {
 
     /// The value at a plain path, converted to JSON.
     pub fn at(&self, steps: &[Step]) -> Option<Value> {
-        let (Step::Key(first), rest) = steps.split_first()? else {
+        let Some((first, rest)) = steps.split_first() else {
+            return Some(self.json());
+        };
+        let Step::Key(first) = first else {
             return None;
         };
         if let Some(text) = self.text(first) {
@@ -422,7 +426,9 @@ impl<'a> Reader<'a> {
         }
         for ((name, _), fields) in STRUCT_FIELDS.iter().zip(&self.layout.structs) {
             if let Some((span, _, _)) = fields {
-                let object = slice::object(self.bytes(*span), 0).unwrap_or_default();
+                let object = slice::object(self.bytes(*span), 0);
+                debug_assert!(object.is_some(), "a checked Struct failed to decode");
+                let object = object.unwrap_or_default();
                 m.insert((*name).to_string(), Value::Object(object));
             }
         }
@@ -434,6 +440,8 @@ impl<'a> Reader<'a> {
 #[derive(Debug)]
 pub struct EventView {
     bytes: Bytes,
+    /// Where the event lies in `bytes`.
+    range: std::ops::Range<usize>,
     layout: Layout,
     message_id: Option<String>,
     timestamp: Option<String>,
@@ -441,18 +449,18 @@ pub struct EventView {
 }
 
 impl EventView {
-    /// The event at `bytes[start..start + len]`, whose layout is `layout`, with the
+    /// The event at `bytes[range]`, whose layout (read from those bytes) is `layout`, with the
     /// `messageId` and `timestamp` the relay filled in (if it did).
     pub fn new(
         bytes: Bytes,
-        start: usize,
-        len: usize,
+        range: std::ops::Range<usize>,
         layout: Layout,
         message_id: Option<String>,
         timestamp: Option<String>,
     ) -> Self {
         EventView {
-            bytes: bytes.slice(start..start + len),
+            bytes,
+            range,
             layout,
             message_id,
             timestamp,
@@ -461,8 +469,10 @@ impl EventView {
     }
 
     fn reader(&self) -> Reader<'_> {
+        let event = self.bytes.get(self.range.clone());
+        debug_assert!(event.is_some(), "an event view's range lies outside its bytes");
         Reader::new(
-            &self.bytes,
+            event.unwrap_or_default(),
             &self.layout,
             self.message_id.as_deref(),
             self.timestamp.as_deref(),
@@ -474,6 +484,7 @@ impl Clone for EventView {
     fn clone(&self) -> Self {
         EventView {
             bytes: self.bytes.clone(),
+            range: self.range.clone(),
             layout: self.layout.clone(),
             message_id: self.message_id.clone(),
             timestamp: self.timestamp.clone(),
@@ -574,6 +585,9 @@ mod tests {
                 "nil": null, "empty": "", "list": [1, "two", null, {"three": [3, [4]]}, []],
                 "nested": {"a": {"b": {"c": "deep"}}}, "": "blank key", "é": "ü", "a.b": "dotted"
             }}),
+            json!({"type": "track", "properties": {}, "userId": "u".repeat(200), "traits": {
+                "long": "a".repeat(300), "k".repeat(200): {"l": ["b".repeat(130), "c".repeat(20_000)]}
+            }}),
             json!({"type": "track", "event": "E", "anonymousId": "a", "messageId": "m-1",
                    "timestamp": "2026-02-25T14:30:00Z", "name": "n", "category": "c", "groupId": "g",
                    "previousId": "p", "sentAt": "s", "receivedAt": "r", "originalTimestamp": "o",
@@ -636,11 +650,15 @@ mod tests {
 
     #[test]
     fn damaged_bytes_are_read_in_place_only_when_the_decoder_takes_them_alike() {
-        let good = encoded(&fixture("signal_canonical_track.json"));
+        let goods = [
+            encoded(&fixture("signal_canonical_track.json")),
+            encoded(&json!({"type": "identify", "userId": "u", "traits": {
+                "l": [1, [2, {"k": "v".repeat(200)}], null, true], "n": -1.5, "o": {}}})),
+        ];
         let mut seed = 0x2545_f491_4f6c_dd1d;
         let mut taken = 0;
-        for _ in 0..3000 {
-            let mut bytes = good.clone();
+        for round in 0..4000 {
+            let mut bytes = goods[round % goods.len()].clone();
             let at = usize::try_from(next(&mut seed, bytes.len() as u64)).unwrap();
             bytes[at] = u8::try_from(next(&mut seed, 256)).unwrap();
             if next(&mut seed, 4) == 0 {
@@ -699,16 +717,58 @@ mod tests {
     }
 
     #[test]
+    fn each_text_field_is_read_by_its_json_name_and_field_number() {
+        for (name, _) in TEXT_FIELDS {
+            let bytes = encoded(&json!({ name: format!("value of {name}") }));
+            let layout = Layout::read(&bytes).unwrap();
+            let reader = Reader::new(&bytes, &layout, None, None);
+            for (other, _) in TEXT_FIELDS {
+                let want = (other == name).then(|| format!("value of {name}"));
+                assert_eq!(
+                    reader.text(other).map(str::to_owned),
+                    want,
+                    "{name} read as {other}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_entry_missing_its_key_or_value_reads_as_the_decoder_reads_it() {
+        let mut value = Vec::new();
+        prost::encoding::string::encode(kind::STRING, &"v".to_string(), &mut value);
+        let mut only_value = Vec::new();
+        prost::encoding::bytes::encode(2, &value, &mut only_value);
+        let mut only_key = Vec::new();
+        prost::encoding::string::encode(1, &"k".to_string(), &mut only_key);
+        let mut properties = Vec::new();
+        for entry in [only_value, only_key] {
+            prost::encoding::bytes::encode(1, &entry, &mut properties);
+        }
+        let mut event = Vec::new();
+        prost::encoding::bytes::encode(5, &properties, &mut event);
+        agrees(&event);
+        let layout = Layout::read(&event).unwrap();
+        let reader = Reader::new(&event, &layout, None, None);
+        assert_eq!(reader.json()["properties"], json!({"": "v", "k": null}));
+    }
+
+    #[test]
     fn what_the_relay_fills_in_stands_in_for_the_event_own() {
         let bytes = encoded(&json!({"type": "page", "userId": "u", "messageId": ""}));
         let layout = Layout::read(&bytes).unwrap();
         let reader = Reader::new(&bytes, &layout, Some("id-1"), Some("2026-01-01T00:00:00.000Z"));
         assert_eq!(reader.at(&[Step::Key("messageId".into())]), Some(json!("id-1")));
         assert_eq!(reader.json()["timestamp"], json!("2026-01-01T00:00:00.000Z"));
+        assert_eq!(reader.at(&[]), Some(reader.json()));
+        // Filled in as it is, even empty, as the JSON form writes it.
+        let empty = Reader::new(&bytes, &layout, None, Some(""));
+        assert_eq!(empty.at(&[Step::Key("timestamp".into())]), Some(json!("")));
+        let mut kept = vec![0];
+        kept.extend_from_slice(&bytes);
         let view = EventView::new(
-            Bytes::from(bytes.clone()),
-            0,
-            bytes.len(),
+            Bytes::from(kept),
+            1..bytes.len() + 1,
             layout,
             Some("id-2".into()),
             None,

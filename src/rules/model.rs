@@ -1,8 +1,9 @@
 //! Compiled rules and their evaluation.
 //!
-//! Input: an event document (JSON), the integration's non-secret values, and compiled rules.
-//! Output: the Lytics records the rules build, and the records they refused with the reason.
-//! Evaluation is a pure function: it does no I/O, reads no clock and never parses a path.
+//! Input: an event document (JSON, or any [`Document`]), the integration's non-secret values,
+//! and compiled rules. Output: the Lytics records the rules build, and the records they refused
+//! with the reason. Evaluation is a pure function: it does no I/O, reads no clock and never
+//! parses a path.
 
 use std::borrow::Cow;
 use std::sync::Arc;
