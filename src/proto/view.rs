@@ -9,8 +9,8 @@
 //!
 //! [`Layout::read`] takes only events it can answer exactly as the full decoder would: well
 //! formed, text in UTF-8, each `Struct` field and each entry's key and value given once, one
-//! kind per `Value`, nesting within the full decoder's fast path, no `version`. Anything else
-//! (which no common encoder writes) is decoded whole, as before, and gets its answer or its
+//! kind per `Value`, nesting within the full decoder's fast path, a `version` that is a plain
+//! value. Anything else (which no common encoder writes) is decoded whole, as before, and gets its answer or its
 //! error from there. It never answers differently from the full decoder's document, and never
 //! refuses an event: what it does not take, the full decoder judges.
 
@@ -51,6 +51,9 @@ const STRUCT_FIELDS: [(&str, u32); 4] = [
     ("integrations", 12),
 ];
 
+/// The field number of `version` (a `google.protobuf.Value`).
+const VERSION: u32 = 19;
+
 /// Index of `messageId` and `timestamp` in [`TEXT_FIELDS`]: the fields the relay fills in.
 const MESSAGE_ID: usize = 12;
 const TIMESTAMP: usize = 8;
@@ -83,6 +86,8 @@ enum Holds {
 pub struct Layout {
     text: [Option<Span>; TEXT_FIELDS.len()],
     structs: [Option<(Span, u32, u32)>; STRUCT_FIELDS.len()],
+    /// `version`'s `Value`, when it holds a plain value.
+    version: Option<Span>,
     tape: Vec<Node>,
 }
 
@@ -268,6 +273,7 @@ impl Layout {
     pub fn read(event: &[u8]) -> Option<Layout> {
         let mut text_spans = [None; TEXT_FIELDS.len()];
         let mut structs = [None; STRUCT_FIELDS.len()];
+        let mut version = None;
         let mut builder = TapeBuilder {
             event,
             tape: Vec::with_capacity(event.len() / 24),
@@ -290,14 +296,18 @@ impl Layout {
                 let first = u32::try_from(builder.tape.len()).ok()?;
                 builder.object(body, 0)?;
                 structs[i] = Some((span, first, u32::try_from(builder.tape.len()).ok()?));
+            } else if tag == VERSION && version.is_none() && matches!(kind_of(body)?, Kind::Scalar) {
+                version = Some(span);
             } else {
-                // `version`, or a field this relay does not know: decoded whole.
+                // A container or repeated `version`, or a field this relay does not know:
+                // decoded whole.
                 return None;
             }
         }
         Some(Layout {
             text: text_spans,
             structs,
+            version,
             tape: builder.tape,
         })
     }
@@ -403,6 +413,9 @@ impl<'a> Reader<'a> {
         if let Some(text) = self.text(first) {
             return rest.is_empty().then(|| Value::String(text.to_owned()));
         }
+        if **first == *"version" {
+            return rest.is_empty().then(|| self.version()).flatten();
+        }
         let i = struct_index(first)?;
         let (span, children, end) = self.layout.structs[i]?;
         let Some((step, rest)) = rest.split_first() else {
@@ -432,7 +445,15 @@ impl<'a> Reader<'a> {
                 m.insert((*name).to_string(), Value::Object(object));
             }
         }
+        if let Some(version) = self.version() {
+            m.insert("version".to_string(), version);
+        }
         Value::Object(m)
+    }
+
+    /// `version`, when the event has one.
+    fn version(&self) -> Option<Value> {
+        slice::value(self.bytes(self.layout.version?), 0)
     }
 }
 
@@ -579,7 +600,10 @@ mod tests {
         let docs = [
             fixture("signal_canonical_track.json"),
             json!({}),
-            json!({"type": "page", "userId": "", "name": "Home", "properties": {}}),
+            json!({"type": "page", "userId": "", "name": "Home", "properties": {}, "version": 2}),
+            json!({"type": "page", "version": "1.2"}),
+            json!({"type": "page", "version": null}),
+            json!({"type": "page", "version": 1.5, "userId": "u"}),
             json!({"type": "identify", "userId": "u", "traits": {
                 "email": "a@b.c", "n": 1, "f": 1.5, "neg": -3, "big": 1.0e300, "t": true, "no": false,
                 "nil": null, "empty": "", "list": [1, "two", null, {"three": [3, [4]]}, []],
@@ -779,13 +803,17 @@ mod tests {
 
     #[test]
     fn unusual_events_are_left_to_the_full_decoder() {
-        // `version`, a Struct field given twice, nesting past the fast path, a Value with two
-        // kinds, an unknown field, a text field of the wrong wire type, malformed bytes.
+        // A `version` holding a container or given twice, a Struct field given twice, nesting
+        // past the fast path, a Value with two kinds, an unknown field, a text field of the
+        // wrong wire type, malformed bytes.
         let version = pb::Event {
-            version: Some(crate::proto::JsonValue(json!(2))),
+            version: Some(crate::proto::JsonValue(json!({"major": 2}))),
             ..Default::default()
-        };
-        assert!(Layout::read(&version.encode_to_vec()).is_none());
+        }
+        .encode_to_vec();
+        assert!(Layout::read(&version).is_none());
+        let two = encoded(&json!({"version": 2}));
+        assert!(Layout::read(&[two.clone(), two].concat()).is_none());
         let props = encoded(&json!({"properties": {"a": 1}}));
         assert!(Layout::read(&[props.clone(), props].concat()).is_none());
         let mut deep = json!("leaf");
