@@ -7,10 +7,10 @@
 //! were the largest cost of ingesting an event. The wire format is unchanged (proto3 `Struct`,
 //! `Value`, `ListValue`), so clients, grpcurl and reflection see the well-known types.
 //!
-//! Numbers: protobuf carries every number as a double; whole numbers below 2^53 come back as
-//! JSON integers, and NaN or infinities (which JSON cannot hold) as `null`. Objects hold their
-//! keys sorted (as `prost_types::Struct`'s `BTreeMap` does), and a repeated key keeps its last
-//! value (as proto3 maps do).
+//! Numbers: protobuf carries every number as a double; whole numbers below 9 × 10^15 (just
+//! under 2^53) come back as JSON integers, and NaN or infinities (which JSON cannot hold) as
+//! `null`. Objects hold their keys sorted (as `prost_types::Struct`'s `BTreeMap` does), and a
+//! repeated key keeps its last value (as proto3 maps do).
 
 use std::cell::Cell;
 

@@ -1,18 +1,18 @@
 //! A gRPC `Event` read in place: the document the rules read, without decoding it whole.
 //!
 //! Input: an `Event`'s bytes as received. Output: an [`EventView`], which answers the rules'
-//! plain paths (`$.context.page.url`) by walking the encoded `Struct`s and converting only the
-//! value a path selects; `$`, general queries and everything else that wants the whole document
-//! get it decoded once, on demand. Decoding every field of every event into JSON (a string and a
-//! map node per field, all freed again) was the largest share of an event's cost, and the rules
-//! read about half of what an event carries.
+//! plain paths (`$.context.page.url`) by walking a tape of the event's entries, built once, and
+//! converting only the value a path selects; `$`, general queries and everything else that
+//! wants the whole document get it decoded once, on demand. Decoding every field of every event
+//! into JSON (a string and a map node per field, all freed again) was the largest share of an
+//! event's cost, and the rules read about half of what an event carries.
 //!
 //! [`Layout::read`] takes only events it can answer exactly as the full decoder would: well
 //! formed, text in UTF-8, each `Struct` field and each entry's key and value given once, one
-//! kind per `Value`, nesting within the full decoder's fast path, a `version` that is a plain
-//! value. Anything else (which no common encoder writes) is decoded whole, as before, and gets its answer or its
-//! error from there. It never answers differently from the full decoder's document, and never
-//! refuses an event: what it does not take, the full decoder judges.
+//! field per `Value`, nesting within the full decoder's fast path, and a `version`, if any,
+//! given once and holding a plain value. It declines anything else (which no common encoder
+//! writes), and the caller decodes that event whole, as before, which gives its answer or its
+//! error. A view never answers differently from the full decoder's document.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -516,6 +516,9 @@ impl Clone for EventView {
 
 impl Document for EventView {
     fn at(&self, steps: &[Step]) -> Option<Cow<'_, Value>> {
+        if steps.is_empty() {
+            return Some(Cow::Borrowed(self.json()));
+        }
         self.reader().at(steps).map(Cow::Owned)
     }
 
@@ -604,6 +607,9 @@ mod tests {
             json!({"type": "page", "version": "1.2"}),
             json!({"type": "page", "version": null}),
             json!({"type": "page", "version": 1.5, "userId": "u"}),
+            json!({"type": "page", "version": true}),
+            json!({"type": "page", "version": 9_007_199_254_740_993.0_f64}),
+            json!({"type": "page", "version": 1e300}),
             json!({"type": "identify", "userId": "u", "traits": {
                 "email": "a@b.c", "n": 1, "f": 1.5, "neg": -3, "big": 1.0e300, "t": true, "no": false,
                 "nil": null, "empty": "", "list": [1, "two", null, {"three": [3, [4]]}, []],
@@ -676,6 +682,7 @@ mod tests {
     fn damaged_bytes_are_read_in_place_only_when_the_decoder_takes_them_alike() {
         let goods = [
             encoded(&fixture("signal_canonical_track.json")),
+            encoded(&json!({"type": "page", "userId": "u", "version": "1.2", "context": {"a": 1}})),
             encoded(&json!({"type": "identify", "userId": "u", "traits": {
                 "l": [1, [2, {"k": "v".repeat(200)}], null, true], "n": -1.5, "o": {}}})),
         ];
@@ -814,6 +821,20 @@ mod tests {
         assert!(Layout::read(&version).is_none());
         let two = encoded(&json!({"version": 2}));
         assert!(Layout::read(&[two.clone(), two].concat()).is_none());
+        // An empty `version` (null) and a NaN one (null too) are read in place; one with an
+        // unknown field is not.
+        let mut nan = Vec::new();
+        prost::encoding::double::encode(kind::NUMBER, &f64::NAN, &mut nan);
+        let mut odd = Vec::new();
+        prost::encoding::string::encode(9, &"x".to_string(), &mut odd);
+        for (body, taken) in [(Vec::new(), true), (nan, true), (odd, false)] {
+            let mut event = Vec::new();
+            prost::encoding::bytes::encode(VERSION, &body, &mut event);
+            assert_eq!(Layout::read(&event).is_some(), taken, "{body:?}");
+            if taken {
+                agrees(&event);
+            }
+        }
         let props = encoded(&json!({"properties": {"a": 1}}));
         assert!(Layout::read(&[props.clone(), props].concat()).is_none());
         let mut deep = json!("leaf");
