@@ -183,7 +183,7 @@ fn merge_contiguous(
 /// with prost's general path, which gives the error prost gives, so both paths accept and refuse
 /// the same inputs.
 pub(super) mod slice {
-    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    use prost::encoding::{DecodeContext, MAX_TAG, WireType, decode_varint, skip_field};
     use serde_json::{Map, Value};
 
     use super::{kind, number};
@@ -193,19 +193,34 @@ pub(super) mod slice {
     /// is far off, so the fast path never accepts what the general path would refuse.
     pub const MAX_DEPTH: u32 = 16;
 
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        decode_varint(b).ok()
+    /// A varint: one byte read inline (field keys and lengths under 128, nearly all of them),
+    /// longer ones by prost.
+    pub fn varint(b: &mut &[u8]) -> Option<u64> {
+        match b.split_first() {
+            Some((&byte, rest)) if byte < 0x80 => {
+                *b = rest;
+                Some(u64::from(byte))
+            }
+            _ => decode_varint(b).ok(),
+        }
     }
 
-    fn key(b: &mut &[u8]) -> Option<(u32, WireType)> {
-        decode_key(b).ok()
+    /// A field key, refused as prost's `decode_key` refuses it (tag 0, keys past 32 bits,
+    /// unknown wire types).
+    pub fn key(b: &mut &[u8]) -> Option<(u32, WireType)> {
+        let key = varint(b)?;
+        let tag = u32::try_from(key >> 3)
+            .ok()
+            .filter(|t| (1..=MAX_TAG).contains(t))?;
+        Some((tag, WireType::try_from(key & 0x07).ok()?))
     }
 
     fn skip(tag: u32, wire_type: WireType, b: &mut &[u8]) -> Option<()> {
         skip_field(wire_type, tag, b, DecodeContext::default()).ok()
     }
 
-    fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    /// A length-delimited field's body.
+    pub fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
         let len = usize::try_from(varint(b)?).ok()?;
         let (head, tail) = b.split_at_checked(len)?;
         *b = tail;

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use prost::encoding::WireType;
 use serde_json::{Map, Value};
 
+use super::json::slice::{delimited, key as field_key, varint};
 use super::json::{kind, slice};
 use crate::rules::Document;
 use crate::rules::path::Step;
@@ -102,34 +103,6 @@ enum Kind<'a> {
 /// True when `b` is UTF-8 (ASCII checked first: nearly every text is).
 fn utf8(b: &[u8]) -> bool {
     b.is_ascii() || std::str::from_utf8(b).is_ok()
-}
-
-/// A varint: one byte read inline (field keys and lengths under 128, nearly all of them),
-/// longer ones by prost.
-fn varint(b: &mut &[u8]) -> Option<u64> {
-    match b.split_first() {
-        Some((&byte, rest)) if byte < 0x80 => {
-            *b = rest;
-            Some(u64::from(byte))
-        }
-        _ => prost::encoding::decode_varint(b).ok(),
-    }
-}
-
-/// A field key, refused as prost refuses it (tag 0, tags past 2^29 − 1, unknown wire types).
-fn field_key(b: &mut &[u8]) -> Option<(u32, WireType)> {
-    let key = varint(b)?;
-    let tag = u32::try_from(key >> 3)
-        .ok()
-        .filter(|t| (1..=prost::encoding::MAX_TAG).contains(t))?;
-    Some((tag, WireType::try_from(key & 0x07).ok()?))
-}
-
-fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let len = usize::try_from(varint(b)?).ok()?;
-    let (head, tail) = b.split_at_checked(len)?;
-    *b = tail;
-    Some(head)
 }
 
 /// The kind a `Value` message holds when it holds at most one (empty: `null`).
