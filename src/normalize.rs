@@ -16,7 +16,7 @@ use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::proto::v1 as pb;
 use crate::proto::view::{self, EventView};
 use crate::proto::{JsonStruct, JsonValue};
-use crate::rules::path::Step;
+use crate::rules::path::{Members, Step};
 use crate::rules::{Document, Fields, Source};
 use crate::timefmt;
 
@@ -152,6 +152,18 @@ impl Document for EventDoc {
 
     fn json(&self) -> &Value {
         EventDoc::json(self)
+    }
+
+    fn spread<'a>(
+        &'a self,
+        steps: &[Step],
+        prefix: &'a str,
+        emit: &mut dyn FnMut(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, Value>),
+    ) -> Members<'a> {
+        match self {
+            EventDoc::Json(v) => v.spread(steps, prefix, emit),
+            EventDoc::Proto(v) => v.spread(steps, prefix, emit),
+        }
     }
 }
 

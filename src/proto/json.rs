@@ -195,18 +195,26 @@ pub(super) mod slice {
 
     /// A varint: one byte read inline (field keys and lengths under 128, nearly all of them),
     /// longer ones by prost.
+    #[inline]
     pub fn varint(b: &mut &[u8]) -> Option<u64> {
         match b.split_first() {
             Some((&byte, rest)) if byte < 0x80 => {
                 *b = rest;
                 Some(u64::from(byte))
             }
-            _ => decode_varint(b).ok(),
+            _ => long_varint(b),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn long_varint(b: &mut &[u8]) -> Option<u64> {
+        decode_varint(b).ok()
     }
 
     /// A field key, refused as prost's `decode_key` refuses it (tag 0, keys past 32 bits,
     /// unknown wire types).
+    #[inline]
     pub fn key(b: &mut &[u8]) -> Option<(u32, WireType)> {
         let key = varint(b)?;
         let tag = u32::try_from(key >> 3)
@@ -220,6 +228,7 @@ pub(super) mod slice {
     }
 
     /// A length-delimited field's body.
+    #[inline]
     pub fn delimited<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
         let len = usize::try_from(varint(b)?).ok()?;
         let (head, tail) = b.split_at_checked(len)?;

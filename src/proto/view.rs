@@ -24,7 +24,8 @@ use serde_json::{Map, Value};
 use super::json::slice::{delimited, key as field_key, varint};
 use super::json::{kind, slice};
 use crate::rules::Document;
-use crate::rules::path::Step;
+use crate::rules::flatten::index_key;
+use crate::rules::path::{Members, Step};
 
 /// The `Event`'s text fields: their JSON name and field number.
 const TEXT_FIELDS: [(&str, u32); 14] = [
@@ -356,7 +357,8 @@ impl<'a> Reader<'a> {
                 let name = name.as_bytes();
                 let mut found = None;
                 for (i, n) in children {
-                    if self.bytes(n.key) == name {
+                    // The length first: most siblings differ there, and it needs no bytes.
+                    if (n.key.1 - n.key.0) as usize == name.len() && self.bytes(n.key) == name {
                         found = Some(i);
                     }
                 }
@@ -400,6 +402,123 @@ impl<'a> Reader<'a> {
             at = self.child(at + 1, node.next, node.holds, step)?;
         }
         slice::value(self.bytes(self.node(at)?.value), 0)
+    }
+
+    /// Spreads the object at a plain path (see [`Document::spread`]): `false`, with nothing
+    /// handed out, when the path holds no object of the event (the caller then reads the value
+    /// with [`Reader::at`]).
+    pub fn spread(
+        &self,
+        steps: &[Step],
+        prefix: &str,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) -> bool {
+        let Some((first, end)) = self.object_at(steps) else {
+            return false;
+        };
+        self.members(first, end, prefix, "", emit);
+        true
+    }
+
+    /// The children of the object at a plain path.
+    fn object_at(&self, steps: &[Step]) -> Option<(u32, u32)> {
+        let (Step::Key(name), rest) = steps.split_first()? else {
+            return None;
+        };
+        let (_, first, end) = self.layout.structs[struct_index(name)?]?;
+        let Some((step, rest)) = rest.split_first() else {
+            return Some((first, end));
+        };
+        let mut at = self.child(first, end, Holds::Object, step)?;
+        for step in rest {
+            let node = self.node(at)?;
+            at = self.child(at + 1, node.next, node.holds, step)?;
+        }
+        let node = self.node(at)?;
+        (node.holds == Holds::Object).then_some((at + 1, node.next))
+    }
+
+    /// Hands out the members of the object whose children are `first..end`, each flattened
+    /// under `parent`, `glue` and its key (its key alone under an empty `parent`), in the order
+    /// the decoded map iterates them: by key, and only the last of a repeated key.
+    fn members(
+        &self,
+        first: u32,
+        end: u32,
+        parent: &str,
+        glue: &str,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) {
+        let children = self.children(first, end);
+        let in_order = children
+            .clone()
+            .zip(children.clone().skip(1))
+            .all(|((_, a), (_, b))| self.bytes(a.key) < self.bytes(b.key));
+        if in_order {
+            for (i, node) in children {
+                self.member(i, node, parent, glue, emit);
+            }
+            return;
+        }
+        let mut sorted: Vec<(u32, &Node)> = children.collect();
+        // A stable sort: a repeated key's entries stay in the order they came.
+        sorted.sort_by(|(_, a), (_, b)| self.bytes(a.key).cmp(self.bytes(b.key)));
+        for (at, &(i, node)) in sorted.iter().enumerate() {
+            let repeated = sorted
+                .get(at + 1)
+                .is_some_and(|(_, next)| self.bytes(next.key) == self.bytes(node.key));
+            if !repeated {
+                self.member(i, node, parent, glue, emit);
+            }
+        }
+    }
+
+    fn member(
+        &self,
+        i: u32,
+        node: &Node,
+        parent: &str,
+        glue: &str,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) {
+        let Ok(key) = std::str::from_utf8(self.bytes(node.key)) else {
+            debug_assert!(false, "a checked key is not UTF-8");
+            return;
+        };
+        let key = if parent.is_empty() {
+            Cow::Borrowed(key)
+        } else {
+            Cow::Owned([parent, glue, key].concat())
+        };
+        self.flatten(i, node, key, emit);
+    }
+
+    /// Hands out node `i` flattened under `key`, as `rules::flatten` flattens its decoded value.
+    fn flatten(
+        &self,
+        i: u32,
+        node: &Node,
+        key: Cow<'a, str>,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) {
+        match node.holds {
+            Holds::Object => self.members(i + 1, node.next, &key, ".", emit),
+            Holds::List
+                if self
+                    .children(i + 1, node.next)
+                    .any(|(_, item)| item.holds != Holds::Scalar) =>
+            {
+                for (index, (at, item)) in self.children(i + 1, node.next).enumerate() {
+                    self.flatten(at, item, Cow::Owned(index_key(&key, index)), emit);
+                }
+            }
+            _ if key.is_empty() => {}
+            _ => match slice::value(self.bytes(node.value), 0) {
+                Some(Value::Null) => {}
+                Some(value) => emit(key, Cow::Owned(value)),
+                None => debug_assert!(false, "a checked value failed to decode"),
+            },
+        }
     }
 
     /// The whole document, as the full decoder makes it (camelCase keys, empty text left out).
@@ -498,6 +617,19 @@ impl Document for EventView {
     fn json(&self) -> &Value {
         self.whole.get_or_init(|| self.reader().json())
     }
+
+    fn spread<'a>(
+        &'a self,
+        steps: &[Step],
+        prefix: &'a str,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) -> Members<'a> {
+        if self.reader().spread(steps, prefix, emit) {
+            Members::Spread
+        } else {
+            Members::Value(self.at(steps))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -508,7 +640,9 @@ mod tests {
 
     use super::*;
     use crate::normalize::{event_to_json, json_to_event};
+    use crate::proto::JsonValue;
     use crate::proto::v1 as pb;
+    use crate::rules::flatten::flatten;
     use crate::rules::path::walk;
 
     fn encoded(doc: &Value) -> Vec<u8> {
@@ -564,6 +698,35 @@ mod tests {
                 walk(&full, steps),
                 "{steps:?} in {full}"
             );
+        }
+        for steps in &all {
+            for prefix in ["", "p_"] {
+                spreads_alike(&reader, &full, steps, prefix);
+            }
+        }
+    }
+
+    /// Spreading in place hands out what flattening the decoded object's members does, in the
+    /// same order, and declines only where the path holds no object (or is `$`).
+    fn spreads_alike(reader: &Reader<'_>, full: &Value, steps: &[Step], prefix: &str) {
+        let mut got = Vec::new();
+        let spread = reader.spread(steps, prefix, &mut |k, v| {
+            got.push((k.into_owned(), v.into_owned()))
+        });
+        match walk(full, steps) {
+            Some(Value::Object(members)) if !steps.is_empty() => {
+                assert!(spread, "{steps:?} in {full}");
+                let mut want = Vec::new();
+                for (k, v) in members {
+                    flatten(
+                        Cow::Owned(format!("{prefix}{k}")),
+                        Cow::Borrowed(v),
+                        &mut |k, v| want.push((k.into_owned(), v.into_owned())),
+                    );
+                }
+                assert_eq!(got, want, "{steps:?} under {prefix:?} in {full}");
+            }
+            _ => assert!(!spread && got.is_empty(), "{steps:?} in {full}"),
         }
     }
 
@@ -703,6 +866,53 @@ mod tests {
             Some(json!("last"))
         );
         assert_eq!(reader.text("userId"), Some("u-last"));
+    }
+
+    #[test]
+    fn members_out_of_order_or_repeated_spread_as_the_decoded_map_iterates() {
+        let entry = |key: &str, value: Value| {
+            let mut e = Vec::new();
+            prost::encoding::string::encode(1, &key.to_string(), &mut e);
+            prost::encoding::bytes::encode(2, &JsonValue(value).encode_to_vec(), &mut e);
+            e
+        };
+        let mut properties = Vec::new();
+        for (k, v) in [
+            ("z", json!(1)),
+            ("a.b", json!("dotted")),
+            ("a", json!({"b": "nested", "c": null})),
+            ("m", json!([{"k": 1}, 2, null, []])),
+            ("", json!({"x": "blank"})),
+            ("z", json!(3)),
+            ("e", json!(["s", 1])),
+            ("a", json!({"b": "last"})),
+        ] {
+            prost::encoding::bytes::encode(1, &entry(k, v), &mut properties);
+        }
+        let mut event = Vec::new();
+        prost::encoding::string::encode(1, &"track".to_string(), &mut event);
+        prost::encoding::bytes::encode(5, &properties, &mut event);
+        agrees(&event);
+        let layout = Layout::read(&event).unwrap();
+        let reader = Reader::new(&event, &layout, None, None);
+        let mut got = Vec::new();
+        assert!(reader.spread(&[Step::Key("properties".into())], "", &mut |k, v| {
+            got.push((k.into_owned(), v.into_owned()))
+        }));
+        assert_eq!(
+            got,
+            [
+                ("x", json!("blank")),
+                ("a.b", json!("last")),
+                ("a.b", json!("dotted")),
+                ("e", json!(["s", 1])),
+                ("m[0].k", json!(1)),
+                ("m[1]", json!(2)),
+                ("m[3]", json!([])),
+                ("z", json!(3)),
+            ]
+            .map(|(k, v)| (k.to_string(), v))
+        );
     }
 
     #[test]

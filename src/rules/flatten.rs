@@ -75,7 +75,7 @@ fn flatten_owned<'a>(key: Cow<'a, str>, value: Value, emit: &mut impl FnMut(Cow<
 }
 
 /// `key.member`, allocated once at its final size.
-fn member_key(key: &str, member: &str) -> String {
+pub(crate) fn member_key(key: &str, member: &str) -> String {
     let mut out = String::with_capacity(key.len() + 1 + member.len());
     out.push_str(key);
     out.push('.');
@@ -84,7 +84,7 @@ fn member_key(key: &str, member: &str) -> String {
 }
 
 /// `key[index]`, allocated once with room for any index.
-fn index_key(key: &str, index: usize) -> String {
+pub(crate) fn index_key(key: &str, index: usize) -> String {
     use std::fmt::Write as _;
     let mut out = String::with_capacity(key.len() + 22);
     out.push_str(key);

@@ -11,7 +11,7 @@
 
 pub mod cases;
 mod compile;
-mod flatten;
+pub(crate) mod flatten;
 pub mod lql;
 pub mod model;
 pub mod path;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::Value;
 
-use super::path::{Document, Selector};
+use super::path::{Document, Members, Selector};
 use super::record::{Fields, RecordBuilder};
 use super::transform::Transform;
 use crate::lytics::MAX_BATCH_RECORD_BYTES;
@@ -442,7 +442,14 @@ impl Rule {
         let skip =
             |key: &str| key == "_uid" || self.identity.iter().any(|i| **i == *key) || refused.contains(&key);
         for spread in &self.flatten {
-            match spread.from.value_in(doc) {
+            let found = match spread
+                .from
+                .spread_in(doc, &spread.prefix, &mut |k, v| out.set_unless(k, v, &skip))
+            {
+                Members::Spread => Some(None),
+                Members::Value(v) => v.map(Some),
+            };
+            match found {
                 Some(v) => {
                     if let Some(e) = explain.as_deref_mut() {
                         e.fields.push(FieldExplanation {
@@ -452,7 +459,9 @@ impl Rule {
                             transforms: Vec::new(),
                         });
                     }
-                    spread_into(&spread.prefix, v, &mut out, &skip);
+                    if let Some(v) = v {
+                        spread_into(&spread.prefix, v, &mut out, &skip);
+                    }
                 }
                 None => {
                     if let Some(e) = explain.as_deref_mut() {

@@ -33,6 +33,29 @@ pub trait Document {
     fn at(&self, steps: &[Step]) -> Option<Cow<'_, Value>>;
     /// The whole document, for `$` and general queries.
     fn json(&self) -> &Value;
+    /// Spreads the object at a plain singular path without converting it whole: calls `emit`
+    /// with each member flattened, exactly as [`flatten`](super::flatten::flatten) flattens the
+    /// member's value under `<prefix><key>`, in the order the object's members iterate in
+    /// [`at`](Document::at)'s value. A document that does not spread in place (or a path that
+    /// holds no object) answers [`Members::Value`] with `at`'s answer and emits nothing.
+    fn spread<'a>(
+        &'a self,
+        steps: &[Step],
+        prefix: &'a str,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) -> Members<'a> {
+        let _ = (prefix, emit);
+        Members::Value(self.at(steps))
+    }
+}
+
+/// What [`Document::spread`] did with an object's members.
+#[derive(Debug, PartialEq)]
+pub enum Members<'a> {
+    /// They were handed out.
+    Spread,
+    /// Nothing was handed out: this is the value at the path, for the caller to spread.
+    Value(Option<Cow<'a, Value>>),
 }
 
 impl Document for Value {
@@ -114,6 +137,24 @@ impl Selector {
         match &self.plan {
             Plan::Plain(steps) => doc.at(steps).filter(|v| !v.is_null()),
             _ => self.value(doc.json()),
+        }
+    }
+
+    /// Spreads the selected object's members, flattened under `prefix` (see
+    /// [`Document::spread`]); a query's result, or a value that is not an object spread in
+    /// place, comes back as [`Selector::value_in`] gives it, for the caller to spread.
+    pub fn spread_in<'a, D: Document + ?Sized>(
+        &self,
+        doc: &'a D,
+        prefix: &'a str,
+        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+    ) -> Members<'a> {
+        match &self.plan {
+            Plan::Plain(steps) => match doc.spread(steps, prefix, emit) {
+                Members::Value(v) => Members::Value(v.filter(|v| !v.is_null())),
+                Members::Spread => Members::Spread,
+            },
+            _ => Members::Value(self.value(doc.json())),
         }
     }
 
