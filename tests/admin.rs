@@ -627,6 +627,67 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
 }
 
 #[tokio::test]
+async fn installs_racing_for_one_stream_install_it_once() {
+    let emu = EmulatorHandle::start().await;
+    // Slow answers keep every install inside its connection test at once.
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        latency_ms: 300,
+        ..Default::default()
+    });
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.lytics_url = Some(emu.url());
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = common::admin_token(dir.path()).await;
+    let client = reqwest::Client::new();
+    let install = || {
+        client
+            .post(relay.http_url("/v1/admin/integration-catalog/lytics/install"))
+            .header("Authorization", format!("Bearer {token}"))
+            .json(
+                &json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": OTHER},
+                          "test_connection": true}),
+            )
+            .send()
+    };
+    let answers = futures::future::join_all((0..4).map(|_| install())).await;
+    let mut statuses = Vec::new();
+    for r in answers {
+        let r = r.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        if status == 409 {
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("already delivers"),
+                "{body}"
+            );
+        }
+        statuses.push(status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 409, 409, 409], "one install wins the stream");
+    let listed: Value = client
+        .get(relay.http_url("/v1/admin/integrations"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let on_other = listed["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["config"]["stream_name"] == json!(OTHER))
+        .count();
+    assert_eq!(on_other, 1, "{listed}");
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
     use lytics_relay::proto::v1 as pb;
     use lytics_relay::proto::v1::admin_service_client::AdminServiceClient;

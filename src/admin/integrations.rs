@@ -129,6 +129,10 @@ pub struct IntegrationAdmin {
     client: LyticsClient,
     /// Where the connection tests' `dryrun` calls are reported.
     probe_reporter: ProbeReporter,
+    /// Held by every change to the stored list, from what it reads to what it writes: two
+    /// installs for one stream cannot both pass the duplicate check, and two changes to one
+    /// integration cannot undo each other.
+    changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn store_error(e: StoreError) -> ApiError {
@@ -161,6 +165,7 @@ impl IntegrationAdmin {
             emulator,
             client,
             probe_reporter: ProbeReporter::detached(),
+            changing: Arc::default(),
         };
         let stored = admin.store.list().await.map_err(store_error)?;
         for s in &stored {
@@ -475,6 +480,11 @@ impl IntegrationAdmin {
                 ));
             }
         }
+        // Checked again where it counts: another install may have taken the stream while this
+        // one was being tested.
+        let _changing = self.changing.lock().await;
+        self.refuse_duplicate(&stored.account_id, &stored.stream_name, None)
+            .await?;
         self.store.put(stored.clone()).await.map_err(store_error)?;
         self.reload().await?;
         tracing::info!(integration = %stored.id, stream = %stored.stream_name, "integration installed");
@@ -532,6 +542,7 @@ impl IntegrationAdmin {
                 "nothing to change: give `name` or a `config` field (api_token, account_id, stream_name)",
             ));
         }
+        let _changing = self.changing.lock().await;
         let mut s = self.stored(id).await?;
         let before = s.clone();
         let mut violations = Vec::new();
@@ -606,6 +617,7 @@ impl IntegrationAdmin {
             );
             return Ok(self.view_configured(c));
         }
+        let _changing = self.changing.lock().await;
         let mut s = self.stored(id).await?;
         s.paused = paused;
         s.updated_ms = now_ms();
@@ -620,6 +632,7 @@ impl IntegrationAdmin {
 
     /// Removes an installed integration. Its records still queued are dead-lettered by delivery.
     pub async fn uninstall(&self, id: &str) -> Result<(), ApiError> {
+        let _changing = self.changing.lock().await;
         self.stored(id).await?;
         self.store.delete(id).await.map_err(store_error)?;
         self.delivery.resume(id);
