@@ -578,6 +578,9 @@ struct Checked {
     /// The sender's `messageId`, if it gave one.
     given_id: Option<Arc<str>>,
     has_timestamp: bool,
+    /// For an event without `timestamp`: its `originalTimestamp` and `sentAt` (unix ms), each
+    /// when given as an ISO-8601 time.
+    client_times: (Option<i64>, Option<i64>),
 }
 
 /// A valid event once the relay filled in what the sender left out.
@@ -591,8 +594,10 @@ struct Filled {
 }
 
 impl Checked {
-    /// Fills in `messageId` (a new UUID) and `timestamp` (`received_ms`) when the sender left
-    /// them out.
+    /// Fills in `messageId` (a new UUID) and `timestamp` when the sender left them out: as
+    /// Segment does, the sender's `originalTimestamp` moved by the sender's clock skew
+    /// (`received_ms - (sentAt - originalTimestamp)`, or `originalTimestamp` as it is without
+    /// `sentAt`), else `received_ms`.
     fn fill_in(self, received_ms: i64) -> Filled {
         let mut added = pb::Event::default();
         let id_given = self.given_id.is_some();
@@ -603,7 +608,12 @@ impl Checked {
             Arc::from(&*text)
         });
         if !self.has_timestamp {
-            added.timestamp = timefmt::ms_to_rfc3339(received_ms).unwrap_or_default();
+            let at = match self.client_times {
+                (Some(original), Some(sent)) => received_ms.checked_sub(sent.saturating_sub(original)),
+                (original, _) => original,
+            };
+            let at = at.filter(|ms| *ms >= 0).unwrap_or(received_ms);
+            added.timestamp = timefmt::ms_to_rfc3339(at).unwrap_or_default();
         }
         Filled {
             event_type: self.event_type,
@@ -701,13 +711,13 @@ fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError>
         "category",
         "groupId",
         "previousId",
-        "sentAt",
         "receivedAt",
-        "originalTimestamp",
         "channel",
     ] {
         let _ = text_of(k, &mut violations);
     }
+    let original = text_of("originalTimestamp", &mut violations);
+    let sent = text_of("sentAt", &mut violations);
     for k in ["properties", "traits", "context", "integrations"] {
         if !m.object_or_absent(k) {
             violations.push(FieldViolation::new(at(k), "must be an object"));
@@ -743,6 +753,15 @@ fn check_signal(m: &impl SignalFields, field: &str) -> Result<Checked, ApiError>
         event_type: Arc::from(event_type.unwrap_or_default()),
         given_id: message_id.map(Arc::from),
         has_timestamp: timestamp.is_some(),
+        // Read only for an event without `timestamp` (see `Checked::fill_in`); a text that is
+        // no time is left as it is.
+        client_times: match timestamp {
+            Some(_) => (None, None),
+            None => (
+                original.and_then(timefmt::parse_iso_ms),
+                sent.and_then(timefmt::parse_iso_ms),
+            ),
+        },
     })
 }
 
@@ -1008,6 +1027,60 @@ mod tests {
         let e = ok(json!({"type": "page", "anonymousId": "a"}));
         assert_eq!(e.doc.json()["messageId"].as_str().unwrap().len(), 36);
         assert_eq!(e.doc.json()["timestamp"], json!("1970-01-01T00:00:00.000Z"));
+    }
+
+    #[test]
+    fn a_missing_timestamp_comes_from_original_timestamp_moved_by_the_clock_skew() {
+        // Received at 2026-02-25T15:00:00Z; sent by a clock 10 s fast, 90 s after the event.
+        let received = 1_772_031_600_000;
+        let cases = [
+            (
+                json!({"originalTimestamp": "2026-02-25T14:58:40Z", "sentAt": "2026-02-25T15:00:10Z"}),
+                "2026-02-25T14:58:30.000Z",
+            ),
+            (
+                json!({"originalTimestamp": "2026-02-25T14:58:40Z"}),
+                "2026-02-25T14:58:40.000Z",
+            ),
+            (
+                json!({"originalTimestamp": "2026-02-25T14:58:40Z", "sentAt": "later"}),
+                "2026-02-25T14:58:40.000Z",
+            ),
+            (
+                json!({"originalTimestamp": "earlier", "sentAt": "2026-02-25T15:00:10Z"}),
+                "2026-02-25T15:00:00.000Z",
+            ),
+            (
+                json!({"sentAt": "2026-02-25T15:00:10Z"}),
+                "2026-02-25T15:00:00.000Z",
+            ),
+            // A skew that would put the event before 1970 is a broken clock: receive time.
+            (
+                json!({"originalTimestamp": "1970-01-01T00:00:00Z", "sentAt": "2100-01-01T00:00:00Z"}),
+                "2026-02-25T15:00:00.000Z",
+            ),
+            // The sender's own `timestamp` wins.
+            (
+                json!({"timestamp": "2026-01-01T00:00:00Z", "originalTimestamp": "2026-02-25T14:58:40Z"}),
+                "2026-01-01T00:00:00Z",
+            ),
+        ];
+        for (times, want) in cases {
+            let mut doc = json!({"type": "page", "anonymousId": "a"});
+            doc.as_object_mut()
+                .unwrap()
+                .extend(times.as_object().unwrap().clone());
+            let json = signal_event(doc.clone(), "event", 32 * 1024, received).unwrap();
+            let proto = signal_proto_event(&proto(&doc), "event", 32 * 1024, received).unwrap();
+            for e in [json, proto] {
+                assert_eq!(e.doc.json()["timestamp"], json!(want), "{doc}");
+                assert_eq!(
+                    e.doc.at(&[Step::Key("timestamp".into())]).as_deref(),
+                    Some(&json!(want)),
+                    "{doc}"
+                );
+            }
+        }
     }
 
     #[test]
