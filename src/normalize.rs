@@ -612,8 +612,12 @@ impl Checked {
                 (Some(original), Some(sent)) => received_ms.checked_sub(sent.saturating_sub(original)),
                 (original, _) => original,
             };
-            let at = at.filter(|ms| *ms >= 0).unwrap_or(received_ms);
-            added.timestamp = timefmt::ms_to_rfc3339(at).unwrap_or_default();
+            let at = at
+                .filter(|ms| (0..=timefmt::MAX_MS).contains(ms))
+                .unwrap_or(received_ms);
+            added.timestamp = timefmt::ms_to_rfc3339(at)
+                .or_else(|| timefmt::ms_to_rfc3339(received_ms))
+                .unwrap_or_default();
         }
         Filled {
             event_type: self.event_type,
@@ -1054,10 +1058,19 @@ mod tests {
                 json!({"sentAt": "2026-02-25T15:00:10Z"}),
                 "2026-02-25T15:00:00.000Z",
             ),
-            // A skew that would put the event before 1970 is a broken clock: receive time.
+            // A skew that would put the event before 1970, or past 9999, is a broken clock:
+            // receive time.
             (
                 json!({"originalTimestamp": "1970-01-01T00:00:00Z", "sentAt": "2100-01-01T00:00:00Z"}),
                 "2026-02-25T15:00:00.000Z",
+            ),
+            (
+                json!({"originalTimestamp": "+262100-01-01T00:00:00+00:00", "sentAt": "1970-01-01T00:00:00Z"}),
+                "2026-02-25T15:00:00.000Z",
+            ),
+            (
+                json!({"originalTimestamp": "9999-12-31T23:59:59.999Z"}),
+                "9999-12-31T23:59:59.999Z",
             ),
             // The sender's own `timestamp` wins.
             (

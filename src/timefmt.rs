@@ -91,6 +91,9 @@ fn number_to_ms(n: f64) -> Option<i64> {
     (ms < 9.0e15).then_some(ms.round() as i64)
 }
 
+/// The last millisecond of the year 9999: the latest time RFC 3339 can write.
+pub const MAX_MS: i64 = 253_402_300_799_999;
+
 /// Formats unix milliseconds as RFC 3339 UTC with millisecond precision.
 pub fn ms_to_rfc3339(ms: i64) -> Option<String> {
     Utc.timestamp_millis_opt(ms)

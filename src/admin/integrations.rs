@@ -129,9 +129,10 @@ pub struct IntegrationAdmin {
     client: LyticsClient,
     /// Where the connection tests' `dryrun` calls are reported.
     probe_reporter: ProbeReporter,
-    /// Held by every change to the stored list, from what it reads to what it writes: two
-    /// installs for one stream cannot both pass the duplicate check, and two changes to one
-    /// integration cannot undo each other.
+    /// Held by every change this relay makes to the stored list, from what it reads to what it
+    /// writes, and while it puts a list changed elsewhere in force: two installs here for one
+    /// stream cannot both pass the duplicate check, and two changes to one integration cannot
+    /// undo each other. Relays sharing a NATS store do not lock each other out.
     changing: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -241,6 +242,7 @@ impl IntegrationAdmin {
                 _ = stop.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
             }
+            let _changing = self.changing.lock().await;
             match self.reload().await {
                 Ok(stored) => self.apply(&stored, &mut seen),
                 Err(e) => tracing::warn!(error = %e.message, "cannot follow the shared integration store"),
