@@ -28,15 +28,17 @@ pub enum Command {
     Rules(RulesCommand),
 }
 
-/// Flags of `serve`. Unset flags fall back to the config file, then to defaults.
+/// Flags of `serve`. Unset flags fall back to the config file, then to defaults. Values are
+/// taken as text and checked with the config file's (`Settings::build`), so every problem of
+/// flags, variables and file is reported at once.
 #[derive(Debug, Default, Args)]
 pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:50051].
     #[arg(long, env = "LYTICS_RELAY_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<String>,
     /// HTTP listen address [default: 127.0.0.1:8084].
     #[arg(long, env = "LYTICS_RELAY_HTTP_ADDR")]
-    pub http_addr: Option<SocketAddr>,
+    pub http_addr: Option<String>,
     /// Directory for the relay's state [default: ./data].
     #[arg(long, env = "LYTICS_RELAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -46,7 +48,7 @@ pub struct ServeArgs {
     /// Reload the rules when their files change [default: true]; SIGHUP and
     /// `RulesService/Reload` always work.
     #[arg(long, env = "LYTICS_RELAY_RULES_WATCH")]
-    pub rules_watch: Option<bool>,
+    pub rules_watch: Option<String>,
     /// A YAML config file (see README); flags and environment variables override it.
     #[arg(long, env = "LYTICS_RELAY_CONFIG")]
     pub config: Option<PathBuf>,
@@ -65,7 +67,7 @@ pub struct ServeArgs {
     /// Address of the built-in emulator started when no Lytics integration is configured
     /// [default: 127.0.0.1:8085].
     #[arg(long, env = "LYTICS_RELAY_EMULATOR_ADDR")]
-    pub emulator_addr: Option<SocketAddr>,
+    pub emulator_addr: Option<String>,
     /// Secret of Signal HTTP ingestion signatures (`X-Signature`); `/v1/events` and
     /// `/v1/batch` refuse requests until it is set.
     #[arg(long, env = "LYTICS_RELAY_SIGNAL_SECRET", hide_env_values = true)]

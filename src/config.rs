@@ -402,11 +402,8 @@ impl Settings {
                 message,
             })
         };
-        let mut addr = |key: &str, flag: Option<SocketAddr>, file: Option<String>, default: &str| {
-            if let Some(a) = flag {
-                return a;
-            }
-            let text = file.unwrap_or_else(|| default.to_string());
+        let mut addr = |key: &str, flag: Option<String>, file: Option<String>, default: &str| {
+            let text = flag.or(file).unwrap_or_else(|| default.to_string());
             match text.parse() {
                 Ok(a) => a,
                 Err(_) => {
@@ -423,22 +420,34 @@ impl Settings {
         };
         let grpc_addr = addr(
             "grpc_addr (--grpc-addr)",
-            args.grpc_addr,
+            args.grpc_addr.clone(),
             file.grpc_addr,
             "127.0.0.1:50051",
         );
         let http_addr = addr(
             "http_addr (--http-addr)",
-            args.http_addr,
+            args.http_addr.clone(),
             file.http_addr,
             "127.0.0.1:8084",
         );
         let emulator_addr = addr(
             "emulator.addr (--emulator-addr)",
-            args.emulator_addr,
+            args.emulator_addr.clone(),
             file.emulator.addr,
             "127.0.0.1:8085",
         );
+        let rules_watch = match args.rules_watch.as_deref() {
+            None => file.rules_watch.unwrap_or(true),
+            Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                bad(
+                    "rules_watch (--rules-watch)",
+                    format!("`{other}` is neither true nor false"),
+                );
+                true
+            }
+        };
 
         let log_format = args
             .log_format
@@ -762,7 +771,7 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("data")),
             rules: args.rules.clone().or(file.rules),
-            rules_watch: args.rules_watch.or(file.rules_watch).unwrap_or(true),
+            rules_watch,
             log_json,
             lytics,
             lytics_url: explicit_url,

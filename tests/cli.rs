@@ -74,6 +74,31 @@ fn a_bad_config_reports_every_problem_and_exits_64() {
     ] {
         assert!(err.contains(key), "{key} missing from:\n{err}");
     }
+    // Flags and variables are checked with the file: every bad one in the same answer.
+    let out = bin()
+        .args([
+            "serve",
+            "--grpc-addr",
+            "here",
+            "--rules-watch",
+            "sometimes",
+            "--config",
+        ])
+        .arg(&config)
+        .env("LYTICS_RELAY_EMULATOR_ADDR", "localhost:8085")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "grpc_addr (--grpc-addr): `here`",
+        "rules_watch (--rules-watch): `sometimes`",
+        "emulator.addr (--emulator-addr): `localhost:8085`",
+        "http_addr",
+        "delivery.max_attempts",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
 }
 
 #[test]
