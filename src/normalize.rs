@@ -16,7 +16,7 @@ use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::proto::v1 as pb;
 use crate::proto::view::{self, EventView};
 use crate::proto::{JsonStruct, JsonValue};
-use crate::rules::path::{Members, Step};
+use crate::rules::path::{Members, Step, Val};
 use crate::rules::{Document, Fields, Source};
 use crate::timefmt;
 
@@ -154,11 +154,18 @@ impl Document for EventDoc {
         EventDoc::json(self)
     }
 
+    fn val_at(&self, steps: &[Step]) -> Option<Val<'_>> {
+        match self {
+            EventDoc::Json(v) => v.val_at(steps),
+            EventDoc::Proto(v) => v.val_at(steps),
+        }
+    }
+
     fn spread<'a>(
         &'a self,
         steps: &[Step],
         prefix: &'a str,
-        emit: &mut dyn FnMut(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, Value>),
+        emit: &mut dyn FnMut(std::borrow::Cow<'a, str>, Val<'a>),
     ) -> Members<'a> {
         match self {
             EventDoc::Json(v) => v.spread(steps, prefix, emit),
@@ -212,7 +219,19 @@ pub fn json_bytes(value: &Value) -> Bytes {
 /// A rule's record as compact JSON (keys in order), as [`json_bytes`] writes an object.
 pub fn record_bytes(fields: &Fields<'_>) -> Bytes {
     let mut out = Vec::with_capacity(1024);
-    write_json_object(&mut out, fields.iter());
+    out.push(b'{');
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_str(&mut out, key);
+        out.push(b':');
+        match value {
+            Val::Json(v) => write_json(&mut out, v),
+            Val::Text(t) => write_json_str(&mut out, t),
+        }
+    }
+    out.push(b'}');
     Bytes::from(out)
 }
 

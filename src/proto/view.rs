@@ -25,7 +25,7 @@ use super::json::slice::{delimited, key as field_key, varint};
 use super::json::{kind, slice};
 use crate::rules::Document;
 use crate::rules::flatten::index_key;
-use crate::rules::path::{Members, Step};
+use crate::rules::path::{Members, Step, Val};
 
 /// The `Event`'s text fields: their JSON name and field number.
 const TEXT_FIELDS: [(&str, u32); 14] = [
@@ -104,6 +104,18 @@ enum Kind<'a> {
 /// True when `b` is UTF-8 (ASCII checked first: nearly every text is).
 fn utf8(b: &[u8]) -> bool {
     b.is_ascii() || std::str::from_utf8(b).is_ok()
+}
+
+/// The text a `Value` message holds, when it holds a string (checked as UTF-8 when the layout
+/// was read).
+fn text_of(mut b: &[u8]) -> Option<&str> {
+    match field_key(&mut b)? {
+        (kind::STRING, WireType::LengthDelimited) => {
+            let text = delimited(&mut b)?;
+            b.is_empty().then(|| std::str::from_utf8(text).ok()).flatten()
+        }
+        _ => None,
+    }
 }
 
 /// The kind a `Value` message holds when it holds at most one (empty: `null`).
@@ -379,40 +391,46 @@ impl<'a> Reader<'a> {
 
     /// The value at a plain path, converted to JSON.
     pub fn at(&self, steps: &[Step]) -> Option<Value> {
+        self.val_at(steps).map(|v| v.into_json().into_owned())
+    }
+
+    /// The value at a plain path as a record takes it: a text borrowed from the event, anything
+    /// else converted to JSON.
+    pub fn val_at(&self, steps: &[Step]) -> Option<Val<'a>> {
+        let owned = |v: Value| Val::Json(Cow::Owned(v));
         let Some((first, rest)) = steps.split_first() else {
-            return Some(self.json());
+            return Some(owned(self.json()));
         };
         let Step::Key(first) = first else {
             return None;
         };
         if let Some(text) = self.text(first) {
-            return rest.is_empty().then(|| Value::String(text.to_owned()));
+            return rest.is_empty().then_some(Val::Text(text));
         }
         if **first == *"version" {
-            return rest.is_empty().then(|| self.version()).flatten();
+            return rest.is_empty().then(|| self.version()).flatten().map(owned);
         }
         let i = struct_index(first)?;
         let (span, children, end) = self.layout.structs[i]?;
         let Some((step, rest)) = rest.split_first() else {
-            return slice::object(self.bytes(span), 0).map(Value::Object);
+            return slice::object(self.bytes(span), 0).map(|m| owned(Value::Object(m)));
         };
         let mut at = self.child(children, end, Holds::Object, step)?;
         for step in rest {
             let node = self.node(at)?;
             at = self.child(at + 1, node.next, node.holds, step)?;
         }
-        slice::value(self.bytes(self.node(at)?.value), 0)
+        let bytes = self.bytes(self.node(at)?.value);
+        match text_of(bytes) {
+            Some(text) => Some(Val::Text(text)),
+            None => slice::value(bytes, 0).map(owned),
+        }
     }
 
     /// Spreads the object at a plain path (see [`Document::spread`]): `false`, with nothing
     /// handed out, when the path holds no object of the event (the caller then reads the value
     /// with [`Reader::at`]).
-    pub fn spread(
-        &self,
-        steps: &[Step],
-        prefix: &str,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
-    ) -> bool {
+    pub fn spread(&self, steps: &[Step], prefix: &str, emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>)) -> bool {
         let Some((first, end)) = self.object_at(steps) else {
             return false;
         };
@@ -447,7 +465,7 @@ impl<'a> Reader<'a> {
         end: u32,
         parent: &str,
         glue: &str,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+        emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>),
     ) {
         let children = self.children(first, end);
         let in_order = children
@@ -479,7 +497,7 @@ impl<'a> Reader<'a> {
         node: &Node,
         parent: &str,
         glue: &str,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+        emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>),
     ) {
         let Ok(key) = std::str::from_utf8(self.bytes(node.key)) else {
             debug_assert!(false, "a checked key is not UTF-8");
@@ -494,13 +512,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Hands out node `i` flattened under `key`, as `rules::flatten` flattens its decoded value.
-    fn flatten(
-        &self,
-        i: u32,
-        node: &Node,
-        key: Cow<'a, str>,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
-    ) {
+    fn flatten(&self, i: u32, node: &Node, key: Cow<'a, str>, emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>)) {
         match node.holds {
             Holds::Object => self.members(i + 1, node.next, &key, ".", emit),
             Holds::List
@@ -513,11 +525,17 @@ impl<'a> Reader<'a> {
                 }
             }
             _ if key.is_empty() => {}
-            _ => match slice::value(self.bytes(node.value), 0) {
-                Some(Value::Null) => {}
-                Some(value) => emit(key, Cow::Owned(value)),
-                None => debug_assert!(false, "a checked value failed to decode"),
-            },
+            _ => {
+                let bytes = self.bytes(node.value);
+                match text_of(bytes) {
+                    Some(text) => emit(key, Val::Text(text)),
+                    None => match slice::value(bytes, 0) {
+                        Some(Value::Null) => {}
+                        Some(value) => emit(key, Val::Json(Cow::Owned(value))),
+                        None => debug_assert!(false, "a checked value failed to decode"),
+                    },
+                }
+            }
         }
     }
 
@@ -618,11 +636,18 @@ impl Document for EventView {
         self.whole.get_or_init(|| self.reader().json())
     }
 
+    fn val_at(&self, steps: &[Step]) -> Option<Val<'_>> {
+        if steps.is_empty() {
+            return Some(Val::Json(Cow::Borrowed(self.json())));
+        }
+        self.reader().val_at(steps)
+    }
+
     fn spread<'a>(
         &'a self,
         steps: &[Step],
         prefix: &'a str,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+        emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>),
     ) -> Members<'a> {
         if self.reader().spread(steps, prefix, emit) {
             Members::Spread
@@ -711,7 +736,7 @@ mod tests {
     fn spreads_alike(reader: &Reader<'_>, full: &Value, steps: &[Step], prefix: &str) {
         let mut got = Vec::new();
         let spread = reader.spread(steps, prefix, &mut |k, v| {
-            got.push((k.into_owned(), v.into_owned()))
+            got.push((k.into_owned(), v.into_json().into_owned()))
         });
         match walk(full, steps) {
             Some(Value::Object(members)) if !steps.is_empty() => {
@@ -897,7 +922,7 @@ mod tests {
         let reader = Reader::new(&event, &layout, None, None);
         let mut got = Vec::new();
         assert!(reader.spread(&[Step::Key("properties".into())], "", &mut |k, v| {
-            got.push((k.into_owned(), v.into_owned()))
+            got.push((k.into_owned(), v.into_json().into_owned()))
         }));
         assert_eq!(
             got,
@@ -913,6 +938,28 @@ mod tests {
             ]
             .map(|(k, v)| (k.to_string(), v))
         );
+    }
+
+    #[test]
+    fn texts_are_handed_to_records_borrowed() {
+        let bytes = encoded(&fixture("signal_canonical_track.json"));
+        let layout = Layout::read(&bytes).unwrap();
+        let reader = Reader::new(&bytes, &layout, None, None);
+        let key = |k: &str| Step::Key(k.into());
+        for steps in [
+            vec![key("userId")],
+            vec![key("context"), key("page"), key("url")],
+            vec![key("properties"), key("products"), Step::Index(0), key("name")],
+        ] {
+            assert!(matches!(reader.val_at(&steps), Some(Val::Text(_))), "{steps:?}");
+        }
+        let total = reader.val_at(&[key("properties"), key("total")]);
+        assert_eq!(total, Some(Val::Json(Cow::Owned(json!(129.99)))));
+        let mut texts = 0;
+        reader.spread(&[key("properties")], "", &mut |_, v| {
+            texts += usize::from(matches!(v, Val::Text(_)));
+        });
+        assert_eq!(texts, 4, "order_id, currency, a product's id and name");
     }
 
     #[test]

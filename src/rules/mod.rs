@@ -30,7 +30,7 @@ pub use flatten::flatten_into;
 pub use model::{
     DroppedRecord, Explain, FieldKind, IntegrationContext, MappedRecord, MergeOp, RecordKind, Rule, Source,
 };
-pub use path::Document;
+pub use path::{Document, Val};
 pub use record::Fields;
 pub use spec::{ExpectedRecordSpec, RuleFileSpec, TestCaseSpec};
 

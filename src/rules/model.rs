@@ -11,7 +11,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde_json::Value;
 
-use super::path::{Document, Members, Selector};
+use super::path::{Document, Members, Selector, Val};
 use super::record::{Fields, RecordBuilder};
 use super::transform::Transform;
 use crate::lytics::MAX_BATCH_RECORD_BYTES;
@@ -479,13 +479,13 @@ impl Rule {
             || self
                 .identity
                 .iter()
-                .any(|id| out.get(id).is_some_and(|v| has_content(v) && !too_long(v)));
+                .any(|id| out.val(id).is_some_and(|v| has_content_val(v) && !too_long(v)));
         if !identified {
             let too_long: Vec<String> = self
                 .identity
                 .iter()
                 .filter_map(|id| {
-                    let text = out.get(id).and_then(Value::as_str).map(str::trim)?;
+                    let text = out.val(id).and_then(Val::as_str).map(str::trim)?;
                     (text.len() > MAX_IDENTITY_BYTES).then(|| format!("`{id}` is {} bytes", text.len()))
                 })
                 .collect();
@@ -543,14 +543,14 @@ impl Rule {
         ctx: &IntegrationContext,
         out: &RecordBuilder<'a>,
         mut explain: Option<&mut Explain>,
-    ) -> Result<Option<Cow<'a, Value>>, String> {
+    ) -> Result<Option<Val<'a>>, String> {
         // The first alternative with a value its transforms and kind accept; one they refuse
         // counts as missing, and the next is tried.
         let mut refusal: Option<String> = None;
         for source in &field.sources {
             let value = match source {
                 ValueSource::Path(p) => {
-                    let v = p.value_in(doc);
+                    let v = p.val_in(doc);
                     if v.is_none()
                         && let Some(e) = explain.as_deref_mut()
                     {
@@ -562,11 +562,13 @@ impl Rule {
                     }
                     v
                 }
-                ValueSource::Const(v) => Some(Cow::Borrowed(v)),
+                ValueSource::Const(v) => Some(Val::Json(Cow::Borrowed(v))),
                 ValueSource::Config(k) => Some(ctx.get(*k))
                     .filter(|s| !s.is_empty())
-                    .map(|s| Cow::Owned(Value::from(s))),
-                ValueSource::Template(parts) => render(parts, doc, out).map(|t| Cow::Owned(Value::String(t))),
+                    .map(|s| Val::Json(Cow::Owned(Value::from(s)))),
+                ValueSource::Template(parts) => {
+                    render(parts, doc, out).map(|t| Val::Json(Cow::Owned(Value::String(t))))
+                }
             };
             if let Some(v) = value {
                 match Self::finish_value(field, v) {
@@ -578,7 +580,7 @@ impl Rule {
             }
         }
         if let Some(d) = &field.default {
-            return Self::finish_value(field, Cow::Borrowed(d))
+            return Self::finish_value(field, Val::Json(Cow::Borrowed(d)))
                 .map(|v| Some(self.explained(field, v, None, explain)));
         }
         match refusal {
@@ -589,7 +591,13 @@ impl Rule {
 
     /// Applies a field's transforms and checks its kind.
     #[inline]
-    fn finish_value<'a>(field: &FieldRule, value: Cow<'a, Value>) -> Result<Cow<'a, Value>, String> {
+    fn finish_value<'a>(field: &FieldRule, value: Val<'a>) -> Result<Val<'a>, String> {
+        // A text with nothing to apply or check stays borrowed (it is no container, so it can be
+        // an identity).
+        if matches!(value, Val::Text(_)) && field.transforms.is_empty() && field.kind.is_none() {
+            return Ok(value);
+        }
+        let value = value.into_json();
         let value = if field.transforms.is_empty() {
             value
         } else {
@@ -616,7 +624,7 @@ impl Rule {
                 kind.name()
             ));
         }
-        Ok(value)
+        Ok(Val::Json(value))
     }
 
     /// Notes, on a dry run, where a field's value came from; hands the value back.
@@ -624,10 +632,10 @@ impl Rule {
     fn explained<'a>(
         &self,
         field: &FieldRule,
-        value: Cow<'a, Value>,
+        value: Val<'a>,
         source: Option<&ValueSource>,
         explain: Option<&mut Explain>,
-    ) -> Cow<'a, Value> {
+    ) -> Val<'a> {
         if let Some(e) = explain {
             e.fields.push(FieldExplanation {
                 rule: self.name.clone(),
@@ -660,15 +668,15 @@ fn spread_into<'a>(
     match value {
         Cow::Borrowed(Value::Object(members)) => {
             for (k, v) in members {
-                out.set_unless(key(Cow::Borrowed(k.as_str())), Cow::Borrowed(v), skip);
+                out.set_unless(key(Cow::Borrowed(k.as_str())), Val::Json(Cow::Borrowed(v)), skip);
             }
         }
         Cow::Owned(Value::Object(members)) => {
             for (k, v) in members {
-                out.set_unless(key(Cow::Owned(k)), Cow::Owned(v), skip);
+                out.set_unless(key(Cow::Owned(k)), Val::Json(Cow::Owned(v)), skip);
             }
         }
-        other => out.set_unless(Cow::Borrowed(prefix), other, skip),
+        other => out.set_unless(Cow::Borrowed(prefix), Val::Json(other), skip),
     }
 }
 
@@ -716,7 +724,7 @@ fn render<D: Document + ?Sized>(parts: &[TemplatePart], doc: &D, out: &RecordBui
                 continue;
             }
             TemplatePart::Path(p) => p.get_in(doc)?,
-            TemplatePart::Field(f) => Cow::Borrowed(out.get(f)?),
+            TemplatePart::Field(f) => out.get(f)?,
         };
         match &*value {
             Value::String(s) => text.push_str(s),
@@ -731,10 +739,18 @@ fn render<D: Document + ?Sized>(parts: &[TemplatePart], doc: &D, out: &RecordBui
 pub const MAX_IDENTITY_BYTES: usize = 256;
 
 /// A text identity value Lytics would ignore for its length.
-fn too_long(value: &Value) -> bool {
+fn too_long(value: &Val<'_>) -> bool {
     value
         .as_str()
         .is_some_and(|s| s.trim().len() > MAX_IDENTITY_BYTES)
+}
+
+/// [`has_content`], for a value as a record holds it.
+fn has_content_val(value: &Val<'_>) -> bool {
+    match value {
+        Val::Text(s) => !s.trim().is_empty(),
+        Val::Json(v) => has_content(v),
+    }
 }
 
 /// True when a value carries something: not null, not empty text, not an empty array.
@@ -757,7 +773,7 @@ impl Condition {
             Condition::Check(subject, test) => {
                 let value = match subject {
                     Subject::Input(p) => p.get_in(doc),
-                    Subject::Field(f) => out.get(f).filter(|v| !v.is_null()).map(Cow::Borrowed),
+                    Subject::Field(f) => out.get(f).filter(|v| !v.is_null()),
                 };
                 test.holds(value.as_deref())
             }

@@ -33,6 +33,11 @@ pub trait Document {
     fn at(&self, steps: &[Step]) -> Option<Cow<'_, Value>>;
     /// The whole document, for `$` and general queries.
     fn json(&self) -> &Value;
+    /// The value at a plain singular path as a record takes it: a text the document holds as
+    /// text may come back borrowed ([`Val::Text`]) instead of as a new JSON string.
+    fn val_at(&self, steps: &[Step]) -> Option<Val<'_>> {
+        self.at(steps).map(Val::Json)
+    }
     /// Spreads the object at a plain singular path without converting it whole: calls `emit`
     /// with each member flattened, exactly as [`flatten`](super::flatten::flatten) flattens the
     /// member's value under `<prefix><key>`, in the order the object's members iterate in
@@ -42,10 +47,62 @@ pub trait Document {
         &'a self,
         steps: &[Step],
         prefix: &'a str,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+        emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>),
     ) -> Members<'a> {
         let _ = (prefix, emit);
         Members::Value(self.at(steps))
+    }
+}
+
+/// A value as a record holds it: JSON, or text borrowed from the event (a gRPC event read in
+/// place), which is written as the JSON string it stands for without becoming one first.
+#[derive(Debug, Clone)]
+pub enum Val<'a> {
+    /// A JSON value.
+    Json(Cow<'a, Value>),
+    /// A JSON string's text.
+    Text(&'a str),
+}
+
+impl<'a> Val<'a> {
+    /// The value as JSON (a text becomes a new string).
+    pub fn json(&self) -> Cow<'_, Value> {
+        match self {
+            Val::Json(v) => Cow::Borrowed(v),
+            Val::Text(t) => Cow::Owned(Value::String((*t).to_owned())),
+        }
+    }
+
+    /// The value as JSON, keeping what it borrows.
+    pub fn into_json(self) -> Cow<'a, Value> {
+        match self {
+            Val::Json(v) => v,
+            Val::Text(t) => Cow::Owned(Value::String(t.to_owned())),
+        }
+    }
+
+    /// The text, when the value is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Val::Json(v) => v.as_str(),
+            Val::Text(t) => Some(t),
+        }
+    }
+
+    /// True for JSON `null`.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Val::Json(v) if v.is_null())
+    }
+}
+
+/// Equal when their JSON is: a text equals the JSON string it stands for.
+impl PartialEq for Val<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Val::Text(a), Val::Text(b)) => a == b,
+            (Val::Json(a), Val::Json(b)) => a == b,
+            (Val::Text(t), Val::Json(v)) | (Val::Json(v), Val::Text(t)) => v.as_str() == Some(*t),
+        }
     }
 }
 
@@ -147,7 +204,7 @@ impl Selector {
         &self,
         doc: &'a D,
         prefix: &'a str,
-        emit: &mut dyn FnMut(Cow<'a, str>, Cow<'a, Value>),
+        emit: &mut dyn FnMut(Cow<'a, str>, Val<'a>),
     ) -> Members<'a> {
         match &self.plan {
             Plan::Plain(steps) => match doc.spread(steps, prefix, emit) {
@@ -155,6 +212,15 @@ impl Selector {
                 Members::Spread => Members::Spread,
             },
             _ => Members::Value(self.value(doc.json())),
+        }
+    }
+
+    /// The selected value as a record field takes it, from any [`Document`]: as
+    /// [`Selector::value_in`], a text possibly borrowed (see [`Document::val_at`]).
+    pub fn val_in<'a, D: Document + ?Sized>(&self, doc: &'a D) -> Option<Val<'a>> {
+        match &self.plan {
+            Plan::Plain(steps) => doc.val_at(steps).filter(|v| !v.is_null()),
+            _ => self.value(doc.json()).map(Val::Json),
         }
     }
 

@@ -3,8 +3,9 @@
 //! Input: flat keys and values as a rule computes them (fields in order, then `flatten`
 //! spreads). Output: [`Fields`], the record with one value per key, sorted by key. A value read
 //! from the event is borrowed, not copied, and the record is serialised straight from those
-//! borrows: mapping an event copies only what a transform or a template creates, and the keys
-//! of nested members.
+//! borrows: mapping an event copies only what a transform or a template creates, the keys of
+//! nested members, and — for an event decoded into JSON — nothing else; a gRPC event read in
+//! place lends its texts as [`Val::Text`] and converts only its other values.
 //!
 //! Precedence: a later write with `overwrite` replaces an earlier value; a write without it
 //! (a `flatten` spread) fills a key only while it has none. [`RecordBuilder::get`] answers with
@@ -17,6 +18,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use super::flatten::flatten;
+use super::path::Val;
 
 /// One write, in the order the rule made it.
 #[derive(Debug)]
@@ -25,7 +27,7 @@ struct Write<'a> {
     /// The key's first eight bytes, big-endian, zero-padded: ordered as the keys are wherever
     /// they differ there, so sorting compares whole keys only when these are equal.
     prefix: u64,
-    value: Cow<'a, Value>,
+    value: Val<'a>,
     overwrite: bool,
 }
 
@@ -51,41 +53,44 @@ impl<'a> RecordBuilder<'a> {
         }
     }
 
-    /// Writes `value` under `key`, flattened (see [`flatten`]).
-    pub fn set(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, overwrite: bool) {
-        flatten(key, value, &mut |key, value| {
-            self.writes.push(Write {
-                prefix: key_prefix(&key),
-                key,
-                value,
-                overwrite,
-            });
-        });
+    /// Writes `value` under `key`, flattened (see [`flatten`]; a text is a leaf).
+    pub fn set(&mut self, key: Cow<'a, str>, value: Val<'a>, overwrite: bool) {
+        self.write(key, value, overwrite, &|_| false);
     }
 
     /// Sets `key` (flattened) without overwriting, leaving out the flattened keys `skip` names.
-    pub fn set_unless(&mut self, key: Cow<'a, str>, value: Cow<'a, Value>, skip: &impl Fn(&str) -> bool) {
-        flatten(key, value, &mut |key, value| {
+    pub fn set_unless(&mut self, key: Cow<'a, str>, value: Val<'a>, skip: &impl Fn(&str) -> bool) {
+        self.write(key, value, false, skip);
+    }
+
+    fn write(&mut self, key: Cow<'a, str>, value: Val<'a>, overwrite: bool, skip: &impl Fn(&str) -> bool) {
+        let mut push = |key: Cow<'a, str>, value| {
             if !skip(&key) {
                 self.writes.push(Write {
                     prefix: key_prefix(&key),
                     key,
                     value,
-                    overwrite: false,
+                    overwrite,
                 });
             }
-        });
+        };
+        match value {
+            // As `flatten` writes a string: under its key, unless the key is empty.
+            Val::Text(_) if key.is_empty() => {}
+            Val::Text(_) => push(key, value),
+            Val::Json(v) => flatten(key, v, &mut |key, v| push(key, Val::Json(v))),
+        }
     }
 
     /// The value `key` holds so far.
-    pub fn get(&self, key: &str) -> Option<&Value> {
+    pub fn get(&self, key: &str) -> Option<Cow<'_, Value>> {
         let mut current = None;
         for w in self.writes.iter().filter(|w| w.key == key) {
             if w.overwrite || current.is_none() {
-                current = Some(&*w.value);
+                current = Some(&w.value);
             }
         }
-        current
+        current.map(Val::json)
     }
 
     /// The finished record: one value per key, sorted by key.
@@ -93,7 +98,7 @@ impl<'a> RecordBuilder<'a> {
         // A stable sort keeps each key's writes in the order they were made.
         self.writes
             .sort_by(|a, b| a.prefix.cmp(&b.prefix).then_with(|| a.key.cmp(&b.key)));
-        let mut fields: Vec<(Cow<'a, str>, Cow<'a, Value>)> = Vec::with_capacity(self.writes.len());
+        let mut fields: Vec<(Cow<'a, str>, Val<'a>)> = Vec::with_capacity(self.writes.len());
         let mut last_prefix = None;
         for w in self.writes {
             match fields.last_mut() {
@@ -114,15 +119,20 @@ impl<'a> RecordBuilder<'a> {
 
 /// A flat Lytics record: one value per key, sorted by key. Serialises as a JSON object.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Fields<'a>(Vec<(Cow<'a, str>, Cow<'a, Value>)>);
+pub struct Fields<'a>(Vec<(Cow<'a, str>, Val<'a>)>);
 
 impl<'a> Fields<'a> {
-    /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&Value> {
+    /// The value of `key`, as the record holds it.
+    pub fn val(&self, key: &str) -> Option<&Val<'a>> {
         self.0
             .binary_search_by(|(k, _)| (**k).cmp(key))
             .ok()
-            .map(|i| &*self.0[i].1)
+            .map(|i| &self.0[i].1)
+    }
+
+    /// The value of `key`, as JSON.
+    pub fn get(&self, key: &str) -> Option<Cow<'_, Value>> {
+        self.val(key).map(Val::json)
     }
 
     /// How many keys the record has.
@@ -136,13 +146,15 @@ impl<'a> Fields<'a> {
     }
 
     /// The keys and values, sorted by key.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Val<'a>)> {
+        self.0.iter().map(|(k, v)| (&**k, v))
     }
 
     /// The record as an owned JSON object.
     pub fn to_map(&self) -> Map<String, Value> {
-        self.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        self.iter()
+            .map(|(k, v)| (k.to_string(), v.json().into_owned()))
+            .collect()
     }
 }
 
@@ -150,7 +162,10 @@ impl Serialize for Fields<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.0.len()))?;
         for (k, v) in &self.0 {
-            map.serialize_entry(&**k, &**v)?;
+            match v {
+                Val::Json(v) => map.serialize_entry(&**k, &**v)?,
+                Val::Text(t) => map.serialize_entry(&**k, t)?,
+            }
         }
         map.end()
     }
@@ -164,7 +179,7 @@ mod tests {
     fn record(writes: &[(&'static str, Value, bool)]) -> Fields<'static> {
         let mut b = RecordBuilder::default();
         for (k, v, overwrite) in writes {
-            b.set(Cow::Borrowed(*k), Cow::Owned(v.clone()), *overwrite);
+            b.set(Cow::Borrowed(*k), Val::Json(Cow::Owned(v.clone())), *overwrite);
         }
         b.finish()
     }
@@ -197,12 +212,12 @@ mod tests {
         ];
         let mut b = RecordBuilder::default();
         for (i, k) in keys.iter().enumerate() {
-            b.set(Cow::Borrowed(*k), Cow::Owned(json!(i)), i % 3 != 0);
+            b.set(Cow::Borrowed(*k), Val::Json(Cow::Owned(json!(i))), i % 3 != 0);
         }
         let got: Vec<(String, Value)> = b
             .finish()
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.json().into_owned()))
             .collect();
         // The same precedence computed the plain way.
         let mut want: Vec<(String, Value)> = Vec::new();
@@ -236,22 +251,22 @@ mod tests {
             serde_json::to_value(&r).unwrap(),
             json!({"a": 2, "b": 3, "c": 6, "d.e": 7})
         );
-        assert_eq!(r.get("d.e"), Some(&json!(7)));
-        assert_eq!(r.get("x"), None);
+        assert_eq!(r.get("d.e").as_deref(), Some(&json!(7)));
+        assert_eq!(r.get("x").as_deref(), None);
     }
 
     #[test]
     fn get_while_building_agrees_with_the_finished_record() {
         let mut b = RecordBuilder::default();
-        b.set(Cow::Borrowed("a"), Cow::Owned(json!(1)), false);
-        b.set(Cow::Borrowed("a"), Cow::Owned(json!(2)), false);
-        assert_eq!(b.get("a"), Some(&json!(1)));
-        b.set(Cow::Borrowed("a"), Cow::Owned(json!(3)), true);
-        assert_eq!(b.get("a"), Some(&json!(3)));
-        b.set(Cow::Borrowed("n"), Cow::Owned(Value::Null), true);
-        assert_eq!(b.get("n"), None);
+        b.set(Cow::Borrowed("a"), Val::Json(Cow::Owned(json!(1))), false);
+        b.set(Cow::Borrowed("a"), Val::Json(Cow::Owned(json!(2))), false);
+        assert_eq!(b.get("a").as_deref(), Some(&json!(1)));
+        b.set(Cow::Borrowed("a"), Val::Json(Cow::Owned(json!(3))), true);
+        assert_eq!(b.get("a").as_deref(), Some(&json!(3)));
+        b.set(Cow::Borrowed("n"), Val::Json(Cow::Owned(Value::Null)), true);
+        assert_eq!(b.get("n").as_deref(), None);
         let f = b.finish();
-        assert_eq!(f.get("a"), Some(&json!(3)));
+        assert_eq!(f.get("a").as_deref(), Some(&json!(3)));
         assert_eq!(f.len(), 1);
     }
 
@@ -259,7 +274,7 @@ mod tests {
     fn serialises_sorted_like_a_json_object() {
         let input = json!({"z": "last", "m": [1, 2], "a": {"b": true}, "l": [{"x": 1}]});
         let mut b = RecordBuilder::default();
-        b.set(Cow::Borrowed(""), Cow::Borrowed(&input), true);
+        b.set(Cow::Borrowed(""), Val::Json(Cow::Borrowed(&input)), true);
         let f = b.finish();
         let mut map = Map::new();
         super::super::flatten::flatten_into(String::new(), input.clone(), &mut map, true);
