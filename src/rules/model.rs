@@ -592,9 +592,12 @@ impl Rule {
     /// Applies a field's transforms and checks its kind.
     #[inline]
     fn finish_value<'a>(field: &FieldRule, value: Val<'a>) -> Result<Val<'a>, String> {
-        // A text with nothing to apply or check stays borrowed (it is no container, so it can be
-        // an identity).
-        if matches!(value, Val::Text(_)) && field.transforms.is_empty() && field.kind.is_none() {
+        // A text with nothing to apply stays borrowed: it is no container, so it can be an
+        // identity, and it fits every kind a string fits (an empty string allocates nothing).
+        if matches!(value, Val::Text(_))
+            && field.transforms.is_empty()
+            && field.kind.is_none_or(|k| k.holds(&Value::String(String::new())))
+        {
             return Ok(value);
         }
         let value = value.into_json();

@@ -256,6 +256,28 @@ mod tests {
     }
 
     #[test]
+    fn a_borrowed_text_is_written_as_the_json_string_it_stands_for() {
+        let mut b = RecordBuilder::default();
+        b.set(Cow::Borrowed("t"), Val::Text("first"), true);
+        b.set(Cow::Borrowed(""), Val::Text("no key"), true);
+        b.set(Cow::Borrowed("t"), Val::Json(Cow::Owned(json!("second"))), true);
+        b.set_unless(Cow::Borrowed("t"), Val::Text("spread"), &|_| false);
+        b.set_unless(Cow::Borrowed("s"), Val::Text("spread"), &|_| false);
+        b.set_unless(Cow::Borrowed("skipped"), Val::Text("x"), &|k| k == "skipped");
+        b.set(Cow::Borrowed("j"), Val::Json(Cow::Owned(json!("json"))), true);
+        b.set(Cow::Borrowed("j"), Val::Text("text wins"), true);
+        assert_eq!(b.get("t").as_deref(), Some(&json!("second")));
+        let f = b.finish();
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            json!({"j": "text wins", "s": "spread", "t": "second"})
+        );
+        assert_eq!(f.val("j"), Some(&Val::Text("text wins")));
+        assert_eq!(f.val("j"), Some(&Val::Json(Cow::Owned(json!("text wins")))));
+        assert_ne!(Val::Text("1"), Val::Json(Cow::Owned(json!(1))));
+    }
+
+    #[test]
     fn get_while_building_agrees_with_the_finished_record() {
         let mut b = RecordBuilder::default();
         b.set(Cow::Borrowed("a"), Val::Json(Cow::Owned(json!(1))), false);
