@@ -390,6 +390,17 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The node that `step`, then `rest`, select below the `Struct` whose entries are
+    /// `first..end`.
+    fn descend(&self, first: u32, end: u32, step: &Step, rest: &[Step]) -> Option<u32> {
+        let mut at = self.child(first, end, Holds::Object, step)?;
+        for step in rest {
+            let node = self.node(at)?;
+            at = self.child(at + 1, node.next, node.holds, step)?;
+        }
+        Some(at)
+    }
+
     /// The value at a plain path, converted to JSON.
     pub fn at(&self, steps: &[Step]) -> Option<Value> {
         self.val_at(steps).map(|v| v.into_json().into_owned())
@@ -416,12 +427,7 @@ impl<'a> Reader<'a> {
         let Some((step, rest)) = rest.split_first() else {
             return slice::object(self.bytes(span), 0).map(|m| owned(Value::Object(m)));
         };
-        let mut at = self.child(children, end, Holds::Object, step)?;
-        for step in rest {
-            let node = self.node(at)?;
-            at = self.child(at + 1, node.next, node.holds, step)?;
-        }
-        let bytes = self.bytes(self.node(at)?.value);
+        let bytes = self.bytes(self.node(self.descend(children, end, step, rest)?)?.value);
         match text_of(bytes) {
             Some(text) => Some(Val::Text(text)),
             None => slice::value(bytes, 0).map(owned),
@@ -448,11 +454,7 @@ impl<'a> Reader<'a> {
         let Some((step, rest)) = rest.split_first() else {
             return Some((first, end));
         };
-        let mut at = self.child(first, end, Holds::Object, step)?;
-        for step in rest {
-            let node = self.node(at)?;
-            at = self.child(at + 1, node.next, node.holds, step)?;
-        }
+        let at = self.descend(first, end, step, rest)?;
         let node = self.node(at)?;
         (node.holds == Holds::Object).then_some((at + 1, node.next))
     }

@@ -189,17 +189,9 @@ impl Selector {
         self.is_singular()
     }
 
-    /// The selected value as rule fields see it, from any [`Document`]: as [`Selector::value`].
-    pub fn value_in<'a, D: Document + ?Sized>(&self, doc: &'a D) -> Option<Cow<'a, Value>> {
-        match &self.plan {
-            Plan::Plain(steps) => doc.at(steps).filter(|v| !v.is_null()),
-            _ => self.value(doc.json()),
-        }
-    }
-
     /// Spreads the selected object's members, flattened under `prefix` (see
     /// [`Document::spread`]); a query's result, or a value that is not an object spread in
-    /// place, comes back as [`Selector::value_in`] gives it, for the caller to spread.
+    /// place, comes back as [`Selector::value`] selects it, for the caller to spread.
     pub fn spread_in<'a, D: Document + ?Sized>(
         &self,
         doc: &'a D,
@@ -216,7 +208,7 @@ impl Selector {
     }
 
     /// The selected value as a record field takes it, from any [`Document`]: as
-    /// [`Selector::value_in`], a text possibly borrowed (see [`Document::val_at`]).
+    /// [`Selector::value`] selects it, a text possibly borrowed (see [`Document::val_at`]).
     pub fn val_in<'a, D: Document + ?Sized>(&self, doc: &'a D) -> Option<Val<'a>> {
         match &self.plan {
             Plan::Plain(steps) => doc.val_at(steps).filter(|v| !v.is_null()),
