@@ -211,7 +211,12 @@ impl Ingest {
         // Records each event queued for each target, event by event (for the metrics).
         let mut per_target: Vec<u32> = Vec::with_capacity(expected * targets.len());
         for event in events {
-            let mut records = Vec::with_capacity(targets.len());
+            let mut records: Vec<NewRecord> = Vec::with_capacity(targets.len());
+            // Where this event's records go: (Lytics host, account, stream) and the integration
+            // that sends them there. Two integrations of one account can both map an event to
+            // one stream (a rule naming its stream, as the Customer.io rules do, or one
+            // integration's own stream named by a rule for the other): it goes there once.
+            let mut sent_to: Vec<(&str, &str, Arc<str>, &str)> = Vec::new();
             let mut answer = Accepted {
                 id: event.id.clone(),
                 disposition: Disposition::Ignored,
@@ -239,6 +244,32 @@ impl Ingest {
                     d
                 }));
                 for record in mapping.records {
+                    let stream = record.stream.clone();
+                    let sender = sent_to.iter().find(|(host, account, s, _)| {
+                        *host == integration.base_url.as_str()
+                            && *account == integration.account_id.as_str()
+                            && **s == *stream
+                    });
+                    if let Some((.., first)) = sender.filter(|(.., id)| *id != integration.id.as_str()) {
+                        answer.dropped.push(DroppedRecord {
+                            rule: Arc::from(""),
+                            reason: format!(
+                                "integration `{first}` sends this event to account `{}`, stream \
+                                 `{stream}` already: it is sent there once",
+                                integration.account_id.as_str()
+                            ),
+                            integration: Some(integration.id.as_arc()),
+                        });
+                        continue;
+                    }
+                    if sender.is_none() {
+                        sent_to.push((
+                            integration.base_url.as_str(),
+                            integration.account_id.as_str(),
+                            stream,
+                            integration.id.as_str(),
+                        ));
+                    }
                     // Each rule once, however many integrations it mapped the event for.
                     if !answer.rules.contains(&record.rule) {
                         answer.rules.push(record.rule.clone());

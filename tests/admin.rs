@@ -688,6 +688,70 @@ async fn installs_racing_for_one_stream_install_it_once() {
 }
 
 #[tokio::test]
+async fn an_event_two_integrations_of_one_account_send_to_one_stream_arrives_there_once() {
+    use lytics_relay::normalize::json_to_struct;
+    use lytics_relay::proto::v1 as pb;
+    let emu = EmulatorHandle::start().await;
+    let (mut settings, dir) = settings(&emu.url(), TOKEN);
+    settings.lytics_url = Some(emu.url());
+    let relay = RelayHandle::start(settings, Telemetry::disabled()).await;
+    let token = common::admin_token(dir.path()).await;
+    // The configured integration `lytics` delivers to the account's `datafly_events`; this one to
+    // its `customerio_events`, the stream the Customer.io rules name for every integration.
+    let r = reqwest::Client::new()
+        .post(relay.http_url("/v1/admin/integration-catalog/lytics/install"))
+        .header("Authorization", format!("Bearer {token}"))
+        .json(&json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT, "stream_name": OTHER}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let second: Value = r.json().await.unwrap();
+    let second = second["id"].as_str().unwrap().to_string();
+    let mut client = relay.client().await;
+    let webhook = json!({"event_id": "once-1", "object_type": "email", "metric": "opened",
+        "timestamp": 1_613_063_089, "data": {"customer_id": "42", "campaign_id": 7,
+        "subject": "Hi", "recipient": "ada@example.com"}});
+    let result = client
+        .send_customer_io_event(pb::SendCustomerIoEventRequest {
+            webhook: json_to_struct(&webhook),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(result.records, 1, "{result:?}");
+    let kept_back = result
+        .dropped
+        .iter()
+        .find(|d| d.integration == second)
+        .unwrap_or_else(|| panic!("no dropped record for `{second}`: {result:?}"));
+    assert!(
+        kept_back.reason.contains("integration `lytics`") && kept_back.reason.contains("sent there once"),
+        "{kept_back:?}"
+    );
+    // Delivered, the queue empties with one record in the stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let health: Value = reqwest::get(relay.http_url("/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let depth = health["queue_depth"].as_u64();
+        if depth == Some(0) && !emu.emulator.stream_events(OTHER).is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not delivered (queue depth {depth:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(emu.emulator.stream_events(OTHER).len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn the_admin_api_works_over_grpc_and_refuses_without_the_token() {
     use lytics_relay::proto::v1 as pb;
     use lytics_relay::proto::v1::admin_service_client::AdminServiceClient;
