@@ -744,7 +744,10 @@ async fn an_event_two_integrations_of_one_account_send_to_one_stream_arrives_the
         if depth == Some(0) && !emu.emulator.stream_events(OTHER).is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "not delivered (queue depth {depth:?})");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not delivered (queue depth {depth:?})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(emu.emulator.stream_events(OTHER).len(), 1);

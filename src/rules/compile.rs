@@ -843,7 +843,23 @@ impl Compiler<'_> {
                     }
                     let reference = reference.trim();
                     if reference.starts_with('$') {
-                        parts.push(TemplatePart::Path(self.selector(rule, reference)?));
+                        let path = self.selector(rule, reference)?;
+                        if !path.is_singular() {
+                            self.problem(
+                                Some(rule),
+                                text,
+                                format!(
+                                    "template `{text}` refers to `{reference}`, which can select several values"
+                                ),
+                                Some(
+                                    "a template reference names one value: use a plain path such as \
+                                     `$.items[0].sku`"
+                                        .into(),
+                                ),
+                            );
+                            return None;
+                        }
+                        parts.push(TemplatePart::Path(path));
                     } else if earlier.iter().any(|f| &**f == reference) {
                         parts.push(TemplatePart::Field(Arc::from(reference)));
                     } else {
@@ -985,12 +1001,32 @@ impl Compiler<'_> {
                                 }
                             };
                             let t = self.test(rule, key, test);
-                            match (subject, t) {
-                                (Some(s), Some((t, negate))) => {
-                                    let c = Condition::Check(s, t);
-                                    Some(if negate { Condition::Not(Box::new(c)) } else { c })
+                            // A query selecting several values has no one value to compare.
+                            let compares_many = matches!((&subject, &t),
+                                (Some(Subject::Input(p)), Some((t, _))) if !p.is_singular() && !matches!(t, Test::Exists(_)));
+                            if compares_many {
+                                self.problem(
+                                    Some(rule),
+                                    key,
+                                    format!(
+                                        "condition compares `{key}`, which can select several values, \
+                                         with one value"
+                                    ),
+                                    Some(
+                                        "test whether one of them matches with a filter and `exists`, \
+                                         e.g. `$.properties.items[?@.sku == 's2']: { exists: true }`"
+                                            .into(),
+                                    ),
+                                );
+                                None
+                            } else {
+                                match (subject, t) {
+                                    (Some(s), Some((t, negate))) => {
+                                        let c = Condition::Check(s, t);
+                                        Some(if negate { Condition::Not(Box::new(c)) } else { c })
+                                    }
+                                    _ => None,
                                 }
-                                _ => None,
                             }
                         }
                     };
@@ -1091,7 +1127,11 @@ impl Compiler<'_> {
                     Some(rule),
                     subject,
                     format!("the test on `{subject}` is empty"),
-                    Some("write the value it must equal, or `{ exists: true }`".into()),
+                    Some(
+                        "write the value it must equal, `{ exists: true }`, or `{ exists: false }` for a \
+                         missing or null value"
+                            .into(),
+                    ),
                 );
                 None
             }

@@ -672,6 +672,44 @@ rules:
 }
 
 #[test]
+fn a_query_selecting_several_values_is_refused_where_one_value_is_read() {
+    // A comparison and a template reference each need one value; `exists` takes any number.
+    let problems = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    when:
+      \"$.properties.products[*].category\": shoes
+      \"$.properties.products[?@.category == 'hats']\": { exists: true }
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+      label: { template: \"{$.event}: {$.properties.products[*].sku}\" }
+      other: { from: $.event, when: { \"$..sku\": { in: [a, b] } } }
+",
+    )
+    .unwrap_err();
+    let messages: Vec<_> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+    assert_eq!(problems.len(), 3, "{messages:?}");
+    assert!(
+        messages.iter().any(|(line, m)| *line == Some(6)
+            && m.contains("`$.properties.products[*].category`, which can select several values")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|(line, m)| *line == Some(11)
+            && m.contains("refers to `$.properties.products[*].sku`, which can select several values")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|(line, m)| *line == Some(12) && m.contains("`$..sku`, which can select several")),
+        "{messages:?}"
+    );
+    assert!(problems.iter().all(|p| p.hint.is_some()), "{problems:?}");
+}
+
+#[test]
 fn a_rule_with_its_own_stream_gets_its_own_query() {
     let set = compile(
         "source: signal
