@@ -69,6 +69,8 @@ async fn signed_events_and_batches_are_accepted_like_grpc() {
         (Some(2), Some(1)),
         "{body}"
     );
+    // Taken: a sender checking `success` must not resend the accepted events with the refused one.
+    assert_eq!(body["success"], json!(true), "{body}");
     assert_eq!(
         body["results"][1]["error"]["violations"][0]["field"],
         json!("batch[1].userId")

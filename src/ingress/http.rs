@@ -505,7 +505,9 @@ async fn signal_batch(
         results[slot]["result"] = accepted_json(a);
     }
     let rejected = results.len() - accepted.len();
-    let mut answer = json!({"success": rejected == 0, "accepted": accepted.len(), "rejected": rejected, "results": results});
+    // `success` says the batch was taken: its refused events are in `results`, and resending the
+    // whole batch would deliver the accepted ones again (those without a messageId twice).
+    let mut answer = json!({"success": !accepted.is_empty(), "accepted": accepted.len(), "rejected": rejected, "results": results});
     if accepted.is_empty() {
         // Nothing of it was taken: a bad payload (400), so that a sender checking only the
         // status does not count the batch as delivered. Each event's error is in `results`,

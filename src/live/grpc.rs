@@ -2,7 +2,7 @@
 //!
 //! Input: a filter. Output: a stream of live events and lag notices. Each watch has its own
 //! task that reads the bus and sends into a small channel; it stops when a send fails (the
-//! client went away) or the bus closes (shutdown). A client that reads slowly fills the channel
+//! client went away) or the bus closes (shutdown, which ends the stream with `UNAVAILABLE`). A client that reads slowly fills the channel
 //! and then its bus subscription falls behind, which costs it events, never the pipeline.
 
 use std::pin::Pin;
@@ -130,7 +130,15 @@ impl LiveEventsService for LiveEventsGrpc {
                     _ = tx.closed() => break,
                     seen = watcher.next() => seen,
                 };
-                let Some(seen) = seen else { break };
+                let Some(seen) = seen else {
+                    // The bus closes only when the relay shuts down: a status that says so lets a
+                    // client tell it from an end it asked for, and come back.
+                    let gone = tonic::Status::unavailable(
+                        "the relay is shutting down: watch again once it is back, or on another relay",
+                    );
+                    let _ = tx.send(Err(gone)).await;
+                    break;
+                };
                 let item = match seen {
                     Seen::Event(e) => pb::watch_response::Item::Event(live_event_pb(&e)),
                     Seen::Dropped(count) => pb::watch_response::Item::Dropped(pb::EventsDropped { count }),

@@ -703,7 +703,9 @@ rules:
         "{messages:?}"
     );
     assert!(
-        messages.iter().any(|(line, m)| *line == Some(12) && m.contains("`$..sku`, which can select several")),
+        messages
+            .iter()
+            .any(|(line, m)| *line == Some(12) && m.contains("`$..sku`, which can select several")),
         "{messages:?}"
     );
     assert!(problems.iter().all(|p| p.hint.is_some()), "{problems:?}");
