@@ -42,7 +42,8 @@ async fn serve(args: lytics_relay::cli::ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init_logging(settings.log_json);
+    let log_json = settings.log_json;
+    telemetry::init_logging(log_json);
     // Installed before anything is served, so a signal at any moment after start-up shuts the
     // relay down gracefully instead of killing it.
     let shutdown = shutdown_signal();
@@ -56,8 +57,12 @@ async fn serve(args: lytics_relay::cli::ServeArgs) -> ExitCode {
     match result {
         Ok(report) if report.graceful => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(2),
-        Err(e) => {
+        // Said once: as a JSON line where the log is JSON (for whatever reads it), else plainly.
+        Err(e) if log_json => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }

@@ -626,8 +626,10 @@ impl IntegrationAdmin {
         self.store.put(s.clone()).await.map_err(store_error)?;
         if paused {
             self.delivery.pause_manual(id);
+            tracing::info!(integration = id, "integration paused: its events stay queued");
         } else {
             self.delivery.resume(id);
+            tracing::info!(integration = id, "integration resumed");
         }
         Ok(self.view_stored(&s))
     }
