@@ -172,10 +172,11 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
     for d in &dropped {
         problems.push(format!("rule `{}` refused the event: {}", d.rule, d.reason));
     }
-    if records.len() != case.expect.len() {
+    let expect = case.expect.as_deref().unwrap_or_default();
+    if records.len() != expect.len() {
         problems.push(format!(
             "expected {} record(s), got {}",
-            case.expect.len(),
+            expect.len(),
             records.len()
         ));
         if !explain.skipped_rules.is_empty() {
@@ -183,7 +184,7 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
             problems.push(format!("rules whose `when` did not hold: {}", skipped.join(", ")));
         }
     }
-    for (i, (want, got)) in case.expect.iter().zip(records.iter()).enumerate() {
+    for (i, (want, got)) in expect.iter().zip(records.iter()).enumerate() {
         if let Some(rule) = &want.rule
             && rule.as_str() != &*got.rule
         {

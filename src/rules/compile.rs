@@ -154,6 +154,35 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
                 format!("tests[{i}] (`{}`) has no input", case.name),
                 "add `input:` (the event) or `input_file:` (a JSON file beside the rules)".to_string(),
             ),
+            Ok(case) if case.expect.is_some() && case.expect_dropped.is_some() => (
+                at(&c, "expect_dropped"),
+                format!(
+                    "tests[{i}] (`{}`) gives both `expect` and `expect_dropped`",
+                    case.name
+                ),
+                "keep one: the records the input must produce, or the reason none is sent".to_string(),
+            ),
+            Ok(case) if case.expect.is_none() && case.expect_dropped.is_none() => (
+                at(&c, "-"),
+                format!("tests[{i}] (`{}`) expects nothing", case.name),
+                "add `expect:` (the records the input must produce; `[]` for none) or \
+                 `expect_dropped:` (text of the reason its records are not sent)"
+                    .to_string(),
+            ),
+            Ok(case)
+                if let Some(key) = case
+                    .config
+                    .keys()
+                    .find(|k| !ConfigKey::ALL.iter().any(|(n, _)| n == k))
+                    .cloned() =>
+            {
+                let names: Vec<&str> = ConfigKey::ALL.iter().map(|(n, _)| *n).collect();
+                (
+                    at(&c, &key),
+                    format!("tests[{i}] (`{}`): unknown config key `{key}`", case.name),
+                    suggest(&key, &names),
+                )
+            }
             Ok(case) => {
                 spec.tests.push(case);
                 continue;

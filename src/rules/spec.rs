@@ -114,9 +114,9 @@ pub struct TestCaseSpec {
     /// The integration values the case runs with (`stream_name`, `account_id`).
     #[serde(default)]
     pub config: IndexMap<String, String>,
-    /// The records the input must produce, in order.
+    /// The records the input must produce, in order (`expect: []`: none).
     #[serde(default)]
-    pub expect: Vec<ExpectedRecordSpec>,
+    pub expect: Option<Vec<ExpectedRecordSpec>>,
     /// When set, the input must produce no record, and each dropped record's reason must
     /// contain this text (an empty text: the input must match no rule).
     #[serde(default)]

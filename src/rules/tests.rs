@@ -551,6 +551,57 @@ tests:
 }
 
 #[test]
+fn a_case_must_expect_one_thing_and_name_known_config_keys() {
+    let text = "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+tests:
+  - name: both
+    input: { type: track, userId: u }
+    expect: []
+    expect_dropped: x
+  - name: nothing
+    input: { type: track, userId: u }
+  - name: typo
+    input: { type: track, userId: u }
+    config: { stream_nam: other }
+    expect: []
+  - name: none
+    input: { type: track }
+    expect: []
+";
+    let problems = compile(text).unwrap_err();
+    let found = |prefix: &str| {
+        problems
+            .iter()
+            .find(|p| p.message.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no problem `{prefix}…`: {problems:?}"))
+    };
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    let both = found("tests[0] (`both`) gives both `expect` and `expect_dropped`");
+    assert_eq!(both.line, Some(12), "{both:?}");
+    let nothing = found("tests[1] (`nothing`) expects nothing");
+    assert!(
+        nothing
+            .hint
+            .as_deref()
+            .unwrap_or_default()
+            .contains("`[]` for none"),
+        "{nothing:?}"
+    );
+    let typo = found("tests[2] (`typo`): unknown config key `stream_nam`");
+    assert_eq!(typo.line, Some(17), "{typo:?}");
+    assert!(
+        typo.hint.as_deref().unwrap_or_default().contains("stream_name"),
+        "{typo:?}"
+    );
+}
+
+#[test]
 fn a_field_written_twice_in_a_rule_is_refused() {
     let text = "source: signal
 identity: [user_id]
