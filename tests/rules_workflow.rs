@@ -172,6 +172,9 @@ async fn dry_run_explains_every_field_and_the_paths_that_matched_nothing() {
         vec!["$.properties.email", "$.context.traits.email", "$.traits.email"]
     );
     assert!(d.skipped_rules.contains(&"page_view".to_string()));
+    // Each with the test that failed and the value it saw.
+    let page_view = d.skipped.iter().find(|s| s.rule == "page_view").unwrap();
+    assert_eq!(page_view.reason, r#"`$.type` is "track", not "page""#);
     assert!(
         emu.emulator.stream_events(STREAM).is_empty(),
         "a dry run delivers nothing"

@@ -34,6 +34,8 @@ pub struct DryRun {
     pub unmatched: Vec<Value>,
     /// Rules whose `when` did not hold.
     pub skipped_rules: Vec<String>,
+    /// The same rules with the test that failed: rule, reason.
+    pub skipped: Vec<Value>,
 }
 
 /// Rule operations shared by gRPC and HTTP.
@@ -103,7 +105,12 @@ impl RulesAdmin {
                 .iter()
                 .map(|u| serde_json::json!({"rule": &*u.rule, "field": u.field, "path": u.path}))
                 .collect(),
-            skipped_rules: explain.skipped_rules.iter().map(|r| r.to_string()).collect(),
+            skipped_rules: explain.skipped_rules.iter().map(|s| s.rule.to_string()).collect(),
+            skipped: explain
+                .skipped_rules
+                .iter()
+                .map(|s| serde_json::json!({"rule": &*s.rule, "reason": s.reason}))
+                .collect(),
         })
     }
 
@@ -193,6 +200,14 @@ impl RulesService for RulesAdmin {
                 })
                 .collect(),
             skipped_rules: d.skipped_rules,
+            skipped: d
+                .skipped
+                .iter()
+                .map(|s| pb::SkippedRule {
+                    rule: text(s, "rule"),
+                    reason: text(s, "reason"),
+                })
+                .collect(),
         }))
     }
 

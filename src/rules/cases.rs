@@ -180,7 +180,11 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
             records.len()
         ));
         if !explain.skipped_rules.is_empty() {
-            let skipped: Vec<String> = explain.skipped_rules.iter().map(|r| format!("`{r}`")).collect();
+            let skipped: Vec<String> = explain
+                .skipped_rules
+                .iter()
+                .map(|s| format!("`{}` ({})", s.rule, s.reason))
+                .collect();
             problems.push(format!("rules whose `when` did not hold: {}", skipped.join(", ")));
         }
     }

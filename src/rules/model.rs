@@ -387,8 +387,17 @@ pub struct Explain {
     pub fields: Vec<FieldExplanation>,
     /// Paths that matched nothing.
     pub unmatched: Vec<Unmatched>,
-    /// Rules whose `when` did not hold.
-    pub skipped_rules: Vec<Arc<str>>,
+    /// Rules whose `when` did not hold, each with the test that failed.
+    pub skipped_rules: Vec<SkippedRule>,
+}
+
+/// A rule whose `when` did not hold.
+#[derive(Debug, Clone)]
+pub struct SkippedRule {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// The test that failed and the value it saw (see [`Condition::why_not`]).
+    pub reason: String,
 }
 
 impl Rule {
@@ -403,7 +412,10 @@ impl Rule {
             && !when.holds(doc, &RecordBuilder::default())
         {
             if let Some(e) = explain.as_deref_mut() {
-                e.skipped_rules.push(self.name.clone());
+                e.skipped_rules.push(SkippedRule {
+                    rule: self.name.clone(),
+                    reason: when.why_not(doc, &RecordBuilder::default()).unwrap_or_default(),
+                });
             }
             return None;
         }
@@ -781,6 +793,79 @@ impl Condition {
                 test.holds(value.as_deref())
             }
         }
+    }
+}
+
+impl Condition {
+    /// Why the condition does not hold for `doc`, for a person reading a dry run or a failed
+    /// test case: the first failing test of an `all`, every one of an `any`, each with the value
+    /// it saw. `None` when the condition holds.
+    pub fn why_not<D: Document + ?Sized>(&self, doc: &D, out: &RecordBuilder<'_>) -> Option<String> {
+        match self {
+            Condition::All(cs) => cs.iter().find_map(|c| c.why_not(doc, out)),
+            Condition::Any(cs) => {
+                let each: Option<Vec<String>> = cs.iter().map(|c| c.why_not(doc, out)).collect();
+                each.map(|each| format!("none of `any` holds ({})", each.join("; ")))
+            }
+            Condition::Not(c) => match c.why_not(doc, out) {
+                Some(_) => None,
+                None => Some(match &**c {
+                    Condition::Check(subject, _) => {
+                        let (name, value) = subject.seen(doc, out);
+                        format!(
+                            "`{name}` is {} (under `not`, or a `not_…` test)",
+                            shown(value.as_deref())
+                        )
+                    }
+                    _ => "the condition under `not` holds".to_string(),
+                }),
+            },
+            Condition::Check(subject, test) => {
+                let (name, value) = subject.seen(doc, out);
+                if test.holds(value.as_deref()) {
+                    return None;
+                }
+                let seen = shown(value.as_deref());
+                Some(match test {
+                    Test::Exists(true) => format!("`{name}` is {seen}, not present (`exists: true`)"),
+                    Test::Exists(false) => format!("`{name}` is {seen} (`exists: false`)"),
+                    Test::Equals(want) => format!("`{name}` is {seen}, not {}", shown(Some(want))),
+                    Test::In(options) => format!(
+                        "`{name}` is {seen}, none of {}",
+                        shown(Some(&Value::Array(options.clone())))
+                    ),
+                    Test::Matches(re) => {
+                        format!("`{name}` is {seen}, which does not match `{}`", re.as_str())
+                    }
+                })
+            }
+        }
+    }
+}
+
+impl Subject {
+    /// The subject's name as written, and its value.
+    fn seen<'a, D: Document + ?Sized>(
+        &'a self,
+        doc: &'a D,
+        out: &'a RecordBuilder<'_>,
+    ) -> (&'a str, Option<Cow<'a, Value>>) {
+        match self {
+            Subject::Input(p) => (p.text(), p.get_in(doc)),
+            Subject::Field(f) => (f, out.get(f).filter(|v| !v.is_null())),
+        }
+    }
+}
+
+/// A value as an explanation shows it: JSON, cut short past 80 characters.
+fn shown(value: Option<&Value>) -> String {
+    let Some(value) = value else {
+        return "missing".to_string();
+    };
+    let text = value.to_string();
+    match text.char_indices().nth(80) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
     }
 }
 

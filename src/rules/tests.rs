@@ -455,8 +455,57 @@ tests:
         "{text}"
     );
     assert!(
-        text.contains("rules whose `when` did not hold: `page_view`"),
+        text.contains(r#"rules whose `when` did not hold: `page_view` (`$.type` is "track", not "page")"#),
         "{text}"
+    );
+}
+
+#[test]
+fn a_condition_that_does_not_hold_says_which_test_failed_and_what_it_saw() {
+    let set = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    when:
+      $.type: track
+      any:
+        - $.event: { matches: \"^Order\" }
+        - $.properties.kind: [a, b]
+      not: { $.context.channel: server }
+      $.userId: { exists: true }
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+",
+    )
+    .unwrap();
+    let why = |event: serde_json::Value| {
+        let rule = &set.rules(Source::Signal)[0];
+        rule.when
+            .as_ref()
+            .unwrap()
+            .why_not(&event, &super::record::RecordBuilder::default())
+    };
+    assert_eq!(
+        why(json!({"type": "page"})).unwrap(),
+        r#"`$.type` is "page", not "track""#
+    );
+    assert_eq!(
+        why(json!({"type": "track", "event": " Order", "properties": {"kind": 3}})).unwrap(),
+        r#"none of `any` holds (`$.event` is " Order", which does not match `^Order`; `$.properties.kind` is 3, none of ["a","b"])"#
+    );
+    assert_eq!(
+        why(json!({"type": "track", "event": "Order", "context": {"channel": "server"}})).unwrap(),
+        r#"`$.context.channel` is "server" (under `not`, or a `not_…` test)"#
+    );
+    assert_eq!(
+        why(json!({"type": "track", "event": "Order"})).unwrap(),
+        "`$.userId` is missing, not present (`exists: true`)"
+    );
+    assert_eq!(
+        why(json!({"type": "track", "event": "Order", "userId": "u"})),
+        None
     );
 }
 
