@@ -233,11 +233,16 @@ fn yaml_problem(file: &str, text: &str, e: &serde_yaml::Error) -> RuleProblem {
         Some(i) => raw[..i].to_string(),
         None => raw,
     };
-    // A key written twice: serde points at the mapping; the second writing is the one to fix.
+    // A key written twice: serde points at the mapping (a rule's start, or the file's); the
+    // second writing is the one to fix. A field of a rule's `fields` says "is defined twice"; a
+    // key of the rule or the file, serde's "duplicate field".
     let twice = message
-        .strip_prefix("rules[")
-        .and_then(|_| message.split("field `").nth(1))
-        .filter(|_| message.contains("is defined twice"))
+        .split("field `")
+        .nth(1)
+        .filter(|_| {
+            (message.starts_with("rules[") && message.contains("is defined twice"))
+                || message.contains("duplicate field `")
+        })
         .and_then(|rest| rest.split('`').next());
     if let (Some(key), Some(from)) = (twice, line) {
         let mut seen = 0;
@@ -260,6 +265,11 @@ fn yaml_problem(file: &str, text: &str, e: &serde_yaml::Error) -> RuleProblem {
         Some("check the key's spelling against docs/rules.md".to_string())
     } else if message.contains("missing field") {
         Some("add the missing key".to_string())
+    } else if let Some((path, _)) = message.split_once(": invalid type") {
+        Some(format!(
+            "`{path}` takes the form the message names (docs/rules.md shows each key's form); \
+             this file's other problems are listed once this one is fixed"
+        ))
     } else {
         Some("fix the YAML syntax: indentation, colons and quotes".to_string())
     };

@@ -230,6 +230,46 @@ fn bad_yaml_names_line_and_column() {
 }
 
 #[test]
+fn a_key_written_twice_or_of_the_wrong_type_is_placed_and_hinted_as_such() {
+    let problems = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    when: { $.type: track }
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+    when: { $.type: page }
+",
+    )
+    .unwrap_err();
+    assert!(
+        problems[0].message.contains("duplicate field `when`"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        (problems[0].line, problems[0].column),
+        (Some(9), Some(5)),
+        "{problems:?}"
+    );
+    assert_eq!(
+        problems[0].hint.as_deref(),
+        Some("keep one of them: remove or rename the other")
+    );
+    let problems = compile("source: signal\nidentity: user_id\nrules: []\n").unwrap_err();
+    assert!(
+        problems[0].message.contains("identity: invalid type"),
+        "{problems:?}"
+    );
+    let hint = problems[0].hint.as_deref().unwrap();
+    assert!(
+        hint.contains("`identity` takes the form") && !hint.contains("YAML syntax"),
+        "{hint}"
+    );
+}
+
+#[test]
 fn a_rule_without_identity_fields_is_refused() {
     let problems =
         compile("source: signal\nrules:\n  - name: e\n    fields: { a: $.a, _ts: { value: 1 } }\n")
