@@ -12,7 +12,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{Filter, LiveBus, LiveEvent, Outcome, Seen};
-use crate::error::ApiError;
+use crate::error::{ApiError, FieldViolation};
 use crate::normalize::json_to_struct;
 use crate::proto::servers::live_events_service_server::LiveEventsService;
 use crate::proto::v1 as pb;
@@ -48,18 +48,33 @@ fn outcome_pb(o: Outcome) -> pb::LiveOutcome {
 }
 
 fn filter(req: &pb::WatchRequest) -> Result<Filter, ApiError> {
-    let mut f = Filter::parse(&req.integration, &req.source, &req.event_type, "")
-        .map_err(|e| ApiError::field(e.what, e.to_string()))?;
-    let outcome = pb::LiveOutcome::try_from(req.outcome).map_err(|_| {
-        let known: Vec<&str> = Outcome::ALL
-            .into_iter()
-            .map(|o| outcome_pb(o).as_str_name())
-            .collect();
-        ApiError::field(
-            "outcome",
-            format!("unknown outcome {}; one of {}", req.outcome, known.join(", ")),
-        )
-    })?;
+    let parsed = Filter::parse(&req.integration, &req.source, &req.event_type, "");
+    let outcome = pb::LiveOutcome::try_from(req.outcome);
+    let (mut f, outcome) = match (parsed, outcome) {
+        (Ok(f), Ok(o)) => (f, o),
+        (parsed, outcome) => {
+            let mut violations: Vec<FieldViolation> = parsed
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(|e| FieldViolation::new(e.what, e.to_string()))
+                .collect();
+            if outcome.is_err() {
+                let known: Vec<&str> = Outcome::ALL
+                    .into_iter()
+                    .map(|o| outcome_pb(o).as_str_name())
+                    .collect();
+                violations.push(FieldViolation::new(
+                    "outcome",
+                    format!("unknown outcome {}; one of {}", req.outcome, known.join(", ")),
+                ));
+            }
+            return Err(match <[FieldViolation; 1]>::try_from(violations) {
+                Ok([one]) => ApiError::field(one.field, one.description),
+                Err(many) => ApiError::violations("filter", many),
+            });
+        }
+    };
     f.outcome = match outcome {
         pb::LiveOutcome::Unspecified => None,
         wanted => Outcome::ALL.into_iter().find(|o| outcome_pb(*o) == wanted),

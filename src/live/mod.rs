@@ -339,7 +339,8 @@ impl Filter {
         self.integration.as_deref().is_none_or(|i| {
             e.integration.as_deref() == Some(i) || e.records.iter().any(|r| &*r.integration == i)
         }) && self.source.is_none_or(|s| s == e.source)
-            && self.event_type.as_deref().is_none_or(|t| t == &*e.event_type)
+            // `Track` finds `track`: a person types the filter, a sender set the type.
+            && self.event_type.as_deref().is_none_or(|t| t.eq_ignore_ascii_case(&e.event_type))
             && self.outcome.is_none_or(|o| o == e.outcome)
     }
 }
@@ -357,36 +358,61 @@ pub struct FilterError {
 }
 
 impl Filter {
-    /// A filter from text fields; empty fields match everything.
+    /// A filter from text fields; empty fields match everything. Every field that names no
+    /// source or outcome is reported.
     pub fn parse(
         integration: &str,
         source: &str,
         event_type: &str,
         outcome: &str,
-    ) -> Result<Filter, FilterError> {
+    ) -> Result<Filter, Vec<FilterError>> {
         let text = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
-        let source = match text(source) {
-            None => None,
-            Some(s) => Some(Source::parse(&s).ok_or_else(|| FilterError {
-                what: "source",
-                given: s.clone(),
-                choices: "signal, customerio".into(),
-            })?),
-        };
-        let outcome = match text(outcome) {
-            None => None,
-            Some(o) => Some(Outcome::parse(&o).ok_or_else(|| FilterError {
-                what: "outcome",
-                given: o.clone(),
-                choices: Outcome::ALL.map(Outcome::as_str).join(", "),
-            })?),
-        };
+        let mut errors = Vec::new();
+        let source = text(source).and_then(|s| {
+            let found = Source::parse(&s);
+            if found.is_none() {
+                errors.push(FilterError {
+                    what: "source",
+                    given: s,
+                    choices: "signal, customerio".into(),
+                });
+            }
+            found
+        });
+        let outcome = text(outcome).and_then(|o| {
+            let found = Outcome::parse(&o);
+            if found.is_none() {
+                errors.push(FilterError {
+                    what: "outcome",
+                    given: o,
+                    choices: Outcome::ALL.map(Outcome::as_str).join(", "),
+                });
+            }
+            found
+        });
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         Ok(Filter {
             integration: text(integration),
             source,
             event_type: text(event_type),
             outcome,
         })
+    }
+}
+
+/// The answer to a filter with unknown names: each in a field violation of its own.
+pub fn filter_error(errors: &[FilterError]) -> crate::error::ApiError {
+    use crate::error::{ApiError, FieldViolation};
+    match errors {
+        [one] => ApiError::field(one.what, one.to_string()),
+        many => ApiError::violations(
+            "filter",
+            many.iter()
+                .map(|e| FieldViolation::new(e.what, e.to_string()))
+                .collect(),
+        ),
     }
 }
 

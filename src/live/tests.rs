@@ -82,12 +82,29 @@ async fn closing_the_bus_ends_every_watch() {
 fn filters_refuse_unknown_sources_and_outcomes_with_the_choices() {
     let e = Filter::parse("", "segment", "", "").unwrap_err();
     assert_eq!(
-        e.to_string(),
+        e[0].to_string(),
         "unknown source `segment`; use one of: signal, customerio"
     );
     let e = Filter::parse("", "", "", "done").unwrap_err();
-    assert!(e.to_string().contains("dead_lettered"), "{e}");
+    assert!(e[0].to_string().contains("dead_lettered"), "{e:?}");
     assert_eq!(Filter::parse(" ", "", "", "").unwrap(), Filter::default());
+    // Every bad field at once, each in a violation of its own.
+    let e = Filter::parse("", "segment", "", "done").unwrap_err();
+    let what: Vec<&str> = e.iter().map(|e| e.what).collect();
+    assert_eq!(what, ["source", "outcome"]);
+    let answer = super::filter_error(&e);
+    let fields: Vec<&str> = answer.violations.iter().map(|v| v.field.as_str()).collect();
+    assert_eq!(fields, ["source", "outcome"], "{answer:?}");
+}
+
+#[test]
+fn an_event_type_filter_ignores_case() {
+    let f = Filter::parse("", "", "Track", "").unwrap();
+    let mut e = event("1", Outcome::Delivered, "a");
+    e.event_type = "track".into();
+    assert!(f.matches(&e));
+    e.event_type = "page".into();
+    assert!(!f.matches(&e));
 }
 
 #[test]

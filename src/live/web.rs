@@ -104,7 +104,7 @@ async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     authorize(&state, &q, &headers)?;
     let filter = Filter::parse(&q.integration, &q.source, &q.event_type, &q.outcome)
-        .map_err(|e| ApiError::field(e.what, e.to_string()))?;
+        .map_err(|e| super::filter_error(&e))?;
     let watcher = state.bus.subscribe(filter);
     // The stream (and with it the subscription) is dropped when the browser goes away.
     let stream = futures::stream::unfold(watcher, |mut watcher| async move {
