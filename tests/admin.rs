@@ -475,7 +475,8 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
     )
     .await
     .unwrap();
-    assert_eq!(r.status().as_u16(), 409);
+    // A bad value in the request: 400, naming the setting Lytics refused.
+    assert_eq!(r.status().as_u16(), 400);
     let b: Value = r.json().await.unwrap();
     assert!(
         b["error"]["message"]
@@ -484,6 +485,48 @@ async fn test_connection_carries_the_seed_troubleshooting_text() {
             .contains("regenerate the token in Lytics Account > API Tokens"),
         "{b}"
     );
+    assert_eq!(
+        b["error"]["violations"][0]["field"],
+        json!("config.api_token"),
+        "{b}"
+    );
+    let wrong_stream = json!({"config": {"api_token": TOKEN, "account_id": ACCOUNT,
+        "stream_name": "DATAFLY_EVENTS"}, "test_connection": true});
+    let r = post(
+        "/v1/admin/integration-catalog/lytics/install".into(),
+        wrong_stream.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(
+        b["error"]["violations"][0]["field"],
+        json!("config.stream_name"),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("case-sensitive"),
+        "{b}"
+    );
+    // Lytics failing is no fault of the request: 503, to try again.
+    emu.emulator.set_faults(lytics_relay::emulator::Faults {
+        error_rate: 1.0,
+        ..Default::default()
+    });
+    let mut good = wrong_stream;
+    good["config"]["stream_name"] = json!(OTHER);
+    let r = post("/v1/admin/integration-catalog/lytics/install".into(), good)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], json!("unavailable"), "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("try again"),
+        "{b}"
+    );
+    emu.emulator.set_faults(lytics_relay::emulator::Faults::default());
     // The refused integration was never installed: its test call left no metric series.
     let metrics = relay.metrics().await;
     assert!(

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{self, ConfigInput};
 use super::store::{IntegrationStore, StoreError, StoredIntegration};
-use crate::delivery::{DeliveryState, ProbeReporter, probe};
+use crate::delivery::{DeliveryState, ProbeFailure, ProbeReporter, probe};
 use crate::emulator::Emulator;
 use crate::error::{ApiError, ErrorCode, FieldViolation};
 use crate::integration::{AccountId, Integration, IntegrationId, Integrations, Secret, StreamName};
@@ -474,12 +474,23 @@ impl IntegrationAdmin {
                 telemetry: self.probe_reporter.telemetry.clone(),
                 monitor: crate::monitor::Monitor::detached(),
             };
-            let t = self.test(&integration, &uncounted).await;
-            if !t.ok {
-                return Err(ApiError::new(
-                    ErrorCode::FailedPrecondition,
-                    format!("connection test failed: {}", t.detail.unwrap_or_default()),
-                ));
+            let stream = integration.stream_name.as_str();
+            if let Err(failure) = probe(&self.client, &integration, stream, &uncounted).await {
+                let message = format!("connection test failed: {failure}");
+                return Err(match &failure {
+                    // Lytics refused a setting: a bad value in the request, named.
+                    ProbeFailure::Setup { .. } => match failure.setting() {
+                        Some(key) => ApiError::field(format!("config.{key}"), message),
+                        None => ApiError::new(ErrorCode::FailedPrecondition, message),
+                    },
+                    ProbeFailure::Unreachable(_) => ApiError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "{message}; Lytics could not be reached: try again, or install without `test_connection`"
+                        ),
+                    ),
+                    ProbeFailure::Refused(_) => ApiError::new(ErrorCode::FailedPrecondition, message),
+                });
             }
         }
         // Checked again where it counts: another install may have taken the stream while this
@@ -670,7 +681,7 @@ impl IntegrationAdmin {
             },
             Err(e) => ConnectionTest {
                 ok: false,
-                detail: Some(e),
+                detail: Some(e.to_string()),
             },
         }
     }

@@ -1240,12 +1240,48 @@ pub async fn probe(
     integration: &Integration,
     stream: &str,
     report: &ProbeReporter,
-) -> Result<(), String> {
-    match probe_outcome(client, integration, stream, report).await? {
+) -> Result<(), ProbeFailure> {
+    match probe_outcome(client, integration, stream, report)
+        .await
+        .map_err(ProbeFailure::Refused)?
+    {
         Outcome::Delivered { .. } => Ok(()),
-        Outcome::Setup { status, hint, .. } => Err(format!("{status}: {hint}")),
-        Outcome::Retry { reason, .. } => Err(reason),
-        Outcome::BadPayload { status, message } => Err(format!("{status}: {message}")),
+        Outcome::Setup { status, hint, .. } => Err(ProbeFailure::Setup { status, hint }),
+        Outcome::Retry { reason, .. } => Err(ProbeFailure::Unreachable(reason)),
+        Outcome::BadPayload { status, message } => Err(ProbeFailure::Refused(format!("{status}: {message}"))),
+    }
+}
+
+/// Why a `dryrun` call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeFailure {
+    /// Lytics refused the integration's settings (401, 403, 404, 400 naming the account).
+    #[error("{status}: {hint}")]
+    Setup {
+        /// The status.
+        status: u16,
+        /// The seed's troubleshooting text.
+        hint: &'static str,
+    },
+    /// Lytics could not be reached or answered a retryable error (timeout, 429, 5xx).
+    #[error("{0}")]
+    Unreachable(String),
+    /// Anything else: the URL cannot be used, or Lytics refused the call itself.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ProbeFailure {
+    /// The integration setting a setup failure points at, as its config key.
+    pub fn setting(&self) -> Option<&'static str> {
+        match self {
+            ProbeFailure::Setup {
+                status: 401 | 403, ..
+            } => Some("api_token"),
+            ProbeFailure::Setup { status: 404, .. } => Some("stream_name"),
+            ProbeFailure::Setup { status: 400, .. } => Some("account_id"),
+            _ => None,
+        }
     }
 }
 
