@@ -267,14 +267,47 @@ where
     async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, ApiError> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(QueryOf(v)),
-            Err(e) => Err(ApiError::field("query", e.body_text())),
+            Err(e) => Err(query_error(&e.body_text())),
         }
+    }
+}
+
+/// A query-string refusal on the parameter it is about: axum says "Failed to deserialize query
+/// string: limit: invalid digit found in string"; the violation is on `limit`.
+fn query_error(text: &str) -> ApiError {
+    let detail = text
+        .strip_prefix("Failed to deserialize query string: ")
+        .unwrap_or(text);
+    match detail.split_once(": ") {
+        Some((name, why))
+            if !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') =>
+        {
+            ApiError::field(name, why)
+        }
+        _ => ApiError::field("query", detail),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_refusal_names_its_parameter() {
+        let e = query_error("Failed to deserialize query string: limit: invalid digit found in string");
+        assert_eq!(
+            (
+                e.violations[0].field.as_str(),
+                e.violations[0].description.as_str()
+            ),
+            ("limit", "invalid digit found in string")
+        );
+        let e = query_error("Failed to deserialize query string: expected `,` or `}`");
+        assert_eq!(e.violations[0].field, "query");
+    }
 
     #[test]
     fn grpc_and_http_agree_on_every_code() {

@@ -331,7 +331,7 @@ fn the_seed_setup_and_testing_steps_work_end_to_end() {
     let (s, bad) = api.call("GET", "/v1/admin/integrations?limit=abc", None, None);
     assert_eq!(s, 400, "{bad}");
     assert_eq!(bad["error"]["code"], json!("invalid_argument"), "{bad}");
-    assert_eq!(bad["error"]["violations"][0]["field"], json!("query"), "{bad}");
+    assert_eq!(bad["error"]["violations"][0]["field"], json!("limit"), "{bad}");
     let page = json!({"event": {"type": "page", "name": "Two", "userId": "both"}});
     let out = Command::new(&grpcurl)
         .args([
