@@ -318,7 +318,7 @@ fn check_segments(text: &str) -> Result<(), PathError> {
                     None => return Err(fail(text.len(), "a member name is missing after `.`")),
                 }
             }
-            '[' => skip_bracket(&mut chars).ok_or_else(|| fail(at, "this `[` is never closed"))?,
+            '[' => skip_bracket(&mut chars, at).map_err(|(at, why)| fail(at, why))?,
             _ => {
                 return Err(fail(
                     at,
@@ -330,27 +330,65 @@ fn check_segments(text: &str) -> Result<(), PathError> {
     }
 }
 
-/// Skips a bracketed selection whose `[` was just read, up to its `]`, over nested brackets and
-/// quoted strings; `None` when it never closes.
-fn skip_bracket(chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>) -> Option<()> {
+/// Skips a bracketed selection whose `[` (at `open`) was just read, up to its `]`, over nested
+/// brackets and quoted strings; when it never closes, where and what is left open.
+fn skip_bracket(
+    chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>,
+    open: usize,
+) -> Result<(), (usize, &'static str)> {
+    const UNQUOTED: &str = "this quoted name is never closed";
     let mut depth = 1;
     while depth > 0 {
-        match chars.next()?.1 {
+        let Some((at, c)) = chars.next() else {
+            return Err((open, "this `[` is never closed"));
+        };
+        match c {
             '[' => depth += 1,
             ']' => depth -= 1,
             quote @ ('\'' | '"') => loop {
-                match chars.next()?.1 {
-                    '\\' => {
-                        chars.next()?;
+                match chars.next() {
+                    None => return Err((at, UNQUOTED)),
+                    Some((_, '\\')) => {
+                        chars.next().ok_or((at, UNQUOTED))?;
                     }
-                    c if c == quote => break,
+                    Some((_, c)) if c == quote => break,
                     _ => {}
                 }
             },
             _ => {}
         }
     }
-    Some(())
+    Ok(())
+}
+
+/// What RFC 9535 rule the text at a parse error most likely breaks, for the message.
+fn why_unexpected(rest: &str) -> Option<&'static str> {
+    let digits = |s: &str| s.chars().take_while(char::is_ascii_digit).count();
+    let unsigned = rest.strip_prefix('-').unwrap_or(rest);
+    if rest.starts_with("-0") && digits(unsigned) >= 1 {
+        return Some("an index or slice bound is never `-0` and has no leading zeros");
+    }
+    if unsigned.starts_with('0') && digits(unsigned) > 1 {
+        return Some("an index or slice bound has no leading zeros (`01` is written `1`)");
+    }
+    if digits(unsigned) >= 16 {
+        return Some("an index or slice bound lies within ±(2^53 − 1)");
+    }
+    let op = rest.trim_start();
+    if ["==", "!=", "<", ">"].iter().any(|o| op.starts_with(o)) {
+        return Some("a comparison takes singular queries (`@.x`, `@[0]`), not `*`, `..`, slices or filters");
+    }
+    if op.starts_with(')') {
+        return Some(
+            "a function is missing an argument: `match()` and `search()` take two, `length()`, \
+             `count()` and `value()` one",
+        );
+    }
+    let word: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
+    if ["null", "true", "false"].contains(&word.to_ascii_lowercase().as_str()) {
+        return Some("the literals are written in lower case: `null`, `true`, `false`");
+    }
+    None
 }
 
 /// Follows plain steps through a JSON value.
@@ -405,7 +443,10 @@ fn path_error(text: &str, err: &jsonpath_rust::parser::errors::JsonPathError) ->
                     if rest.is_empty() {
                         "the path ends too early".to_string()
                     } else {
-                        format!("unexpected `{rest}`")
+                        match why_unexpected(&rest) {
+                            Some(why) => format!("unexpected `{rest}`: {why}"),
+                            None => format!("unexpected `{rest}`"),
+                        }
                     }
                 }
                 pest::error::ErrorVariant::CustomError { message } => message.clone(),
@@ -431,6 +472,23 @@ mod tests {
 
     fn doc() -> Value {
         json!({"a": {"b": [1, 2, {"c": "x"}]}, "k y": 5, "n": null})
+    }
+
+    #[test]
+    fn a_bad_path_says_which_rule_it_breaks() {
+        for (path, says) in [
+            ("$.a[01]", "no leading zeros"),
+            ("$.a[-0]", "never `-0`"),
+            ("$.a[9007199254740992]", "within ±(2^53 − 1)"),
+            ("$.a[?@.x == NULL]", "lower case"),
+            ("$['a", "quoted name is never closed"),
+            ("$['a'", "this `[` is never closed"),
+            ("$.a[?@.* == 1]", "singular queries"),
+            ("$.a[?match(@.x)]", "missing an argument"),
+        ] {
+            let e = Selector::parse(path).unwrap_err();
+            assert!(e.reason.contains(says), "{path}: {}", e.reason);
+        }
     }
 
     #[test]
