@@ -202,13 +202,18 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
                 got.stream
             ));
         }
-        let want_fields: Map<String, Value> = want
-            .fields
-            .iter()
+        // `fields` is the whole record; `includes` only the keys it names.
+        let (listed, exact) = match (&want.fields, &want.includes) {
+            (Some(fields), _) => (Some(fields), true),
+            (None, includes) => (includes.as_ref(), false),
+        };
+        let want_fields: Map<String, Value> = listed
+            .into_iter()
+            .flatten()
             .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or(Value::Null)))
             .collect();
         let got_fields = got.fields.to_map();
-        problems.extend(diff_fields(i, &want_fields, &got_fields));
+        problems.extend(diff_fields(i, &want_fields, &got_fields, exact));
         for k in want_fields.keys().filter(|k| !got_fields.contains_key(*k)) {
             let paths: Vec<&str> = explain
                 .unmatched
@@ -231,8 +236,13 @@ fn run_case(file: &super::CompiledFile, path: &Path, case: &TestCaseSpec) -> Res
     }
 }
 
-/// Field-by-field differences, with values shown as JSON.
-pub fn diff_fields(i: usize, want: &Map<String, Value>, got: &Map<String, Value>) -> Vec<String> {
+/// Field-by-field differences, with values shown as JSON; with `exact`, fields not wanted too.
+pub fn diff_fields(
+    i: usize,
+    want: &Map<String, Value>,
+    got: &Map<String, Value>,
+    exact: bool,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (k, w) in want {
         match got.get(k) {
@@ -241,7 +251,7 @@ pub fn diff_fields(i: usize, want: &Map<String, Value>, got: &Map<String, Value>
             Some(_) => {}
         }
     }
-    for (k, g) in got {
+    for (k, g) in got.iter().filter(|_| exact) {
         if !want.contains_key(k) {
             out.push(format!("record {i}: + {k}: {g}   (not expected)"));
         }

@@ -170,6 +170,22 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
                     .to_string(),
             ),
             Ok(case)
+                if let Some(j) = case
+                    .expect
+                    .iter()
+                    .flatten()
+                    .position(|e| e.fields.is_some() == e.includes.is_some()) =>
+            {
+                (
+                    at(&c, "expect"),
+                    format!(
+                        "tests[{i}] (`{}`): expect[{j}] needs exactly one of `fields` and `includes`",
+                        case.name
+                    ),
+                    "`fields` is the whole record; `includes` names only the fields to check".to_string(),
+                )
+            }
+            Ok(case)
                 if let Some(key) = case
                     .config
                     .keys()
@@ -198,7 +214,7 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
                     .to_string();
                 // An unknown key inside an `expect` entry lists that entry's keys.
                 let hint = if message.contains("`fields`") && !message.contains("`expect`") {
-                    "an `expect` entry takes rule, stream, fields".to_string()
+                    "an `expect` entry takes rule, stream, and fields or includes".to_string()
                 } else {
                     "a case takes name, input, input_file, config, expect, expect_dropped".to_string()
                 };

@@ -133,8 +133,12 @@ pub struct ExpectedRecordSpec {
     /// The stream it must go to.
     #[serde(default)]
     pub stream: Option<String>,
-    /// The exact fields.
-    pub fields: IndexMap<String, Yaml>,
+    /// The exact fields: the record holds these and no others.
+    #[serde(default)]
+    pub fields: Option<IndexMap<String, Yaml>>,
+    /// Some of the fields: the record holds these, and may hold others.
+    #[serde(default)]
+    pub includes: Option<IndexMap<String, Yaml>>,
 }
 
 /// A mapping whose keys are unique: YAML parsers keep the last of two equal keys, so a field

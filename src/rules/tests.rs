@@ -634,7 +634,7 @@ tests:
     let (line, _, hint) = at("tests[3]");
     assert_eq!(line, Some(21));
     assert!(
-        hint.contains("an `expect` entry takes rule, stream, fields"),
+        hint.contains("an `expect` entry takes rule, stream, and fields or includes"),
         "{hint}"
     );
 }
@@ -687,6 +687,47 @@ tests:
     assert!(
         typo.hint.as_deref().unwrap_or_default().contains("stream_name"),
         "{typo:?}"
+    );
+}
+
+#[test]
+fn an_expectation_can_name_only_the_fields_it_checks() {
+    let rules = "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      plan: $.traits.plan
+      _ts: { value: 1 }
+tests:
+  - name: some fields
+    input: { type: identify, userId: u, traits: { plan: pro } }
+    expect:
+      - includes: { plan: pro }
+  - name: a wrong one
+    input: { type: identify, userId: u, traits: { plan: pro } }
+    expect:
+      - includes: { plan: free }
+";
+    let set = compile(rules).unwrap();
+    let report = cases::run_all(&set);
+    assert_eq!(report.failed(), 1, "{}", report.render());
+    let text = report.render();
+    assert!(text.contains(r#"~ plan: expected "free", got "pro""#), "{text}");
+    // Fields the expectation does not name are not reported.
+    assert!(!text.contains("not expected"), "{text}");
+    // An entry takes one of the two.
+    let both = rules.replace(
+        "      - includes: { plan: free }",
+        "      - includes: { plan: free }\n        fields: { plan: free }",
+    );
+    let problems = compile(&both).unwrap_err();
+    assert!(
+        problems[0]
+            .message
+            .contains("expect[0] needs exactly one of `fields` and `includes`"),
+        "{problems:?}"
     );
 }
 
