@@ -125,12 +125,31 @@ pub enum FieldKind {
 
 impl FieldKind {
     /// False for a value that cannot be a field of this kind: an array or an object where one
-    /// value is declared (`string`, `int`, `number`, `date`, `bool`).
+    /// value is declared (`string`, `int`, `number`, `date`, `bool`), and for `int`, `number`
+    /// and `bool` a value Lytics cannot read as one (`"hello"`, `4.5` for an `int`); a text that
+    /// spells one (`"42"`, `"true"`) fits.
     pub fn holds(self, value: &Value) -> bool {
         match self {
-            FieldKind::String | FieldKind::Int | FieldKind::Number | FieldKind::Date | FieldKind::Bool => {
-                !matches!(value, Value::Array(_) | Value::Object(_))
-            }
+            FieldKind::String | FieldKind::Date => !matches!(value, Value::Array(_) | Value::Object(_)),
+            // What Lytics can read as the kind: a text only when it spells one.
+            FieldKind::Int => match value {
+                Value::Number(n) => n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0),
+                Value::String(s) => s.trim().parse::<i64>().is_ok(),
+                _ => false,
+            },
+            FieldKind::Number => match value {
+                Value::Number(_) => true,
+                Value::String(s) => s.trim().parse::<f64>().is_ok_and(f64::is_finite),
+                _ => false,
+            },
+            FieldKind::Bool => match value {
+                Value::Bool(_) => true,
+                Value::String(s) => {
+                    let s = s.trim();
+                    s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("false")
+                }
+                _ => false,
+            },
             FieldKind::StringSet | FieldKind::CountMap => true,
         }
     }

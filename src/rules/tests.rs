@@ -133,6 +133,41 @@ rules:
         "{}",
         m.dropped[0].reason
     );
+    // A scalar fits `int` only as an integer or a text spelling one.
+    for (score, fits) in [
+        (json!(3), true),
+        (json!(3.0), true),
+        (json!(" 42 "), true),
+        (json!(4.5), false),
+        (json!("hello"), false),
+        (json!(true), false),
+    ] {
+        let d = doc(json!({ "score": score }));
+        let m = set.evaluate(Source::Signal, &d, &ctx());
+        assert_eq!(m.records.len(), usize::from(fits), "{score}: {:?}", m.dropped);
+    }
+}
+
+#[test]
+fn scalars_fit_number_and_bool_when_lytics_can_read_them_so() {
+    let k = |name: &str| FieldKind::ALL.iter().find(|(n, _)| *n == name).unwrap().1;
+    for v in [json!(1.5), json!("2.5e3"), json!(7)] {
+        assert!(k("number").holds(&v), "{v}");
+    }
+    for v in [json!("NaN"), json!("seven"), json!(false), json!([1])] {
+        assert!(!k("number").holds(&v), "{v}");
+    }
+    for v in [json!(true), json!("False"), json!(" true ")] {
+        assert!(k("bool").holds(&v), "{v}");
+    }
+    for v in [json!(1), json!("yes"), json!({})] {
+        assert!(!k("bool").holds(&v), "{v}");
+    }
+    // `string` and `date` take any one value; a list or an object is never one.
+    for kind in ["string", "date"] {
+        assert!(k(kind).holds(&json!("2026-02-25")) && k(kind).holds(&json!(17)));
+        assert!(!k(kind).holds(&json!(["a"])));
+    }
 }
 
 #[test]
