@@ -481,6 +481,21 @@ impl Rule {
                 Members::Value(v) => v.map(Some),
             };
             match found {
+                // Only an object has members to copy: anything else copies nothing.
+                Some(Some(v)) if !v.is_object() => {
+                    if let Some(e) = explain.as_deref_mut() {
+                        e.fields.push(FieldExplanation {
+                            rule: self.name.clone(),
+                            field: format!("{}*", spread.prefix),
+                            source: format!(
+                                "flatten {}: {}, not an object, so nothing is copied",
+                                spread.from.text(),
+                                crate::rules::transform::describe(&v)
+                            ),
+                            transforms: Vec::new(),
+                        });
+                    }
+                }
                 Some(v) => {
                     if let Some(e) = explain.as_deref_mut() {
                         e.fields.push(FieldExplanation {
@@ -710,7 +725,8 @@ fn spread_into<'a>(
                 out.set_unless(key(Cow::Owned(k)), Val::Json(Cow::Owned(v)), skip);
             }
         }
-        other => out.set_unless(Cow::Borrowed(prefix), Val::Json(other), skip),
+        // The caller hands over objects only.
+        _ => {}
     }
 }
 

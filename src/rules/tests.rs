@@ -767,6 +767,39 @@ tests:
 }
 
 #[test]
+fn flattening_what_is_not_an_object_copies_nothing_and_a_dry_run_says_so() {
+    let set = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+    flatten:
+      - $.properties.items
+      - { from: $.properties.s, prefix: p_ }
+",
+    )
+    .unwrap();
+    let doc = json!({"type": "track", "userId": "u", "properties": {"items": [{"a": 1}], "s": "text"}});
+    let (m, explain) = set.explain(Source::Signal, &doc, &ctx());
+    assert_eq!(
+        Value::Object(m.records[0].fields.to_map()),
+        json!({"user_id": "u", "_ts": 1})
+    );
+    let said: Vec<&str> = explain.fields.iter().map(|f| f.source.as_str()).collect();
+    assert!(
+        said.contains(&"flatten $.properties.items: an array, not an object, so nothing is copied"),
+        "{said:?}"
+    );
+    assert!(
+        said.contains(&r#"flatten $.properties.s: the text "text", not an object, so nothing is copied"#),
+        "{said:?}"
+    );
+}
+
+#[test]
 fn a_field_written_twice_in_a_rule_is_refused() {
     let text = "source: signal
 identity: [user_id]
