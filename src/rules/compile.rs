@@ -85,6 +85,7 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
         text,
         problems: Vec::new(),
         rule_lines: rule_lines(text).filter(|lines| lines.len() == spec.rules.len()),
+        rules_end: list_end(text, "rules:"),
         anchor: None,
         field_anchor: None,
     };
@@ -112,10 +113,19 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
     }
     let mut names = HashSet::new();
     let mut rules = Vec::new();
-    for (i, rule) in spec.rules.iter().enumerate() {
+    for (i, raw) in std::mem::take(&mut spec.rules).into_iter().enumerate() {
         // Problems of this rule are looked for from its own first line: two rules of one name
         // (or a field name met earlier in the file) are told apart.
         c.anchor = c.rule_lines.as_ref().and_then(|lines| lines.get(i)).copied();
+        let rule = match serde_yaml::from_value::<RuleSpec>(raw) {
+            Ok(rule) => rule,
+            Err(e) => {
+                let problem = c.rule_shape_problem(i, &e);
+                c.problems.push(problem);
+                continue;
+            }
+        };
+        let rule = &rule;
         if !names.insert(rule.name.clone()) {
             c.problem(
                 Some(&rule.name),
@@ -252,14 +262,16 @@ fn yaml_problem(file: &str, text: &str, e: &serde_yaml::Error) -> RuleProblem {
     // A key written twice: serde points at the mapping (a rule's start, or the file's); the
     // second writing is the one to fix. A field of a rule's `fields` says "is defined twice"; a
     // key of the rule or the file, serde's "duplicate field".
+    // YAML's own check (a mapping read as a value) says `duplicate entry with key "x"`.
+    let entry = message
+        .split_once("duplicate entry with key \"")
+        .and_then(|(_, rest)| rest.split('"').next());
     let twice = message
         .split("field `")
         .nth(1)
-        .filter(|_| {
-            (message.starts_with("rules[") && message.contains("is defined twice"))
-                || message.contains("duplicate field `")
-        })
-        .and_then(|rest| rest.split('`').next());
+        .filter(|_| message.contains("is defined twice") || message.contains("duplicate field `"))
+        .and_then(|rest| rest.split('`').next())
+        .or(entry);
     if let (Some(key), Some(from)) = (twice, line) {
         let mut seen = 0;
         let key_at = format!("{key}:");
@@ -275,27 +287,46 @@ fn yaml_problem(file: &str, text: &str, e: &serde_yaml::Error) -> RuleProblem {
             }
         }
     }
-    let hint = if twice.is_some() {
-        Some("keep one of them: remove or rename the other".to_string())
-    } else if message.contains("unknown field") {
-        Some("check the key's spelling against docs/rules.md".to_string())
-    } else if message.contains("missing field") {
-        Some("add the missing key".to_string())
-    } else if let Some((path, _)) = message.split_once(": invalid type") {
-        Some(format!(
-            "`{path}` takes the form the message names (docs/rules.md shows each key's form); \
-             this file's other problems are listed once this one is fixed"
-        ))
-    } else {
-        Some("fix the YAML syntax: indentation, colons and quotes".to_string())
+    let hint = shape_hint(&message, twice);
+    let message = match (entry, message.split_once(": duplicate entry")) {
+        (Some(key), Some((path, _))) => {
+            format!("{path}: `{key}` is written twice (the second would silently replace the first)")
+        }
+        _ => message.clone(),
     };
     RuleProblem {
         file: file.to_string(),
         line,
         column,
         rule: None,
+        hint: Some(hint),
         message: format!("invalid rule file: {message}"),
-        hint,
+    }
+}
+
+/// The hint for a problem serde found reading a rule file: `twice` is a key written twice.
+fn shape_hint(message: &str, twice: Option<&str>) -> String {
+    if twice.is_some() || message.contains("is defined twice") {
+        "keep one of them: remove or rename the other".to_string()
+    } else if message.contains("unknown field") {
+        "check the key's spelling against docs/rules.md".to_string()
+    } else if message.contains("missing field") {
+        "add the missing key".to_string()
+    } else if message.contains("invalid type") {
+        let path = message
+            .split_once(": invalid type")
+            .map(|(path, _)| path.trim_start_matches("invalid rule file: "))
+            .filter(|path| !path.is_empty());
+        match path {
+            Some(path) => {
+                format!("`{path}` takes the form the message names (docs/rules.md shows each key's form)")
+            }
+            None => {
+                "give the key the form the message names (docs/rules.md shows each key's form)".to_string()
+            }
+        }
+    } else {
+        "fix the YAML syntax: indentation, colons and quotes".to_string()
     }
 }
 
@@ -306,6 +337,8 @@ struct Compiler<'a> {
     /// The line (0-based) each rule's list item starts on, in order, when the file's layout
     /// lets them be found.
     rule_lines: Option<Vec<usize>>,
+    /// The line (0-based) after the `rules:` list, when it can be found.
+    rules_end: Option<usize>,
     /// The first line of the rule being compiled, when known.
     anchor: Option<usize>,
     /// The line of the field being compiled, when known.
@@ -315,6 +348,22 @@ struct Compiler<'a> {
 /// The line (0-based) of each item of the top-level `rules:` list.
 fn rule_lines(text: &str) -> Option<Vec<usize>> {
     item_lines(text, "rules:")
+}
+
+/// The line (0-based) after the top-level list under `key`: its next top-level key, or the end.
+fn list_end(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.trim_end() == key)?;
+    let end = lines
+        .iter()
+        .enumerate()
+        .skip(start + 1)
+        .find(|(_, l)| {
+            let t = l.trim_start();
+            !t.is_empty() && !t.starts_with('#') && t.len() == l.len() && !t.starts_with('-')
+        })
+        .map_or(lines.len(), |(i, _)| i);
+    Some(end)
 }
 
 /// The line (0-based) of each item of the top-level list under `key` (`rules:`, `tests:`).
@@ -364,6 +413,56 @@ const FIELD_KEYS: &[&str] = &[
 const TEST_KEYS: &[&str] = &["exists", "equals", "not_equals", "in", "not_in", "matches"];
 
 impl Compiler<'_> {
+    /// A rule that does not have a rule's shape (a key of the wrong type, a field written
+    /// twice). serde reads the rule from its YAML value without positions, so the rule's own
+    /// lines are read again to place the problem as it does for a whole file.
+    fn rule_shape_problem(&self, i: usize, e: &serde_yaml::Error) -> RuleProblem {
+        let lines = self.rule_lines.as_ref();
+        let span = lines.and_then(|l| l.get(i)).map(|&start| {
+            let end = lines
+                .and_then(|l| l.get(i + 1))
+                .copied()
+                .or(self.rules_end)
+                .unwrap_or(usize::MAX);
+            (start, end)
+        });
+        if let Some((start, end)) = span {
+            let text: String = self
+                .text
+                .lines()
+                .skip(start)
+                .take(end.saturating_sub(start))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if let Err(located) = serde_yaml::from_str::<Vec<RuleSpec>>(&text) {
+                let mut p = yaml_problem(&self.file, &text, &located);
+                p.line = p.line.map(|l| l + start);
+                // The rule was read as the first item of a list of its own: `.[0].identity`
+                // is `rules[i].identity` of the file.
+                let path = format!("rules[{i}]");
+                for at in [".[0]", "[0]"] {
+                    if p.message.starts_with(&format!("invalid rule file: {at}")) {
+                        p.message = p.message.replacen(at, &path, 1);
+                        p.hint = p
+                            .hint
+                            .map(|h| h.replacen(&format!("`{at}"), &format!("`{path}"), 1));
+                        break;
+                    }
+                }
+                return p;
+            }
+        }
+        let message = format!("invalid rule file: rules[{i}]: {e}");
+        RuleProblem {
+            file: self.file.to_string(),
+            line: span.map(|(start, _)| start + 1),
+            column: None,
+            rule: None,
+            hint: Some(shape_hint(&message, None)),
+            message,
+        }
+    }
+
     /// Where `needle` is, looked for from the field or rule being compiled when known.
     fn locate(&self, rule: Option<&str>, needle: &str) -> (Option<usize>, Option<usize>) {
         match (rule, self.field_anchor.or(self.anchor)) {

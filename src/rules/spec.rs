@@ -29,8 +29,10 @@ pub struct RuleFileSpec {
     /// The LQL query alias `rules lql` uses for this file's user fields.
     #[serde(default)]
     pub alias: Option<String>,
-    /// The rules, evaluated in order; every rule whose `when` holds produces a record.
-    pub rules: Vec<RuleSpec>,
+    /// The rules as written, evaluated in order; every rule whose `when` holds produces a
+    /// record. Each is read into a [`RuleSpec`] on its own by the compiler, so a rule of the
+    /// wrong shape is reported beside every other problem of the file.
+    pub rules: Vec<Yaml>,
     /// Test cases as written: each is read on its own by the compiler, so a mistake in one is
     /// reported beside every other problem of the file rather than instead of them.
     #[serde(default, rename = "tests")]

@@ -280,7 +280,7 @@ rules:
     )
     .unwrap_err();
     assert!(
-        problems[0].message.contains("duplicate field `when`"),
+        problems[0].message.contains("`when` is written twice"),
         "{problems:?}"
     );
     assert_eq!(
@@ -302,6 +302,53 @@ rules:
         hint.contains("`identity` takes the form") && !hint.contains("YAML syntax"),
         "{hint}"
     );
+}
+
+#[test]
+fn a_rule_of_the_wrong_shape_is_reported_beside_the_other_rules_problems() {
+    let problems = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: first
+    identity: user_id
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+  - name: second
+    fields:
+      user_id: { from: $.userId, transform: to_strng }
+      _ts: { value: 1 }
+  - name: third
+    kind: [event]
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+",
+    )
+    .unwrap_err();
+    let found: Vec<(Option<usize>, &str)> = problems.iter().map(|p| (p.line, p.message.as_str())).collect();
+    assert_eq!(problems.len(), 3, "{found:?}");
+    assert!(
+        found
+            .iter()
+            .any(|(l, m)| *l == Some(5) && m.contains("rules[0].identity: invalid type")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(l, m)| *l == Some(11) && m.contains("unknown transform `to_strng`")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(l, m)| *l == Some(14) && m.contains("rules[2].kind: invalid type")),
+        "{found:?}"
+    );
+    let hint = problems[0].hint.as_deref().unwrap_or_default();
+    assert!(hint.contains("`rules[0].identity` takes the form"), "{hint}");
 }
 
 #[test]
@@ -812,7 +859,7 @@ rules:
 ";
     let problems = compile(text).unwrap_err();
     assert!(
-        problems[0].message.contains("field `user_id` is defined twice"),
+        problems[0].message.contains("`user_id` is written twice"),
         "{problems:?}"
     );
     // At the second writing, the one to remove or rename.
