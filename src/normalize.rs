@@ -1277,6 +1277,52 @@ mod tests {
     }
 
     #[test]
+    fn declared_kinds_check_texts_read_in_place_as_they_check_json() {
+        let rules = crate::rules::RuleSet::compile(vec![(
+            "kinds.yaml".into(),
+            std::path::PathBuf::from("kinds.yaml"),
+            "source: signal
+identity: [user_id]
+rules:
+  - name: kinds
+    kind: profile
+    fields:
+      user_id: $.userId
+      n: { from: [$.traits.n, $.traits.n2], kind: int }
+      x: { from: $.traits.x, kind: number }
+      b: { from: $.traits.b, kind: bool }
+      d: { from: $.traits.d, kind: date }
+      last: { from: $.traits.last, merge: max }
+      _ts: { value: 1 }
+"
+            .to_string(),
+        )])
+        .unwrap();
+        let ctx = crate::rules::IntegrationContext::default();
+        for traits in [
+            json!({"n": "42", "x": "1.5", "b": "true", "d": "2026-02-25", "last": "2026-02-25T14:30:00Z"}),
+            json!({"n": "forty", "n2": "7", "x": "many", "b": "yes", "d": "soon", "last": "later"}),
+            json!({"n": 4.5, "x": 2, "b": 1, "d": 5}),
+        ] {
+            let doc = json!({"type": "identify", "userId": "u", "traits": traits});
+            let e = signal_proto_event(&proto(&doc), "event", 32 * 1024, 5).unwrap();
+            let in_place = rules.evaluate(Source::Signal, &e.doc, &ctx);
+            let whole = rules.evaluate(Source::Signal, e.doc.json(), &ctx);
+            assert_eq!(in_place.records, whole.records, "{doc}");
+            assert_eq!(in_place.dropped, whole.dropped, "{doc}");
+        }
+        // What does not spell its kind is left out, and the next alternative is tried.
+        let doc = json!({"type": "identify", "userId": "u",
+                         "traits": {"n": "forty", "n2": "7", "x": "many", "b": "yes", "last": "later"}});
+        let e = signal_proto_event(&proto(&doc), "event", 32 * 1024, 5).unwrap();
+        let m = rules.evaluate(Source::Signal, &e.doc, &ctx);
+        assert_eq!(
+            Value::Object(m.records[0].fields.to_map()),
+            json!({"user_id": "u", "n": "7", "last": "later", "_ts": 1})
+        );
+    }
+
+    #[test]
     fn grpc_and_json_events_get_the_same_answers() {
         let long_id = "m".repeat(300);
         for doc in [

@@ -703,6 +703,7 @@ impl Compiler<'_> {
             when: None,
             merge: None,
             kind: None,
+            kind_declared: false,
             description: None,
             identity: false,
         };
@@ -797,6 +798,8 @@ impl Compiler<'_> {
                 Some("give it `from`, `value`, `config`, `template` or `default`".to_string()),
             );
         }
+        // A kind the rule names is checked value by value; one a merge op implies is not.
+        field.kind_declared = field.kind.is_some();
         self.check_merge(rule, &mut field);
         (self.problems.len() == before).then_some(field)
     }

@@ -125,32 +125,40 @@ pub enum FieldKind {
 
 impl FieldKind {
     /// False for a value that cannot be a field of this kind: an array or an object where one
-    /// value is declared (`string`, `int`, `number`, `date`, `bool`), and for `int`, `number`
-    /// and `bool` a value Lytics cannot read as one (`"hello"`, `4.5` for an `int`); a text that
-    /// spells one (`"42"`, `"true"`) fits.
+    /// value is declared (`string`, `int`, `number`, `date`, `bool`).
     pub fn holds(self, value: &Value) -> bool {
         match self {
-            FieldKind::String | FieldKind::Date => !matches!(value, Value::Array(_) | Value::Object(_)),
-            // What Lytics can read as the kind: a text only when it spells one.
-            FieldKind::Int => match value {
-                Value::Number(n) => n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0),
-                Value::String(s) => s.trim().parse::<i64>().is_ok(),
-                _ => false,
-            },
-            FieldKind::Number => match value {
-                Value::Number(_) => true,
-                Value::String(s) => s.trim().parse::<f64>().is_ok_and(f64::is_finite),
-                _ => false,
-            },
-            FieldKind::Bool => match value {
-                Value::Bool(_) => true,
-                Value::String(s) => {
-                    let s = s.trim();
-                    s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("false")
-                }
-                _ => false,
-            },
+            FieldKind::String | FieldKind::Int | FieldKind::Number | FieldKind::Date | FieldKind::Bool => {
+                !matches!(value, Value::Array(_) | Value::Object(_))
+            }
             FieldKind::StringSet | FieldKind::CountMap => true,
+        }
+    }
+
+    /// [`FieldKind::holds`], and for `int`, `number` and `bool` a value Lytics can read as one:
+    /// `"hello"` or `4.5` is no `int`; a text spelling one (`"42"`, `"true"`) is.
+    pub fn reads(self, value: &Value) -> bool {
+        match (self, value) {
+            (FieldKind::Int, Value::Number(n)) => n.is_i64() || n.is_u64() || n.as_f64().is_some_and(whole),
+            (FieldKind::Number, Value::Number(_)) => true,
+            (FieldKind::Bool, Value::Bool(_)) => true,
+            (FieldKind::Bool, Value::Number(n)) => n.as_u64().is_some_and(|n| n <= 1),
+            (FieldKind::Int | FieldKind::Number | FieldKind::Bool, Value::String(s)) => self.reads_text(s),
+            (FieldKind::Int | FieldKind::Number | FieldKind::Bool, _) => false,
+            _ => self.holds(value),
+        }
+    }
+
+    /// [`FieldKind::reads`] for a text.
+    pub fn reads_text(self, text: &str) -> bool {
+        let t = text.trim();
+        match self {
+            FieldKind::Int => t.parse::<i64>().is_ok() || t.parse::<f64>().is_ok_and(whole),
+            FieldKind::Number => t.parse::<f64>().is_ok_and(f64::is_finite),
+            FieldKind::Bool => ["true", "false", "1", "0"]
+                .iter()
+                .any(|b| t.eq_ignore_ascii_case(b)),
+            _ => true,
         }
     }
 
@@ -173,6 +181,11 @@ impl FieldKind {
             .map(|(n, _)| *n)
             .unwrap_or("string")
     }
+}
+
+/// A whole number within an `int`'s range.
+fn whole(f: f64) -> bool {
+    f.fract() == 0.0 && (-9.2e18..=9.2e18).contains(&f)
 }
 
 /// The integration values a rule may read with `config:`. The API token is deliberately not
@@ -302,6 +315,9 @@ pub struct FieldRule {
     pub merge: Option<MergeOp>,
     /// The Lytics kind of the user field.
     pub kind: Option<FieldKind>,
+    /// Whether the rule names the kind (else a merge op implies it): a named `int`, `number` or
+    /// `bool` also refuses scalars Lytics cannot read as one (see [`FieldKind::reads`]).
+    pub kind_declared: bool,
     /// What the field means.
     pub description: Option<String>,
     /// The field is one of the rule's identities: it takes one value (text or a number), never
@@ -639,10 +655,12 @@ impl Rule {
     #[inline]
     fn finish_value<'a>(field: &FieldRule, value: Val<'a>) -> Result<Val<'a>, String> {
         // A text with nothing to apply stays borrowed: it is no container, so it can be an
-        // identity, and it fits every kind a string fits (an empty string allocates nothing).
-        if matches!(value, Val::Text(_))
+        // identity, and it fits every kind but a named `int`, `number` or `bool` it does not spell.
+        if let Val::Text(text) = &value
             && field.transforms.is_empty()
-            && field.kind.is_none_or(|k| k.holds(&Value::String(String::new())))
+            && field
+                .kind
+                .is_none_or(|k| !field.kind_declared || k.reads_text(text))
         {
             return Ok(value);
         }
@@ -665,7 +683,11 @@ impl Rule {
             ));
         }
         if let Some(kind) = field.kind
-            && !kind.holds(&value)
+            && !(if field.kind_declared {
+                kind.reads(&value)
+            } else {
+                kind.holds(&value)
+            })
         {
             return Err(format!(
                 "{} does not fit `kind: {}`",

@@ -152,22 +152,49 @@ rules:
 fn scalars_fit_number_and_bool_when_lytics_can_read_them_so() {
     let k = |name: &str| FieldKind::ALL.iter().find(|(n, _)| *n == name).unwrap().1;
     for v in [json!(1.5), json!("2.5e3"), json!(7)] {
-        assert!(k("number").holds(&v), "{v}");
+        assert!(k("number").reads(&v), "{v}");
     }
     for v in [json!("NaN"), json!("seven"), json!(false), json!([1])] {
-        assert!(!k("number").holds(&v), "{v}");
+        assert!(!k("number").reads(&v), "{v}");
     }
-    for v in [json!(true), json!("False"), json!(" true ")] {
-        assert!(k("bool").holds(&v), "{v}");
+    for v in [json!(true), json!("False"), json!(" true "), json!(1), json!("0")] {
+        assert!(k("bool").reads(&v), "{v}");
     }
-    for v in [json!(1), json!("yes"), json!({})] {
-        assert!(!k("bool").holds(&v), "{v}");
+    for v in [json!(2), json!("yes"), json!({})] {
+        assert!(!k("bool").reads(&v), "{v}");
+    }
+    for v in [json!(-3), json!("3.0"), json!(1e18)] {
+        assert!(k("int").reads(&v), "{v}");
+    }
+    for v in [json!(1e300), json!("3.5"), json!(null)] {
+        assert!(!k("int").reads(&v), "{v}");
     }
     // `string` and `date` take any one value; a list or an object is never one.
     for kind in ["string", "date"] {
-        assert!(k(kind).holds(&json!("2026-02-25")) && k(kind).holds(&json!(17)));
-        assert!(!k(kind).holds(&json!(["a"])));
+        assert!(k(kind).reads(&json!("2026-02-25")) && k(kind).reads(&json!(17)));
+        assert!(!k(kind).reads(&json!(["a"])));
     }
+    // A kind a merge op implies (here `number`, by `max`) is not checked value by value: an ISO
+    // date still reaches Lytics as before.
+    let set = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    kind: profile
+    fields:
+      user_id: $.userId
+      last_seen: { from: $.timestamp, merge: max }
+      _ts: { value: 1 }
+",
+    )
+    .unwrap();
+    let d = json!({"type": "identify", "userId": "u", "timestamp": "2026-02-25T14:30:00Z"});
+    let m = set.evaluate(Source::Signal, &d, &ctx());
+    assert_eq!(
+        m.records[0].fields.to_map()["last_seen"],
+        json!("2026-02-25T14:30:00Z")
+    );
 }
 
 #[test]
