@@ -13,14 +13,14 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::Span as _;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::integration::Integrations;
+use crate::integration::{Integration, Integrations};
 use crate::live::Mapped;
 use crate::metrics::IngestTally;
 use crate::monitor::Monitor;
 use crate::normalize::{EventDoc, InboundEvent};
 use crate::queue::{EventRecords, NewRecord, Queue, QueueError};
 use crate::rules::path::Step;
-use crate::rules::{Document, DroppedRecord, LiveRules, Source};
+use crate::rules::{Document, DroppedRecord, IntegrationContext, LiveRules, Source};
 use crate::telemetry::{Telemetry, Throttle, names};
 use crate::timefmt::now_ms;
 
@@ -208,15 +208,19 @@ impl Ingest {
             .map(|i| (i, i.context()))
             .collect();
         let own_stream: Arc<str> = Arc::from(crate::queue::INTEGRATION_STREAM);
+        // Two integrations of one account can both map an event to one stream (a rule naming
+        // its stream, as the Customer.io rules do): it must go there once. Only a call with two
+        // such integrations pays for finding out, event by event.
+        let shared_account = targets
+            .iter()
+            .enumerate()
+            .any(|(i, (a, _))| targets[..i].iter().any(|(b, _)| same_account(a, b)));
         // Records each event queued for each target, event by event (for the metrics).
         let mut per_target: Vec<u32> = Vec::with_capacity(expected * targets.len());
         for event in events {
             let mut records: Vec<NewRecord> = Vec::with_capacity(targets.len());
-            // Where this event's records go: (Lytics host, account, stream) and the integration
-            // that sends them there. Two integrations of one account can both map an event to
-            // one stream (a rule naming its stream, as the Customer.io rules do, or one
-            // integration's own stream named by a rule for the other): it goes there once.
-            let mut sent_to: Vec<(&str, &str, Arc<str>, &str)> = Vec::new();
+            // With `shared_account`: for each record, its target and the stream it goes to.
+            let mut sent_to: Vec<(usize, Arc<str>)> = Vec::new();
             let mut answer = Accepted {
                 id: event.id.clone(),
                 disposition: Disposition::Ignored,
@@ -225,7 +229,7 @@ impl Ingest {
                 dropped: Vec::new(),
                 rules_version: rules.version().clone(),
             };
-            for (integration, context) in &targets {
+            for (t, (integration, context)) in targets.iter().enumerate() {
                 let before = records.len();
                 if let Some(switch) = switched_off(&event.doc, integration.id.as_str()) {
                     answer.dropped.push(DroppedRecord {
@@ -244,31 +248,8 @@ impl Ingest {
                     d
                 }));
                 for record in mapping.records {
-                    let stream = record.stream.clone();
-                    let sender = sent_to.iter().find(|(host, account, s, _)| {
-                        *host == integration.base_url.as_str()
-                            && *account == integration.account_id.as_str()
-                            && **s == *stream
-                    });
-                    if let Some((.., first)) = sender.filter(|(.., id)| *id != integration.id.as_str()) {
-                        answer.dropped.push(DroppedRecord {
-                            rule: Arc::from(""),
-                            reason: format!(
-                                "integration `{first}` sends this event to account `{}`, stream \
-                                 `{stream}` already: it is sent there once",
-                                integration.account_id.as_str()
-                            ),
-                            integration: Some(integration.id.as_arc()),
-                        });
-                        continue;
-                    }
-                    if sender.is_none() {
-                        sent_to.push((
-                            integration.base_url.as_str(),
-                            integration.account_id.as_str(),
-                            stream,
-                            integration.id.as_str(),
-                        ));
+                    if shared_account {
+                        sent_to.push((t, record.stream.clone()));
                     }
                     // Each rule once, however many integrations it mapped the event for.
                     if !answer.rules.contains(&record.rule) {
@@ -297,6 +278,16 @@ impl Ingest {
                     });
                 }
                 per_target.push(u32::try_from(records.len() - before).unwrap_or(u32::MAX));
+            }
+            if shared_account {
+                let counts = per_target.len() - targets.len();
+                once_per_stream(
+                    &targets,
+                    &sent_to,
+                    &mut records,
+                    &mut answer,
+                    &mut per_target[counts..],
+                );
             }
             if answer.records > 0 {
                 answer.disposition = Disposition::Queued;
@@ -435,6 +426,62 @@ pub fn queue_error(e: QueueError) -> ApiError {
             }
         }
     }
+}
+
+/// Whether two integrations deliver to one Lytics account (on one Lytics host).
+fn same_account(a: &Integration, b: &Integration) -> bool {
+    a.account_id.as_str() == b.account_id.as_str()
+        && a.base_url.trim_end_matches('/') == b.base_url.trim_end_matches('/')
+}
+
+/// Keeps one record per (account, stream) of an event: `sent_to[j]` is `records[j]`'s target
+/// and stream. Of records for one account's stream, the one of the integration whose own stream
+/// it is stays (its records follow the stream and carry its settings), else the first target's;
+/// the others are dropped with the reason, and their targets' counts lowered.
+fn once_per_stream(
+    targets: &[(&Integration, IntegrationContext)],
+    sent_to: &[(usize, Arc<str>)],
+    records: &mut Vec<NewRecord>,
+    answer: &mut Accepted,
+    counts: &mut [u32],
+) {
+    let owns = |t: usize, stream: &str| targets[t].0.stream_name.as_str() == stream;
+    let keep: Vec<bool> = sent_to
+        .iter()
+        .enumerate()
+        .map(|(j, (t, stream))| {
+            let better = sent_to.iter().enumerate().find(|(k, (u, other))| {
+                *k != j
+                    && u != t
+                    && other == stream
+                    && same_account(targets[*u].0, targets[*t].0)
+                    && (owns(*u, stream), std::cmp::Reverse(*u)) > (owns(*t, stream), std::cmp::Reverse(*t))
+            });
+            match better {
+                None => true,
+                Some((_, (u, _))) => {
+                    let (integration, first) = (targets[*t].0, targets[*u].0);
+                    answer.dropped.push(DroppedRecord {
+                        rule: Arc::from(""),
+                        reason: format!(
+                            "integration `{}` sends this event to account `{}`, stream `{stream}`: \
+                             it goes there once",
+                            first.id.as_str(),
+                            integration.account_id.as_str()
+                        ),
+                        integration: Some(integration.id.as_arc()),
+                    });
+                    if let Some(c) = counts.get_mut(*t) {
+                        *c = c.saturating_sub(1);
+                    }
+                    answer.records = answer.records.saturating_sub(1);
+                    false
+                }
+            }
+        })
+        .collect();
+    let mut keep = keep.into_iter();
+    records.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// The key of a sender's `integrations` switches (Segment's per-destination switches) that
