@@ -179,39 +179,39 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
                  `expect_dropped:` (text of the reason its records are not sent)"
                     .to_string(),
             ),
-            Ok(case)
-                if let Some(j) = case
+            Ok(case) => {
+                let bad_entry = case
                     .expect
                     .iter()
                     .flatten()
-                    .position(|e| e.fields.is_some() == e.includes.is_some()) =>
-            {
-                (
-                    at(&c, "expect"),
-                    format!(
-                        "tests[{i}] (`{}`): expect[{j}] needs exactly one of `fields` and `includes`",
-                        case.name
-                    ),
-                    "`fields` is the whole record; `includes` names only the fields to check".to_string(),
-                )
-            }
-            Ok(case)
-                if let Some(key) = case
+                    .position(|e| e.fields.is_some() == e.includes.is_some());
+                let unknown_key = case
                     .config
                     .keys()
                     .find(|k| !ConfigKey::ALL.iter().any(|(n, _)| n == k))
-                    .cloned() =>
-            {
-                let names: Vec<&str> = ConfigKey::ALL.iter().map(|(n, _)| *n).collect();
-                (
-                    at(&c, &key),
-                    format!("tests[{i}] (`{}`): unknown config key `{key}`", case.name),
-                    suggest(&key, &names),
-                )
-            }
-            Ok(case) => {
-                spec.tests.push(case);
-                continue;
+                    .cloned();
+                match (bad_entry, unknown_key) {
+                    (Some(j), _) => (
+                        at(&c, "expect"),
+                        format!(
+                            "tests[{i}] (`{}`): expect[{j}] needs exactly one of `fields` and `includes`",
+                            case.name
+                        ),
+                        "`fields` is the whole record; `includes` names only the fields to check".to_string(),
+                    ),
+                    (None, Some(key)) => {
+                        let names: Vec<&str> = ConfigKey::ALL.iter().map(|(n, _)| *n).collect();
+                        (
+                            at(&c, &key),
+                            format!("tests[{i}] (`{}`): unknown config key `{key}`", case.name),
+                            suggest(&key, &names),
+                        )
+                    }
+                    (None, None) => {
+                        spec.tests.push(case);
+                        continue;
+                    }
+                }
             }
             Err(e) => {
                 let raw = e.to_string();

@@ -721,8 +721,8 @@ impl Rule {
 }
 
 /// Copies an object's members into the record as `<prefix><key>`, flattened, except the
-/// flattened keys `skip` names; keys already in the record win. A non-object lands under the
-/// prefix itself.
+/// flattened keys `skip` names; keys already in the record win. Anything but an object copies
+/// nothing (the caller explains it on a dry run).
 fn spread_into<'a>(
     prefix: &'a str,
     value: Cow<'a, Value>,

@@ -190,8 +190,8 @@ impl Selector {
     }
 
     /// Spreads the selected object's members, flattened under `prefix` (see
-    /// [`Document::spread`]); a query's result, or a value that is not an object spread in
-    /// place, comes back as [`Selector::value`] selects it, for the caller to spread.
+    /// [`Document::spread`]); a query's result, or a value that is not an object, comes back as
+    /// [`Selector::value`] selects it, for the caller to spread (an object) or to skip.
     pub fn spread_in<'a, D: Document + ?Sized>(
         &self,
         doc: &'a D,
