@@ -77,7 +77,7 @@ async fn watch_needs_the_admin_token() {
         .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
     let err = client.watch(req).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("unknown outcome 99"), "{err:?}");
+    assert!(err.message().contains("unknown outcome `99`"), "{err:?}");
 }
 
 #[tokio::test]

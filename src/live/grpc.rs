@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Filter, LiveBus, LiveEvent, Outcome, Seen};
-use crate::error::{ApiError, FieldViolation};
+use super::{Filter, FilterError, LiveBus, LiveEvent, Outcome, Seen, filter_error};
+use crate::error::ApiError;
 use crate::normalize::json_to_struct;
 use crate::proto::servers::live_events_service_server::LiveEventsService;
 use crate::proto::v1 as pb;
@@ -53,26 +53,19 @@ fn filter(req: &pb::WatchRequest) -> Result<Filter, ApiError> {
     let (mut f, outcome) = match (parsed, outcome) {
         (Ok(f), Ok(o)) => (f, o),
         (parsed, outcome) => {
-            let mut violations: Vec<FieldViolation> = parsed
-                .err()
-                .unwrap_or_default()
-                .iter()
-                .map(|e| FieldViolation::new(e.what, e.to_string()))
-                .collect();
+            let mut errors = parsed.err().unwrap_or_default();
             if outcome.is_err() {
                 let known: Vec<&str> = Outcome::ALL
                     .into_iter()
                     .map(|o| outcome_pb(o).as_str_name())
                     .collect();
-                violations.push(FieldViolation::new(
-                    "outcome",
-                    format!("unknown outcome {}; one of {}", req.outcome, known.join(", ")),
-                ));
+                errors.push(FilterError {
+                    what: "outcome",
+                    given: req.outcome.to_string(),
+                    choices: known.join(", "),
+                });
             }
-            return Err(match <[FieldViolation; 1]>::try_from(violations) {
-                Ok([one]) => ApiError::field(one.field, one.description),
-                Err(many) => ApiError::violations("filter", many),
-            });
+            return Err(filter_error(&errors));
         }
     };
     f.outcome = match outcome {
@@ -151,7 +144,8 @@ impl LiveEventsService for LiveEventsGrpc {
                     let gone = tonic::Status::unavailable(
                         "the relay is shutting down: watch again once it is back, or on another relay",
                     );
-                    let _ = tx.send(Err(gone)).await;
+                    // Not waited for: a watcher that stopped reading must not hold the task.
+                    let _ = tx.try_send(Err(gone));
                     break;
                 };
                 let item = match seen {

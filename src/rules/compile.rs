@@ -273,16 +273,26 @@ fn yaml_problem(file: &str, text: &str, e: &serde_yaml::Error) -> RuleProblem {
         .and_then(|rest| rest.split('`').next())
         .or(entry);
     if let (Some(key), Some(from)) = (twice, line) {
-        let mut seen = 0;
+        // The second writing is at the first one's indentation: a key of that name deeper in
+        // (a field's own `when:` under a rule's) is another mapping's.
         let key_at = format!("{key}:");
+        let mut first_indent = None;
         for (i, l) in text.lines().enumerate().skip(from.saturating_sub(1)) {
             let t = l.trim_start();
+            // A list item's first key sits two columns in from its dash.
+            let (t, indent) = match t.strip_prefix("- ") {
+                Some(rest) => (rest, l.len() - t.len() + 2),
+                None => (t, l.len() - t.len()),
+            };
             if t.starts_with(&key_at) {
-                seen += 1;
-                if seen == 2 {
-                    line = Some(i + 1);
-                    column = Some(l.len() - t.len() + 1);
-                    break;
+                match first_indent {
+                    None => first_indent = Some(indent),
+                    Some(first) if first == indent => {
+                        line = Some(i + 1);
+                        column = Some(indent + 1);
+                        break;
+                    }
+                    Some(_) => {}
                 }
             }
         }

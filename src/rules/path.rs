@@ -365,13 +365,16 @@ fn skip_bracket(
 fn why_unexpected(rest: &str) -> Option<&'static str> {
     let digits = |s: &str| s.chars().take_while(char::is_ascii_digit).count();
     let unsigned = rest.strip_prefix('-').unwrap_or(rest);
-    if rest.starts_with("-0") && digits(unsigned) >= 1 {
+    let run = &unsigned[..digits(unsigned)];
+    // What follows the digits: `-0.5` and `0e1` are numbers, not indexes.
+    let integer = !unsigned[run.len()..].starts_with(['.', 'e', 'E']);
+    if integer && rest.starts_with("-0") {
         return Some("an index or slice bound is never `-0` and has no leading zeros");
     }
-    if unsigned.starts_with('0') && digits(unsigned) > 1 {
+    if integer && run.len() > 1 && run.starts_with('0') {
         return Some("an index or slice bound has no leading zeros (`01` is written `1`)");
     }
-    if digits(unsigned) >= 16 {
+    if integer && run.parse::<u128>().map_or(!run.is_empty(), |n| n > (1 << 53) - 1) {
         return Some("an index or slice bound lies within ±(2^53 − 1)");
     }
     let op = rest.trim_start();
@@ -385,7 +388,8 @@ fn why_unexpected(rest: &str) -> Option<&'static str> {
         );
     }
     let word: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
-    if ["null", "true", "false"].contains(&word.to_ascii_lowercase().as_str()) {
+    let lower = word.to_ascii_lowercase();
+    if word != lower && ["null", "true", "false"].contains(&lower.as_str()) {
         return Some("the literals are written in lower case: `null`, `true`, `false`");
     }
     None
@@ -489,6 +493,12 @@ mod tests {
             let e = Selector::parse(path).unwrap_err();
             assert!(e.reason.contains(says), "{path}: {}", e.reason);
         }
+        // Numbers and literals that are fine where they stand get no such hint.
+        assert_eq!(why_unexpected("-0.5]"), None);
+        assert_eq!(why_unexpected("0e1]"), None);
+        assert_eq!(why_unexpected("9007199254740991]"), None);
+        assert_eq!(why_unexpected("true x]"), None);
+        assert!(why_unexpected("9007199254740992]").is_some());
     }
 
     #[test]

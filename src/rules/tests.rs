@@ -301,7 +301,9 @@ rules:
     when: { $.type: track }
     fields:
       user_id: $.userId
-      _ts: { value: 1 }
+      _ts:
+        value: 1
+        when: { $.type: track }
     when: { $.type: page }
 ",
     )
@@ -312,7 +314,7 @@ rules:
     );
     assert_eq!(
         (problems[0].line, problems[0].column),
-        (Some(9), Some(5)),
+        (Some(11), Some(5)),
         "{problems:?}"
     );
     assert_eq!(
