@@ -88,6 +88,7 @@ pub fn compile_file(file: &str, text: &str) -> Result<(CompiledFile, RuleFileSpe
         rules_end: list_end(text, "rules:"),
         anchor: None,
         field_anchor: None,
+        field_name: None,
     };
     let source = match Source::parse(&spec.source) {
         Some(s) => Some(s),
@@ -353,6 +354,8 @@ struct Compiler<'a> {
     anchor: Option<usize>,
     /// The line of the field being compiled, when known.
     field_anchor: Option<usize>,
+    /// The field being compiled: a bad path in it names it.
+    field_name: Option<String>,
 }
 
 /// The line (0-based) of each item of the top-level `rules:` list.
@@ -549,10 +552,12 @@ impl Compiler<'_> {
             self.field_anchor = fields_line
                 .and_then(|start| locate_from(self.text, start, &format!("{field_name}:")).0)
                 .map(|line| line - 1);
+            self.field_name = Some(field_name.clone());
             if let Some(f) = self.field(name, field_name, body, &seen) {
                 fields.push(f);
             }
             self.field_anchor = None;
+            self.field_name = None;
             seen.push(Arc::from(field_name.as_str()));
         }
         let mut flatten = Vec::new();
@@ -638,7 +643,10 @@ impl Compiler<'_> {
                     line,
                     column: column.map(|c| c + e.column.unwrap_or(1) - 1),
                     rule: Some(rule.to_string()),
-                    message: e.to_string(),
+                    message: match &self.field_name {
+                        Some(field) => format!("field `{field}`: {e}"),
+                        None => e.to_string(),
+                    },
                     hint: Some(hint),
                 });
                 None

@@ -381,6 +381,33 @@ rules:
 }
 
 #[test]
+fn a_bad_path_in_a_field_names_the_field() {
+    let problems = compile(
+        "source: signal
+identity: [user_id]
+rules:
+  - name: r
+    when: { \"$.a[01]\": x }
+    fields:
+      user_id: $.userId
+      _ts: { value: 1 }
+      total: $.properties[01]
+",
+    )
+    .unwrap_err();
+    let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+    assert_eq!(problems.len(), 2, "{messages:?}");
+    assert!(
+        messages[0].starts_with("invalid JSONPath `$.a[01]`"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[1].starts_with("field `total`: invalid JSONPath `$.properties[01]`"),
+        "{messages:?}"
+    );
+}
+
+#[test]
 fn a_rule_without_identity_fields_is_refused() {
     let problems =
         compile("source: signal\nrules:\n  - name: e\n    fields: { a: $.a, _ts: { value: 1 } }\n")
