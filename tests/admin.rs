@@ -783,13 +783,7 @@ async fn an_event_two_integrations_of_one_account_send_to_one_stream_arrives_the
     // Delivered, the queue empties with one record in the stream.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let health: Value = reqwest::get(relay.http_url("/healthz"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let depth = health["queue_depth"].as_u64();
+        let depth = relay.health().await["queue_depth"].as_u64();
         if depth == Some(0) && !emu.emulator.stream_events(OTHER).is_empty() {
             break;
         }

@@ -50,12 +50,7 @@ fn track(id: &str, props: Value) -> pb::Event {
 
 async fn wait_paused(relay: &RelayHandle) -> Value {
     for _ in 0..500 {
-        let h: Value = reqwest::get(relay.http_url("/healthz"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h = relay.health().await;
         if !h["paused_integrations"].as_array().unwrap().is_empty() {
             return h["paused_integrations"][0].clone();
         }

@@ -381,12 +381,7 @@ async fn a_wrong_token_pauses_delivery_with_the_seed_hint_and_holds_events() {
         .await
         .unwrap();
     let health = loop {
-        let h: Value = reqwest::get(relay.http_url("/healthz"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h = relay.health().await;
         if !h["paused_integrations"].as_array().unwrap().is_empty() {
             break h;
         }

@@ -368,27 +368,11 @@ impl Filter {
     ) -> Result<Filter, Vec<FilterError>> {
         let text = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_string());
         let mut errors = Vec::new();
-        let source = text(source).and_then(|s| {
-            let found = Source::parse(&s);
-            if found.is_none() {
-                errors.push(FilterError {
-                    what: "source",
-                    given: s,
-                    choices: "signal, customerio".into(),
-                });
-            }
-            found
+        let source = named(&mut errors, "source", text(source), Source::parse, || {
+            "signal, customerio".into()
         });
-        let outcome = text(outcome).and_then(|o| {
-            let found = Outcome::parse(&o);
-            if found.is_none() {
-                errors.push(FilterError {
-                    what: "outcome",
-                    given: o,
-                    choices: Outcome::ALL.map(Outcome::as_str).join(", "),
-                });
-            }
-            found
+        let outcome = named(&mut errors, "outcome", text(outcome), Outcome::parse, || {
+            Outcome::ALL.map(Outcome::as_str).join(", ")
         });
         if !errors.is_empty() {
             return Err(errors);
@@ -400,6 +384,26 @@ impl Filter {
             outcome,
         })
     }
+}
+
+/// `given` read with `parse`; a name it does not know joins `errors`, with the `choices`.
+fn named<T>(
+    errors: &mut Vec<FilterError>,
+    what: &'static str,
+    given: Option<String>,
+    parse: impl Fn(&str) -> Option<T>,
+    choices: impl Fn() -> String,
+) -> Option<T> {
+    let given = given?;
+    let found = parse(&given);
+    if found.is_none() {
+        errors.push(FilterError {
+            what,
+            given,
+            choices: choices(),
+        });
+    }
+    found
 }
 
 /// The answer to a filter with unknown names: each in a field violation of its own.

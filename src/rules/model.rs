@@ -497,31 +497,25 @@ impl Rule {
                 Members::Value(v) => v.map(Some),
             };
             match found {
-                // Only an object has members to copy: anything else copies nothing.
-                Some(Some(v)) if !v.is_object() => {
-                    if let Some(e) = explain.as_deref_mut() {
-                        e.fields.push(FieldExplanation {
-                            rule: self.name.clone(),
-                            field: format!("{}*", spread.prefix),
-                            source: format!(
-                                "flatten {}: {}, not an object, so nothing is copied",
-                                spread.from.text(),
-                                crate::rules::transform::describe(&v)
-                            ),
-                            transforms: Vec::new(),
-                        });
-                    }
-                }
                 Some(v) => {
+                    // Only an object has members to copy: anything else copies nothing.
+                    let not_object = v.as_ref().filter(|v| !v.is_object());
                     if let Some(e) = explain.as_deref_mut() {
+                        let path = spread.from.text();
                         e.fields.push(FieldExplanation {
                             rule: self.name.clone(),
                             field: format!("{}*", spread.prefix),
-                            source: format!("flatten {}", spread.from.text()),
+                            source: match not_object {
+                                Some(v) => format!(
+                                    "flatten {path}: {}, not an object, so nothing is copied",
+                                    crate::rules::transform::describe(v)
+                                ),
+                                None => format!("flatten {path}"),
+                            },
                             transforms: Vec::new(),
                         });
                     }
-                    if let Some(v) = v {
+                    if let Some(v) = v.filter(|v| v.is_object()) {
                         spread_into(&spread.prefix, v, &mut out, &skip);
                     }
                 }

@@ -149,6 +149,17 @@ impl RelayHandle {
         }
     }
 
+    /// The relay's `/healthz` answer.
+    #[allow(dead_code, reason = "not every test binary reads the health answer")]
+    pub async fn health(&self) -> Value {
+        reqwest::get(self.http_url("/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The relay's `/metrics` text.
     #[allow(dead_code, reason = "not every test binary reads metrics")]
     pub async fn metrics(&self) -> String {
